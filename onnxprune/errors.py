@@ -1,0 +1,40 @@
+"""One exception family. The CLI turns each into a one-line message and an exit code."""
+
+
+class OnnxPruneError(Exception):
+    """Base class for errors a user can act on. `exit_code` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class InputError(OnnxPruneError):
+    """Bad input: a missing or corrupt file, a wrong option value, data that does not fit the model."""
+
+
+class UnsupportedModelError(OnnxPruneError):
+    """The model uses something onnxprune refuses to touch (control flow, an unsupported opset)."""
+
+
+class ValidationError(OnnxPruneError):
+    """A rewritten model failed a post-condition (checker, shape inference, onnxruntime, output shapes)."""
+
+
+class GateFailed(OnnxPruneError):
+    """An evaluation gate (--max-drop, --min-agreement, tolerances) was missed."""
+
+    exit_code = 1
+
+
+class MissingDependency(OnnxPruneError):
+    """An optional dependency is needed for this command."""
+
+
+def require_onnxruntime():
+    """Import onnxruntime lazily, with an install hint when neither the CPU nor the GPU build is present."""
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependency(
+            "onnxruntime is not installed: pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' for CUDA)"
+        ) from exc
+    return onnxruntime

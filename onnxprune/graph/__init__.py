@@ -1,0 +1,1 @@
+"""Dependency analysis: which channel dimensions of an ONNX graph are coupled."""

@@ -1,0 +1,183 @@
+"""Concat, Split and Slice: channels of several spaces side by side on one axis.
+
+Concat on the channel axis shifts each input's segments by the lengths before it (an input without tracked
+channels, such as a graph input, becomes a frozen stretch). Split and Slice cut the axis; a cut through the
+middle of a segment cannot be followed, so it freezes that input. After pruning, split sizes and slice bounds
+are recomputed from the surviving positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.ir import attr, set_attr
+from onnxprune.graph.layout import concat_axes
+
+
+def _norm(axis: int, rank: int | None) -> int | None:
+    if rank is None:
+        return None
+    return axis + rank if axis < 0 else axis
+
+
+@register("Concat")
+class Concat(Handler):
+    def analyze(self, node, ctx):
+        carried = [ctx.axis_of(n) for n in node.input]
+        if all(c is None for c in carried):
+            return
+        axis = _norm(attr(node, "axis"), ctx.view.rank(node.output[0]) or ctx.view.rank(node.input[0]))
+        axes = {c.axis for c in carried if c is not None}
+        if axes == {axis}:
+            parts = []
+            for name, c in zip(node.input, carried):
+                if c is not None:
+                    parts.append(c)
+                    continue
+                length = ctx.view.dim(name, axis)
+                if length is None:
+                    ctx.freeze_inputs(node, f"length of input {name} on the concat axis is unknown")
+                    return
+                if length:
+                    parts.append(ctx.frozen_axis(node, axis, length, f"Concat {node.name}: input {name} is not prunable"))
+            ctx.set_axis(node.output[0], concat_axes(parts, axis))
+            return
+        if len(axes) == 1 and all(c is not None for c in carried):
+            first = carried[0]
+            if all(ctx.union(first, c) for c in carried[1:]):
+                ctx.set_axis(node.output[0], first)
+                return
+        ctx.freeze_inputs(node, "inputs carry channels on different axes")
+
+
+def _split_sizes(node, ctx, length):
+    """Split sizes from the attribute (opset < 13), the input (13+), or equal parts."""
+    if ctx.view.opset < 13:
+        split = attr(node, "split")
+    elif len(node.input) > 1 and node.input[1]:
+        arr = ctx.view.array(node.input[1])
+        if arr is None:
+            return None
+        split = arr.tolist()
+    else:
+        split = None
+    if split is None:
+        n = len(node.output)
+        if length is None:
+            return None
+        part = -(-length // n)  # opset 18 num_outputs: ceil, last one smaller
+        split = [min(part, length - i * part) for i in range(n)]
+    return [int(s) for s in split]
+
+
+@register("Split")
+class Split(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        axis = _norm(attr(node, "axis", 0), ctx.view.rank(node.input[0]))
+        if axis != x.axis:
+            for out in node.output:
+                ctx.set_axis(out, x)
+            return
+        sizes = _split_sizes(node, ctx, x.length)
+        if sizes is None or sum(sizes) != x.length:
+            ctx.freeze(x, f"Split {node.name}: split sizes are not constant")
+            return
+        start, parts = 0, []
+        for size in sizes:
+            part = x.cut(start, start + size)
+            if part is None:
+                ctx.freeze(x, f"Split {node.name}: splits inside a group of coupled channels")
+                return
+            parts.append(part.with_axis(axis))
+            start += size
+        for out, part in zip(node.output, parts):
+            ctx.set_axis(out, part)
+
+    def rewrite(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None or ctx.axis_of(node.output[0]) is None or ctx.axis_of(node.output[0]).length == x.length:
+            return
+        sizes = [ctx.new_length(out) for out in node.output]
+        if ctx.opset < 13:
+            set_attr(node, "split", sizes)
+            return
+        for i, a in enumerate(node.attribute):
+            if a.name == "num_outputs":
+                del node.attribute[i]
+                break
+        ctx.set_input_constant(node, 1, np.array(sizes, dtype=np.int64))
+
+
+def _slice_params(node, ctx):
+    """(starts, ends, axes, steps) as lists, or None when any is not constant."""
+    if ctx.view.opset < 10:
+        starts, ends = attr(node, "starts"), attr(node, "ends")
+        axes = attr(node, "axes", list(range(len(starts))))
+        return starts, ends, axes, [1] * len(starts)
+    vals = []
+    for i in range(1, 5):
+        name = node.input[i] if len(node.input) > i else ""
+        if not name:
+            vals.append(None)
+            continue
+        arr = ctx.view.array(name)
+        if arr is None:
+            return None
+        vals.append(arr.tolist())
+    starts, ends, axes, steps = vals
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+@register("Slice")
+class Slice(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        params = _slice_params(node, ctx)
+        rank = ctx.view.rank(node.input[0])
+        if params is None or rank is None:
+            ctx.freeze(x, f"Slice {node.name}: bounds are not constant")
+            return
+        starts, ends, axes, steps = params
+        axes = [_norm(a, rank) for a in axes]
+        if x.axis not in axes:
+            ctx.set_axis(node.output[0], x)
+            return
+        k = axes.index(x.axis)
+        if steps[k] != 1:
+            ctx.freeze(x, f"Slice {node.name}: strided slice of the channel axis")
+            return
+        start, stop, _ = slice(starts[k], ends[k]).indices(x.length)
+        part = x.cut(start, max(start, stop))
+        if part is None:
+            ctx.freeze(x, f"Slice {node.name}: slices inside a group of coupled channels")
+            return
+        ctx.set_axis(node.output[0], part.with_axis(x.axis))
+
+    def rewrite(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        out = ctx.axis_of(node.output[0])
+        if x is None or out is None or out.length == x.length and out.segments == x.segments:
+            return
+        starts, ends, axes, _ = _slice_params(node, ctx)
+        rank = ctx.view.rank(node.input[0])
+        k = [_norm(a, rank) for a in axes].index(x.axis)
+        start, stop, _ = slice(starts[k], ends[k]).indices(x.length)
+        kept = ctx.kept_positions(node.input[0])
+        new_start = int(np.searchsorted(kept, start))
+        new_stop = int(np.searchsorted(kept, stop))
+        starts, ends = list(starts), list(ends)
+        starts[k], ends[k] = new_start, new_stop
+        if ctx.opset < 10:
+            set_attr(node, "starts", starts)
+            set_attr(node, "ends", ends)
+        else:
+            ctx.set_input_constant(node, 1, np.array(starts, dtype=ctx.array(node.input[1]).dtype))
+            ctx.set_input_constant(node, 2, np.array(ends, dtype=ctx.array(node.input[2]).dtype))

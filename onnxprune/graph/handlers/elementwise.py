@@ -1,0 +1,87 @@
+"""Element-wise ops: channels pass straight through.
+
+Unary ops carry the channel axis. N-ary ops (Add, Mul, Where, PRelu ...) broadcast their inputs; each input's
+channel axis is aligned to the output rank, and:
+- two inputs that carry channels on the same axis must lose the same channels: their spaces are merged
+  (a residual Add, an SE gate Mul);
+- a constant with the full channel length on that axis is sliced with them (a per-channel bias or scale);
+- a constant or tensor of length 1 there broadcasts and needs nothing;
+- anything else freezes the channels.
+"""
+
+from __future__ import annotations
+
+from onnxprune.graph.handlers import Handler, register
+
+UNARY = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
+    "Softplus", "Softsign", "Mish", "Erf", "Swish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh",
+    "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "Cast", "CastLike", "Identity", "Dropout",
+    "Clip", "Shrink", "BitwiseNot", "QuickGelu",
+)
+NARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Less",
+        "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift")
+
+
+@register(*UNARY)
+class Unary(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        # Clip's min/max and Dropout's ratio are scalars; a non-scalar extra input is not element-wise
+        for name in node.input[1:]:
+            if name and ctx.axis_of(name) is not None:
+                ctx.freeze_inputs(node, "channels arrive on a parameter input")
+                return
+        ctx.set_axis(node.output[0], x)
+        if node.op_type == "Dropout" and len(node.output) > 1:
+            ctx.set_axis(node.output[1], x)
+
+
+@register(*NARY)
+class Broadcast(Handler):
+    def analyze(self, node, ctx):
+        inputs = [n for n in node.input if n]
+        carried = [(i, ctx.axis_of(n)) for i, n in enumerate(node.input) if n and ctx.axis_of(n) is not None]
+        if not carried:
+            return
+        ranks = [ctx.view.rank(n) for n in inputs]
+        if any(r is None for r in ranks):
+            ctx.freeze_inputs(node, "unknown input rank")
+            return
+        out_rank = max(ranks)
+        aligned = {ax.axis + out_rank - ctx.view.rank(node.input[i]) for i, ax in carried}
+        if len(aligned) != 1:
+            ctx.freeze_inputs(node, "inputs carry channels on different axes")
+            return
+        out_axis = aligned.pop()
+        first = carried[0][1]
+        for _, other in carried[1:]:
+            if not ctx.union(first, other):
+                ctx.freeze_inputs(node, "inputs carry differently arranged channels")
+                return
+        for i, name in enumerate(node.input):
+            if not name or ctx.axis_of(name) is not None:
+                continue
+            rank = ctx.view.rank(name)
+            axis = out_axis - (out_rank - rank)
+            dim = ctx.view.dim(name, axis) if axis >= 0 else 1
+            if dim == 1:
+                continue
+            if dim == first.length and ctx.view.is_const(name):
+                ctx.add_member(node, i, axis, first.with_axis(axis), "pass", scored=False)
+                continue
+            ctx.freeze_inputs(node, f"input {name} has {dim} entries on the channel axis")
+            return
+        ctx.set_axis(node.output[0], first.with_axis(out_axis))
+
+
+@register("Shape", "Size")
+class ShapeOf(Handler):
+    """Reads the shape at run time: after pruning it reads the new shape, which downstream shape arithmetic
+    (Reshape targets computed from Shape) then follows."""
+
+    def analyze(self, node, ctx):
+        return

@@ -1,0 +1,149 @@
+"""Spatial ops (pooling, Resize, Pad) and reductions: channels pass through when the op leaves their axis alone.
+
+Pooling, Resize and Pad work on spatial axes of NCHW tensors, so channels must be on axis 1 (a Resize `sizes`
+input and Pad `pads` that touch the channel axis are checked). Reductions and Softmax-like ops mix channels
+when they run over the channel axis; then the channels freeze.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.ir import attr
+
+
+@register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+          "MaxRoiPool", "Upsample")
+class Pool(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        if x.axis != 1:
+            ctx.freeze(x, f"{node.op_type} {node.name}: pools over the channel axis")
+            return
+        if len(node.output) > 1 and ctx.view.uses(node.output[1]):
+            # MaxPool's indices count positions across channels, so they change when channels go
+            ctx.freeze(x, f"{node.op_type} {node.name}: its indices output is used")
+            return
+        ctx.set_axis(node.output[0], x)
+
+
+@register("Resize")
+class Resize(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        scales = node.input[2] if len(node.input) > 2 else ""
+        if scales and ctx.view.is_const(scales) and ctx.view.array(scales).size:
+            if float(ctx.view.array(scales)[x.axis]) != 1.0:
+                ctx.freeze(x, f"Resize {node.name}: scales the channel axis")
+                return
+        sizes = node.input[3] if len(node.input) > 3 else ""
+        if sizes and not ctx.view.is_const(sizes):
+            ctx.freeze(x, f"Resize {node.name}: sizes are computed at run time")
+            return
+        ctx.set_axis(node.output[0], x)
+
+    def rewrite(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        sizes = node.input[3] if len(node.input) > 3 else ""
+        if x is not None and sizes:
+            new = ctx.array(sizes).copy()
+            if new.size:
+                new[x.axis] = ctx.new_length(node.input[0])
+                ctx.set_input_constant(node, 3, new)
+
+
+@register("Pad")
+class Pad(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        pads = attr(node, "pads") if ctx.view.opset < 11 else None
+        if pads is None and len(node.input) > 1 and node.input[1]:
+            arr = ctx.view.array(node.input[1])
+            pads = None if arr is None else arr.tolist()
+        if pads is None or (len(node.input) > 3 and node.input[3]):
+            ctx.freeze(x, f"Pad {node.name}: pads are not constant or use an axes input")
+            return
+        rank = len(pads) // 2
+        if pads[x.axis] != 0 or pads[x.axis + rank] != 0:
+            ctx.freeze(x, f"Pad {node.name}: pads the channel axis")
+            return
+        ctx.set_axis(node.output[0], x)
+
+
+REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+_AXES_AS_INPUT = {"ReduceSum": 13}  # others moved axes to an input in opset 18
+
+
+def _reduce_axes(node, ctx, rank):
+    since = _AXES_AS_INPUT.get(node.op_type, 18)
+    if ctx.view.opset >= since:
+        if len(node.input) < 2 or not node.input[1]:
+            return None if attr(node, "noop_with_empty_axes", 0) else list(range(rank))
+        arr = ctx.view.array(node.input[1])
+        if arr is None:
+            return "dynamic"
+        axes = arr.tolist()
+    else:
+        axes = attr(node, "axes")
+        if axes is None:
+            return list(range(rank))
+    return [a + rank if a < 0 else a for a in axes]
+
+
+@register(*REDUCE)
+class Reduce(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        rank = ctx.view.rank(node.input[0])
+        axes = _reduce_axes(node, ctx, rank) if rank is not None else "dynamic"
+        if axes is None:
+            ctx.set_axis(node.output[0], x)
+            return
+        if axes == "dynamic" or x.axis in axes:
+            ctx.freeze(x, f"{node.op_type} {node.name}: reduces over the channel axis")
+            return
+        keep = attr(node, "keepdims", 1)
+        new_axis = x.axis if keep else x.axis - sum(1 for a in axes if a < x.axis)
+        ctx.set_axis(node.output[0], x.with_axis(new_axis))
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "CumSum", "TopK")
+class AlongAxis(Handler):
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if x is None:
+            return
+        rank = ctx.view.rank(node.input[0])
+        default = 1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and ctx.view.opset < 13 else -1
+        if node.op_type in ("ArgMax", "ArgMin", "TopK"):
+            default = 0 if node.op_type != "TopK" else -1
+        axis = attr(node, "axis", default)
+        if node.op_type == "CumSum":
+            arr = ctx.view.array(node.input[1])
+            axis = int(np.asarray(arr).ravel()[0]) if arr is not None else None
+        if rank is None or axis is None:
+            ctx.freeze(x, f"{node.op_type} {node.name}: unknown axis or rank")
+            return
+        axis = axis + rank if axis < 0 else axis
+        if ctx.view.opset < 13 and node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and x.axis >= axis:
+            ctx.freeze(x, f"{node.op_type} {node.name}: runs over the channel axis")
+            return
+        if axis == x.axis:
+            ctx.freeze(x, f"{node.op_type} {node.name}: runs over the channel axis")
+            return
+        new_axis = x.axis
+        if node.op_type in ("ArgMax", "ArgMin") and not attr(node, "keepdims", 1) and axis < x.axis:
+            new_axis -= 1
+        ctx.set_axis(node.output[0], x.with_axis(new_axis))
+        if node.op_type == "TopK" and len(node.output) > 1:
+            ctx.set_axis(node.output[1], x.with_axis(new_axis))

@@ -1,0 +1,73 @@
+"""Before analysis: put the graph in the one form handlers expect.
+
+- local functions (dynamo exports) are inlined, so every op is visible;
+- `Constant` nodes become initializers, and so do `Identity` nodes in front of initializers (the TorchScript
+  exporter puts them before shared or deduplicated weights), so every constant is an initializer;
+- every node gets a unique name, because plans and reports refer to nodes by name.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if out.functions:
+        from onnx import inliner
+
+        out = inliner.inline_local_functions(out)
+    _constants_to_initializers(out.graph)
+    _unique_names(out.graph)
+    return out
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    outputs = {o.name for o in graph.output}
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    keep = []
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _constant_value(node)
+        elif (node.op_type == "Identity" and node.input[0] in inits and node.input[0] not in graph_inputs
+              and node.output[0] not in outputs):
+            value = numpy_helper.to_array(inits[node.input[0]])
+        if value is None:
+            keep.append(node)
+            continue
+        tensor = numpy_helper.from_array(value, node.output[0])
+        graph.initializer.append(tensor)
+        inits[tensor.name] = tensor
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _constant_value(node: onnx.NodeProto):
+    import numpy as np
+
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None  # sparse or string constants stay as nodes
+
+
+def _unique_names(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)

@@ -1,0 +1,97 @@
+"""Which channels each group keeps.
+
+Uniform: every prunable group loses `ratio` of its channels. Global: channels of all groups are ranked
+together by their (per-group normalised) scores and the lowest `ratio` of all channels go, so unimportant
+groups lose more. Both keep at least one channel and, with `round_to`, a multiple of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.errors import InputError
+from onnxprune.graph.analysis import Analysis
+
+
+@dataclass
+class Plan:
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # group root space -> sorted kept channels
+    sizes: dict[int, int] = field(default_factory=dict)        # group root space -> channels before
+
+    def pruned(self, root: int) -> int:
+        return self.sizes[root] - len(self.kept[root]) if root in self.kept else 0
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(self.pruned(r) for r in self.kept)
+
+
+def _rounded_keep(size: int, keep: int, round_to: int) -> int:
+    keep = max(1, min(size, keep))
+    if round_to > 1 and size > round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = min(keep, size)
+    return keep
+
+
+def _top(scores: np.ndarray, keep: int) -> np.ndarray:
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:keep])
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise InputError(f"--ratio must be in [0, 1), got {ratio}")
+
+
+def plan_uniform(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
+    check_ratio(ratio)
+    plan = Plan()
+    for group in analysis.prunable:
+        root = group.spaces[0]
+        keep = _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
+        plan.sizes[root] = group.size
+        if keep < group.size:
+            plan.kept[root] = _top(scores[root], keep)
+    return plan
+
+
+def plan_global(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
+                max_group_ratio: float = 0.9) -> Plan:
+    """Rank all channels together; no group loses more than `max_group_ratio` of its channels."""
+    check_ratio(ratio)
+    groups = analysis.prunable
+    plan = Plan()
+    if not groups or ratio == 0:
+        return plan
+    all_scores = np.concatenate([scores[g.spaces[0]] / max(scores[g.spaces[0]].max(), 1e-12) for g in groups])
+    n_prune = int(math.floor(len(all_scores) * ratio))
+    threshold = np.sort(all_scores)[n_prune - 1] if n_prune else -np.inf
+    for group in groups:
+        root = group.spaces[0]
+        normed = scores[root] / max(scores[root].max(), 1e-12)
+        floor_keep = group.size - int(math.floor(group.size * max_group_ratio))
+        keep = _rounded_keep(group.size, max(floor_keep, int((normed > threshold).sum())), round_to)
+        plan.sizes[root] = group.size
+        if keep < group.size:
+            plan.kept[root] = _top(scores[root], keep)
+    return plan
+
+
+def plan_removal(analysis: Analysis, removed: dict[int, np.ndarray]) -> Plan:
+    """A plan that removes exactly the given channels (used by the zero-channel oracle and by tests)."""
+    plan = Plan()
+    by_root = {g.spaces[0]: g for g in analysis.groups}
+    for root, channels in removed.items():
+        group = by_root[root]
+        if not group.prunable:
+            raise InputError(f"group {group.id} is frozen: {group.reason}")
+        keep = np.setdiff1d(np.arange(group.size), np.asarray(channels, dtype=np.int64))
+        if len(keep) == 0:
+            raise InputError(f"group {group.id} would lose all its channels")
+        plan.sizes[root] = group.size
+        plan.kept[root] = keep
+    return plan

@@ -1,0 +1,138 @@
+"""Tables, JSON files and progress bars shared by the commands.
+
+Tables go to stdout (they are the result), progress bars to stderr (so a redirected result stays clean).
+`write_json` writes atomically: a temporary file in the target folder, then `os.replace`, so a reader never
+sees half a report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxprune.errors import InputError
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str | None = None,
+                console=None) -> None:
+    """Print dict rows as a table; `columns` picks and orders the keys (default: keys of the first row).
+
+    Floats are shown with `format_value`; missing keys and None print as an empty cell.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(soft_wrap=True)
+    columns = list(columns or (rows[0].keys() if rows else []))
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(format_value(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def format_value(value: Any) -> str:
+    """Short human text: 4 significant digits for floats, '' for None."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Numpy scalars and arrays, paths, tuples and sets -> plain JSON types; NaN/inf -> None (JSON has none)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented JSON to `path`, atomically (temporary file beside it, then os.replace)."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"folder for the JSON report does not exist: {path.parent}")
+    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions, recorded next to every figure so results can be compared fairly."""
+    import onnx
+
+    from onnxprune import __version__
+
+    versions = {"onnxprune": __version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - depends on the install
+        versions["onnxruntime"] = None
+    machine = {"system": platform.system(), "machine": platform.machine(), "cpu": cpu_model(),
+               "cpu_count": os.cpu_count()}
+    return {"machine": machine, "versions": versions}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as `lscpu` shows it) or the platform's processor string."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None, enabled: bool = True) -> Iterator:
+    """A rich progress bar on stderr; yields `advance(n=1)`. Disabled, advance does nothing.
+
+    Callers in timed loops should advance in strides (not per iteration) to keep the bar's cost out of the
+    figures.
+    """
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,106 @@
+"""Apply a plan: slice every member constant, then let each op's handler fix its attributes and shape constants.
+
+A constant shared by several node inputs (exporters deduplicate equal tensors) is copied on write: a use whose
+slicing differs from the others gets its own initializer, so no other node sees a changed shape.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.graph.analysis import Analysis
+from onnxprune.graph.handlers import get_handler
+from onnxprune.graph.ir import GraphView
+from onnxprune.planning import Plan
+
+
+class RewriteContext:
+    def __init__(self, model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan):
+        self.model = model
+        self.view = view
+        self.analysis = analysis
+        self.plan = plan
+        self.find = analysis.find
+        self.opset = view.opset
+        self._inits = {t.name: t for t in model.graph.initializer}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._counter = 0
+
+    def axis_of(self, name: str):
+        return self.analysis.context.axes.get(name)
+
+    def kept_positions(self, name: str) -> np.ndarray | None:
+        axis = self.axis_of(name)
+        if axis is None:
+            return None
+        return axis.kept_positions(self.plan.kept, self.find)
+
+    def new_length(self, name: str) -> int:
+        kept = self.kept_positions(name)
+        return self.axis_of(name).length if kept is None else len(kept)
+
+    def array(self, name: str) -> np.ndarray | None:
+        if name not in self._inits:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self._inits[name])
+        return self._arrays[name]
+
+    def set_input_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Give input `index` of `node` a new constant of its own (never edits a shared one in place)."""
+        old = node.input[index]
+        self._counter += 1
+        name = f"{old}__pruned{self._counter}"
+        while name in self._inits:
+            self._counter += 1
+            name = f"{old}__pruned{self._counter}"
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+        self.model.graph.initializer.append(tensor)
+        self._inits[name] = tensor
+        self._arrays[name] = np.asarray(value)
+        node.input[index] = name
+
+
+def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """A pruned copy of `model` (the normalised model `view` and `analysis` were built from)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ctx = RewriteContext(out, view, analysis, plan)
+    nodes = {n.name: n for n in out.graph.node}
+    pruned_roots = set(plan.kept)
+
+    slices: dict[tuple[str, int], list] = defaultdict(list)
+    for m in analysis.context.members:
+        if any(ctx.find(s.space) in pruned_roots for s in m.layout.segments):
+            slices[(m.node, m.input_index)].append(m)
+    for (node_name, index), members in slices.items():
+        node = nodes[node_name]
+        value = view.array(node.input[index])
+        done_axes = set()
+        for m in members:
+            if m.axis in done_axes:
+                continue  # the same axis reached twice (x + x): one slicing serves both
+            done_axes.add(m.axis)
+            value = np.take(value, m.layout.kept_positions(plan.kept, ctx.find), axis=m.axis)
+        ctx.set_input_constant(node, index, value)
+
+    for node in out.graph.node:
+        handler = get_handler(node.op_type, node.domain)
+        if handler is not None:
+            handler.rewrite(node, ctx)
+
+    _drop_unused_initializers(out.graph)
+    del out.graph.value_info[:]
+    return out
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    used |= {o.name for o in graph.output} | {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -1,0 +1,80 @@
+"""Post-conditions of every rewrite: full onnx.checker, strict shape inference, onnxruntime load and run with
+the original's output names and shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ValidationError, require_onnxruntime
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
+}
+
+
+def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """One random input per graph input; dynamic dims become `batch` (first) or 1."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feed = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
+                 for i, d in enumerate(t.shape.dim)]
+        dtype = _NP.get(t.elem_type)
+        if dtype is None:
+            raise ValidationError(f"input {inp.name!r} has a type onnxprune cannot generate data for")
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feed[inp.name] = rng.random(shape) > 0.5
+        else:
+            feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feed
+
+
+def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
+    ort = require_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(model).run(None, feed)
+
+
+def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None,
+             stage: str = "prune") -> None:
+    """Raise ValidationError naming the failed check; returns None when every post-condition holds."""
+    try:
+        onnx.checker.check_model(candidate, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker raises several types
+        raise ValidationError(f"{stage}: the rewritten model fails onnx.checker: {_first_line(exc)}") from None
+    try:
+        onnx.shape_inference.infer_shapes(candidate, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"{stage}: shape inference fails on the rewritten model: {_first_line(exc)}") from None
+    if [(o.name) for o in candidate.graph.output] != [o.name for o in original.graph.output]:
+        raise ValidationError(f"{stage}: output names changed")
+    feed = feed if feed is not None else sample_feed(original)
+    try:
+        got = run(candidate, feed)
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"{stage}: onnxruntime cannot run the rewritten model: {_first_line(exc)}") from None
+    want = run(original, feed)
+    for o, g, w in zip(original.graph.output, got, want):
+        if np.shape(g) != np.shape(w):
+            raise ValidationError(f"{stage}: output {o.name} has shape {np.shape(g)}, expected {np.shape(w)}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
