@@ -42,6 +42,23 @@ def _top(scores: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(order[:keep])
 
 
+def select(group, scores: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` best channels of a group, honouring grouped-convolution blocks.
+
+    With blocks, each block keeps round(keep / blocks) channels (at least one); tied blocks keep the same local
+    indices, chosen by the block-summed scores.
+    """
+    if group.blocks <= 1:
+        return _top(scores, keep)
+    per_block_size = group.size // group.blocks
+    per_block = max(1, min(per_block_size, int(round(keep / group.blocks))))
+    blocks = scores.reshape(group.blocks, per_block_size)
+    if group.tied:
+        local = _top(blocks.sum(axis=0), per_block)
+        return (np.arange(group.blocks)[:, None] * per_block_size + local[None, :]).ravel()
+    return np.concatenate([b * per_block_size + _top(blocks[b], per_block) for b in range(group.blocks)])
+
+
 def check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise InputError(f"--ratio must be in [0, 1), got {ratio}")
@@ -54,8 +71,9 @@ def plan_uniform(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float
         root = group.spaces[0]
         keep = _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
         plan.sizes[root] = group.size
-        if keep < group.size:
-            plan.kept[root] = _top(scores[root], keep)
+        kept = select(group, scores[root], keep)
+        if len(kept) < group.size:
+            plan.kept[root] = kept
     return plan
 
 
@@ -76,8 +94,9 @@ def plan_global(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
         floor_keep = group.size - int(math.floor(group.size * max_group_ratio))
         keep = _rounded_keep(group.size, max(floor_keep, int((normed > threshold).sum())), round_to)
         plan.sizes[root] = group.size
-        if keep < group.size:
-            plan.kept[root] = _top(scores[root], keep)
+        kept = select(group, scores[root], keep)
+        if len(kept) < group.size:
+            plan.kept[root] = kept
     return plan
 
 

@@ -383,8 +383,17 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    used = {n.name for n in model.graph.node}
     nodes = []
     count = 0
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in used:
+            name += "_"
+        used.add(name)
+        return name
+
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or attrs.get("transA", 0) or len(node.input) < 2 or node.input[1] not in inits):
@@ -398,7 +407,7 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
         model.graph.initializer.append(numpy_helper.from_array(weight, w_name))
         has_bias = len(node.input) > 2 and node.input[2]
         mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=f"{node.name}_MatMul"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=fresh(f"{node.name or node.output[0]}_MatMul")))
         if has_bias:
             bias_name = node.input[2]
             beta = attrs.get("beta", 1.0)
@@ -410,7 +419,7 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
                 bias = numpy_helper.to_array(inits[bias_name]) * np.float32(beta)
                 bias_name = f"{bias_name}__beta_{count}"
                 model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-            nodes.append(helper.make_node("Add", [mm_out, bias_name], [node.output[0]], name=f"{node.name}_Add"))
+            nodes.append(helper.make_node("Add", [mm_out, bias_name], [node.output[0]], name=fresh(f"{node.name or node.output[0]}_Add")))
         count += 1
     if count:
         del model.graph.node[:]

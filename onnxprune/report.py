@@ -22,23 +22,33 @@ import numpy as np
 from onnxprune.errors import InputError
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str | None = None,
-                console=None) -> None:
-    """Print dict rows as a table; `columns` picks and orders the keys (default: keys of the first row).
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]] | None = None, *,
+                title: str | None = None, console=None) -> None:
+    """Print dict rows as a table on stdout.
 
+    `columns` picks and orders the keys (default: the first row's keys); an entry may be (key, header).
     Floats are shown with `format_value`; missing keys and None print as an empty cell.
     """
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(soft_wrap=True)
-    columns = list(columns or (rows[0].keys() if rows else []))
+    console = console or make_console()
+    columns = [(c, c) if isinstance(c, str) else c for c in (columns or (rows[0].keys() if rows else []))]
     table = Table(title=title, title_justify="left")
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+    for i, (_, header) in enumerate(columns):
+        table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*(format_value(row.get(c)) for c in columns))
+        table.add_row(*(format_value(row.get(key)) for key, _ in columns))
     console.print(table)
+
+
+def make_console(stderr: bool = False):
+    """A rich Console; when output is not a terminal (a pipe, a CI log) it is 160 columns wide, not 80."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, width=160)
+    return console
 
 
 def format_value(value: Any) -> str:
@@ -50,8 +60,10 @@ def format_value(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "nan"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e9):
             return f"{value:.3e}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
         return f"{value:.4g}"
     return str(value)
 
@@ -73,12 +85,12 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` as indented JSON to `path`, atomically (temporary file beside it, then os.replace)."""
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write `payload` as indented JSON to `path`, atomically (temporary file beside it, then os.replace)."""
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"folder for the JSON report does not exist: {path.parent}")
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(to_jsonable(payload), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -128,11 +140,10 @@ def progress(description: str, total: int | None, enabled: bool = True) -> Itera
     if not enabled:
         yield lambda n=1: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=make_console(stderr=True), transient=True)
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)

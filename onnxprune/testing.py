@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.planning import plan_uniform
 from onnxprune.prune import prepare, prune_model
 from onnxprune.validate import run, sample_feed
 
@@ -54,10 +55,10 @@ def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float =
                         feed: dict[str, np.ndarray] | None = None) -> OracleResult:
     prep = prepare(model)
     rng = np.random.default_rng(seed)
-    removed = {}
-    for g in prep.analysis.prunable:
-        n = min(g.size - 1, max(1, int(g.size * fraction)))
-        removed[g.spaces[0]] = np.sort(rng.choice(g.size, n, replace=False))
+    # random scores through the planner, so grouped-convolution constraints hold for the chosen channels
+    scores = {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}
+    plan = plan_uniform(prep.analysis, scores, fraction)
+    removed = {root: np.setdiff1d(np.arange(plan.sizes[root]), kept) for root, kept in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
     result = prune_model(zeroed, removed=removed)
     feed = feed if feed is not None else sample_feed(model, seed)

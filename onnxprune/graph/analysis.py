@@ -129,5 +129,5 @@ def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:
         if not any(m.role == "in" for m in entry["members"]) and not reasons:
             reasons.append("no layer reads these channels")
         groups.append(ChannelGroup(gid, space.size, entry["spaces"], entry["sources"], entry["members"],
-                                   reasons, entry["tensors"]))
+                                   reasons, entry["tensors"], space.blocks, space.tied))
     return groups

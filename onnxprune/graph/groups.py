@@ -31,6 +31,10 @@ class Space:
     source: str              # node that opened it
     op_type: str
     reasons: list[str] = field(default_factory=list)
+    # Grouped convolutions split channels into `blocks` equal blocks: every block keeps the same number of
+    # channels, and with `tied` the same local indices (the conv's weight is shared along its input axis).
+    blocks: int = 1
+    tied: bool = False
 
 
 @dataclass
@@ -42,6 +46,8 @@ class ChannelGroup:
     members: list[Member]
     reasons: list[str]
     tensors: list[str]
+    blocks: int = 1
+    tied: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -89,6 +95,17 @@ class SpaceSet:
         self._parent[hi] = lo
         self.spaces[lo].reasons.extend(self.spaces[hi].reasons)
         self.spaces[hi].reasons = []
+        self.constrain(lo, self.spaces[hi].blocks, self.spaces[hi].tied)
+
+    def constrain(self, i: int, blocks: int, tied: bool) -> None:
+        space = self.spaces[self.find(i)]
+        if blocks <= 1:
+            return
+        if space.blocks > 1 and space.blocks != blocks:
+            space.reasons.append(f"read by grouped layers with different group counts ({space.blocks}, {blocks})")
+            return
+        space.blocks = blocks
+        space.tied = space.tied or tied
 
     def freeze(self, i: int, reason: str) -> None:
         reasons = self.spaces[self.find(i)].reasons

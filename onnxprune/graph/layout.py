@@ -25,10 +25,11 @@ class Segment:
     inner: int = 1
     offset: int = 0
     outers: tuple[tuple[int, int], ...] = ()
+    modulo: int = 0  # > 0: channel c sits at local index c % modulo (a grouped conv's weight, axis 1)
 
     @property
     def size(self) -> int:
-        n = self.channels * self.inner
+        n = (self.modulo or self.channels) * self.inner
         for count, _ in self.outers:
             n *= count
         return n
@@ -36,6 +37,8 @@ class Segment:
     def positions(self, channels: np.ndarray | None = None) -> np.ndarray:
         """Positions along the axis of the given channels (all when None), as an array [n_channels, per_channel]."""
         chans = np.arange(self.channels) if channels is None else np.asarray(channels, dtype=np.int64)
+        if self.modulo:
+            chans = chans % self.modulo
         pos = self.offset + chans[:, None] * self.inner + np.arange(self.inner)[None, :]
         for count, stride in self.outers:
             pos = (pos[:, None, :] + (np.arange(count) * stride)[None, :, None]).reshape(len(chans), -1)
@@ -43,7 +46,7 @@ class Segment:
 
     def span(self) -> tuple[int, int]:
         """Smallest and one-past-largest position."""
-        last = self.offset + self.channels * self.inner - 1 + sum((c - 1) * s for c, s in self.outers)
+        last = self.offset + (self.modulo or self.channels) * self.inner - 1 + sum((c - 1) * s for c, s in self.outers)
         return self.offset, last + 1
 
     def shifted(self, delta: int) -> "Segment":
@@ -54,11 +57,11 @@ class Segment:
         outers = tuple((c, s * trailing) for c, s in self.outers)
         if leading > 1:
             outers = outers + ((leading, axis_length * trailing),)
-        return Segment(self.space, self.channels, self.inner * trailing, self.offset * trailing, outers)
+        return Segment(self.space, self.channels, self.inner * trailing, self.offset * trailing, outers, self.modulo)
 
     def same_structure(self, other: "Segment") -> bool:
-        return (self.channels, self.inner, self.offset, self.outers) == (
-            other.channels, other.inner, other.offset, other.outers)
+        return (self.channels, self.inner, self.offset, self.outers, self.modulo) == (
+            other.channels, other.inner, other.offset, other.outers, other.modulo)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class ChannelAxis:
             parts.append(seg.positions(chans).ravel())
         if not parts:
             return np.arange(self.length)
-        return np.sort(np.concatenate(parts))
+        return np.unique(np.concatenate(parts))
 
 
 def concat_axes(parts: list[ChannelAxis], axis: int) -> ChannelAxis:

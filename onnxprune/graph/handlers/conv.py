@@ -7,6 +7,8 @@ input's with `inner` multiplied by m, and the `group` attribute is set to the ne
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr, set_attr
 
@@ -41,10 +43,28 @@ class Conv(Handler):
             out = x.expanded(1, trailing=c_out // c_in, leading=1)
             self._out_members(node, ctx, out, "pass")
             ctx.set_axis(node.output[0], out)
-        elif x is not None:
-            # Grouped convolution: each group reads its own slice of the input channels; removing channels
-            # unevenly would break the equal group sizes the op requires.
-            ctx.freeze(x, f"Conv {node.name}: grouped convolution (group={group}) couples channels to groups")
+        else:
+            self._grouped(node, ctx, x, group, c_in, c_out)
+
+    def _grouped(self, node, ctx, x, group, c_in, c_out):
+        """Grouped convolution: every group must keep as many input and output channels as the others.
+
+        Output channels may differ per group (each group owns its filters). Input channels are read through
+        one weight axis of length C_in / group shared by all groups, so every group must keep the same local
+        indices: the input space is tied to `group` blocks and the weight is sliced at c % (C_in / group).
+        """
+        if x is not None:
+            seg = x.segments[0]
+            if len(x.segments) == 1 and not seg.outers and seg.offset == 0 and seg.inner == 1 and not seg.modulo:
+                ctx.spaces.constrain(seg.space, group, tied=True)
+                local = x.__class__(1, c_in // group, (replace(seg, modulo=c_in // group),))
+                ctx.add_member(node, 1, 1, local, "in")
+            else:
+                ctx.freeze(x, f"Conv {node.name}: grouped convolution (group={group}) over mixed channels")
+        out = ctx.open_space(node, 1, c_out)
+        ctx.spaces.constrain(out.segments[0].space, group, tied=False)
+        self._out_members(node, ctx, out, "out")
+        ctx.set_axis(node.output[0], out)
 
     @staticmethod
     def _out_members(node, ctx, out, role):

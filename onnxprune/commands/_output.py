@@ -1,0 +1,67 @@
+"""Printing shared by the pruning commands: rich tables on stdout, JSON files written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onnxprune.errors import InputError
+
+console = Console(highlight=False)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"folder for --json does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, default=_jsonable)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: int | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("group", justify="right")
+    table.add_column("channels", justify="right")
+    if show_kept:
+        table.add_column("kept", justify="right")
+    table.add_column("layers", justify="right")
+    table.add_column("opened by")
+    table.add_column("status")
+    shown = rows if limit is None else rows[:limit]
+    for r in shown:
+        cells = [str(r["group"]), str(r["channels"])]
+        if show_kept:
+            cells.append(str(r["kept"]))
+        sources = ", ".join(r["sources"][:2]) + (f" +{len(r['sources']) - 2}" if len(r["sources"]) > 2 else "")
+        cells += [str(r["members"]), sources, "prunable" if r["prunable"] else f"frozen: {r['reason']}"]
+        table.add_row(*cells)
+    if limit is not None and len(rows) > limit:
+        table.caption = f"{len(rows) - limit} more groups not shown (use --all)"
+    return table
+
+
+def summary_table(stats: dict) -> Table:
+    table = Table(title="model", title_justify="left")
+    for col in ("", "before", "after", "after/before"):
+        table.add_column(col, justify="right" if col else "left")
+    for label, key in (("parameters", "params"), ("MACs", "macs"), ("file size (bytes)", "bytes")):
+        before, after = stats[f"{key}_before"], stats[f"{key}_after"]
+        table.add_row(label, f"{before:,}", f"{after:,}", f"{after / before:.3f}" if before else "-")
+    return table

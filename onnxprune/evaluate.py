@@ -1,0 +1,422 @@
+"""Accuracy, fidelity to a reference model, and latency on onnxruntime execution providers.
+
+Everything here returns plain dicts (JSON-ready once passed through `report.to_jsonable`); `eval` prints them.
+A model argument may be a path, an `onnx.ModelProto`, serialized bytes or an existing
+`onnxruntime.InferenceSession` (so one session serves both the outputs and the timing).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.data import Dataset
+from onnxprune.errors import InputError, require_onnxruntime
+from onnxprune.report import environment, progress
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+_INSTALL_HINTS = {
+    "CUDAExecutionProvider": "pip uninstall onnxruntime && pip install 'onnxprune[gpu]' (and a matching CUDA/cuDNN)",
+    "TensorrtExecutionProvider": "pip uninstall onnxruntime && pip install 'onnxprune[gpu]' (and TensorRT)",
+}
+# Providers whose memory is not the host's: timed a second way, with inputs and outputs bound on the device.
+_DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+ModelLike = Any  # str | os.PathLike | onnx.ModelProto | bytes | onnxruntime.InferenceSession
+
+
+def provider_name(provider: str) -> str:
+    """'cpu' / 'cuda' / ... or a full onnxruntime name -> the full name; unknown names are an InputError."""
+    if provider in PROVIDERS.values():
+        return provider
+    name = PROVIDERS.get(provider.strip().lower())
+    if name is None:
+        raise InputError(f"unknown execution provider {provider!r} (known: {', '.join(PROVIDERS)})")
+    return name
+
+
+def check_providers(providers: Iterable[str]) -> list[str]:
+    """Full names of `providers`, each available in this onnxruntime build, else an InputError with a hint."""
+    ort = require_onnxruntime()
+    available = ort.get_available_providers()
+    names = [provider_name(p) for p in providers]
+    for name in names:
+        if name not in available:
+            hint = _INSTALL_HINTS.get(name, "install an onnxruntime build that includes it")
+            raise InputError(f"{name} is not available in this onnxruntime (available: {', '.join(available)}); "
+                             f"hint: {hint}")
+    if not names:
+        raise InputError("no execution provider given")
+    return names
+
+
+def make_session(model: ModelLike, provider: str = "cpu", threads: int | None = None, opt_level: str = "all"):
+    """An InferenceSession on exactly `provider` (CPU as fallback for ops the provider lacks, as onnxruntime does).
+
+    A session that starts on anything else than the requested provider (onnxruntime silently falls back when
+    e.g. the CUDA libraries are missing) is an InputError, so a GPU run can never quietly be a CPU run.
+    """
+    ort = require_onnxruntime()
+    if isinstance(model, ort.InferenceSession):
+        return model
+    name = check_providers([provider])[0]
+    if opt_level not in OPT_LEVELS:
+        raise InputError(f"unknown graph optimization level {opt_level!r} (choose from {', '.join(OPT_LEVELS)})")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # onnxruntime's warnings (unused initializers ...) would break the table
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(source, options, providers=chain)
+    except Exception as exc:  # onnxruntime raises its own exception types for invalid models
+        raise InputError(f"onnxruntime cannot load {_label(model)}: {_first_line(exc)}") from None
+    if session.get_providers()[0] != name:
+        raise InputError(f"{name} was requested but onnxruntime started {session.get_providers()}; "
+                         f"hint: {_INSTALL_HINTS.get(name, 'check the provider installation')}")
+    return session
+
+
+def run_model(model_or_path: ModelLike, dataset: Dataset | Sequence[dict[str, np.ndarray]],
+              providers: Sequence[str] = ("cpu",), *, threads: int | None = None, opt_level: str = "all",
+              show_progress: bool = False) -> list[dict[str, np.ndarray]]:
+    """Run every batch on the first provider; returns {output name: array} per batch."""
+    session = make_session(model_or_path, providers[0], threads, opt_level)
+    names = [o.name for o in session.get_outputs()]
+    feeds = list(dataset.batches() if isinstance(dataset, Dataset) else dataset)
+    outputs = []
+    with progress("running", len(feeds), enabled=show_progress) as advance:
+        for i, feed in enumerate(feeds):
+            try:
+                values = session.run(names, feed)
+            except Exception as exc:  # shape or type mismatches surface here as onnxruntime errors
+                raise InputError(f"onnxruntime failed on batch {i}: {_first_line(exc)}") from None
+            outputs.append(dict(zip(names, values)))
+            advance()
+    return outputs
+
+
+def accuracy(outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray, k: Sequence[int] = (1, 5)) -> dict:
+    """Top-k accuracy (fractions) of the first output shaped [N, classes]; k larger than classes is skipped."""
+    name, scores = _score_output(_concat(outputs))
+    if name is None:
+        raise InputError("accuracy needs an output of class scores shaped [N, classes]; this model has none")
+    labels = np.asarray(labels)
+    if len(labels) != len(scores):
+        raise InputError(f"{len(labels)} labels for {len(scores)} outputs")
+    if len(labels) and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        raise InputError(f"labels range {labels.min()}..{labels.max()} but output {name!r} has "
+                         f"{scores.shape[1]} classes")
+    ks = sorted({int(x) for x in k if 0 < int(x) <= scores.shape[1]})
+    # stable sort of the negated scores: ties go to the lower class index, as argmax does
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, : max(ks)]
+    hits = ranked == labels[:, None]
+    result: dict[str, Any] = {"output": name, "samples": int(len(labels))}
+    for kk in ks:
+        result[f"top{kk}"] = float(hits[:, :kk].any(axis=1).mean()) if len(labels) else float("nan")
+    return result
+
+
+def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
+                    reference_outputs: Sequence[dict[str, np.ndarray]], *,
+                    atol: float | None = None, rtol: float | None = None) -> dict:
+    """Per output: max/mean absolute error, mean and worst per-sample cosine similarity, top-1 agreement for
+    outputs shaped [N, classes], and (with atol/rtol) how many elements miss |c - r| <= atol + rtol * |r|.
+
+    The top-level `top1_agreement` is that of the first class-score output (None if there is none).
+    """
+    cand, ref = _concat(candidate_outputs), _concat(reference_outputs)
+    if list(cand) != list(ref):
+        raise InputError(f"the models' outputs differ: candidate {', '.join(cand)}; reference {', '.join(ref)}")
+    per_output = {}
+    for name, r in ref.items():
+        c = cand[name]
+        if c.shape != r.shape:
+            raise InputError(f"output {name!r} has shape {list(c.shape)} in the candidate, {list(r.shape)} in the reference")
+        c64, r64 = c.astype(np.float64), r.astype(np.float64)
+        diff = np.abs(c64 - r64)
+        entry: dict[str, Any] = {
+            "shape": list(r.shape),
+            "max_abs_err": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
+        }
+        cosine = _cosine_per_sample(c64, r64)
+        entry["cosine"], entry["cosine_min"] = float(cosine.mean()), float(cosine.min())
+        if _is_scores(r):
+            entry["top1_agreement"] = float((c.argmax(axis=1) == r.argmax(axis=1)).mean())
+        if atol is not None or rtol is not None:
+            close = np.isclose(c64, r64, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True)
+            entry["tolerance_violations"] = int(close.size - close.sum())
+            entry["within_tolerance"] = bool(close.all())
+        per_output[name] = entry
+    first_scores = next((e["top1_agreement"] for e in per_output.values() if "top1_agreement" in e), None)
+    return {"top1_agreement": first_scores, "outputs": per_output}
+
+
+def measure_latency(model_or_path: ModelLike, dataset_or_feed: Dataset | dict[str, np.ndarray],
+                    providers: Sequence[str] = ("cpu",), warmup: int = 10, runs: int = 100,
+                    duration: float | None = None, threads: int | None = None, opt_level: str = "all", *,
+                    batch_sizes: Sequence[int] | None = None, show_progress: bool = False) -> dict:
+    """Time `session.run` on the first batch: `warmup` untimed runs, then `runs` timed ones (or as many as fit
+    in `duration` seconds), per provider and per batch size (the batch is cut or its samples repeated).
+
+    On CUDA/TensorRT a second row times I/O binding with inputs and outputs resident on the device and a
+    synchronisation after each run, so host copies are not counted; the plain row includes them.
+    """
+    feed = next(dataset_or_feed.batches()) if isinstance(dataset_or_feed, Dataset) else dataset_or_feed
+    sizes = list(batch_sizes) if batch_sizes else [_batch_len(feed)]
+    rows = []
+    for provider in providers:
+        session = make_session(model_or_path, provider, threads, opt_level)
+        used = session.get_providers()
+        for size in sizes:
+            sized = _resize_batch(feed, size)
+            label = f"latency {used[0].replace('ExecutionProvider', '')} batch {size}"
+            with progress(label, None if duration else runs, enabled=show_progress) as advance:
+                times = _timed(lambda: session.run(None, sized), warmup, runs, duration, advance)
+            rows.append({"provider": used[0], "providers_used": used, "batch_size": size,
+                         "mode": "run" + (" (host copies)" if used[0] in _DEVICE_OF else ""),
+                         **_stats(times, size)})
+            if used[0] in _DEVICE_OF:
+                call = _device_resident_call(session, sized, _DEVICE_OF[used[0]])
+                with progress(label + " (I/O binding)", None if duration else runs, enabled=show_progress) as advance:
+                    times = _timed(call, warmup, runs, duration, advance)
+                rows.append({"provider": used[0], "providers_used": used, "batch_size": size,
+                             "mode": "I/O binding (on device)", **_stats(times, size)})
+    return {"warmup": warmup, "runs": None if duration else runs, "duration_s": duration, "threads": threads,
+            "opt_level": opt_level, "results": rows}
+
+
+def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None = None,
+             providers: Sequence[str] = ("cpu",), *, top_k: Sequence[int] = (1, 5), latency: bool = True,
+             warmup: int = 10, runs: int = 100, duration: float | None = None, threads: int | None = None,
+             opt_level: str = "all", batch_sizes: Sequence[int] | None = None, atol: float | None = None,
+             rtol: float | None = None, show_progress: bool = False) -> dict:
+    """Outputs, accuracy (when the data has labels), agreement with `reference`, and latency on each provider."""
+    providers = check_providers(providers)
+    models = {"candidate": candidate} | ({"reference": reference} if reference is not None else {})
+    result: dict[str, Any] = {}
+    outputs = {}
+    for role, model in models.items():
+        sessions = {p: make_session(model, p, threads, opt_level) for p in providers}
+        outputs[role] = run_model(sessions[providers[0]], dataset, show_progress=show_progress)
+        entry: dict[str, Any] = {"model": _label(model)}
+        if dataset.labels is not None:
+            entry["accuracy"] = accuracy(outputs[role], dataset.labels, top_k)
+        if latency:
+            entry["latency"] = [row for p in providers for row in measure_latency(
+                sessions[p], dataset, (p,), warmup, runs, duration, batch_sizes=batch_sizes,
+                show_progress=show_progress)["results"]]
+        result[role] = entry
+    if reference is not None:
+        result["agreement"] = compare_outputs(outputs["candidate"], outputs["reference"], atol=atol, rtol=rtol)
+        result["deltas"] = _deltas(result["candidate"], result["reference"])
+    result["data"] = {"source": dataset.source, "samples": len(dataset), "batches": len(dataset.feeds),
+                      "batch_size": dataset.batch_size, "labels": dataset.labels is not None}
+    result["providers"] = providers
+    result["options"] = {"top_k": list(top_k), "warmup": warmup, "runs": None if duration else runs,
+                         "duration_s": duration, "threads": threads, "opt_level": opt_level,
+                         "batch_sizes": list(batch_sizes) if batch_sizes else None, "atol": atol, "rtol": rtol}
+    result.update(environment())
+    return result
+
+
+def check_gates(result: dict, *, max_drop: float | None = None, min_agreement: float | None = None,
+                atol: float | None = None, rtol: float | None = None) -> list[dict]:
+    """Each requested gate as {gate, limit, value, passed, reason}; a gate that cannot apply is an InputError.
+
+    max_drop is in accuracy points (reference top-1 minus candidate top-1, x100); min_agreement a fraction.
+    """
+    validate_gates(has_reference="agreement" in result, has_labels="accuracy" in result["candidate"],
+                   max_drop=max_drop, min_agreement=min_agreement)
+    gates = []
+    if max_drop is not None:
+        drop = -result["deltas"]["top1_points"]
+        change = f"dropped {drop:.2f} points" if drop > 0 else f"did not drop ({-drop:+.2f} points)"
+        gates.append(_gate("max-drop", max_drop, drop, drop <= max_drop,
+                           f"top-1 accuracy {change} (allowed drop {max_drop:g})"))
+    if min_agreement is not None:
+        agreement = result["agreement"]["top1_agreement"]
+        if agreement is None:
+            raise InputError("--min-agreement needs an output of class scores [N, classes]; use --atol/--rtol")
+        gates.append(_gate("min-agreement", min_agreement, agreement, agreement >= min_agreement,
+                           f"top-1 agreement {agreement:.4f} (required {min_agreement:g})"))
+    if atol is not None or rtol is not None:
+        outputs = result["agreement"]["outputs"]
+        if any("within_tolerance" not in e for e in outputs.values()):
+            raise InputError("tolerance gates need evaluate(..., atol=, rtol=) with the same values")
+        missed = {n: e["tolerance_violations"] for n, e in outputs.items() if not e["within_tolerance"]}
+        detail = ", ".join(f"{n}: {v} elements, max abs err {outputs[n]['max_abs_err']:.3g}" for n, v in missed.items())
+        gates.append(_gate("tolerance", {"atol": atol, "rtol": rtol}, sum(missed.values()), not missed,
+                           f"outside atol={atol or 0:g} rtol={rtol or 0:g}: {detail or 'none'}"))
+    return gates
+
+
+def validate_gates(*, has_reference: bool, has_labels: bool, max_drop: float | None = None,
+                   min_agreement: float | None = None, atol: float | None = None, rtol: float | None = None) -> None:
+    """Refuse gates that cannot apply, before any model runs (InputError, exit code 2)."""
+    if any(v is not None for v in (max_drop, min_agreement, atol, rtol)) and not has_reference:
+        raise InputError("gates (--max-drop, --min-agreement, --atol, --rtol) compare with a model: pass --reference")
+    if max_drop is not None and not has_labels:
+        raise InputError("--max-drop needs labels: a 'labels' array in the data or --labels FILE.npy")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise InputError(f"--min-agreement is a fraction between 0 and 1 (e.g. 0.99), got {min_agreement}")
+    for name, value in (("--max-drop", max_drop), ("--atol", atol), ("--rtol", rtol)):
+        if value is not None and value < 0:
+            raise InputError(f"{name} must not be negative, got {value}")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+def _gate(name: str, limit, value, passed: bool, reason: str) -> dict:
+    return {"gate": name, "limit": limit, "value": value, "passed": bool(passed), "reason": reason}
+
+
+def _timed(call: Callable[[], Any], warmup: int, runs: int, duration: float | None,
+           advance: Callable[[int], None]) -> np.ndarray:
+    """Seconds per call. The progress bar advances once per chunk, never inside the timed region."""
+    for _ in range(warmup):
+        call()
+    clock = time.perf_counter
+    times: list[float] = []
+    append = times.append
+    if duration is None:
+        chunk = max(1, runs // 50)
+        for start in range(0, runs, chunk):
+            for _ in range(min(chunk, runs - start)):
+                t0 = clock()
+                call()
+                append(clock() - t0)
+            advance(min(chunk, runs - start))
+        return np.asarray(times)
+    end = clock() + duration
+    t1 = clock()
+    while t1 < end or not times:
+        t0 = clock()
+        call()
+        t1 = clock()
+        append(t1 - t0)
+        if len(times) % 64 == 0:
+            advance(64)
+    return np.asarray(times)
+
+
+def _device_resident_call(session, feed: dict[str, np.ndarray], device: str) -> Callable[[], None]:
+    """One run with inputs already on the device and outputs left there, waiting for the device to finish."""
+    ort = require_onnxruntime()
+    binding = session.io_binding()
+    # the host->device copies happen here, once, outside the timed region; keep the OrtValues alive
+    resident = {name: ort.OrtValue.ortvalue_from_numpy(array, device, 0) for name, array in feed.items()}
+    for name, value in resident.items():
+        binding.bind_ortvalue_input(name, value)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device, 0)
+    binding.synchronize_inputs()
+
+    def call() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # kernels run asynchronously: without this the clock stops too early
+
+    call.resident = resident  # type: ignore[attr-defined]  # ties the device buffers' lifetime to the call
+    return call
+
+
+def _stats(times: np.ndarray, batch_size: int) -> dict:
+    ms = times * 1e3
+    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+    mean = float(ms.mean())
+    return {"runs": int(len(ms)), "p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95),
+            "p99_ms": float(p99), "mean_ms": mean, "throughput_per_s": batch_size * 1e3 / mean if mean else None}
+
+
+def _deltas(candidate: dict, reference: dict) -> dict:
+    deltas: dict[str, Any] = {}
+    for key, value in candidate.get("accuracy", {}).items():
+        if key.startswith("top") and key in reference.get("accuracy", {}):
+            deltas[f"{key}_points"] = 100.0 * (value - reference["accuracy"][key])
+    ref_rows = {(r["provider"], r["batch_size"], r["mode"]): r for r in reference.get("latency", [])}
+    speedups = []
+    for row in candidate.get("latency", []):
+        ref = ref_rows.get((row["provider"], row["batch_size"], row["mode"]))
+        if ref:
+            speedups.append({"provider": row["provider"], "batch_size": row["batch_size"], "mode": row["mode"],
+                             "p50_speedup": ref["p50_ms"] / row["p50_ms"] if row["p50_ms"] else None})
+    if speedups:
+        deltas["latency"] = speedups
+    return deltas
+
+
+def _concat(outputs: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not outputs:
+        raise InputError("no outputs to compare: the data holds no batches")
+    return {name: (np.concatenate([o[name] for o in outputs]) if outputs[0][name].ndim else outputs[0][name])
+            for name in outputs[0]}
+
+
+def _is_scores(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
+
+
+def _score_output(outputs: dict[str, np.ndarray]) -> tuple[str | None, np.ndarray | None]:
+    return next(((n, a) for n, a in outputs.items() if _is_scores(a)), (None, None))
+
+
+def _cosine_per_sample(c: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample's flattened output; two zero vectors count as identical."""
+    c2 = c.reshape(len(c), -1) if c.ndim else c.reshape(1, -1)
+    r2 = r.reshape(len(r), -1) if r.ndim else r.reshape(1, -1)
+    if c2.size == 0:
+        return np.ones(1)
+    dot = (c2 * r2).sum(axis=1)
+    norms = np.linalg.norm(c2, axis=1) * np.linalg.norm(r2, axis=1)
+    both_zero = (np.linalg.norm(c2, axis=1) == 0) & (np.linalg.norm(r2, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cosine)
+
+
+def _batch_len(feed: dict[str, np.ndarray]) -> int:
+    return next((a.shape[0] for a in feed.values() if a.ndim), 1)
+
+
+def _resize_batch(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The feed with `size` samples: the first ones, or all of them repeated in order."""
+    if size < 1:
+        raise InputError(f"batch size must be at least 1, got {size}")
+    if size == _batch_len(feed):
+        return feed
+    return {k: (np.ascontiguousarray(np.resize(v, (size, *v.shape[1:]))) if v.ndim else v) for k, v in feed.items()}
+
+
+def _label(model: ModelLike) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or "<in-memory model>"
+    return "<in-memory model>"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
