@@ -1,0 +1,157 @@
+"""End-to-end `onnxprune prune` / `analyze`: outputs, options, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxprune.cli import main
+from onnxprune.validate import run, sample_feed
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+@pytest.fixture()
+def digits(tmp_path):
+    path = tmp_path / "digits.onnx"
+    shutil.copy(DIGITS, path)
+    return path
+
+
+def one_line_error(capsys, code, argv, needle):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+    return err
+
+
+def test_prune_writes_a_smaller_model_with_the_same_interface(digits, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    assert main(["prune", str(digits), "--ratio", "0.5", "-o", str(out), "--json", str(report)]) == 0
+    original, pruned = onnx.load(digits), onnx.load(out)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in original.graph.output]
+    assert pruned.opset_import == original.opset_import and pruned.ir_version == original.ir_version
+    feed = sample_feed(original, batch=3)
+    assert run(pruned, feed)[0].shape == run(original, feed)[0].shape == (3, 10)
+    stats = json.loads(report.read_text())["stats"]
+    assert stats["macs_after"] < 0.5 * stats["macs_before"]
+    assert stats["params_after"] < stats["params_before"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_default_output_name_and_no_silent_overwrite(digits, capsys):
+    assert main(["prune", str(digits)]) == 0
+    out = digits.with_name("digits.pruned.onnx")
+    assert out.exists()
+    before = out.read_bytes()
+    one_line_error(capsys, 2, ["prune", str(digits), "--ratio", "0.3"], "output exists")
+    assert out.read_bytes() == before
+    assert main(["prune", str(digits), "--ratio", "0.3", "--overwrite"]) == 0
+    assert out.read_bytes() != before
+
+
+def test_refuses_to_overwrite_the_input(digits, capsys):
+    before = digits.read_bytes()
+    one_line_error(capsys, 2, ["prune", str(digits), "-o", str(digits)], "refusing to overwrite the input")
+    assert digits.read_bytes() == before
+
+
+def test_dry_run_writes_nothing(digits, tmp_path):
+    out = tmp_path / "never.onnx"
+    assert main(["prune", str(digits), "--dry-run", "-o", str(out)]) == 0
+    assert not out.exists()
+
+
+def test_ratio_zero_changes_no_output(digits, tmp_path):
+    out = tmp_path / "same.onnx"
+    assert main(["prune", str(digits), "--ratio", "0", "-o", str(out)]) == 0
+    feed = sample_feed(onnx.load(digits), batch=4)
+    np.testing.assert_array_equal(run(onnx.load(out), feed)[0], run(onnx.load(digits), feed)[0])
+
+
+def test_round_to_global_and_exclude(digits, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["prune", str(digits), "--round-to", "8", "--dry-run", "--json", str(report)]) == 0
+    groups = json.loads(report.read_text())["groups"]
+    assert all(g["kept"] % 8 == 0 for g in groups if g["kept"] != g["channels"])
+    assert main(["prune", str(digits), "--global", "--ratio", "0.4", "--dry-run", "--json", str(report)]) == 0
+    payload = json.loads(report.read_text())
+    prunable = [g for g in payload["groups"] if g["prunable"]]
+    removed = sum(g["channels"] - g["kept"] for g in prunable)
+    assert abs(removed - 0.4 * sum(g["channels"] for g in prunable)) <= len(prunable)
+    first_conv = next(n.name for n in onnx.load(digits).graph.node if n.op_type == "Conv")
+    assert main(["prune", str(digits), "--exclude", first_conv, "--dry-run", "--json", str(report)]) == 0
+    excluded = [g for g in json.loads(report.read_text())["groups"] if first_conv in g["sources"]]
+    assert excluded and all(g["kept"] == g["channels"] and "excluded" in g["reason"] for g in excluded)
+
+
+def test_analyze_lists_groups(digits, tmp_path, capsys):
+    report = tmp_path / "a.json"
+    assert main(["analyze", str(digits), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "channel groups prunable" in out
+    groups = json.loads(report.read_text())["groups"]
+    assert any(g["prunable"] for g in groups)
+    assert any("graph output" in g["reason"] for g in groups if not g["prunable"])
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_ratio_out_of_range(digits, capsys, ratio):
+    one_line_error(capsys, 2, ["prune", str(digits), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
+
+
+def test_missing_corrupt_and_truncated_files(tmp_path, capsys):
+    one_line_error(capsys, 2, ["prune", str(tmp_path / "nope.onnx")], "not found")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\xffnot an onnx model at all" * 10)
+    one_line_error(capsys, 2, ["prune", str(garbage)], "garbage.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(DIGITS.read_bytes()[: DIGITS.stat().st_size // 2])
+    one_line_error(capsys, 2, ["analyze", str(truncated)], "truncated.onnx")
+    assert not (tmp_path / "truncated.pruned.onnx").exists()
+
+
+def _tiny(opset=17, nodes=None):
+    nodes = nodes or [helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_control_flow_and_unsupported_opset(tmp_path, capsys):
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1, 4])])
+    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", onnx.TensorProto.BOOL, [], [True]))
+    iff = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then, name="branch")
+    path = tmp_path / "if.onnx"
+    onnx.save(_tiny(nodes=[cond, iff]), path)
+    one_line_error(capsys, 2, ["prune", str(path)], "control flow is not supported")
+    old = tmp_path / "old.onnx"
+    onnx.save(_tiny(opset=5), old)
+    one_line_error(capsys, 2, ["prune", str(old)], "opset 5 is not supported")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main(["--debug", "prune", str(tmp_path / "missing.onnx")])
+
+
+def test_every_criterion_removes_the_same_count(digits, tmp_path):
+    kept = {}
+    for crit in ("l1", "l2", "bn-scale", "random"):
+        report = tmp_path / f"{crit}.json"
+        assert main(["prune", str(digits), "--criterion", crit, "--dry-run", "--json", str(report)]) == 0
+        kept[crit] = json.loads(report.read_text())["stats"]["params_after"]
+    # same ratio, same counts: every criterion removes the same number of channels
+    assert len(set(kept.values())) == 1

@@ -1,0 +1,102 @@
+"""Loading and saving: external data, paths outside the model folder, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import model_io
+from onnxprune.errors import InputError
+from onnxprune.prune import prepare, prune_model
+from onnxprune.scoring import score_groups
+from onnxprune.validate import run, sample_feed
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+
+
+def test_external_data_roundtrip_and_prune(tmp_path):
+    model = onnx.load(DIGITS)
+    src = tmp_path / "ext" / "m.onnx"
+    src.parent.mkdir()
+    model_io.save_model(model, src, external_data=True)
+    assert (src.parent / "m.onnx.data").exists()
+    assert src.stat().st_size < 20_000  # weights are beside it, not inside
+    loaded = model_io.load_model(src)
+    feed = sample_feed(model)
+    np.testing.assert_array_equal(run(loaded, feed)[0], run(model, feed)[0])
+    pruned = prune_model(loaded, 0.5).model
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    model_io.save_model(pruned, out, external_data=True)
+    assert run(model_io.load_model(out), feed)[0].shape == (1, 10)
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path):
+    model = onnx.load(DIGITS)
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    shutil.move(tmp_path / "m.onnx", inner / "m.onnx")
+    m = onnx.load(inner / "m.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../w.bin"
+    onnx.save_model(m, inner / "m.onnx")
+    with pytest.raises(InputError, match="outside the model's folder"):
+        model_io.load_model(inner / "m.onnx")
+
+
+def test_missing_external_data(tmp_path):
+    onnx.save_model(onnx.load(DIGITS), tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    os.remove(tmp_path / "w.bin")
+    with pytest.raises(InputError, match="external data file missing"):
+        model_io.load_model(tmp_path / "m.onnx")
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+
+    def boom(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        model_io.save_model(onnx.load(DIGITS), target, overwrite=True)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_save_refuses_existing_and_missing_folder(tmp_path):
+    model = onnx.load(DIGITS)
+    model_io.save_model(model, tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="output exists"):
+        model_io.save_model(model, tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="does not exist"):
+        model_io.save_model(model, tmp_path / "no" / "a.onnx")
+
+
+def test_metadata_and_opset_survive(tmp_path):
+    model = onnx.load(DIGITS)
+    onnx.helper.set_model_props(model, {"author": "test"})
+    pruned = prune_model(model, 0.5).model
+    assert {p.key: p.value for p in pruned.metadata_props} == {"author": "test"}
+    assert pruned.opset_import == model.opset_import
+    assert pruned.producer_name == model.producer_name
+
+
+def test_bn_scale_scores_follow_gamma():
+    prep = prepare(onnx.load(DIGITS))
+    l1 = score_groups(prep.analysis, prep.view, "l1")
+    bn = score_groups(prep.analysis, prep.view, "bn-scale")
+    assert l1.keys() == bn.keys()
+    assert any(not np.allclose(l1[k], bn[k]) for k in l1)
