@@ -21,11 +21,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from onnxprune.commands import analyze, eval_cmd, prune
+    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd
 
     cli.add_command(prune.prune)
     cli.add_command(analyze.analyze)
     cli.add_command(eval_cmd.eval_command)
+    cli.add_command(quantize_cmd.quantize_command)
 
 
 def main(argv: list[str] | None = None) -> int:
