@@ -142,3 +142,31 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+def weightless(model: onnx.ModelProto, max_elements: int = 64) -> onnx.ModelProto:
+    """A copy whose large initializers are graph inputs of the same type and shape, without their data.
+
+    Shape inference and the checker then work on kilobytes instead of the whole model; small initializers
+    (shape targets, axes, scalars) stay, so shape arithmetic can still be propagated.
+    """
+    out = onnx.ModelProto()
+    graph = model.graph
+    # copy everything but the graph's initializers, then put back only the small ones
+    out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                                 producer_name=model.producer_name, functions=model.functions))
+    out.graph.name = graph.name
+    out.graph.node.extend(graph.node)
+    out.graph.input.extend(graph.input)
+    out.graph.output.extend(graph.output)
+    out.graph.value_info.extend(graph.value_info)
+    declared = {i.name for i in graph.input}
+    for t in graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= max_elements:
+            out.graph.initializer.append(t)
+        elif t.name not in declared:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out

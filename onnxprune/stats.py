@@ -7,7 +7,8 @@ import math
 import numpy as np
 import onnx
 
-from onnxprune.graph.ir import GraphView, attr
+from onnxprune.graph.ir import GraphView, attr, infer_shapes
+from onnxprune.model_io import weightless
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -21,7 +22,7 @@ def _numel(shape) -> int:
 
 
 def count_macs(model: onnx.ModelProto, view: GraphView | None = None) -> int:
-    view = view or GraphView(model)
+    view = view or GraphView(model, shapes=infer_shapes(weightless(model)))
     total = 0
     for node in view.nodes:
         op = node.op_type

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ValidationError, require_onnxruntime
+from onnxprune.model_io import weightless
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
@@ -55,13 +56,12 @@ def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[s
              stage: str = "prune") -> None:
     """Raise ValidationError naming the failed check; returns None when every post-condition holds."""
     try:
-        onnx.checker.check_model(candidate, full_check=True)
+        # full_check includes strict shape inference. It runs on a weightless copy (large initializers become
+        # typed inputs of the same shape) so it costs milliseconds on a 100 MB model and works past 2 GB; the
+        # weights themselves are exercised by the onnxruntime run below.
+        onnx.checker.check_model(weightless(candidate), full_check=True)
     except Exception as exc:  # noqa: BLE001 - checker raises several types
         raise ValidationError(f"{stage}: the rewritten model fails onnx.checker: {_first_line(exc)}") from None
-    try:
-        onnx.shape_inference.infer_shapes(candidate, strict_mode=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValidationError(f"{stage}: shape inference fails on the rewritten model: {_first_line(exc)}") from None
     if [(o.name) for o in candidate.graph.output] != [o.name for o in original.graph.output]:
         raise ValidationError(f"{stage}: output names changed")
     feed = feed if feed is not None else sample_feed(original)
