@@ -3,6 +3,9 @@ the original's output names and shapes."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 
@@ -45,7 +48,26 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    if _weight_bytes(model) < _INLINE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+    # past protobuf's 2 GB limit the model has to go through a file with external data
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+        try:
+            return ort.InferenceSession(path, sess_options=opts, providers=list(providers))
+        finally:
+            # save_model moved the tensors out of `model`; bring them back so the caller's model is unchanged
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, tmp)
+
+
+_INLINE_LIMIT = 2**31 - 256 * 2**20
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

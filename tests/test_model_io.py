@@ -100,3 +100,15 @@ def test_bn_scale_scores_follow_gamma():
     bn = score_groups(prep.analysis, prep.view, "bn-scale")
     assert l1.keys() == bn.keys()
     assert any(not np.allclose(l1[k], bn[k]) for k in l1)
+
+
+def test_session_through_external_data_keeps_the_model(monkeypatch):
+    from onnxprune import validate
+
+    model = onnx.load(DIGITS)
+    feed = sample_feed(model)
+    want = run(model, feed)[0]
+    monkeypatch.setattr(validate, "_INLINE_LIMIT", 1)  # force the >2 GB path on a small model
+    got = validate.session(model).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert all(not t.external_data for t in model.graph.initializer)
