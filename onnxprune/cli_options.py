@@ -26,7 +26,8 @@ DATA_KEYS = ("data", "labels", "batch_size", "input_shapes", "random", "resize",
 
 
 def data_options(f):
-    """Add --data, --labels, --batch-size, --input-shapes, --random, --resize, --crop, --mean, --std, --layout, --limit."""
+    """Add --data, --labels, --batch-size, --input-shapes, --random, --resize, --crop, --mean, --std, --layout,
+    --limit; `dataset_from_options` turns their values into a Dataset."""
     options = [
         click.option("--data", type=click.Path(), default=None,
                      help="Data: .npz/.npy file, a folder of them, a Polygraphy JSON feed list, or an image folder "

@@ -94,7 +94,8 @@ def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
                              f"(inputs: {', '.join(s.name for s in specs)})")
         spec = specs[index]
         if spec.dims and len(shape) != len(spec.dims):
-            raise InputError(f"--input-shapes gives {name!r} {len(shape)} dimensions; the model has {spec.shape_text()}")
+            raise InputError(f"--input-shapes gives {name!r} {len(shape)} dimensions; "
+                             f"the model has {spec.shape_text()}")
         for given, fixed in zip(shape, spec.dims):
             if isinstance(fixed, int) and fixed != given:
                 raise InputError(f"--input-shapes {name}:{'x'.join(map(str, shape))} contradicts the model's "
@@ -221,6 +222,14 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _np_load(source, where: Path | str | None = None):
     where = where or source
+    # np.load treats anything that is neither .npy nor zip as a pickle; say "corrupt", not "pickled"
+    if isinstance(source, io.BytesIO):
+        magic = source.getvalue()[:6]
+    else:
+        with open(source, "rb") as f:
+            magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+        raise InputError(f"cannot read {where}: not a .npy/.npz file (corrupt or a different format?)")
     try:
         return np.load(source, allow_pickle=False)
     except ValueError as exc:
@@ -412,7 +421,8 @@ def _conform(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     shape_text = "[" + ",".join(map(str, array.shape)) + "]"
     bad_rank = array.ndim != len(spec.dims)
     if bad_rank or any(isinstance(d, int) and d != a for d, a in zip(spec.dims[1:], array.shape[1:])):
-        raise InputError(f"{source}: input {spec.name!r} expects shape {spec.shape_text()} but the data has {shape_text}")
+        raise InputError(f"{source}: input {spec.name!r} expects shape {spec.shape_text()} "
+                         f"but the data has {shape_text}")
     src, dst = array.dtype, spec.dtype
     if src != dst:
         if not (np.can_cast(src, dst, "same_kind") or (src.kind in "biu" and dst.kind == "f")):
@@ -447,12 +457,14 @@ def _check_labels(labels, n: int, source: str) -> np.ndarray:
 def _batch(arrays: dict[str, list[np.ndarray]], labels, inputs: list[InputSpec], batch_size: int,
            source: str, limit: int | None) -> Dataset:
     n = _count(arrays, source)
+    if n == 0:
+        raise InputError(f"{source} holds no samples")
     if labels is not None:
         labels = _check_labels(labels, n, source)
     fixed = {s.dims[0] for s in inputs if s.dims and isinstance(s.dims[0], int)}
     if len(fixed) > 1:
         raise InputError(f"the model's inputs fix different batch sizes: {sorted(fixed)}")
-    size = fixed.pop() if fixed else batch_size
+    size = next(iter(fixed)) if fixed else batch_size
     try:
         whole = {k: np.concatenate(v) if v[0].ndim else v[0] for k, v in arrays.items()}
     except ValueError:  # pieces differ in a dynamic dimension (e.g. sequence length): keep them as batches
@@ -464,7 +476,8 @@ def _batch(arrays: dict[str, list[np.ndarray]], labels, inputs: list[InputSpec],
         raise InputError(f"{source}: {n} samples, fewer than the model's fixed batch size {size}")
     if usable < n:
         source += f" (last {n - usable} samples dropped: the model's batch size is fixed at {size})"
-    feeds = [{k: (v[i:i + size] if v.ndim else v) for k, v in whole.items()} for i in range(0, usable, size)]
+    feeds = [{k: (v[i:min(i + size, usable)] if v.ndim else v) for k, v in whole.items()}
+             for i in range(0, usable, size)]
     return Dataset(feeds, None if labels is None else labels[:usable], source, size)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,6 @@ _QUANTIZED_OPS = {
 # Dynamic quantization on CPU: MatMulInteger is U8S8, but ConvInteger only has a uint8 x uint8 kernel, so
 # Conv stays float in dynamic mode (static QDQ is the right tool for CNNs).
 _DYNAMIC_OPS = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"]
-_WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "Gather"}
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20
 
 
@@ -99,12 +99,12 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
         if preprocess:
             src = _preprocess(src, Path(tmp) / "pre.onnx", large, notes)
         work = onnx.load(str(src))
+        excluded = _resolve_exclude(work, model, exclude, notes)
         if mode == "dynamic":
-            converted = _gemm_to_matmul(work)
+            converted = _gemm_to_matmul(work, keep=set(excluded))
             if converted:
                 notes.append(f"rewrote {converted} Gemm node(s) as MatMul+Add so dynamic int8 can cover them")
                 src = _write(work, Path(tmp) / "matmul.onnx")
-        excluded = _resolve_exclude(work, model, exclude, notes)
         out = Path(tmp) / "quant.onnx"
         try:
             with _quiet_ort_logging():
@@ -117,6 +117,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
         except (InputError, UnsupportedModelError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
+            _blame_input(model)
             raise UnsupportedModelError(f"onnxruntime could not quantize the model ({mode}): "
                                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
         result = onnx.load(str(out))  # reads external data from tmp while it still exists
@@ -126,7 +127,37 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
             f"nothing was quantized: {mode} int8 found no quantizable node "
             f"(op types in the model: {', '.join(sorted({n.op_type for n in model.graph.node}))})")
     notes.append("quantization nodes: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
+    if not large:
+        _check_loads(result, model)
     return QuantizeResult(model=result, mode=mode, notes=notes)
+
+
+def _check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Post-condition: onnxruntime (CPU) can load the result. Blames the input when it cannot load either."""
+    error = _load_error(result)
+    if error is not None:
+        _blame_input(original)
+        raise UnsupportedModelError(f"the quantized model does not load in onnxruntime: {error}; "
+                                    "hint: --exclude the op type it names")
+
+
+def _blame_input(original: onnx.ModelProto) -> None:
+    """Raise a clear error when the input model itself does not load in onnxruntime (custom ops, ...)."""
+    error = _load_error(original)
+    if error is not None:
+        raise UnsupportedModelError(f"onnxruntime cannot run the input model, so it cannot be quantized and "
+                                    f"checked: {error}")
+
+
+def _load_error(model: onnx.ModelProto) -> str | None:
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        return _first_line(exc)
+    return None
 
 
 def _run_static(src: Path, out: Path, feeds: list[dict[str, np.ndarray]], method: str, per_channel: bool,
@@ -217,6 +248,7 @@ def _to_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> QuantizeResult:
                                           node_block_list=node_block or None)
     except Exception as exc:  # noqa: BLE001 - converter errors vary; one line for the user
         raise UnsupportedModelError(f"fp16 conversion failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    _check_loads(result, model)
     notes.append("fp16 weights and activations; model inputs and outputs stay float32")
     if node_block or op_block:
         notes.append(f"kept in float32: {', '.join(node_block + op_block)}")
@@ -340,7 +372,7 @@ def _preprocess(src: Path, dst: Path, large: bool, notes: list[str]) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet_ort_logging():
+        with _quiet_ort_logging(), _working_dir(dst.parent):
             quant_pre_process(str(src), str(dst), save_as_external_data=large, all_tensors_to_one_file=large,
                               external_data_location=dst.name + ".data" if large else None)
         onnx.load(str(dst), load_external_data=False)
@@ -374,8 +406,9 @@ def _resolve_exclude(work: onnx.ModelProto, original: onnx.ModelProto, exclude: 
     return excluded
 
 
-def _gemm_to_matmul(model: onnx.ModelProto) -> int:
-    """Rewrite Gemm(A, B, C) with constant B as MatMul(A, B') + C, in place; returns how many.
+def _gemm_to_matmul(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
+    """Rewrite Gemm(A, B, C) with constant B as MatMul(A, B') + C, in place, except nodes named in `keep`;
+    returns how many.
 
     onnxruntime's dynamic quantizer covers MatMul but not Gemm, and torch exports every Linear as Gemm.
     Y = alpha * A @ op(B) + beta * C, so alpha and beta fold into the constants B' and C.
@@ -396,7 +429,8 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
 
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or attrs.get("transA", 0) or len(node.input) < 2 or node.input[1] not in inits):
+        if (node.op_type != "Gemm" or node.name in keep or attrs.get("transA", 0) or len(node.input) < 2
+                or node.input[1] not in inits):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
@@ -441,6 +475,18 @@ def _quantized_node_counts(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+@contextlib.contextmanager
+def _working_dir(folder: Path) -> Iterator[None]:
+    # When symbolic shape inference fails, onnxruntime dumps "sym_shape_infer_temp.onnx" into the current
+    # directory; running it from the temporary folder keeps that file out of the user's.
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager

@@ -134,16 +134,17 @@ def cpu_model() -> str:
 def progress(description: str, total: int | None, enabled: bool = True) -> Iterator:
     """A rich progress bar on stderr; yields `advance(n=1)`. Disabled, advance does nothing.
 
-    Callers in timed loops should advance in strides (not per iteration) to keep the bar's cost out of the
-    figures.
+    Also off when stderr is not a terminal: in a CI log a bar is only noise. Callers in timed loops should
+    advance in strides (not per iteration) to keep the bar's cost out of the figures.
     """
-    if not enabled:
+    console = make_console(stderr=True) if enabled else None
+    if console is None or not console.is_terminal:
         yield lambda n=1: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=make_console(stderr=True), transient=True)
+                   console=console, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
