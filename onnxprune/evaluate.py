@@ -18,7 +18,7 @@ import onnx
 
 from onnxprune.data import Dataset
 from onnxprune.errors import InputError, require_onnxruntime
-from onnxprune.report import environment, progress
+from onnxprune.report import environment, no_progress, progress
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -213,6 +213,11 @@ def _time_models(sessions: dict[str, Any], dataset_or_feed: Dataset | dict[str, 
             times: dict[str, list[np.ndarray]] = {role: [] for role in roles}
             with progress(label, None if duration else runs * len(roles), enabled=show_progress) as advance:
                 for role in roles:
+                    try:  # one checked run first: a batch size the model does not accept is an input error
+                        calls[role][i][1]()
+                    except Exception as exc:
+                        raise InputError(f"onnxruntime failed to run {role} at batch size {size} ({mode}): "
+                                         f"{_first_line(exc)}") from None
                     _timed(calls[role][i][1], warmup, 0, None, advance)
                 for k, role in enumerate(segments):
                     first = k < len(roles)  # the first of a role's segments takes the remainder
@@ -334,8 +339,9 @@ def _timed(call: Callable[[], Any], warmup: int, runs: int, duration: float | No
         call()
     clock = time.perf_counter
     chunks: list[list[float]] = []
-    # by count: ~50 chunks; by duration: chunks of ~0.1 s, so a slow model does not overrun much
-    chunk = max(1, runs // 50) if duration is None else 1
+    # by count: one chunk, or ~50 for a progress bar; by duration: chunks of ~0.1 s, so a slow model
+    # does not overrun much
+    chunk = (runs if advance is no_progress else max(1, runs // 50)) if duration is None else 1
     done, end = 0, (clock() + duration) if duration is not None else None
     while (done < runs) if duration is None else (not chunks or clock() < end):
         n = min(chunk, runs - done) if duration is None else chunk
@@ -349,6 +355,8 @@ def _timed(call: Callable[[], Any], warmup: int, runs: int, duration: float | No
         advance(n)
         if duration is not None:
             chunk = max(1, min(1024, int(0.1 * n / max(stamps[-1] - stamps[0], 1e-9))))
+    if len(chunks) == 1:
+        return np.diff(chunks[0])
     # plain Python: np.diff per chunk costs ~6 us a call, which adds up next to a 50 us model
     return np.array([b - a for stamps in chunks for a, b in zip(stamps, stamps[1:])])
 
@@ -454,6 +462,7 @@ def _label(model: ModelLike) -> str:
     return "<in-memory model>"
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """The exception's text on one line (onnxruntime spreads the useful part over several), at most `limit`."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

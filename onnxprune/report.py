@@ -130,6 +130,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def no_progress(n: int = 1) -> None:
+    """What `progress` yields when no bar is shown; timed loops compare with it to skip chunking."""
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None, enabled: bool = True) -> Iterator:
     """A rich progress bar on stderr; yields `advance(n=1)`. Disabled, advance does nothing.
@@ -139,7 +143,7 @@ def progress(description: str, total: int | None, enabled: bool = True) -> Itera
     """
     console = make_console(stderr=True) if enabled else None
     if console is None or not console.is_terminal:
-        yield lambda n=1: None
+        yield no_progress
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

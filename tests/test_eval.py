@@ -123,10 +123,30 @@ def test_io_binding_path_runs_with_the_cpu_as_its_device():
     np.testing.assert_array_equal(call.binding.copy_outputs_to_cpu()[0], session.run(None, {"input": x})[0])
 
 
-def test_run_model_reports_onnxruntime_failures_as_input_errors():
+def test_onnxruntime_failures_are_one_line_input_errors():
     feeds = from_arrays({"input": np.zeros((2, 1, 9, 9), np.float32)})  # bypasses the loader's checks
-    with pytest.raises(InputError, match="onnxruntime failed on batch 0"):
+    with pytest.raises(InputError, match="onnxruntime failed on batch 0") as info:
         run_model(str(MODEL), feeds)
+    assert "\n" not in str(info.value)
+    fixed = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[4, 2] x) => (float[4, 2] y) '
+                                    '{ y = Relu(x) }')
+    with pytest.raises(InputError, match="at batch size 3 .*Expected: 4"):
+        measure_latency(fixed, {"x": np.zeros((4, 2), np.float32)}, batch_sizes=[4, 3], warmup=0, runs=2)
+
+
+def test_image_folder_through_the_cli(tmp_path, capsys):
+    """Held-out digits written as 8x8 PNGs in class folders 0..9 score as the arrays do (up to 8-bit rounding)."""
+    from PIL import Image
+
+    data = np.load(HELDOUT)
+    for i, (x, y) in enumerate(zip(data["input"][:40], data["labels"][:40])):
+        (tmp_path / "img" / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(x[0] * 255).astype(np.uint8), "L").save(tmp_path / "img" / str(y) / f"{i}.png")
+    code, _, err = run_cli(capsys, MODEL, "--data", tmp_path / "img", "--mean", "0", "--std", "1",
+                           "--json", tmp_path / "r.json", *FAST)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0, err
+    assert report["data"]["samples"] == 40 and report["candidate"]["accuracy"]["top1"] >= 0.95
 
 
 # ---- gates: exit code 1 when missed, 0 when met --------------------------------------------------------

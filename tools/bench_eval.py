@@ -10,6 +10,8 @@ Figures, per batch size, as eval-loop / bare-loop ratios (the issue's bar: at mo
     machine, which wall time on 2 busy cores is not;
   * wall time of the best round of each (timeit's reasoning: noise only ever slows a loop down);
   * the median of the per-round wall-time ratios (each pair of loops ran back to back, under the same load).
+A last row times a one-element Identity model, whose run costs next to nothing: the difference between the
+loops there is the eval loop's own cost per run, which divided by a model's latency gives its overhead.
 
     python tools/bench_eval.py [--model models/digits_cnn.onnx] [--data models/digits_heldout.npz]
                                [--batch-sizes 1,32] [--runs 200] [--rounds 40] [--threads 1]
@@ -18,9 +20,13 @@ Figures, per batch size, as eval-loop / bare-loop ratios (the issue's bar: at mo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
+
+import numpy as np
+import onnx
 
 from onnxprune.data import load_data
 from onnxprune.evaluate import make_session, measure_latency
@@ -60,9 +66,16 @@ def main() -> None:
 
     model = load_model(args.model)
     session = make_session(str(args.model), "cpu", threads=args.threads)
+    cases = [(args.model.name, size, session, load_data(args.data, model, batch_size=size).feeds[0])
+             for size in (int(s) for s in args.batch_sizes.split(","))]
+    # a one-element Identity model: session.run costs next to nothing, so the difference between the two
+    # loops is the eval loop's own cost per run, in microseconds, whatever model it times
+    identity = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[1] x) => (float[1] y) { y = Identity(x) }')
+    cases.append(("Identity", 1, make_session(identity, "cpu", threads=args.threads),
+                  {"x": np.zeros(1, np.float32)}))
     rows = []
-    for size in (int(s) for s in args.batch_sizes.split(",")):
-        feed = load_data(args.data, model, batch_size=size).feeds[0]
+    for name, size, session, feed in cases:
         for _ in range(200):  # warm caches and onnxruntime's allocator before either loop is timed
             session.run(None, feed)
         rounds: dict[str, list[tuple[float, float, float]]] = {"bare": [], "eval": []}
@@ -74,19 +87,23 @@ def main() -> None:
         bare, ev = rounds["bare"], rounds["eval"]
         best = {k: [min(r[j] for r in v) for j in range(3)] for k, v in rounds.items()}
         rows.append({
-            "batch": size,
-            "bare wall (us)": 1e6 * best["bare"][0], "eval wall (us)": 1e6 * best["eval"][0],
-            "eval reports (us)": 1e6 * best["eval"][2],
-            "CPU ratio (best)": best["eval"][1] / best["bare"][1],
-            "wall ratio (best)": best["eval"][0] / best["bare"][0],
-            "wall ratio (median of rounds)": statistics.median(e[0] / b[0] for e, b in zip(ev, bare)),
+            "model": name, "batch": size,
+            "bare wall us": 1e6 * best["bare"][0], "eval wall us": 1e6 * best["eval"][0],
+            "eval reports us": 1e6 * best["eval"][2],
+            "CPU ratio": best["eval"][1] / best["bare"][1],
+            "wall ratio": best["eval"][0] / best["bare"][0],
+            "wall ratio, median": statistics.median(e[0] / b[0] for e, b in zip(ev, bare)),
+            "extra CPU us/run": 1e6 * (best["eval"][1] - best["bare"][1]),
         })
     env = environment()
     print_table(rows, title=f"eval latency loop vs bare session.run ({args.rounds} rounds x {args.runs} runs "
                             f"per loop, {args.threads} onnxruntime thread(s))")
-    print(f"machine: {cpu_model()}, {env['machine']['cpu_count']} cores; versions: "
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {cpu_model()}, {env['machine']['cpu_count']} cores, load average {load}; versions: "
           + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
-    worst = max(r["CPU ratio (best)"] for r in rows)
+    print("ratios: eval loop / bare loop, best round of each (CPU = process_time); 'wall ratio, median': median of\n"
+          "per-round ratios; 'eval reports': the mean latency eval itself reports; Identity: a float[1] Identity model")
+    worst = max(r["CPU ratio"] for r in rows[:-1])
     print(f"worst CPU-time ratio {worst:.4f} -> {'within' if worst <= 1.05 else 'OVER'} the 1.05 bar")
 
 

@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
-from onnxprune.errors import InputError
+from onnxprune.report import write_json  # noqa: F401 - re-exported for the commands
 
 console = Console(highlight=False)
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"folder for --json does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: int | None = None) -> Table:
