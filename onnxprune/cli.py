@@ -21,12 +21,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd
+    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd, sensitivity
 
     cli.add_command(prune.prune)
     cli.add_command(analyze.analyze)
     cli.add_command(eval_cmd.eval_command)
     cli.add_command(quantize_cmd.quantize_command)
+    cli.add_command(sensitivity.sensitivity_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,11 +43,18 @@ def _top(scores: np.ndarray, keep: int) -> np.ndarray:
 
 
 def select(group, scores: np.ndarray, keep: int) -> np.ndarray:
-    """The `keep` best channels of a group, honouring grouped-convolution blocks.
+    """The `keep` best channels of a group, honouring grouped-convolution blocks and attention heads.
 
     With blocks, each block keeps round(keep / blocks) channels (at least one); tied blocks keep the same local
-    indices, chosen by the block-summed scores.
+    indices, chosen by the block-summed scores. With a `unit` (heads of `unit` features), round(keep / unit)
+    whole heads are kept (at least one), ranked by the sum of their features' scores.
     """
+    unit = getattr(group, "unit", 1)
+    if unit > 1:
+        heads = scores.reshape(group.size // unit, unit).sum(axis=1)
+        n_heads = max(1, min(len(heads), int(round(keep / unit))))
+        kept_heads = _top(heads, n_heads)
+        return (kept_heads[:, None] * unit + np.arange(unit)[None, :]).ravel()
     if group.blocks <= 1:
         return _top(scores, keep)
     per_block_size = group.size // group.blocks

@@ -3,14 +3,23 @@
 Each member (a weight sliced with the group) gives per-channel norms, normalised by their mean so that a
 wide layer does not outvote a narrow one; a group's score is the mean over its members. Criteria are
 registered by name; the CLI's `--criterion` choices come from this registry.
+
+Data-aware criteria (`DATA_CRITERIA`) read activation statistics of calibration data instead (see
+onnxprune/activations.py), taken at the inputs of the layers that read the group's channels:
+  activation  mean |x| per channel (channels that are small on real data matter little);
+  apoz        1 - average percentage of zeros after a ReLU (Hu et al., 2016);
+  hybrid      sum over the weights that read a channel of |W| * ||X|| (Wanda's per-weight score, summed per
+              channel), so a channel counts when both its activations and the weights reading it are large.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from onnxprune.activations import ActivationStats, per_channel
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.groups import ChannelGroup, Member
 from onnxprune.graph.ir import GraphView
@@ -79,11 +88,106 @@ def random_scores(group, view, find, rng):
     return rng.random(group.size)
 
 
-def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0) -> dict[int, np.ndarray]:
-    if name not in CRITERIA:
-        from onnxprune.errors import InputError
+DataCriterion = Callable[[ChannelGroup, "DataInputs"], np.ndarray]
+DATA_CRITERIA: dict[str, DataCriterion] = {}
 
-        raise InputError(f"unknown criterion {name!r} (choose from {', '.join(sorted(CRITERIA))})")
+
+def data_criterion(name: str):
+    def deco(fn: DataCriterion) -> DataCriterion:
+        if name in CRITERIA or name in DATA_CRITERIA:
+            raise RuntimeError(f"criterion {name!r} is already registered")
+        DATA_CRITERIA[name] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class DataInputs:
+    view: GraphView
+    find: Callable[[int], int]
+    axes: dict
+    nodes: dict
+    stats: ActivationStats
+
+
+def all_criteria() -> list[str]:
+    return sorted(CRITERIA) + sorted(DATA_CRITERIA)
+
+
+def _readers(group: ChannelGroup, data: DataInputs):
+    """(member, activation tensor name) for each consumer of the group whose input was measured."""
+    for m in group.members:
+        if m.role != "in" or not m.scored:
+            continue
+        name = data.nodes[m.node].input[0]
+        if name in data.stats.tensors and name in data.axes:
+            yield m, name
+
+
+def _combine(per_member: list[np.ndarray], size: int) -> np.ndarray:
+    if not per_member:
+        return np.ones(size)
+    scores = np.zeros(size)
+    for v in per_member:
+        mean = v.mean()
+        scores += v / mean if mean > 0 else v
+    return scores / len(per_member)
+
+
+@data_criterion("activation")
+def activation_score(group, data):
+    root = data.find(group.spaces[0])
+    return _combine([per_channel(data.axes[t], data.stats.tensors[t].abs_mean, root, data.find, group.size)
+                     for _, t in _readers(group, data)], group.size)
+
+
+@data_criterion("apoz")
+def apoz_score(group, data):
+    root = data.find(group.spaces[0])
+    parts = []
+    for _, t in _readers(group, data):
+        st = data.stats.tensors[t]
+        nonzero = per_channel(data.axes[t], 1.0 - st.zero_fraction, root, data.find, group.size)
+        # without a ReLU nothing is exactly zero; mean |x| breaks the ties
+        mag = per_channel(data.axes[t], st.abs_mean, root, data.find, group.size)
+        parts.append(nonzero + 1e-3 * mag / max(mag.max(), 1e-12))
+    return _combine(parts, group.size)
+
+
+@data_criterion("hybrid")
+def hybrid_score(group, data):
+    root = data.find(group.spaces[0])
+    parts = []
+    for m, t in _readers(group, data):
+        axis = data.axes[t]
+        norm = data.stats.tensors[t].norm
+        w = np.abs(data.view.array(m.tensor).astype(np.float64))
+        w_pos = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1).sum(axis=1)
+        aligned = m.layout.length == axis.length and all(
+            a.same_structure(b) for a, b in zip(m.layout.segments, axis.segments)) and len(
+            m.layout.segments) == len(axis.segments)
+        if aligned:  # weight positions and activation positions coincide (also through a Flatten)
+            parts.append(per_channel(axis, w_pos * norm, root, data.find, group.size, "sum"))
+        else:  # grouped conv weights index channels modulo the group width: combine per channel
+            w_c = per_channel(m.layout, w_pos, root, data.find, group.size, "sum")
+            x_c = np.sqrt(per_channel(axis, norm ** 2, root, data.find, group.size, "sum"))
+            parts.append(w_c * x_c)
+    return _combine(parts, group.size)
+
+
+def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0,
+                 stats: ActivationStats | None = None) -> dict[int, np.ndarray]:
+    """Scores of every prunable group; data criteria need `stats` from `activations.channel_stats`."""
+    from onnxprune.errors import InputError
+
+    if name in DATA_CRITERIA:
+        if stats is None:
+            raise InputError(f"criterion {name!r} scores channels from activations: pass calibration data (--data)")
+        data = DataInputs(view, analysis.find, analysis.context.axes, {n.name: n for n in view.nodes}, stats)
+        fn = DATA_CRITERIA[name]
+        return {g.spaces[0]: fn(g, data) for g in analysis.groups if g.prunable}
+    if name not in CRITERIA:
+        raise InputError(f"unknown criterion {name!r} (choose from {', '.join(all_criteria())})")
     rng = np.random.default_rng(seed)
     fn = CRITERIA[name]
     return {g.spaces[0]: fn(g, view, analysis.find, rng) for g in analysis.groups if g.prunable}

@@ -11,10 +11,14 @@ from onnxprune.graph.ir import GraphView, attr, infer_shapes
 from onnxprune.model_io import weightless
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
 def count_params(model: onnx.ModelProto) -> int:
-    return sum(math.prod(t.dims) for t in model.graph.initializer
-               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                  onnx.TensorProto.BFLOAT16))
+    """Float weights, in initializers and in Constant nodes (normalisation turns the latter into the former)."""
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(math.prod(t.dims) for t in tensors if t.data_type in _FLOATS)
 
 
 def _numel(shape) -> int:

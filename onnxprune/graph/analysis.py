@@ -36,6 +36,17 @@ class AnalysisContext:
         space = self.spaces.new(size, node.name, node.op_type)
         return ChannelAxis(axis, size, (Segment(space, size),))
 
+    def open_spaces(self, node: onnx.NodeProto, axis: int, sizes: list[int]) -> ChannelAxis:
+        """Side-by-side spaces on one axis: a fused projection (GPT-2's c_attn: q, k, v in one weight) whose
+        output is split again; each part prunes on its own."""
+        if len(sizes) == 1:
+            return self.open_space(node, axis, sizes[0])
+        segs, offset = [], 0
+        for size in sizes:
+            segs.append(Segment(self.spaces.new(size, node.name, node.op_type), size, offset=offset))
+            offset += size
+        return ChannelAxis(axis, offset, tuple(segs))
+
     def frozen_axis(self, node: onnx.NodeProto, axis: int, length: int, reason: str) -> ChannelAxis:
         """A stretch of an axis whose channels cannot be pruned (a constant or a graph input in a Concat)."""
         space = self.spaces.new(length, node.name, node.op_type, reason)
@@ -129,5 +140,5 @@ def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:
         if not any(m.role == "in" for m in entry["members"]) and not reasons:
             reasons.append("no layer reads these channels")
         groups.append(ChannelGroup(gid, space.size, entry["spaces"], entry["sources"], entry["members"],
-                                   reasons, entry["tensors"], space.blocks, space.tied))
+                                   reasons, entry["tensors"], space.blocks, space.tied, space.unit))
     return groups

@@ -8,6 +8,7 @@ group loses channels. Freezing records a reason; a group with any reason is not 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from onnxprune.graph.layout import ChannelAxis
@@ -35,6 +36,9 @@ class Space:
     # channels, and with `tied` the same local indices (the conv's weight is shared along its input axis).
     blocks: int = 1
     tied: bool = False
+    # Attention features split into heads of `unit` consecutive channels: whole heads go or stay, because the
+    # head_dim axis of every [.., H, D] tensor (and the attention scale, 1/sqrt(D)) must not change.
+    unit: int = 1
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ChannelGroup:
     tensors: list[str]
     blocks: int = 1
     tied: bool = False
+    unit: int = 1  # channels go in whole units (attention heads of `unit` features)
 
     @property
     def prunable(self) -> bool:
@@ -61,6 +66,9 @@ class ChannelGroup:
 
     def __str__(self) -> str:
         state = "prunable" if self.prunable else f"frozen ({self.reason})"
+        if self.unit > 1:
+            return (f"group {self.id}: {self.size // self.unit} heads of {self.unit} from "
+                    f"{', '.join(self.sources[:3])}: {state}")
         return f"group {self.id}: {self.size} channels from {', '.join(self.sources[:3])}: {state}"
 
 
@@ -96,6 +104,7 @@ class SpaceSet:
         self.spaces[lo].reasons.extend(self.spaces[hi].reasons)
         self.spaces[hi].reasons = []
         self.constrain(lo, self.spaces[hi].blocks, self.spaces[hi].tied)
+        self.constrain_unit(lo, self.spaces[hi].unit)
 
     def constrain(self, i: int, blocks: int, tied: bool) -> None:
         space = self.spaces[self.find(i)]
@@ -106,6 +115,20 @@ class SpaceSet:
             return
         space.blocks = blocks
         space.tied = space.tied or tied
+
+    def constrain_unit(self, i: int, unit: int) -> None:
+        """Channels of space `i` go in whole units of `unit` consecutive channels (heads)."""
+        space = self.spaces[self.find(i)]
+        if unit <= 1 or unit == space.unit:
+            return
+        merged = math.lcm(unit, space.unit)
+        if space.size % merged:
+            space.reasons.append(f"split into heads of {space.unit} and of {unit} features")
+            return
+        if space.blocks > 1:
+            space.reasons.append("both grouped-convolution blocks and attention heads")
+            return
+        space.unit = merged
 
     def freeze(self, i: int, reason: str) -> None:
         reasons = self.spaces[self.find(i)].reasons

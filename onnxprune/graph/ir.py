@@ -36,6 +36,7 @@ class GraphView:
                     self.consumers[name].append((node, idx))
         self._arrays: dict[str, np.ndarray] = {}
         self.shapes = shapes if shapes is not None else infer_shapes(model)
+        self._sym_shapes: dict[str, Shape] | None = None
 
     def is_const(self, name: str) -> bool:
         return name in self.initializers and name not in self._overridable
@@ -53,15 +54,41 @@ class GraphView:
             return tuple(arr.shape)
         return self.shapes.get(name)
 
-    def rank(self, name: str) -> int | None:
-        shape = self.shape(name)
-        return None if shape is None else len(shape)
+    def sym_shape(self, name: str) -> Shape | None:
+        """Like `shape`, but a symbolic dim is an int standing for it (see `infer_symbolic_shapes`), so that
+        Reshape mapping can match [batch, seq, 12, 64] against [batch, seq, 768] or [12·batch, seq, 64]."""
+        arr = self.array(name)
+        if arr is not None:
+            return tuple(arr.shape)
+        if self._sym_shapes is None:
+            self._sym_shapes = infer_symbolic_shapes(self.model)
+        sym = self._sym_shapes.get(name)
+        plain = self.shapes.get(name)
+        if sym is None or plain is not None and len(plain) != len(sym):
+            return plain
+        # a dim onnx knows as a number wins over the symbolic engine's guess
+        if plain is not None:
+            sym = tuple(p if p is not None else q for p, q in zip(plain, sym))
+        return sym
 
     def dim(self, name: str, axis: int) -> int | None:
+        """A static dim; where onnx's inference leaves it unknown, the symbolic engine's static value."""
         shape = self.shape(name)
         if shape is None or not -len(shape) <= axis < len(shape):
-            return None
-        return shape[axis]
+            shape = None
+        value = shape[axis] if shape is not None else None
+        if value is None:
+            sym = self.sym_shape(name)
+            if sym is not None and -len(sym) <= axis < len(sym) and sym[axis] is not None \
+                    and sym[axis] < SYMBOL_BASE:
+                value = sym[axis]
+        return value
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        if shape is None:
+            shape = self.sym_shape(name)
+        return None if shape is None else len(shape)
 
     def uses(self, name: str) -> int:
         return len(self.consumers.get(name, [])) + (1 if name in self.graph_outputs else 0)
@@ -103,3 +130,69 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
             continue
         shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return shapes
+
+
+SYMBOL_BASE = 10007  # symbolic dims become distinct primes from here: larger than any static dim they could
+#                      be confused with, and a product of them identifies the symbols it came from
+
+
+def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Shapes with symbolic dims kept: each symbol (batch, seq, ...) stands for its own prime, and an expression
+    of symbols (4*batch, seq + 1) is evaluated with them, so equal expressions give equal ints and products
+    line up across a Reshape. onnxruntime's symbolic shape inference follows the Shape→Gather→Concat arithmetic
+    exporters put around attention; without it (or where it fails) onnx's own dim_param names are used."""
+    from onnxprune.model_io import weightless
+
+    light = weightless(model)
+    del light.graph.value_info[:]
+    inferred = None
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - best effort: missing symbolic shapes only freeze what needs them
+        inferred = None
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+        except Exception:  # noqa: BLE001
+            return {}
+    codes: dict[str, int | None] = {}
+    shapes: dict[str, Shape] = {}
+    graph = inferred.graph
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.dim_param and not d.dim_param.startswith("unk__"):
+                dims.append(_symbol_code(d.dim_param, codes))
+            else:
+                dims.append(None)
+        shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def _symbol_code(expr: str, codes: dict) -> int | None:
+    if expr in codes:
+        return codes[expr]
+    try:
+        import sympy
+
+        parsed = sympy.sympify(expr.replace("//", "/"), locals={})
+        subs = {}
+        for sym in sorted(parsed.free_symbols, key=str):
+            key = "$" + str(sym)
+            if key not in codes:
+                n = sum(1 for k in codes if k.startswith("$"))
+                codes[key] = int(sympy.prime(sympy.primepi(SYMBOL_BASE) + 1 + n))
+            subs[sym] = codes[key]
+        value = parsed.subs(subs)
+        code = int(value) if value.is_integer else None
+    except Exception:  # noqa: BLE001 - an expression we cannot evaluate is an unknown dim
+        code = None
+    codes[expr] = code
+    return code

@@ -9,6 +9,11 @@ A tensor axis that carries prunable channels is described by a `ChannelAxis`: it
 blocks repeated in front of it (Flatten of H×W×C in NHWC order gives one outer of H·W blocks of stride C).
 Concat shifts offsets; Split and Slice cut the axis at segment boundaries. Every position of an axis belongs
 to exactly one segment, so a tensor built from a frozen input still has a (frozen) segment for it.
+
+Attention heads: a Reshape of H·D features into [H, D] leaves the space on the head axis, where channel c sits
+at position c // D (`divisor` = D). Such a space is pruned in whole heads only (its `unit` in groups.py), so the
+D axis never changes and the head axis loses exactly the heads whose channels all went. Merging [H, D] back
+(trailing = D) gives the plain, one-position-per-channel segment again.
 """
 
 from __future__ import annotations
@@ -26,10 +31,20 @@ class Segment:
     offset: int = 0
     outers: tuple[tuple[int, int], ...] = ()
     modulo: int = 0  # > 0: channel c sits at local index c % modulo (a grouped conv's weight, axis 1)
+    divisor: int = 0  # > 0: channel c sits at index c // divisor (the head axis of H·D attention features)
+
+    @property
+    def slots(self) -> int:
+        """Distinct channel indices along the axis before `inner` and `outers` (heads, local indices or channels)."""
+        if self.modulo:
+            return self.modulo
+        if self.divisor:
+            return self.channels // self.divisor
+        return self.channels
 
     @property
     def size(self) -> int:
-        n = (self.modulo or self.channels) * self.inner
+        n = self.slots * self.inner
         for count, _ in self.outers:
             n *= count
         return n
@@ -39,6 +54,8 @@ class Segment:
         chans = np.arange(self.channels) if channels is None else np.asarray(channels, dtype=np.int64)
         if self.modulo:
             chans = chans % self.modulo
+        if self.divisor:
+            chans = chans // self.divisor
         pos = self.offset + chans[:, None] * self.inner + np.arange(self.inner)[None, :]
         for count, stride in self.outers:
             pos = (pos[:, None, :] + (np.arange(count) * stride)[None, :, None]).reshape(len(chans), -1)
@@ -46,7 +63,7 @@ class Segment:
 
     def span(self) -> tuple[int, int]:
         """Smallest and one-past-largest position."""
-        last = self.offset + (self.modulo or self.channels) * self.inner - 1 + sum((c - 1) * s for c, s in self.outers)
+        last = self.offset + self.slots * self.inner - 1 + sum((c - 1) * s for c, s in self.outers)
         return self.offset, last + 1
 
     def shifted(self, delta: int) -> "Segment":
@@ -57,11 +74,15 @@ class Segment:
         outers = tuple((c, s * trailing) for c, s in self.outers)
         if leading > 1:
             outers = outers + ((leading, axis_length * trailing),)
-        return Segment(self.space, self.channels, self.inner * trailing, self.offset * trailing, outers, self.modulo)
+        if self.divisor and self.inner == 1 and trailing == self.divisor:
+            # [H, D] merged back into H·D features: channel c is at h·D + (c % D) = c again
+            return Segment(self.space, self.channels, 1, self.offset * trailing, outers, self.modulo)
+        return Segment(self.space, self.channels, self.inner * trailing, self.offset * trailing, outers, self.modulo,
+                       self.divisor)
 
     def same_structure(self, other: "Segment") -> bool:
-        return (self.channels, self.inner, self.offset, self.outers, self.modulo) == (
-            other.channels, other.inner, other.offset, other.outers, other.modulo)
+        return (self.channels, self.inner, self.offset, self.outers, self.modulo, self.divisor) == (
+            other.channels, other.inner, other.offset, other.outers, other.modulo, other.divisor)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ class Split(Handler):
             if a.name == "num_outputs":
                 del node.attribute[i]
                 break
+        if len(node.input) < 2:
+            node.input.append(f"{node.name}_split")  # opset 18 num_outputs: sizes move to the split input
         ctx.set_input_constant(node, 1, np.array(sizes, dtype=np.int64))
 
 

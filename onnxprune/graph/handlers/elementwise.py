@@ -12,6 +12,7 @@ channel axis is aligned to the output rank, and:
 from __future__ import annotations
 
 from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.ir import attr
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
@@ -85,3 +86,28 @@ class ShapeOf(Handler):
 
     def analyze(self, node, ctx):
         return
+
+
+@register("Gather")
+class Gather(Handler):
+    """Picks entries along one axis. Channels pass when the gather runs along another axis (a token, or one of
+    q/k/v from a packed [3, ...] tensor); along the channel axis itself they freeze. An embedding lookup
+    (constant data) creates no channels."""
+
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if ctx.axis_of(node.input[1]) is not None:
+            ctx.freeze_inputs(node, "indices carry channels")
+            return
+        if x is None:
+            return
+        rank, index_rank = ctx.view.rank(node.input[0]), ctx.view.rank(node.input[1])
+        axis = attr(node, "axis", 0)
+        if rank is None or index_rank is None:
+            ctx.freeze(x, f"Gather {node.name}: unknown rank")
+            return
+        axis = axis + rank if axis < 0 else axis
+        if axis == x.axis:
+            ctx.freeze(x, f"Gather {node.name}: gathers along the channel axis")
+            return
+        ctx.set_axis(node.output[0], x.with_axis(x.axis if x.axis < axis else x.axis + index_rank - 1))

@@ -3,12 +3,50 @@
 Input features (the last axis of A, or axis 1 of a 2-D Gemm input) are read through weight rows; output
 features open a new space. Gemm stores B as [K, N] or, with transB=1, [N, K] (PyTorch's Linear). MatMul
 weights are [K, N]; batch and row axes of A pass through unchanged.
+
+A MatMul of two activations (attention: Q·Kᵀ and P·V) carries channels on its batch axes: [B, H, S, D] ×
+[B, H, D, S] keeps the heads on axis 1, and both operands must lose the same heads, so their spaces merge.
+Channels on the contracted axis (head_dim) cannot be followed and freeze.
 """
 
 from __future__ import annotations
 
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
+
+
+def fused_parts(ctx, name: str, n: int) -> list[int]:
+    """Sizes of the parts a fused projection's n output features are split into right after it ([n] if none).
+
+    Looks through the bias Add and the Reshapes TorchScript puts around a 2-D Gemm to the Split on the feature
+    axis (GPT-2's c_attn → q, k, v). Opening one space per part lets each part lose its own channels.
+    """
+    for _ in range(4):
+        uses = ctx.view.consumers.get(name, [])
+        if len(uses) != 1 or name in ctx.view.graph_outputs:
+            return [n]
+        node, index = uses[0]
+        rank = ctx.view.rank(name)
+        if node.op_type == "Split" and index == 0 and rank is not None:
+            axis = attr(node, "axis", 0)
+            if (axis + rank if axis < 0 else axis) != rank - 1:
+                return [n]
+            if len(node.input) > 1 and node.input[1]:
+                arr = ctx.view.array(node.input[1])
+                sizes = None if arr is None else [int(v) for v in arr.ravel()]
+            elif ctx.view.opset < 13 and attr(node, "split") is not None:
+                sizes = list(attr(node, "split"))
+            else:
+                k = len(node.output)
+                sizes = [n // k] * k if n % k == 0 else None
+            return sizes if sizes and sum(sizes) == n and len(sizes) > 1 else [n]
+        if node.op_type == "Add" and all(ctx.view.is_const(i) for i in node.input if i != name):
+            name = node.output[0]
+        elif node.op_type == "Reshape" and (ctx.view.sym_shape(node.output[0]) or (None,))[-1] == n:
+            name = node.output[0]
+        else:
+            return [n]
+    return [n]
 
 
 @register("Gemm")
@@ -26,7 +64,7 @@ class Gemm(Handler):
                 ctx.freeze(a, f"Gemm {node.name}: features arrive on axis {a.axis}")
             else:
                 ctx.add_member(node, 1, k_axis, a, "in")
-        out = ctx.open_space(node, 1, weight.shape[n_axis])
+        out = ctx.open_spaces(node, 1, fused_parts(ctx, node.output[0], weight.shape[n_axis]))
         ctx.add_member(node, 1, n_axis, out, "out")
         if len(node.input) > 2 and node.input[2]:
             bias = ctx.view.array(node.input[2])
@@ -45,8 +83,10 @@ class MatMul(Handler):
         a = ctx.axis_of(node.input[0])
         weight = ctx.view.array(node.input[1])
         rank = ctx.view.rank(node.input[0])
+        if weight is None and ctx.view.array(node.input[1]) is None and not ctx.view.is_const(node.input[1]):
+            self._activations(node, ctx)
+            return
         if weight is None or weight.ndim != 2 or rank is None or rank < 2:
-            # activation x activation (attention scores) or an unknown layout: nothing to follow here
             ctx.freeze_inputs(node, "MatMul without a 2-D constant weight")
             return
         if a is not None and a.axis == rank - 1:
@@ -55,6 +95,47 @@ class MatMul(Handler):
             # rows and batch axes pass through; they cannot also be the output features
             ctx.set_axis(node.output[0], a)
             return
-        out = ctx.open_space(node, rank - 1, weight.shape[1])
+        out = ctx.open_spaces(node, rank - 1, fused_parts(ctx, node.output[0], weight.shape[1]))
         ctx.add_member(node, 1, 1, out, "out")
         ctx.set_axis(node.output[0], out)
+
+    @staticmethod
+    def _activations(node, ctx):
+        a, b = ctx.axis_of(node.input[0]), ctx.axis_of(node.input[1])
+        if a is None and b is None:
+            return
+        ra, rb = ctx.view.rank(node.input[0]), ctx.view.rank(node.input[1])
+        if ra is None or rb is None or ra < 2 or rb < 2:
+            ctx.freeze_inputs(node, "MatMul of activations with unknown or 1-D operands")
+            return
+        ro = max(ra, rb)
+        # output axis of each operand's channels: batch axes align from the right; A's rows and B's columns
+        # become the output's last two axes; the contracted axis has no output axis
+        placed = []
+        for ax, rank, contracted, own in ((a, ra, ra - 1, ra - 2), (b, rb, rb - 2, rb - 1)):
+            if ax is None:
+                placed.append(None)
+            elif ax.axis == contracted:
+                ctx.freeze_inputs(node, "channels on the contracted axis of a MatMul of activations")
+                return
+            elif ax.axis == own:
+                placed.append(ro - 2 if own == ra - 2 else ro - 1)
+            else:
+                placed.append(ax.axis + ro - rank)
+        if a is not None and b is not None:
+            if placed[0] != placed[1] or placed[0] >= ro - 2 or not ctx.union(a, b):
+                ctx.freeze_inputs(node, "operands carry channels on different axes")
+                return
+            ctx.set_axis(node.output[0], a.with_axis(placed[0]))
+            return
+        ax, out_axis = (a, placed[0]) if a is not None else (b, placed[1])
+        if out_axis < ro - 2:
+            # a batch axis: the other operand must broadcast there (length 1 or missing)
+            other = node.input[1] if a is not None else node.input[0]
+            other_rank = rb if a is not None else ra
+            k = out_axis - (ro - other_rank)
+            if k >= 0 and ctx.view.dim(other, k) != 1:
+                ctx.freeze_inputs(node, f"the other operand of a MatMul of activations has {ctx.view.dim(other, k)} "
+                                        "entries on the channel axis")
+                return
+        ctx.set_axis(node.output[0], ax.with_axis(out_axis))

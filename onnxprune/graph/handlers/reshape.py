@@ -15,6 +15,7 @@ import numpy as np
 
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
+from onnxprune.graph.layout import ChannelAxis, Segment
 
 
 @register("Transpose")
@@ -107,6 +108,14 @@ def _merge(x, shape, start, stop, new_axis):
 
 @register("Reshape")
 class Reshape(Handler):
+    """Follows the channel axis through merges and splits of neighbouring dims.
+
+    Dims are compared as products of symbolic shapes (ir.sym_shape): [batch, seq, 768] → [batch, seq, 12, 64]
+    matches because batch and seq stand for the same numbers on both sides. The output axis is found by
+    inverting `Segment.expanded`; failing that, H·D plain features split into [H, D] become a head axis
+    (`Segment.divisor`) and the space is constrained to whole heads.
+    """
+
     def analyze(self, node, ctx):
         x = ctx.axis_of(node.input[0])
         if x is None:
@@ -114,10 +123,13 @@ class Reshape(Handler):
         if ctx.axis_of(node.input[1]) is not None:
             ctx.freeze_inputs(node, "shape input carries channels")
             return
-        mapped = self._map(x, ctx.view.shape(node.input[0]), ctx.view.shape(node.output[0]))
+        mapped = self._map(x, ctx.view.sym_shape(node.input[0]), ctx.view.sym_shape(node.output[0]))
         if isinstance(mapped, str):
             ctx.freeze(x, f"Reshape {node.name}: {mapped}")
             return
+        for seg in mapped.segments:
+            if seg.divisor and not any(s.space == seg.space and s.divisor == seg.divisor for s in x.segments):
+                ctx.spaces.constrain_unit(seg.space, seg.divisor)
         ctx.set_axis(node.output[0], mapped)
 
     @staticmethod
@@ -130,46 +142,54 @@ class Reshape(Handler):
             shape_in[0] = shape_out[0] = 1
         if any(d is None for d in shape_in + shape_out):
             return "dynamic dims besides the batch"
-        pin = np.cumprod([1] + shape_in)
-        pout = np.cumprod([1] + shape_out)
+        pin = np.cumprod([1] + shape_in, dtype=object)
+        pout = np.cumprod([1] + shape_out, dtype=object)
         common = sorted(set(pin.tolist()) & set(pout.tolist()))
         lo = max(p for p in common if p <= pin[x.axis])
         hi = min(p for p in common if p >= pin[x.axis + 1])
-        i0, i1 = int(np.searchsorted(pin, lo)), int(np.searchsorted(pin, hi, side="right")) - 1
-        j0, j1 = int(np.searchsorted(pout, lo)), int(np.searchsorted(pout, hi, side="right")) - 1
+        i0, i1 = pin.tolist().index(lo), len(pin) - 1 - pin.tolist()[::-1].index(hi)
+        j0, j1 = pout.tolist().index(lo), len(pout) - 1 - pout.tolist()[::-1].index(hi)
         # skip size-1 dims at the group edges so [N,C,1,1] -> [N,C] maps one to one
         while j1 - j0 > 1 and shape_out[j1 - 1] == 1:
             j1 -= 1
         while j1 - j0 > 1 and shape_out[j0] == 1:
             j0 += 1
+        while i1 - i0 > 1 and shape_in[i1 - 1] == 1 and i1 - 1 > x.axis:
+            i1 -= 1
+        while i1 - i0 > 1 and shape_in[i0] == 1 and i0 < x.axis:
+            i0 += 1
         if j1 - j0 == 1:
             return _merge(x, shape_in, i0, i1, j0)
-        # the channel axis itself is split over several output axes: follow it only when the first output axis
-        # holds whole segments of channels and the rest is what each channel carried (its `inner`)
-        if i1 - i0 == 1 and len(x.segments) == 1:
-            seg = x.segments[0]
-            inner_out = math.prod(shape_out[j0 + 1:j1])
-            if not seg.outers and seg.offset == 0 and shape_out[j0] == seg.channels and seg.inner == inner_out:
-                return x.__class__(j0, seg.channels, (seg.__class__(seg.space, seg.channels),))
+        if i1 - i0 == 1:
+            # the channel axis alone is split over several output axes: one of them holds the channels and
+            # the others are what `expanded` once folded into it (batch in front, features behind)
+            for j in range(j0, j1):
+                leading, trailing = math.prod(shape_out[j0:j]), math.prod(shape_out[j + 1:j1])
+                segs = [_unexpand(seg, leading, trailing, shape_out[j]) for seg in x.segments]
+                if all(seg is not None for seg in segs):
+                    return ChannelAxis(j, shape_out[j], tuple(segs))
+            # heads only where features are the last axis, as in every transformer: a split of NCHW channels is
+            # a channel shuffle, which stays frozen rather than pruned in whole shuffle groups
+            heads = _split_heads(x, shape_out, j0, j1) if i1 == len(shape_in) and j1 == len(shape_out) else None
+            if heads is not None:
+                return heads
         return "splits the channel axis (channel shuffle or heads)"
 
     def rewrite(self, node, ctx):
         out = ctx.axis_of(node.output[0])
         if out is None:
             return
-        new_len = ctx.new_length(node.output[0])
-        if new_len == out.length:
-            return
         shape_name = node.input[1]
         arr = ctx.view.array(shape_name)
         if arr is not None:
-            if arr[out.axis] > 0:
+            if arr[out.axis] > 0 and ctx.new_length(node.output[0]) != arr[out.axis]:
                 new = arr.copy()
-                new[out.axis] = new_len
+                new[out.axis] = ctx.new_length(node.output[0])
                 ctx.set_input_constant(node, 1, new)
             return
         producer = ctx.view.producer.get(shape_name)
-        # a target built by Concat of one-element pieces (TorchScript exports): fix the constant piece
+        # a target built by Concat of one-element pieces (TorchScript exports): fix the constant piece; pieces
+        # read from Shape at run time already give the new length
         if producer is not None and producer.op_type == "Concat":
             pos = 0
             for idx, piece in enumerate(producer.input):
@@ -180,8 +200,54 @@ class Reshape(Handler):
                 if pos <= out.axis < pos + n:
                     val = ctx.view.array(piece)
                     if val is not None and val.ravel()[out.axis - pos] > 0:
-                        new = val.copy().ravel()
-                        new[out.axis - pos] = new_len
-                        ctx.set_input_constant(producer, idx, new.reshape(val.shape))
+                        new_len = ctx.new_length(node.output[0])
+                        if new_len != val.ravel()[out.axis - pos]:
+                            new = val.copy().ravel()
+                            new[out.axis - pos] = new_len
+                            # edit the Concat of the model being rewritten, not the view's copy of it
+                            target = next(n for n in ctx.model.graph.node if n.name == producer.name)
+                            ctx.set_input_constant(target, idx, new.reshape(val.shape))
                     return
                 pos += n
+
+
+def _unexpand(seg, leading, trailing, length):
+    """The segment `s` with s.expanded(trailing, leading, length) == seg, or None when there is none."""
+    if seg.inner % trailing or seg.offset % trailing or any(s % trailing for _, s in seg.outers):
+        return None
+    outers = tuple((c, s // trailing) for c, s in seg.outers)
+    if leading > 1:
+        if not outers or outers[-1] != (leading, length):
+            return None
+        outers = outers[:-1]
+    inner = seg.inner // trailing
+    divisor = seg.divisor
+    if divisor and seg.inner == 1 and trailing == 1:
+        pass
+    elif divisor and trailing > 1:
+        return None
+    out = Segment(seg.space, seg.channels, inner, seg.offset // trailing, outers, seg.modulo, divisor)
+    if out.span()[1] > length:
+        return None
+    return out
+
+
+def _split_heads(x, shape_out, j0, j1):
+    """H·D plain features split into [.., H, D] (D the product of the dims after H): a head axis.
+
+    Each segment must be whole heads of plain features (one position per channel, aligned to D).
+    """
+    for j in range(j0, j1 - 1):
+        if math.prod(shape_out[j0:j]) != 1:
+            break
+        head_dim = math.prod(shape_out[j + 1:j1])
+        segs = []
+        for seg in x.segments:
+            if (seg.inner != 1 or seg.outers or seg.modulo or seg.divisor or seg.channels % head_dim
+                    or seg.offset % head_dim):
+                segs = None
+                break
+            segs.append(Segment(seg.space, seg.channels, 1, seg.offset // head_dim, (), 0, head_dim))
+        if segs:
+            return ChannelAxis(j, shape_out[j], tuple(segs))
+    return None

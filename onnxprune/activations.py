@@ -1,0 +1,130 @@
+"""Intermediate activations on calibration data, and per-channel statistics of them.
+
+A `Probe` is a copy of a model with chosen intermediate tensors added as graph outputs, run by onnxruntime;
+nothing is stored beyond one batch at a time. `channel_stats` reduces each tensor that carries channels to
+per-position sums along its channel axis (|x|, x², zero count), from which the data-aware scores are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputError
+from onnxprune.graph.layout import ChannelAxis
+from onnxprune.validate import session
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs `names` (onnxruntime infers their types)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+    return out
+
+
+class Probe:
+    """Runs a model and returns chosen intermediate tensors, one batch at a time."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
+        self.names = list(dict.fromkeys(names))
+        self._session = session(with_outputs(model, self.names))
+
+    def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        wanted = list(names) if names is not None else self.names
+        try:
+            values = self._session.run(wanted, feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for bad feeds
+            raise InputError(f"onnxruntime failed on a calibration batch: {str(exc).strip().splitlines()[0]}") from None
+        return dict(zip(wanted, values))
+
+
+@dataclass
+class TensorStats:
+    """Sums over every sample and every non-channel position, one entry per position of the channel axis."""
+
+    abs_sum: np.ndarray
+    sq_sum: np.ndarray
+    zeros: np.ndarray
+    count: int = 0  # values summed per position
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        return self.zeros / max(self.count, 1)
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sq_sum)
+
+
+@dataclass
+class ActivationStats:
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    samples: int = 0
+    source: str = ""
+
+
+def consumer_inputs(prep) -> list[str]:
+    """The activation tensors read by the consumers ("in" members) of every prunable group."""
+    nodes = {n.name: n for n in prep.view.nodes}
+    prunable = {g.spaces[0] for g in prep.analysis.prunable}
+    names = []
+    for m in prep.analysis.context.members:
+        if m.role == "in" and any(prep.analysis.find(s.space) in prunable for s in m.layout.segments):
+            name = nodes[m.node].input[0]
+            if name in prep.analysis.context.axes:
+                names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
+                  source: str = "") -> ActivationStats:
+    """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`."""
+    names = list(tensors) if tensors is not None else consumer_inputs(prep)
+    stats = ActivationStats(source=source)
+    if not names:
+        return stats
+    axes = prep.analysis.context.axes
+    probe = Probe(prep.model, names)
+    for feed in feeds:
+        values = probe.run(feed)
+        stats.samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
+        for name in names:
+            axis = axes[name]
+            x = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis.axis, -1).reshape(-1, axis.length)
+            entry = stats.tensors.get(name)
+            if entry is None:
+                entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),
+                                                          np.zeros(axis.length))
+            entry.abs_sum += np.abs(x).sum(axis=0)
+            entry.sq_sum += (x * x).sum(axis=0)
+            entry.zeros += (x == 0).sum(axis=0)
+            entry.count += x.shape[0]
+    if stats.samples == 0:
+        raise InputError("the calibration data has no samples")
+    return stats
+
+
+def per_channel(axis: ChannelAxis, values: np.ndarray, root: int, find, size: int, how: str = "mean") -> np.ndarray:
+    """Reduce per-position `values` of a tensor to one value per channel of space `root` (mean or sum)."""
+    total = np.zeros(size)
+    count = np.zeros(size)
+    for seg in axis.segments:
+        if find(seg.space) != root:
+            continue
+        pos = seg.positions()
+        total += values[pos].sum(axis=1)
+        count += pos.shape[1]
+    if how == "sum":
+        return total
+    return total / np.maximum(count, 1)

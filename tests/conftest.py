@@ -1,0 +1,26 @@
+"""Shared pytest setup: the `--runslow` option for the long zoo cases, and `tools/` on the import path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (the whole model zoo; tools/run_zoo.py prints the table)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (or tools/run_zoo.py)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,93 @@
+"""Attention heads in hand-built graphs: head split, activation MatMuls, merge, fused q/k/v, Gather."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune.graph.layout import Segment
+from onnxprune.planning import select
+from onnxprune.prune import prepare, prune_model
+from onnxprune.testing import zero_channel_oracle
+from tests.onnx_builders import build, init_shape
+
+S, E, H, D = 4, 8, 2, 4
+
+
+def attention(fused: bool = False, head_constant: int = H):
+    """x [1, S, E] -> self-attention with H heads of D -> output projection -> y [1, S, E]."""
+    split = {"s_heads": np.array([1, S, head_constant, D]), "s_merge": np.array([1, S, E])}
+    if fused:
+        proj = [("MatMul", ["x", "wqkv"], ["qkv0"]), ("Add", ["qkv0", "bqkv"], ["qkv"]),
+                ("Split", ["qkv", "sizes"], ["q", "k", "v"], {"axis": 2})]
+        weights = {"wqkv": (E, 3 * E), "bqkv": (3 * E,), "sizes": np.array([E, E, E])}
+    else:
+        proj = [("MatMul", ["x", f"w{n}"], [f"{n}0"]) for n in "qkv"]
+        proj += [("Add", [f"{n}0", f"b{n}"], [n]) for n in "qkv"]
+        weights = {f"{p}{n}": (E, E) if p == "w" else (E,) for n in "qkv" for p in "wb"}
+    nodes = proj + [
+        ("Reshape", ["q", "s_heads"], ["q4"]), ("Transpose", ["q4"], ["qt"], {"perm": [0, 2, 1, 3]}),
+        ("Reshape", ["k", "s_heads"], ["k4"]), ("Transpose", ["k4"], ["kt"], {"perm": [0, 2, 3, 1]}),
+        ("Reshape", ["v", "s_heads"], ["v4"]), ("Transpose", ["v4"], ["vt"], {"perm": [0, 2, 1, 3]}),
+        ("MatMul", ["qt", "kt"], ["scores"]), ("Mul", ["scores", "scale"], ["scaled"]),
+        ("Softmax", ["scaled"], ["p"], {"axis": -1}),
+        ("MatMul", ["p", "vt"], ["ctx"]), ("Transpose", ["ctx"], ["ctx_t"], {"perm": [0, 2, 1, 3]}),
+        ("Reshape", ["ctx_t", "s_merge"], ["merged"]),
+        ("MatMul", ["merged", "wo"], ["y"]),
+    ]
+    weights |= split | {"scale": np.array(D ** -0.5, dtype=np.float32), "wo": (E, E)}
+    return build(nodes, {"x": [1, S, E]}, ["y"], weights)
+
+
+def test_heads_are_one_group_pruned_whole():
+    m = attention()
+    groups = prepare(m).analysis.prunable
+    assert len(groups) == 1 and groups[0].unit == D and groups[0].size == E
+    oracle = zero_channel_oracle(m, fraction=0.5)
+    assert oracle.pruned_channels == D
+    assert oracle.max_rel_err < 1e-5
+    onnx.checker.check_model(oracle.pruned, full_check=True)
+    r = prune_model(m, ratio=0.5)
+    assert init_shape(r.model, "wq") == (E, D) and init_shape(r.model, "wo") == (D, E)
+    shapes = {t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    assert {tuple(v.tolist()) for k, v in shapes.items() if k.startswith("s_heads")} == {(1, S, 1, D)}
+    assert {tuple(v.tolist()) for k, v in shapes.items() if k.startswith("s_merge")} == {(1, S, D)}
+
+
+def test_head_count_minus_one_needs_no_edit():
+    r = prune_model(attention(head_constant=-1), ratio=0.5)
+    assert init_shape(r.model, "wv") == (E, D)
+
+
+def test_fused_qkv_split_opens_three_spaces():
+    m = attention(fused=True)
+    groups = prepare(m).analysis.prunable
+    assert len(groups) == 1 and groups[0].unit == D and len(groups[0].spaces) == 3
+    oracle = zero_channel_oracle(m, fraction=0.5)
+    assert oracle.max_rel_err < 1e-5
+    r = prune_model(m, ratio=0.5)
+    assert init_shape(r.model, "wqkv") == (E, 3 * D) and init_shape(r.model, "bqkv") == (3 * D,)
+
+
+def test_select_keeps_whole_heads():
+    class G:
+        size, unit, blocks, tied = 12, 4, 1, False
+
+    # head sums 0, 20, 12: keeping 6 channels rounds to 2 whole heads, the best two
+    kept = select(G(), np.array([0, 0, 0, 0, 5, 5, 5, 5, 1, 1, 1, 9.0]), 6)
+    assert kept.tolist() == list(range(4, 12))
+
+
+def test_divisor_segment_positions_and_merge():
+    seg = Segment(0, 8, divisor=4)
+    assert seg.size == 2 and seg.positions(np.array([1, 6])).ravel().tolist() == [0, 1]
+    merged = seg.expanded(trailing=4, leading=1, axis_length=2)
+    assert merged.divisor == 0 and merged.positions().ravel().tolist() == list(range(8))
+
+
+def test_gather_on_other_axis_carries_channels():
+    m = build([("MatMul", ["x", "w1"], ["h"]), ("Relu", ["h"], ["r"]),
+               ("Gather", ["r", "idx"], ["g"], {"axis": 1}), ("MatMul", ["g", "w2"], ["y"])],
+              {"x": [1, S, E]}, ["y"], {"w1": (E, 6), "idx": np.array(0, dtype=np.int64), "w2": (6, 3)})
+    assert len(prepare(m).analysis.prunable) == 1
+    assert zero_channel_oracle(m).max_rel_err < 1e-5

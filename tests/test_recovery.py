@@ -1,0 +1,180 @@
+"""Retraining-free recovery: exact least squares on linear toys, bias folding, lambda selection, a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from onnxprune.data import from_arrays, load_data
+from onnxprune.evaluate import accuracy, run_model
+from onnxprune.model_io import load_model
+from onnxprune.prune import prepare, prune_model
+from onnxprune.recovery import Gram, select_alpha, solve
+from onnxprune.validate import run
+from tests.onnx_builders import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def two_layer(w1, b1, w2, b2):
+    """x [N, 8] -> Gemm(W1) -> h [N, 16] -> Gemm(W2) -> y [N, 4], PyTorch Linear layout (transB=1)."""
+    return build([("Gemm", ["x", "w1", "b1"], ["h"], {"transB": 1}),
+                  ("Gemm", ["h", "w2", "b2"], ["y"], {"transB": 1})],
+                 {"x": ["N", 8]}, ["y"], {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+
+
+def weights(name, model):
+    node = next(n for n in model.graph.node if n.name == name)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return inits[node.input[1]], inits[node.input[2]]
+
+
+def calib(n=256, seed=1):
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    return from_arrays({"x": x}, batch_size=64)
+
+
+def test_lstsq_recovers_exact_weights_on_a_linear_toy():
+    # channels 8..15 of h are an affine function of channels 0..7: h_r = M h_k + c, so after removing them
+    # y = (W2_k + W2_r M) h_k + (b2 + W2_r c) exactly, and least squares must find those weights
+    rng = np.random.default_rng(0)
+    w1k = rng.standard_normal((8, 8)).astype(np.float32)
+    m = (0.5 * rng.standard_normal((8, 8))).astype(np.float32)
+    b1 = rng.standard_normal(16).astype(np.float32)
+    w1 = np.vstack([w1k, m @ w1k])
+    b1[8:] = m @ b1[:8] + 0.3
+    w2 = rng.standard_normal((4, 16)).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    model = two_layer(w1, b1, w2, b2)
+    root = prepare(model).analysis.prunable[0].spaces[0]
+    removed = {root: np.arange(8, 16)}
+    data = calib()
+    plain = prune_model(model, removed=removed)
+    fixed = prune_model(model, removed=removed, calibration=data, recover="lstsq")
+    got_w, got_b = weights("gemm_1", fixed.model)
+    want_w = w2[:, :8].astype(np.float64) + w2[:, 8:] @ m
+    want_b = b2 + w2[:, 8:] @ np.full(8, 0.3)
+    np.testing.assert_allclose(got_w, want_w, atol=2e-3)
+    np.testing.assert_allclose(got_b, want_b, atol=2e-3)
+    feed = {"x": calib(64, seed=7).feeds[0]["x"]}  # fresh inputs, not the calibration set
+    want = run(model, feed)[0]
+    assert np.abs(run(plain.model, feed)[0] - want).max() > 1.0
+    assert np.abs(run(fixed.model, feed)[0] - want).max() < 1e-2 * np.abs(want).max()
+    assert [entry["node"] for entry in fixed.recovery] == ["gemm_1"]
+
+
+def test_bias_folds_constant_channels_exactly():
+    # removed channels are constant (zero weights, bias 2): their contribution W2_r * 2 is a bias shift
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)
+    w1[8:] = 0
+    b1 = np.zeros(16, np.float32)
+    b1[8:] = 2.0
+    w2 = rng.standard_normal((4, 16)).astype(np.float32)
+    model = two_layer(w1, b1, w2, np.zeros(4, np.float32))
+    root = prepare(model).analysis.prunable[0].spaces[0]
+    result = prune_model(model, removed={root: np.arange(8, 16)}, calibration=calib(), recover="bias")
+    feed = {"x": calib(32, seed=3).feeds[0]["x"]}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=1e-4)
+    _, bias = weights("gemm_1", result.model)
+    np.testing.assert_allclose(bias, 2.0 * w2[:, 8:].sum(axis=1), rtol=1e-5)
+
+
+def grams(n, noise, seed=0, d=12):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((d, 3))
+    theta0 = w + 0.05 * rng.standard_normal(w.shape)  # the pruned layer's weights: close to the truth
+    parts = []
+    for rows in (n, max(n // 3, 2)):
+        x = rng.standard_normal((rows, d))
+        y = x @ w + noise * rng.standard_normal((rows, 3))
+        g = Gram(np.zeros((d, d)), np.zeros((d, 3)))
+        g.add(x, y)
+        parts.append(g)
+    return parts, theta0
+
+
+def test_lambda_is_larger_when_calibration_is_tiny_or_noisy():
+    (fit, held), theta0 = grams(4000, 0.01)
+    clean, _ = select_alpha(fit, held, theta0, intercept=False)
+    (fit, held), theta0 = grams(14, 2.0)
+    tiny_noisy, _ = select_alpha(fit, held, theta0, intercept=False)
+    (fit, held), theta0 = grams(4000, 20.0)
+    noisy, _ = select_alpha(fit, held, theta0, intercept=False)
+    assert clean <= 1e-4
+    assert tiny_noisy > clean and noisy > clean
+
+
+def test_infinite_lambda_keeps_weights_and_fits_the_bias():
+    rng = np.random.default_rng(2)
+    x = np.hstack([rng.standard_normal((50, 4)), np.ones((50, 1))])
+    y = x[:, :4] @ np.ones((4, 2)) + 5.0
+    g = Gram(np.zeros((5, 5)), np.zeros((5, 2)))
+    g.add(x, y)
+    theta0 = np.vstack([np.ones((4, 2)), np.zeros((1, 2))])
+    theta = solve(g.a, g.b, theta0, float("inf"), intercept=True)
+    np.testing.assert_allclose(theta[:4], 1.0)
+    np.testing.assert_allclose(theta[4], 5.0, atol=1e-9)
+
+
+def test_grouped_consumer_is_not_refit_and_says_so():
+    nodes = [("Conv", ["x", "w1"], ["c1"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+             ("Conv", ["c1", "gw"], ["c2"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 2}),
+             ("Relu", ["c2"], ["r"]),
+             ("Conv", ["r", "w3"], ["y"], {"kernel_shape": [1, 1]})]
+    model = build(nodes, {"x": ["N", 3, 6, 6]}, ["y"], {"w1": (8, 3, 3, 3), "gw": (8, 4, 3, 3), "w3": (4, 8, 1, 1)})
+    data = from_arrays({"x": np.random.default_rng(0).standard_normal((16, 3, 6, 6)).astype(np.float32)})
+    result = prune_model(model, ratio=0.5, calibration=data, recover="lstsq")
+    assert any("conv_1" in note and "not refit" in note for note in result.notes)
+    assert "conv_3" in [entry["node"] for entry in result.recovery]
+
+
+def test_lstsq_restores_accuracy_of_the_shipped_digits_model():
+    model = load_model(ROOT / "models" / "digits_cnn.onnx")
+    cal = load_data(ROOT / "models" / "digits_calib.npz", model, batch_size=100)
+    held = load_data(ROOT / "models" / "digits_heldout.npz", model, batch_size=450)
+    prep = prepare(model)
+
+    def acc(m):
+        return 100 * accuracy(run_model(m, held), held.labels, (1,))["top1"]
+
+    base = acc(model)
+    plain = prune_model(model, prepared=prep, target_macs=0.5, allocate="uniform")
+    fixed = prune_model(model, prepared=prep, target_macs=0.5, allocate="uniform", calibration=cal, recover="lstsq")
+    assert plain.stats["macs_after"] <= 0.5 * plain.stats["macs_before"]
+    assert acc(plain.model) < base - 3
+    assert acc(fixed.model) >= base - 2
+
+
+@pytest.mark.parametrize("criterion", ["activation", "apoz", "hybrid"])
+def test_data_criteria_need_data(criterion):
+    from onnxprune.errors import InputError
+
+    model = load_model(ROOT / "models" / "digits_cnn.onnx")
+    with pytest.raises(InputError, match="--data"):
+        prune_model(model, criterion=criterion)
+
+
+def test_prune_recover_then_quantize_with_the_same_data(tmp_path, capsys):
+    import json
+    import shutil
+
+    from onnxprune.cli import main
+
+    model = tmp_path / "digits.onnx"
+    shutil.copy(ROOT / "models" / "digits_cnn.onnx", model)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["prune", str(model), "--quantize", "int8", "--dry-run"]) == 2  # int8 needs calibration data
+    assert "--data" in capsys.readouterr().err
+    assert main(["prune", str(model), "-o", str(out), "--ratio", "0.3", "--data",
+                 str(ROOT / "models" / "digits_calib.npz"), "--recover", "lstsq", "--quantize", "int8",
+                 "--json", str(report)]) == 0
+    ops = {n.op_type for n in load_model(out).graph.node}
+    assert "QuantizeLinear" in ops
+    data = json.loads(report.read_text())
+    assert data["quantize"]["mode"] == "static"
+    assert data["quality"]["calibration"]["after"] >= data["quality"]["calibration"]["before"] - 3
+    assert [entry["method"] for entry in data["recovery"]] == ["lstsq"] * 5

@@ -1,0 +1,124 @@
+"""Export small transformers the way users do, for tests and benchmarks.
+
+BERT-like and GPT-2-like models (Hugging Face `transformers`, random weights, small configs) and torchvision's
+VisionTransformer, each with the TorchScript-based exporter (opset 17) or the dynamo exporter (opset 18).
+Every parameter, biases and LayerNorm included, gets random values: zero biases would be deduplicated into one
+shared initializer by the dynamo exporter and would hide slicing mistakes.
+
+    python tools/export_transformers.py bert --dynamo -o .cache/bert_dyn.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+
+TOKENS = {"vocab_size": 100, "max_position_embeddings": 64}
+
+
+class _LastHidden(torch.nn.Module):
+    """A Hugging Face model as (input_ids[, attention_mask]) -> last_hidden_state."""
+
+    def __init__(self, model, with_mask: bool):
+        super().__init__()
+        self.model, self.with_mask = model, with_mask
+
+    def forward(self, input_ids, attention_mask=None):
+        if self.with_mask:
+            kwargs = {"attention_mask": attention_mask}
+        else:
+            # explicit positions and an all-ones mask keep transformers' packed-sequence detection (aten::diff,
+            # which the TorchScript exporter lacks) out of the graph
+            kwargs = {"use_cache": False, "attention_mask": torch.ones_like(input_ids),
+                      "position_ids": torch.arange(input_ids.shape[1]).unsqueeze(0)}
+        return self.model(input_ids=input_ids, **kwargs).last_hidden_state
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def bert(hidden: int = 32, heads: int = 4, layers: int = 2, intermediate: int = 64, seed: int = 0,
+         attn: str = "sdpa") -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, attn_implementation=attn, **TOKENS)
+    model = BertModel(cfg).eval()
+    _randomize(model, seed)
+    return _LastHidden(model, with_mask=True).eval()
+
+
+def gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=TOKENS["vocab_size"],
+                     n_positions=TOKENS["max_position_embeddings"], attn_implementation=attn, use_cache=False)
+    model = GPT2Model(cfg).eval()
+    _randomize(model, seed)
+    return _LastHidden(model, with_mask=False).eval()
+
+
+def vit(small: bool = True, seed: int = 0) -> torch.nn.Module:
+    from torchvision.models import vit_b_16
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    if not small:
+        return vit_b_16().eval()
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    _randomize(model, seed)
+    return model
+
+
+def export(model: torch.nn.Module, kind: str, path: str | Path, dynamo: bool, image_size: int = 32) -> Path:
+    """Write `model` to `path`; token models take [batch, seq] ids (and mask), ViT [batch, 3, size, size]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "vit":
+        args = (torch.randn(2, 3, image_size, image_size),)
+        names, dims = ["pixel_values"], [{0: "batch"}]
+    else:
+        ids = torch.randint(0, TOKENS["vocab_size"], (2, 8))
+        args = (ids, torch.ones(2, 8, dtype=torch.long)) if kind == "bert" else (ids,)
+        names = ["input_ids", "attention_mask"][:len(args)]
+        dims = [{0: "batch", 1: "seq"}] * len(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            shapes = tuple({k: torch.export.Dim(v) if v != "seq" else torch.export.Dim(v, min=2, max=60)
+                            for k, v in d.items()} for d in dims)
+            torch.onnx.export(model, args, str(path), input_names=names, output_names=["output"], dynamo=True,
+                              opset_version=18, dynamic_shapes=shapes, verbose=False)
+        else:
+            axes = dict(zip(names, dims)) | {"output": dims[0]}
+            torch.onnx.export(model, args, str(path), input_names=names, output_names=["output"], dynamo=False,
+                              opset_version=17, dynamic_axes=axes)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["bert", "gpt2", "vit", "vit_b_16"])
+    parser.add_argument("--dynamo", action="store_true", help="dynamo exporter (opset 18) instead of TorchScript")
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args()
+    if args.kind == "vit_b_16":
+        export(vit(small=False), "vit", args.output, args.dynamo, image_size=224)
+    else:
+        model = {"bert": bert, "gpt2": gpt2, "vit": vit}[args.kind]()
+        export(model, args.kind, args.output, args.dynamo)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Train the residual digits CNN used by the recovery benchmark (tools/bench_recovery.py).
+
+Regenerates, deterministically, from the same train / calibration / held-out split as tools/train_digits.py:
+  models/digits_resnet.onnx   float32 input `input` [N,1,8,8] -> logits `logits` [N,10], dynamic batch,
+                              TorchScript exporter, opset 17, BatchNormalization nodes kept
+  models/digits_resnet.pt     its PyTorch state_dict (for Torch-Pruning on the same weights in the benchmark)
+
+    python tools/train_digits_resnet.py [--out models] [--epochs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+SEED = 0
+TOOLS = Path(__file__).resolve().parent
+
+
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The split of tools/train_digits.py (train 1,047 / calibration 300 / held-out 450)."""
+    spec = importlib.util.spec_from_file_location("train_digits", TOOLS / "train_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_splits()
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (identity, or a strided 1x1 conv-BN when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-style stem and three residual blocks (32, 32, 64 channels), global pooling, one Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.layer1 = nn.Sequential(Block(32, 32), Block(32, 32))
+        self.layer2 = nn.Sequential(Block(32, 64, stride=2), Block(64, 64))  # 8x8 -> 4x4
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def train(x: np.ndarray, y: np.ndarray, epochs: int) -> DigitsResNet:
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    model = DigitsResNet()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(64):
+            opt.zero_grad()
+            # small random shifts (+-1 pixel) make up for the tiny training set
+            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            batch = torch.roll(xt[idx], shifts=shift, dims=(2, 3))
+            loss = nn.functional.cross_entropy(model(batch), yt[idx])
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=TOOLS.parent / "models")
+    parser.add_argument("--epochs", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    splits = digits_splits()
+    model = train(*splits["train"], epochs=args.epochs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    export(model, args.out / "digits_resnet.onnx")
+    torch.save(model.state_dict(), args.out / "digits_resnet.pt")
+    with torch.no_grad():
+        for name, (x, y) in splits.items():
+            acc = (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+            print(f"{name:8s} {len(y):5d} samples  accuracy {100 * acc:.2f}% (torch)")
+
+
+if __name__ == "__main__":
+    main()
