@@ -21,6 +21,7 @@ from onnxprune.planning import Plan, check_ratio, plan_global, plan_removal, pla
 from onnxprune.rewrite import apply_plan
 from onnxprune.errors import InputError
 from onnxprune.scoring import DATA_CRITERIA, score_groups
+from onnxprune.model_io import model_bytes
 from onnxprune.stats import count_macs, count_params
 from onnxprune.validate import validate
 
@@ -126,7 +127,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     stats_out = {
         "params_before": count_params(model), "params_after": count_params(pruned),
         "macs_before": count_macs(prep.model, prep.view), "macs_after": count_macs(pruned),
-        "bytes_before": model.ByteSize(), "bytes_after": pruned.ByteSize(),
+        "bytes_before": model_bytes(model), "bytes_after": model_bytes(pruned),
         "groups": len(prep.analysis.groups), "groups_prunable": len(prep.analysis.prunable),
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
     }

@@ -39,9 +39,13 @@ def criterion(name: str):
 
 def member_channel_norms(member: Member, view: GraphView, root: int, find, size: int, p: float = 1) -> np.ndarray:
     """Per-channel p-norm (to the p-th power summed) of the member's slices that belong to space `root`."""
-    arr = view.array(member.tensor).astype(np.float64)
-    flat = np.abs(np.moveaxis(arr, member.axis, 0).reshape(arr.shape[member.axis], -1)) ** p
-    per_position = flat.sum(axis=1)
+    arr = view.array(member.tensor)
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    # sum over every axis but the member's, without moving the weight: float64 accumulation, no float64 copy
+    other = tuple(i for i in range(arr.ndim) if i != member.axis)
+    magnitude = np.abs(arr) if p == 1 else np.abs(arr) ** p
+    per_position = magnitude.sum(axis=other, dtype=np.float64) if other else magnitude.astype(np.float64)
     total = np.zeros(size)
     for seg in member.layout.segments:
         if find(seg.space) == root:

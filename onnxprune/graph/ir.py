@@ -118,8 +118,11 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes of every tensor onnx's shape inference can reach (symbolic dims become None)."""
+    from onnxprune.model_io import weightless
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        # on a weightless copy: inference needs shapes and small shape constants, not megabytes of weights
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort here; missing shapes freeze groups
         inferred = model
     shapes: dict[str, Shape] = {}
