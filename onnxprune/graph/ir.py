@@ -6,6 +6,9 @@ stores attributes, initializers or value_info.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -139,6 +142,17 @@ SYMBOL_BASE = 10007  # symbolic dims become distinct primes from here: larger th
 #                      be confused with, and a product of them identifies the symbols it came from
 
 
+@contextlib.contextmanager
+def _in_temp_dir():
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+
+
 def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes with symbolic dims kept: each symbol (batch, seq, ...) stands for its own prime, and an expression
     of symbols (4*batch, seq + 1) is evaluated with them, so equal expressions give equal ints and products
@@ -152,7 +166,9 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+        # on failure it saves "sym_shape_infer_temp.onnx" into the working directory: keep that out of the user's
+        with _in_temp_dir():
+            inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
     except Exception:  # noqa: BLE001 - best effort: missing symbolic shapes only freeze what needs them
         inferred = None
     if inferred is None:
