@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import onnx
 
-from onnxprune.errors import ValidationError, require_onnxruntime
+from onnxprune.errors import OnnxPruneError, ValidationError, require_onnxruntime
 from onnxprune.model_io import weightless
 
 _NP = {
@@ -89,6 +89,8 @@ def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[s
     feed = feed if feed is not None else sample_feed(original)
     try:
         got = run(candidate, feed)
+    except OnnxPruneError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ValidationError(f"{stage}: onnxruntime cannot run the rewritten model: {_first_line(exc)}") from None
     # The original's declared output shapes settle the comparison when they are static apart from the dims
