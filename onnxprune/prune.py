@@ -51,7 +51,8 @@ class PruneResult:
             root = g.spaces[0]
             kept = len(self.plan.kept[root]) if root in self.plan.kept else g.size
             rows.append({"group": g.id, "channels": g.size, "kept": kept, "prunable": g.prunable,
-                         "reason": g.reason, "sources": g.sources, "members": len(g.members)})
+                         "reason": g.reason, "sources": g.sources, "members": len(g.members),
+                         "unit": g.unit, "blocks": g.blocks})
         return rows
 
 

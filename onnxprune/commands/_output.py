@@ -21,9 +21,9 @@ def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: in
     table.add_column("status")
     shown = rows if limit is None else rows[:limit]
     for r in shown:
-        cells = [str(r["group"]), str(r["channels"])]
+        cells = [str(r["group"]), _count(r, r["channels"])]
         if show_kept:
-            cells.append(str(r["kept"]))
+            cells.append(_count(r, r["kept"]))
         sources = ", ".join(r["sources"][:2]) + (f" +{len(r['sources']) - 2}" if len(r["sources"]) > 2 else "")
         cells += [str(r["members"]), sources, "prunable" if r["prunable"] else f"frozen: {r['reason']}"]
         table.add_row(*cells)
@@ -40,3 +40,14 @@ def summary_table(stats: dict) -> Table:
         before, after = stats[f"{key}_before"], stats[f"{key}_after"]
         table.add_row(label, f"{before:,}", f"{after:,}", f"{after / before:.3f}" if before else "-")
     return table
+
+
+def _count(row: dict, n: int) -> str:
+    """Channel counts, shown as heads for attention groups and per block for grouped convolutions."""
+    unit = row.get("unit", 1)
+    if unit > 1:
+        return f"{n // unit} heads x {unit}"
+    blocks = row.get("blocks", 1)
+    if blocks > 1:
+        return f"{n} ({blocks} groups)"
+    return str(n)

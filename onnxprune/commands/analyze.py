@@ -20,7 +20,7 @@ def analyze(model: str, exclude: tuple[str, ...], show_all: bool, json_path: str
     prep = prepare(load_model(model), exclude)
     rows = [{"group": g.id, "channels": g.size, "kept": g.size, "prunable": g.prunable, "reason": g.reason,
              "sources": g.sources, "members": len({m.node for m in g.members}),
-             "tensors": g.tensors[:20]} for g in prep.analysis.groups]
+             "unit": g.unit, "blocks": g.blocks, "tensors": g.tensors[:20]} for g in prep.analysis.groups]
     prunable = [r for r in rows if r["prunable"]]
     shown = rows if show_all else prunable + [r for r in rows if not r["prunable"]]
     console.print(groups_table(shown, f"{model}: {len(prunable)} of {len(rows)} channel groups prunable",
