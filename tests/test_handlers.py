@@ -273,3 +273,48 @@ def test_identity_before_shared_initializer():
 def test_graph_output_freezes_its_channels():
     m = build([("Conv", ["x", "w1"], ["y"], conv(3, 8))], X, ["y"], {"w1": (8, 3, 3, 3)})
     assert any("reaches graph output" in r for r in reasons(m))
+
+
+def test_opset18_forms_split_num_outputs_reduce_axes_input_and_resize_sizes():
+    m = build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
+               ("Conv", ["x", "w2"], ["c2"], conv(3, 8)),
+               ("Concat", ["c1", "c2"], ["cat"], {"axis": 1}),
+               ("Split", ["cat"], ["s1", "s2"], {"axis": 1, "num_outputs": 2}),
+               ("Resize", ["s1", "", "", "sizes"], ["z1"], {"mode": "nearest"}),
+               ("ReduceMean", ["z1", "axes"], ["rm"], {"keepdims": 1}),
+               ("Clip", ["s2", "lo", "hi"], ["cl"]),
+               ("Dropout", ["cl"], ["dr"]),
+               ("Conv", ["dr", "w3"], ["y1"], conv(8, 4)),
+               ("Conv", ["rm", "w4"], ["y2"], conv(8, 4, k=1))],
+              X, ["y1", "y2"], {"w1": (8, 3, 3, 3), "w2": (8, 3, 3, 3), "sizes": np.array([1, 8, 16, 16]),
+                                "axes": np.array([2, 3]), "lo": np.array(-1, np.float32),
+                                "hi": np.array(1, np.float32), "w3": (4, 8, 3, 3), "w4": (4, 8, 1, 1)},
+              opset=18)
+    r = check(m, min_groups=2)
+    assert init_shape(r.model, "w3") == (4, 4, 3, 3)
+    assert init_shape(r.model, "w4") == (4, 4, 1, 1)
+
+
+def test_concat_on_another_axis_merges_spaces():
+    m = build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
+               ("Conv", ["x", "w2"], ["c2"], conv(3, 8)),
+               ("Concat", ["c1", "c2"], ["cat"], {"axis": 2}),
+               ("Relu", ["cat"], ["r"]),
+               ("Conv", ["r", "w3"], ["y"], conv(8, 4))],
+              X, ["y"], {"w1": (8, 3, 3, 3), "w2": (8, 3, 3, 3), "w3": (4, 8, 3, 3)})
+    groups = prepare(m).analysis.prunable
+    assert len(groups) == 1 and groups[0].size == 8 and len(groups[0].sources) == 2
+    check(m)
+
+
+def test_where_and_broadcast_of_a_full_size_activation_freezes():
+    m = build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
+               ("Conv", ["x", "w2"], ["c2"], conv(3, 8)),
+               ("Greater", ["c1", "zero"], ["mask"]),
+               ("Where", ["mask", "c1", "c2"], ["w"]),
+               ("Conv", ["w", "w3"], ["y"], conv(8, 4))],
+              X, ["y"], {"w1": (8, 3, 3, 3), "w2": (8, 3, 3, 3), "zero": np.zeros((1,), np.float32),
+                         "w3": (4, 8, 3, 3)})
+    groups = prepare(m).analysis.prunable
+    assert len(groups) == 1 and len(groups[0].sources) == 2  # c1 and c2 must lose the same channels
+    check(m)
