@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx
 
-from onnxprune.graph.ir import GraphView, attr, infer_shapes
+from onnxprune.graph.ir import GraphView, attr, infer_shapes, infer_symbolic_shapes
 from onnxprune.model_io import weightless
 
 
@@ -25,8 +25,43 @@ def _numel(shape) -> int:
     return math.prod(d if d else 1 for d in shape) if shape is not None else 0
 
 
+def _bound(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weightless copy with every dynamic input dim set to 1, so that shape arithmetic (Shape→Gather→
+    Concat→Reshape, as the TorchScript exporter writes it) folds to static shapes: MACs are per sample and,
+    for sequence models, per token."""
+    light = weightless(model)
+    for inp in light.graph.input:
+        for d in inp.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = 1
+    del light.graph.value_info[:]
+    return light
+
+
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _shapes(model: onnx.ModelProto) -> dict:
+    """Static shapes of the bound model: onnxruntime's symbolic inference folds the Div/Cast arithmetic that
+    onnx's data propagation does not; onnx's own inference fills in whatever that leaves unknown."""
+    bound = _bound(model)
+    shapes = infer_shapes(bound)
+    needed = [name for n in model.graph.node if n.op_type in _COUNTED for name in (n.input[0], n.output[0])]
+    if all(shapes.get(name) is not None and None not in shapes[name] for name in needed):
+        return shapes
+    for name, shape in infer_symbolic_shapes(bound).items():
+        if shape and all(d is not None for d in shape):
+            shapes[name] = shape
+    return shapes
+
+
+def _static(view: GraphView) -> bool:
+    """Whether the view's shapes are all known (then they can be reused for counting)."""
+    return all(d is not None for shape in view.shapes.values() for d in shape)
+
+
 def count_macs(model: onnx.ModelProto, view: GraphView | None = None) -> int:
-    view = view or GraphView(model, shapes=infer_shapes(weightless(model)))
+    view = view if view is not None and _static(view) else GraphView(model, shapes=_shapes(model))
     total = 0
     for node in view.nodes:
         op = node.op_type
