@@ -157,3 +157,27 @@ def test_deduplicated_initializers_do_not_freeze_groups():
     assert sum(n.op_type == "Identity" and n.input[0] in inits for n in plain.graph.node) >= 8
     randomised = load("resnet18", "torchscript")
     assert len(prepare(plain).analysis.prunable) == len(prepare(randomised).analysis.prunable) == 12
+
+
+def _both_exporters():
+    out = []
+    for name, spec in zoo.ZOO.items():
+        if spec.exporters != zoo.EXPORTERS:
+            continue
+        ci = all((name, e) in CI_CASES for e in zoo.EXPORTERS)
+        out.append(pytest.param(name, id=name, marks=() if ci else (pytest.mark.slow,)))
+    return out
+
+
+@pytest.mark.parametrize("name", _both_exporters())
+def test_macs_agree_across_exporters(name: str):
+    """The two exports of one network are the same computation: MAC and parameter counts must agree.
+
+    A MAC counter that loses shapes (e.g. behind Reshapes whose shape is computed at run time) shows here.
+    """
+    from onnxprune.stats import count_macs, count_params
+
+    ts, dyn = load(name, "torchscript"), load(name, "dynamo")
+    assert count_macs(ts) == pytest.approx(count_macs(dyn), rel=1e-6)
+    # dynamo folds a few scalar constants differently (Clip bounds, LayerNorm), hence the small tolerance
+    assert count_params(ts) == pytest.approx(count_params(dyn), rel=1e-4)

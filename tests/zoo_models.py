@@ -54,8 +54,8 @@ class _Graph:
             inputs.append(self.rand(f"conv{i}.bias", (cout,), scale=0.1))
         return self.node("Conv", inputs, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
 
-    def model(self, x: str, out: str, out_shape: list, name: str) -> onnx.ModelProto:
-        n, h, w, c = NHWC_SHAPE
+    def model(self, x: str, out_shape: list, name: str) -> onnx.ModelProto:
+        _, h, w, c = NHWC_SHAPE
         # The last node's output is renamed to the graph output.
         self.nodes[-1].output[0] = "output"
         graph = helper.make_graph(
@@ -72,8 +72,8 @@ class _Graph:
 
 
 def nhwc_gap_gemm(seed: int = 0) -> onnx.ModelProto:
-    """NHWC input → Transpose → Conv → Relu → Conv(stride 2) → Relu → Conv → Relu → GlobalAveragePool →
-    Flatten → Gemm(transB=1) → Relu → Gemm → output [N, 10]."""
+    """NHWC input → Transpose → Conv → Relu → Conv(stride 2) → Relu → Conv → Relu →
+    GlobalAveragePool → Flatten → Gemm(transB=1) → Relu → Gemm → output [N, 10]."""
     g = _Graph(seed)
     x = g.node("Transpose", ["input"], perm=[0, 3, 1, 2])
     x = g.node("Relu", [g.conv(x, 3, 16)])
@@ -83,13 +83,13 @@ def nhwc_gap_gemm(seed: int = 0) -> onnx.ModelProto:
     x = g.node("Gemm", [x, g.rand("fc1.weight", (24, 32)), g.rand("fc1.bias", (24,), 0.1)], transB=1)
     x = g.node("Relu", [x])
     g.node("Gemm", [x, g.rand("fc2.weight", (10, 24)), g.rand("fc2.bias", (10,), 0.1)], transB=1)
-    return g.model("input", "output", ["N", 10], "nhwc_gap_gemm")
+    return g.model("input", ["N", 10], "nhwc_gap_gemm")
 
 
 def nhwc_wrapped_matmul(seed: int = 0) -> onnx.ModelProto:
     """Each Conv wrapped in Transposes, bias+activation on the NHWC (last) axis, Keras-style dense layers.
 
-    NHWC input → [Transpose → Conv(no bias) → Transpose back → Add(bias [C]) → Relu] x2 → residual-free
+    NHWC input → [Transpose → Conv(no bias) → Transpose back → Add(bias [C]) → Relu] x2 →
     ReduceMean over H, W (keepdims=0) → MatMul W[in, out] → Add → Relu → MatMul W[in, out] → Add → output.
     """
     g = _Graph(seed)
@@ -105,7 +105,7 @@ def nhwc_wrapped_matmul(seed: int = 0) -> onnx.ModelProto:
     x = g.node("Relu", [g.node("Add", [x, g.rand("dense1.bias", (20,), 0.1)])])
     x = g.node("MatMul", [x, g.rand("dense2.kernel", (20, 10), 1 / np.sqrt(20))])
     g.node("Add", [x, g.rand("dense2.bias", (10,), 0.1)])
-    return g.model("input", "output", ["N", 10], "nhwc_wrapped_matmul")
+    return g.model("input", ["N", 10], "nhwc_wrapped_matmul")
 
 
 def nhwc_transpose_back_flatten(seed: int = 0) -> onnx.ModelProto:
@@ -115,7 +115,7 @@ def nhwc_transpose_back_flatten(seed: int = 0) -> onnx.ModelProto:
     NHWC input → Transpose → Conv → Relu → Conv(stride 2) → Relu → Transpose back to NHWC →
     Reshape [-1, H*W*C] → MatMul W[in, out] → Add → output [N, 10].
     """
-    n, h, w, c = NHWC_SHAPE
+    _, h, w, _ = NHWC_SHAPE
     g = _Graph(seed)
     x = g.node("Transpose", ["input"], perm=[0, 3, 1, 2])
     x = g.node("Relu", [g.conv(x, 3, 8)])
@@ -125,7 +125,7 @@ def nhwc_transpose_back_flatten(seed: int = 0) -> onnx.ModelProto:
     x = g.node("Reshape", [x, g.init("flatten.shape", np.array([-1, feat], dtype=np.int64))])
     x = g.node("MatMul", [x, g.rand("dense.kernel", (feat, 10), 1 / np.sqrt(feat))])
     g.node("Add", [x, g.rand("dense.bias", (10,), 0.1)])
-    return g.model("input", "output", ["N", 10], "nhwc_transpose_back_flatten")
+    return g.model("input", ["N", 10], "nhwc_transpose_back_flatten")
 
 
 NHWC_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {

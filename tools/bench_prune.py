@@ -9,9 +9,9 @@
 * MACs of both pruned models are counted by the same counter, on ONNX (Torch-Pruning's model exported the
   same way), and cross-checked with Torch-Pruning's own counter on the torch models.
 * Latency: onnxruntime CPU, the same session options and thread count for the three models, batch 1,
-  runs interleaved (original, Torch-Pruning, onnxprune, original, ...) so drift hits all three alike.
+  runs interleaved with the in a random order every round, so drift and position effects hit all three alike.
 
-    python tools/bench_prune.py [--size 224] [--runs 100] [--repeats 3] [--threads 0] [--json out.json]
+    python tools/bench_prune.py [--size 224] [--runs 200] [--repeats 5] [--threads 0] [--json out.json]
 
 Prints a Markdown section for docs/BENCHMARKS.md.
 """
@@ -120,10 +120,14 @@ def latency(paths: dict[str, str], size: int, runs: int, threads: int) -> dict[s
         for _ in range(10):
             s.run(None, {"input": x})
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    rng = np.random.default_rng(0)
     for _ in range(runs):
-        for k, s in sessions.items():
+        # a fresh random order every round: a fixed order measurably favours some positions (which model runs
+        # right after the large original, caches, clocks), and a rotation still keeps the same neighbours
+        for k in rng.permutation(names):
             t0 = time.perf_counter()
-            s.run(None, {"input": x})
+            sessions[k].run(None, {"input": x})
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -160,6 +164,11 @@ def layer_shapes(model) -> list[tuple]:
 
 
 def run(size: int, runs: int, repeats: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_prune-") as tmp:
+        return _run_in(tmp, size, runs, repeats, threads)
+
+
+def _run_in(tmp: str, size: int, runs: int, repeats: int, threads: int) -> dict:
     import onnx
     import torch
     import torch_pruning as tp
@@ -170,17 +179,21 @@ def run(size: int, runs: int, repeats: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     model = build_resnet50()
-    tmp = tempfile.mkdtemp(prefix="bench_prune-")
     paths = {"original": os.path.join(tmp, "resnet50.onnx"), "torch-pruning": os.path.join(tmp, "resnet50.tp.onnx"),
              "onnxprune": os.path.join(tmp, "resnet50.onnxprune.onnx")}
     export_onnx(model, paths["original"], size)
 
-    # alternate the two pruners, `repeats` times each; medians
-    tp_runs, op_runs = [], []
+    # alternate the two pruners, `repeats` times each
+    tp_runs, tp1_runs, op_runs = [], [], []
     for _ in range(repeats):
         tp_runs.append(time_torch_pruning(model, size))
         op_runs.append(time_onnxprune(paths["original"]))
-    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        # Torch-Pruning again with one torch thread: its traced forward pass and importance maths use torch's
+        # thread pool, which is slowed a lot by other jobs on a small machine; one thread is steadier
+        torch.set_num_threads(1)
+        tp1_runs.append(time_torch_pruning(model, size))
+        torch.set_num_threads(threads)
+    samples = lambda rs, keys: {k: [r[k] for r in rs] for k in keys}  # noqa: E731
     tp_model, op_res = tp_runs[-1]["model"], op_runs[-1]["result"]
 
     export_onnx(tp_model, paths["torch-pruning"], size)
@@ -198,24 +211,39 @@ def run(size: int, runs: int, repeats: int, threads: int) -> dict:
     cli_s = [time_cli(paths["original"], cli_out) for _ in range(repeats)]
 
     lat = latency(paths, size, runs, threads)
+    paired = statistics.median(a / b for a, b in zip(lat["onnxprune"], lat["torch-pruning"]))
     same_layers = layer_shapes(models["torch-pruning"]) == layer_shapes(models["onnxprune"])
     return {
-        "same_layer_shapes": same_layers, "load_avg": [load_before, os.getloadavg()[0]],
+        "same_layer_shapes": same_layers, "paired_latency_ratio": paired, "load_avg": [load_before, os.getloadavg()[0]],
         "size": size, "runs": runs, "repeats": repeats, "threads": threads,
         "versions": versions(), "machine": machine(),
-        "tp": {k: med(tp_runs, k) for k in ("graph_s", "prune_s", "total_s")},
-        "onnxprune": {k: med(op_runs, k) for k in ("load_s", "graph_s", "prune_s", "total_s", "validate_s")},
-        "cli_s": statistics.median(cli_s),
+        "tp": samples(tp_runs, ("graph_s", "prune_s", "total_s")),
+        "tp_1thread": samples(tp1_runs, ("graph_s", "prune_s", "total_s")),
+        "onnxprune": samples(op_runs, ("load_s", "graph_s", "prune_s", "total_s", "validate_s")),
+        "cli_s": cli_s,
         "macs": macs, "params": params, "tp_macs_torch": tp_macs_torch, "shapes": {k: [list(s) for s in v]
                                                                                     for k, v in shapes.items()},
-        "latency_ms": {k: {"median": 1e3 * statistics.median(v), "p10": 1e3 * float(np.percentile(v, 10)),
-                           "p90": 1e3 * float(np.percentile(v, 90))} for k, v in lat.items()},
+        "latency_ms": {k: {"median": 1e3 * statistics.median(v), "min": 1e3 * min(v),
+                           "p10": 1e3 * float(np.percentile(v, 10)), "p90": 1e3 * float(np.percentile(v, 90))}
+                       for k, v in lat.items()},
     }
 
 
+def _best(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The fastest repeat (by total): interference from other jobs only ever adds time."""
+    i = min(range(len(samples["total_s"])), key=samples["total_s"].__getitem__)
+    return {k: v[i] for k, v in samples.items()}
+
+
+def _spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f}, max {max(values):.2f}"
+
+
 def markdown(r: dict, command: str) -> str:
-    tp_t, op_t = r["tp"], r["onnxprune"]
-    time_ratio = op_t["total_s"] / tp_t["total_s"]
+    tp_t, tp1_t, op_t = _best(r["tp"]), _best(r["tp_1thread"]), _best(r["onnxprune"])
+    # the goal is judged against the faster of Torch-Pruning's two thread settings: the stronger baseline
+    tp_fast = min(tp_t["total_s"], tp1_t["total_s"])
+    time_ratio = op_t["total_s"] / tp_fast
     macs_diff = r["macs"]["onnxprune"] / r["macs"]["torch-pruning"] - 1
     lat = r["latency_ms"]
     lat_ratio = lat["onnxprune"]["median"] / lat["torch-pruning"]["median"]
@@ -227,8 +255,10 @@ def markdown(r: dict, command: str) -> str:
         f"torchvision ResNet-50 (random weights, BN statistics randomised, seed 0), input 1x3x{r['size']}x{r['size']}, "
         "ratio 0.5 per group, L1 magnitude; Torch-Pruning `MetaPruner` + `MagnitudeImportance(p=1)` with "
         "`ignored_layers=[model.fc]`; onnxprune on the TorchScript export (opset 17) of the same model. "
-        f"All figures from one run of one process (timings: median of {r['repeats']} alternating repeats; "
-        f"latency: median of {r['runs']} interleaved runs, onnxruntime CPU, {r['threads']} intra-op threads).",
+        f"All figures from one run of one process (prune timings: fastest of {r['repeats']} alternating "
+        f"repeats, as other jobs on the machine only add time; "
+        f"latency: median of {r['runs']} interleaved runs, in a random order every round, onnxruntime CPU, "
+        f"{r['threads']} intra-op threads).",
         "",
         f"Command: `{command}`",
         "",
@@ -238,9 +268,18 @@ def markdown(r: dict, command: str) -> str:
         "",
         "| measure | Torch-Pruning | onnxprune | ratio (onnxprune / TP) | goal |",
         "|---|---|---|---|---|",
-        f"| analysis + prune (s) | {tp_t['total_s']:.2f} (graph {tp_t['graph_s']:.2f} + prune {tp_t['prune_s']:.2f}) "
-        f"| {op_t['total_s']:.2f} (graph {op_t['graph_s']:.2f} + prune {op_t['prune_s']:.2f}) | {time_ratio:.2f} "
+        f"| analysis + prune (s), TP with {r['threads']} torch threads | {tp_t['total_s']:.2f} "
+        f"(graph {tp_t['graph_s']:.2f} + prune {tp_t['prune_s']:.2f}) "
+        f"| {op_t['total_s']:.2f} (graph {op_t['graph_s']:.2f} + prune {op_t['prune_s']:.2f}) "
+        f"| {op_t['total_s'] / tp_t['total_s']:.2f} | |",
+        f"| analysis + prune (s), TP with 1 torch thread | {tp1_t['total_s']:.2f} "
+        f"(graph {tp1_t['graph_s']:.2f} + prune {tp1_t['prune_s']:.2f}) | {op_t['total_s']:.2f} "
+        f"| {op_t['total_s'] / tp1_t['total_s']:.2f} | |",
+        f"| analysis + prune, vs the faster TP setting | {tp_fast:.2f} | {op_t['total_s']:.2f} | {time_ratio:.2f} "
         f"| ≤ {GOALS['time_ratio']}: {ok(time_ratio <= GOALS['time_ratio'])} |",
+        f"| TP {r['threads']} threads and onnxprune over the {r['repeats']} repeats (s) "
+        f"| {_spread(r['tp']['total_s'])} | {_spread(r['onnxprune']['total_s'])} "
+        f"| {statistics.median(r['onnxprune']['total_s']) / statistics.median(r['tp']['total_s']):.2f} (medians) | |",
         f"| pruned MACs (G) | {r['macs']['torch-pruning'] / 1e9:.3f} | {r['macs']['onnxprune'] / 1e9:.3f} "
         f"| {1 + macs_diff:.4f} | within {GOALS['macs_diff']:.0%}: {ok(abs(macs_diff) <= GOALS['macs_diff'])} |",
         f"| pruned params (M) | {r['params']['torch-pruning'] / 1e6:.2f} | {r['params']['onnxprune'] / 1e6:.2f} "
@@ -249,6 +288,10 @@ def markdown(r: dict, command: str) -> str:
         f"[{lat['torch-pruning']['p10']:.2f}-{lat['torch-pruning']['p90']:.2f}] | {lat['onnxprune']['median']:.2f} "
         f"[{lat['onnxprune']['p10']:.2f}-{lat['onnxprune']['p90']:.2f}] | {lat_ratio:.3f} "
         f"| ≤ {GOALS['latency_ratio']}: {ok(lat_ratio <= GOALS['latency_ratio'])} |",
+        f"| ORT CPU latency, paired (median over rounds of onnxprune / TP in the same round) | | | "
+        f"{r['paired_latency_ratio']:.3f} | |",
+        f"| ORT CPU latency, fastest run (ms) | {lat['torch-pruning']['min']:.2f} | {lat['onnxprune']['min']:.2f} "
+        f"| {lat['onnxprune']['min'] / lat['torch-pruning']['min']:.3f} | |",
         "",
         f"- Original model: {r['macs']['original'] / 1e9:.3f} GMACs, {r['params']['original'] / 1e6:.2f} M params, "
         f"ORT latency {lat['original']['median']:.2f} ms; pruned/original latency: Torch-Pruning "
@@ -260,8 +303,8 @@ def markdown(r: dict, command: str) -> str:
         f"- onnxprune load {op_t['load_s']:.2f} s and validation (checker, shape inference, onnxruntime run, output "
         f"shapes) {op_t['validate_s']:.2f} s are outside the compared time; Torch-Pruning validates nothing.",
         f"- End-to-end CLI `onnxprune prune resnet50.onnx --ratio 0.5 -o out.onnx` (fresh process: imports, load, "
-        f"prune, validate, save), median of {r['repeats']}: {r['cli_s']:.2f} s "
-        f"(goal ≤ {GOALS['cli_s']:.0f} s: {ok(r['cli_s'] <= GOALS['cli_s'])}).",
+        f"prune, validate, save), fastest of {r['repeats']}: {min(r['cli_s']):.2f} s, "
+        f"{_spread(r['cli_s'])} (goal ≤ {GOALS['cli_s']:.0f} s: {ok(min(r['cli_s']) <= GOALS['cli_s'])}).",
         f"- Conv/Gemm weight shapes of the two pruned models are "
         + ("identical, layer by layer: the latency ratio measures only run-to-run noise and graph details."
            if r["same_layer_shapes"] else "**different** (see the JSON): the pruners kept different widths.")
@@ -274,15 +317,21 @@ def markdown(r: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="onnxprune vs Torch-Pruning on ResNet-50.")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
-    parser.add_argument("--runs", type=int, default=100, help="latency runs per model")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each prune timing")
+    parser.add_argument("--runs", type=int, default=200, help="latency runs per model")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each prune timing and of the CLI")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all logical CPUs)")
     parser.add_argument("--json", default=None, help="also write the raw figures here")
+    parser.add_argument("--from-json", default=None, help="only print the Markdown of an earlier --json run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print(markdown(result, result.get("command", "python tools/bench_prune.py")))
+        return 0
     threads = args.threads or os.cpu_count() or 1
     result = run(args.size, args.runs, args.repeats, threads)
-    command = "python tools/bench_prune.py" + "".join(
-        f" --{k} {getattr(args, k)}" for k in ("size", "runs", "repeats", "threads") if getattr(args, k) != parser.get_default(k))
+    changed = [k for k in ("size", "runs", "repeats", "threads") if getattr(args, k) != parser.get_default(k)]
+    command = "python tools/bench_prune.py" + "".join(f" --{k} {getattr(args, k)}" for k in changed)
+    result["command"] = command
     print(markdown(result, command))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in zoo.ZOO and zoo.ZOO[name].frozen_note:
             print(f"\nfrozen groups in {name}: {zoo.ZOO[name].frozen_note}")
     bad = [f"{r['model']}[{r['exporter']}]" for r in rows if failed(r)]
-    print(f"\n{len(rows)} cases, {len(rows) - len(bad)} pass, total {total:.0f} s" + (f"; failing: {', '.join(bad)}" if bad else ""))
+    failing = f"; failing: {', '.join(bad)}" if bad else ""
+    print(f"\n{len(rows)} cases, {len(rows) - len(bad)} pass, total {total:.0f} s{failing}")
     return 1 if bad else 0
 
 

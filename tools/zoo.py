@@ -15,8 +15,9 @@ default init on purpose, to cover the deduplicated case.
 ``resnet18_bn`` is exported with ``training=TrainingMode.PRESERVE`` and no constant folding, so its
 ``BatchNormalization`` nodes survive (TorchScript exporter only: the dynamo exporter has no such mode).
 
-Exports are cached under ``.cache/zoo/<torch version>/`` (git-ignored; ``ONNXPRUNE_ZOO_CACHE`` overrides the
-folder), keyed by name, exporter, opset and input size, so repeated test runs reuse them.
+Exports are cached under ``.cache/zoo/torch-<version>-tv-<version>/`` (git-ignored; ``ONNXPRUNE_ZOO_CACHE``
+overrides ``.cache/zoo``), keyed by name, exporter, opset, input size and ``ZOO_REVISION``, so repeated test
+runs reuse them.
 
 CLI::
 
@@ -36,7 +37,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,6 +45,8 @@ DEFAULT_CACHE = Path(os.environ.get("ONNXPRUNE_ZOO_CACHE", REPO_ROOT / ".cache" 
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = {"torchscript": 17, "dynamo": 18}
 SEED = 0
+# Bump when build(), randomize_params() or the export settings change, so stale cached exports are not reused.
+ZOO_REVISION = 1
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,11 @@ def build(name: str):
 def randomize_params(model, seed: int = 0) -> None:
     """Give the model trained-looking parameters where torchvision initialises them to a constant (seeded).
 
-    BatchNorm gets random statistics and affine parameters; every other parameter that holds a single
-    repeated value (zero biases, LayerNorm weights of one, ConvNeXt's layer_scale of 1e-6) gets random
-    values around it. Exporters deduplicate identical initializers, so constant parameters would turn into
-    shared initializers (behind `Identity` nodes with TorchScript), and a layer_scale of 1e-6 would make
-    ConvNeXt's residual branches numerically invisible to the oracle.
+    BatchNorm gets random running statistics. Every parameter that holds a single repeated value c gets
+    c * U(0.5, 1.5) (BatchNorm and LayerNorm weights of one), or N(0, 0.1^2) when |c| < 1e-3 (zero biases,
+    ConvNeXt's layer_scale of 1e-6). Exporters deduplicate identical initializers, so constant parameters
+    would turn into shared initializers (behind `Identity` nodes with TorchScript), and a layer_scale of 1e-6
+    would make ConvNeXt's residual branches numerically invisible to the oracle.
     """
     import torch
 
@@ -152,10 +154,12 @@ def example_input(name: str, batch: int = 1) -> np.ndarray:
 
 def cache_path(name: str, exporter: str, out_dir: str | os.PathLike | None = None) -> Path:
     import torch
+    import torchvision
 
     spec = ZOO[name]
-    base = Path(out_dir) if out_dir is not None else DEFAULT_CACHE / torch.__version__.replace("+", "_")
-    return base / f"{name}-{exporter}-op{OPSET[exporter]}-{spec.size}.onnx"
+    versions = f"torch-{torch.__version__}-tv-{torchvision.__version__}".replace("+", "_")
+    base = Path(out_dir) if out_dir is not None else DEFAULT_CACHE / versions
+    return base / f"{name}-{exporter}-op{OPSET[exporter]}-{spec.size}-r{ZOO_REVISION}.onnx"
 
 
 def cases() -> list[tuple[str, str]]:
@@ -339,9 +343,10 @@ def _cmd_census(args) -> int:
                     "grouped_convs"):
             if c[key]:
                 lines.append(f"   {key}: {c[key]}")
-        if c["shared_initializers"]:
-            lines.append(f"   shared_initializers ({len(c['shared_initializers'])}): "
-                         + ", ".join(c["shared_initializers"][:6]) + (" ..." if len(c["shared_initializers"]) > 6 else ""))
+        shared = c["shared_initializers"]
+        if shared:
+            more = " ..." if len(shared) > 6 else ""
+            lines.append(f"   shared_initializers ({len(shared)}): " + ", ".join(shared[:6]) + more)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.census_file:
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd in ("export", "census"):
         p = sub.add_parser(cmd)
-        p.add_argument("--out", default=None, help="output folder (default .cache/zoo/<torch version>)")
+        p.add_argument("--out", default=None, help="output folder (default: the cache under .cache/zoo)")
         p.add_argument("--names", nargs="*", choices=list(ZOO), help="zoo models (default: all)")
         p.add_argument("--exporter", choices=[*EXPORTERS, "both"], default="both")
         if cmd == "export":
