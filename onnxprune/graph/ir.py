@@ -52,9 +52,8 @@ class GraphView:
         return self._arrays[name]
 
     def shape(self, name: str) -> Shape | None:
-        arr = self.array(name)
-        if arr is not None:
-            return tuple(arr.shape)
+        if self.is_const(name):
+            return tuple(self.initializers[name].dims)  # no need to decode the weights for their shape
         return self.shapes.get(name)
 
     def sym_shape(self, name: str) -> Shape | None:
