@@ -26,7 +26,9 @@ class RewriteContext:
         self.plan = plan
         self.find = analysis.find
         self.opset = view.opset
-        self._inits = {t.name: t for t in model.graph.initializer}
+        # `model` starts without initializers: the originals are looked up here and copied over at the end
+        # only where still used, so weights that get sliced are never copied whole first
+        self._inits = dict(view.initializers)
         self._arrays: dict[str, np.ndarray] = {}
         self._counter = 0
 
@@ -67,8 +69,7 @@ class RewriteContext:
 
 def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """A pruned copy of `model` (the normalised model `view` and `analysis` were built from)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy_without_initializers(model)
     ctx = RewriteContext(out, view, analysis, plan)
     nodes = {n.name: n for n in out.graph.node}
     pruned_roots = set(plan.kept)
@@ -93,14 +94,43 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
         if handler is not None:
             handler.rewrite(node, ctx)
 
-    _drop_unused_initializers(out.graph)
+    _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]
     return out
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every field of the model and its graph except the graph's initializers (copied later, as needed)."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    return out
+
+
+def _copy_field(target, field, value) -> None:
+    # protobuf 6+ has is_repeated; older releases only the label
+    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _copy_used_initializers(graph: onnx.GraphProto, view: GraphView) -> None:
+    """Keep new initializers that are used; bring over the original ones still used (and never-used ones
+    that the graph lists as inputs)."""
     used = {name for node in graph.node for name in node.input}
     used |= {o.name for o in graph.output} | {i.name for i in graph.input}
     keep = [t for t in graph.initializer if t.name in used]
+    present = {t.name for t in keep}
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    for name, tensor in view.initializers.items():
+        if name in used and name not in present:
+            graph.initializer.add().CopyFrom(tensor)
