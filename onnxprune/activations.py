@@ -29,12 +29,50 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
-class Probe:
-    """Runs a model and returns chosen intermediate tensors, one batch at a time."""
+def only_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that computes just `names`: their ancestor nodes, with `names` as the only outputs.
 
-    def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
+    onnxruntime runs every node of a session whatever is fetched, so a probe of an early layer would otherwise
+    pay for the whole model. Graphs with subgraphs (If, Loop, Scan) are left whole.
+    """
+    names = list(dict.fromkeys(names))
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return with_outputs(model, names)
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[x] for x in model.graph.node[i].input if x in producer)
+    used = {x for i in needed for x in model.graph.node[i].input}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept = [n for i, n in enumerate(graph.node) if i in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    declared = {o.name: o for o in graph.output}
+    outputs = [declared.get(n) or onnx.ValueInfoProto(name=n) for n in names]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return out
+
+
+class Probe:
+    """Runs a model and returns chosen intermediate tensors, one batch at a time.
+
+    With `only`, the session holds just the nodes that compute `names` (see `only_outputs`).
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str], only: bool = False):
         self.names = list(dict.fromkeys(names))
-        self._session = session(with_outputs(model, self.names))
+        self._session = session(only_outputs(model, self.names) if only else with_outputs(model, self.names))
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(names) if names is not None else self.names
@@ -87,6 +125,22 @@ def consumer_inputs(prep) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def token_rows(feed: dict[str, np.ndarray], shape: tuple) -> np.ndarray | None:
+    """Which rows of a [batch, seq, features] activation are real tokens, from the feed's attention mask.
+
+    Padded positions carry no meaning (the model masks them out of attention and callers out of pooling); a
+    short sentence in a batch padded to a long one would otherwise contribute mostly padding to the fit.
+    Returns a boolean per row of the flattened [batch * seq] axis, or None when the feed has no such mask.
+    """
+    if len(shape) != 3:
+        return None
+    for name, value in feed.items():
+        if "mask" in name.lower() and value.ndim == 2 and tuple(value.shape) == tuple(shape[:2]) and \
+                value.dtype.kind in "iub":
+            return value.reshape(-1) != 0
+    return None
+
+
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
                   source: str = "") -> ActivationStats:
     """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`."""
@@ -101,7 +155,11 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
         stats.samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
         for name in names:
             axis = axes[name]
-            x = np.moveaxis(np.asarray(values[name], dtype=np.float64), axis.axis, -1).reshape(-1, axis.length)
+            value = np.asarray(values[name], dtype=np.float64)
+            keep = token_rows(feed, value.shape) if axis.axis == value.ndim - 1 else None
+            x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
+            if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
+                x = x[keep]
             entry = stats.tensors.get(name)
             if entry is None:
                 entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),

@@ -14,11 +14,17 @@ refit, so errors do not accumulate) matches the unpruned model's output:
     min_{W, b}  || [X_p 1] [W; b] - Y ||^2 + lambda || W - W0 ||^2
 
 W0 being the pruned layer's own weights, so lambda -> infinity keeps them and fits only the bias (the best
-bias compensation for the pruned inputs) and lambda -> 0 is plain least squares. Only the Gram matrices
+bias compensation for the pruned inputs) and lambda -> 0 is plain least squares. A layer whose (biased) output
+is added to a residual stream r (a transformer's attention output projection and second MLP layer) is fit to
+the original *sum* instead, Y = (y + r)_original - r_now: it then also absorbs the drift that earlier pruning
+left in the stream, which the LayerNorm after the sum would otherwise pass on. Rows at padded token
+positions (attention mask 0 in the feed) are left out of every fit. Only the Gram matrices
 A = X^T X and B = X^T Y are accumulated, in float64, so memory does not grow with the calibration set;
 lambda is chosen on a held-out quarter of the calibration samples (scaled by the mean diagonal of A), and the
-final fit uses all samples. For a Conv the rows of X are im2col patches of its input (subsampled positions,
-fixed seed); all output channels share A, so one solve per layer and lambda.
+final fit uses all samples; the alphas share one eigendecomposition (`solve_path`). Layers that read the same
+tensor are fit from one capture of it, and each capture runs only the nodes it needs. For a Conv the rows
+of X are im2col patches of its input (subsampled positions, fixed seed); all output channels share A, so one
+solve per layer and lambda.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from onnxprune.activations import Probe
+from onnxprune.activations import Probe, token_rows
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
 
@@ -58,6 +64,8 @@ class Layer:
     out_kept: np.ndarray      # kept positions of the output axis
     in_length: int
     bias_add: tuple | None = None  # MatMul: (Add node, constant input index) that holds its bias
+    # (Add node, index of its other input) when the layer's (biased) output is added to a residual stream
+    residual: tuple | None = None
 
     @property
     def kernel(self) -> int:
@@ -108,8 +116,12 @@ def conv_rows(node, x: np.ndarray, y: np.ndarray | None, sample_rows: np.ndarray
     return cols, ys, ni
 
 
-def layer_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator, cap: int):
-    """Rows (features, outputs, sample of each row) of one batch, at most `cap` rows picked at random."""
+def layer_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator, cap: int,
+               keep: np.ndarray | None = None):
+    """Rows (features, outputs, sample of each row) of one batch, at most `cap` rows picked at random.
+
+    `keep` (MatMul/Gemm only): a boolean per flattened row; rows where it is False (padding) are dropped.
+    """
     x = np.asarray(x, dtype=np.float64)
     y = None if y is None else np.asarray(y, dtype=np.float64)
     if layer.kind == "conv":
@@ -126,6 +138,9 @@ def layer_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, rng: np.random
     xs = x.reshape(-1, k)
     ys = None if y is None else y.reshape(-1, y.shape[-1])
     sample = np.repeat(np.arange(n), len(xs) // max(n, 1))
+    if keep is not None and len(keep) == len(xs):
+        xs, sample = xs[keep], sample[keep]
+        ys = None if ys is None else ys[keep]
     if len(xs) > cap:
         pick = np.sort(rng.choice(len(xs), cap, replace=False))
         xs, sample = xs[pick], sample[pick]
@@ -189,6 +204,8 @@ def find_layers(prep, plan, all_affected: bool) -> tuple[list[Layer], list[str]]
         layer = Layer(node, kind, in_kept, out_kept, in_len)
         if kind == "matmul":
             layer.bias_add = _matmul_bias(node, view, out_len)
+        if len(out_kept) == out_len:
+            layer.residual = _residual_add(layer, view)
         layers.append(layer)
     return layers, notes
 
@@ -202,6 +219,19 @@ def _matmul_bias(node, view, n: int):
         if arr is not None and arr.shape[-1:] == (n,) and arr.size == n:
             return add, other
     return None
+
+
+def _residual_add(layer: Layer, view):
+    """(Add, other input index) when the layer's output, after its bias, joins a residual stream of its shape."""
+    out = layer.bias_add[0].output[0] if layer.bias_add is not None else layer.node.output[0]
+    users = view.consumers.get(out, [])
+    if len(users) != 1 or users[0][0].op_type != "Add":
+        return None
+    add, index = users[0]
+    other = add.input[1 - index]
+    if view.array(other) is not None or view.shape(other) != view.shape(out):
+        return None
+    return add, 1 - index
 
 
 # ---- editing the pruned model -------------------------------------------------------------------------------
@@ -314,7 +344,8 @@ def _bias(prep, layers, params, feeds, seed, max_rows, result) -> None:
     for feed in feeds:
         values = probe.run(feed)
         for l in layers:
-            x, _, _ = layer_rows(l, values[l.node.input[0]], None, rng, max_rows)
+            x_in = values[l.node.input[0]]
+            x, _, _ = layer_rows(l, x_in, None, rng, max_rows, token_rows(feed, x_in.shape))
             sums[l.node.name] = sums[l.node.name] + x.sum(axis=0)
             counts[l.node.name] += len(x)
     for l in layers:
@@ -380,58 +411,144 @@ def solve(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alpha: float, interc
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
 
+def solve_path(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float],
+               intercept: bool) -> list[np.ndarray]:
+    """`solve` for every alpha from one eigendecomposition.
+
+    The free intercept is eliminated by centring: with n rows, column sums s_x, s_y,
+    A_c = A_ww - s_x s_x^T / n and B_c = B_w - s_x s_y^T / n, the weights solve (A_c + lam I) W = B_c + lam W0
+    and the intercept is (s_y - s_x^T W) / n. With A_c = V diag(e) V^T, W = V diag(1 / (e + lam)) V^T
+    (B_c + lam W0): a matrix product per alpha instead of a factorisation.
+    """
+    d = a.shape[0]
+    nw = d - 1 if intercept else d
+    scale = max(float(np.trace(a[:nw, :nw])) / max(nw, 1), 1e-12)
+    if intercept:
+        n = max(a[-1, -1], 1e-12)
+        sx, sy = a[:nw, -1], b[-1]
+        ac = a[:nw, :nw] - np.outer(sx, sx) / n
+        bc = b[:nw] - np.outer(sx, sy) / n
+    else:
+        ac, bc = a, b
+    e, v = np.linalg.eigh(ac)
+    e = np.maximum(e, 0.0)
+    p, q = v.T @ bc, v.T @ theta0[:nw]
+    thetas = []
+    for alpha in alphas:
+        if np.isinf(alpha):
+            w = theta0[:nw]
+        else:
+            lam = alpha * scale
+            w = v @ ((p + lam * q) / np.maximum(e + lam, 1e-300)[:, None])
+        thetas.append(np.vstack([w, ((sy - sx @ w) / n)[None, :]]) if intercept else w)
+    return thetas
+
+
 def select_alpha(fit: Gram, held: Gram, theta0: np.ndarray, intercept: bool,
                  alphas: Sequence[float] = ALPHAS) -> tuple[float, list[float]]:
     """The alpha whose fit on `fit` has the smallest error on `held` (ties go to the larger alpha)."""
-    errors = [held.error(solve(fit.a, fit.b, theta0, a, intercept)) for a in alphas]
+    errors = [held.error(t) for t in solve_path(fit.a, fit.b, theta0, alphas, intercept)]
     lowest = min(errors)
     best = max(i for i, e in enumerate(errors) if e <= lowest + 1e-9 * abs(lowest))
     return alphas[best], errors
 
 
+def _stages(layers: list[Layer]) -> list[list[Layer]]:
+    """Layers grouped by the tensor they read, in graph order: one capture of that tensor serves them all."""
+    stages: dict[str, list[Layer]] = {}
+    for layer in layers:
+        stages.setdefault(layer.node.input[0], []).append(layer)
+    return list(stages.values())
+
+
 def _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result) -> None:
-    original = Probe(prep.model, [n for l in layers for n in (l.node.input[0], l.node.output[0])])
+    """Refit `layers` in graph order, one stage (the layers reading one tensor) at a time.
+
+    Per stage: one onnxruntime session of the model as recovered so far captures the stage's input X (so
+    earlier refits are seen); it holds only the nodes up to what it captures, so early stages cost a fraction
+    of a full pass. The targets Y come from one pass of the original model, kept in memory when they fit in
+    `TARGET_CACHE_BYTES`, else from one original session per stage. Rows at padded token positions are
+    dropped (`token_rows`).
+    """
     n_samples = sum(next((v.shape[0] for v in f.values() if v.ndim), 1) for f in feeds)
     if n_samples < 4:
         result.notes.append(f"only {n_samples} calibration samples: lambda is not validated (alpha=inf)")
-    for layer in layers:
-        if layer.kind == "matmul" and layer.bias_add is None:
-            intercept = False
-        else:
-            intercept = True
-        name = layer.node.name
-        current = Probe(params.model, [layer.node.input[0]])
-        wt, bias = _theta0(layer, params)
-        dtype = params.get(name, 1).dtype
-        theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) if intercept else wt
-        d, o = theta0.shape
-        fit, held = Gram(np.zeros((d, d)), np.zeros((d, o))), Gram(np.zeros((d, d)), np.zeros((d, o)))
+    cached = _original_targets(prep, layers, feeds)
+    for stage in _stages(layers):
+        current = Probe(params.model, [stage[0].node.input[0]] + [l.residual[0].input[l.residual[1]]
+                                                                  for l in stage if l.residual], only=True)
+        original = None if cached is not None else Probe(prep.model, [_target(l) for l in stage], only=True)
+        fits = []
+        for layer in stage:
+            intercept = not (layer.kind == "matmul" and layer.bias_add is None)
+            wt, bias = _theta0(layer, params)
+            theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
+                if intercept else wt
+            d, o = theta0.shape
+            fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
+                         Gram(np.zeros((d, d)), np.zeros((d, o)))))
         rng = np.random.default_rng(seed)
         split = np.random.default_rng(seed + 1)
-        for feed in feeds:
-            y_full = original.run(feed, [layer.node.output[0]])[layer.node.output[0]]
-            x_now = current.run(feed)[layer.node.input[0]]
-            y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
-            x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows)
-            if intercept:
-                x = np.hstack([x, np.ones((len(x), 1))])
-            is_held = split.random(int(sample.max()) + 1 if len(sample) else 0) < holdout
-            mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
-            fit.add(x[~mask], y[~mask])
-            if mask.any():
-                held.add(x[mask], y[mask])
-        if held.rows == 0:
-            alpha, errors = float("inf"), []
-        else:
-            alpha, errors = select_alpha(fit, held, theta0, intercept)
-        total = Gram(fit.a + held.a, fit.b + held.b, fit.yy + held.yy, fit.rows + held.rows)
-        theta = solve(total.a, total.b, theta0, alpha, intercept)
-        if intercept:
-            _write(layer, params, theta[:-1], theta[-1], dtype)
-        else:
-            _write(layer, params, theta, None, dtype)
-        before = held.error(theta0) if held.rows else total.error(theta0)
-        after = min(errors) if errors else total.error(theta)
-        scale = max(held.yy if held.rows else total.yy, 1e-30)
-        result.layers.append({"node": name, "method": "lstsq", "alpha": alpha, "rows": total.rows,
-                              "rel_err_before": before / scale, "rel_err_after": after / scale})
+        for i, feed in enumerate(feeds):
+            now = current.run(feed)
+            x_now = now[stage[0].node.input[0]]
+            targets = cached[i] if cached is not None else original.run(feed)
+            n = x_now.shape[0] if x_now.ndim else 1
+            is_held = split.random(n) < holdout
+            keep = token_rows(feed, x_now.shape)
+            for layer, intercept, _, fit, held in fits:
+                y_full = targets[_target(layer)]
+                if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
+                    add, other = layer.residual
+                    y_full = y_full.astype(np.float64) - now[add.input[other]]
+                y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
+                x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
+                if intercept:
+                    x = np.hstack([x, np.ones((len(x), 1))])
+                mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
+                fit.add(x[~mask], y[~mask])
+                if mask.any():
+                    held.add(x[mask], y[mask])
+        for layer, intercept, theta0, fit, held in fits:
+            _solve_and_write(layer, params, intercept, theta0, fit, held, result)
+
+
+TARGET_CACHE_BYTES = 1 << 30
+
+
+def _original_targets(prep, layers, feeds) -> list[dict[str, np.ndarray]] | None:
+    """Every layer's target on every feed from one pass of the original model, or None when the first batch
+    says they would take more than TARGET_CACHE_BYTES."""
+    probe = Probe(prep.model, [_target(l) for l in layers], only=True)
+    out = []
+    for feed in feeds:
+        values = probe.run(feed)
+        if not out and sum(v.nbytes for v in values.values()) * len(feeds) > TARGET_CACHE_BYTES:
+            return None
+        out.append(values)
+    return out
+
+
+def _target(layer: Layer) -> str:
+    """The original tensor a layer is fit to: the residual sum it joins, else its own output."""
+    return layer.residual[0].output[0] if layer.residual else layer.node.output[0]
+
+
+def _solve_and_write(layer, params, intercept, theta0, fit, held, result) -> None:
+    name = layer.node.name
+    dtype = params.get(name, 1).dtype
+    if held.rows == 0:
+        alpha, errors = float("inf"), []
+    else:
+        alpha, errors = select_alpha(fit, held, theta0, intercept)
+    total = Gram(fit.a + held.a, fit.b + held.b, fit.yy + held.yy, fit.rows + held.rows)
+    theta = solve(total.a, total.b, theta0, alpha, intercept)
+    if intercept:
+        _write(layer, params, theta[:-1], theta[-1], dtype)
+    else:
+        _write(layer, params, theta, None, dtype)
+    before = held.error(theta0) if held.rows else total.error(theta0)
+    after = min(errors) if errors else total.error(theta)
+    scale = max(held.yy if held.rows else total.yy, 1e-30)
+    result.layers.append({"node": name, "method": "lstsq", "alpha": alpha, "rows": total.rows,
+                          "rel_err_before": before / scale, "rel_err_after": after / scale})

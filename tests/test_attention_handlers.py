@@ -91,3 +91,24 @@ def test_gather_on_other_axis_carries_channels():
               {"x": [1, S, E]}, ["y"], {"w1": (E, 6), "idx": np.array(0, dtype=np.int64), "w2": (6, 3)})
     assert len(prepare(m).analysis.prunable) == 1
     assert zero_channel_oracle(m).max_rel_err < 1e-5
+
+
+def test_fused_onnxruntime_ops_freeze_with_a_reason():
+    """A com.microsoft FastGelu between two layers (what onnxruntime's transformer optimizer writes) freezes the
+    neurons with a reason that says how to get a prunable model."""
+    graph = onnx.parser.parse_graph("""
+        g (float[2, 8] x) => (float[2, 8] y) <float[8, 16] w1, float[16, 8] w2> {
+            h = MatMul(x, w1)
+            a = com.microsoft.FastGelu(h)
+            y = MatMul(a, w2)
+        }""")
+    rng = np.random.default_rng(0)
+    graph.initializer.extend(onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                             for n, s in (("w1", (8, 16)), ("w2", (16, 8))))
+    graph.node[1].domain = "com.microsoft"
+    graph.node[1].op_type = "FastGelu"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    group = next(g for g in prepare(model).analysis.groups if g.size == 16)
+    assert not group.prunable
+    assert "fused by onnxruntime's transformer optimizer; prune the unfused export" in group.reason

@@ -76,3 +76,82 @@ def test_prune_transformer(exported, kind, dynamo):
         assert want.shape == got.shape
     if heads:
         assert any(len(result.plan.kept.get(g.spaces[0], [])) < g.size for g in groups if g.unit > 1)
+
+
+def test_token_rows_follow_the_attention_mask():
+    from onnxprune.activations import token_rows
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    rows = token_rows({"input_ids": np.zeros((2, 3), np.int64), "attention_mask": mask}, (2, 3, 8))
+    assert rows.tolist() == [True, True, False, True, False, False]
+    assert token_rows({"input_ids": np.zeros((2, 3), np.int64)}, (2, 3, 8)) is None
+    assert token_rows({"attention_mask": mask}, (6, 8)) is None  # not a [batch, seq, features] tensor
+
+
+def test_solve_path_matches_one_solve_per_alpha():
+    from onnxprune.recovery import ALPHAS, solve, solve_path
+
+    rng = np.random.default_rng(0)
+    x = np.hstack([rng.normal(size=(300, 12)) + 1.0, np.ones((300, 1))])
+    y = x[:, :12] @ rng.normal(size=(12, 4)) + rng.normal(size=(300, 4))
+    a, b, theta0 = x.T @ x, x.T @ y, rng.normal(size=(13, 4))
+    for intercept, (aa, bb, t0) in ((True, (a, b, theta0)), (False, (a[:12, :12], b[:12], theta0[:12]))):
+        for alpha, theta in zip(ALPHAS, solve_path(aa, bb, t0, ALPHAS, intercept)):
+            np.testing.assert_allclose(theta, solve(aa, bb, t0, alpha, intercept), rtol=1e-8, atol=1e-10)
+
+
+def test_probe_with_only_outputs_runs_the_needed_nodes(exported):
+    from onnxprune.activations import only_outputs
+
+    model = exported("bert", False)
+    name = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
+    small = only_outputs(model, [name])
+    assert [o.name for o in small.graph.output] == [name]
+    assert len(small.graph.node) < len(model.graph.node) // 3
+    feed = feed_for("bert")
+    from onnxprune.activations import Probe
+
+    np.testing.assert_array_equal(Probe(model, [name]).run(feed)[name], Probe(model, [name], only=True).run(feed)[name])
+
+
+def test_lstsq_refits_against_the_residual_stream_and_skips_padding(exported):
+    """Heads and neurons of a small BERT pruned with lstsq: the output projection and fc2 are refit to the
+    original residual sums (their Add), the fit ignores padded tokens, and the output moves towards the
+    original's on real tokens."""
+    model = exported("bert", False)
+    rng = np.random.default_rng(1)
+    calib = []
+    for _ in range(6):
+        mask = np.ones((4, 9), np.int64)
+        mask[:, 5:] = rng.integers(0, 2, (4, 4)).cumprod(axis=1)  # right padding of varied length
+        calib.append({"input_ids": rng.integers(0, 100, (4, 9)).astype(np.int64), "attention_mask": mask})
+    feed = feed_for("bert")
+    want = run(model, [feed][0])[0]
+    real = feed["attention_mask"].astype(bool)
+
+    def error(m):
+        return float(np.abs(run(m, feed)[0] - want)[real].mean())
+
+    plain = prune_model(model, ratio=0.5, criterion="activation", calibration=calib)
+    fixed = prune_model(model, ratio=0.5, criterion="activation", calibration=calib, recover="lstsq")
+    refit = {entry["node"]: entry for entry in fixed.recovery}
+    assert any("attention/output/dense" in n for n in refit) and any("/output/dense" in n for n in refit)
+    real_tokens = sum(int(f["attention_mask"].sum()) for f in calib)
+    assert all(entry["rows"] == real_tokens for entry in refit.values())
+    assert error(fixed.model) < error(plain.model)
+    onnx.checker.check_model(fixed.model, full_check=True)
+
+
+def test_activation_statistics_skip_padded_tokens(exported):
+    """What the padded positions hold changes no statistic: scores see real tokens only."""
+    from onnxprune.activations import channel_stats
+
+    model = exported("bert", False)
+    prep = prepare(model)
+    feed = feed_for("bert")
+    other = dict(feed, input_ids=np.where(feed["attention_mask"] == 0, 42, feed["input_ids"]))
+    a, b = channel_stats(prep, [feed]), channel_stats(prep, [other])
+    assert a.tensors and a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        np.testing.assert_allclose(a.tensors[name].sq_sum, b.tensors[name].sq_sum, rtol=1e-5)
+        assert a.tensors[name].count == b.tensors[name].count

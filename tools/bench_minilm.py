@@ -6,8 +6,10 @@ mean of the last hidden state over the attention mask; fidelity is the mean cosi
 and original embeddings of each held-out sentence. Also reported: MACs of the linear layers per token (every
 MatMul/Gemm with a constant weight), and onnxruntime CPU latency of both models on the same batches.
 
+`--ratio` is the share of linear-layer MACs removed; `--allocate` says where from (see mlp_only_plan).
+
     python tools/export_minilm.py -o .cache/minilm.onnx
-    python tools/bench_minilm.py .cache/minilm.onnx --ratio 0.3 --recover lstsq --npz .cache/minilm_calib.npz
+    python tools/bench_minilm.py .cache/minilm.onnx --ratio 0.3 --allocate mlp --criterion hybrid --recover lstsq
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3"
         "__main__", "__phello__", "_")
 
 
-def stdlib_sentences(max_per_module: int = 40) -> dict[str, list[str]]:
-    """First sentence of every public docstring, per stdlib module (deterministic order)."""
+def stdlib_sentences(max_per_module: int = 1000) -> dict[str, list[str]]:
+    """First sentence of every public docstring (module attributes, methods of its classes), per stdlib module."""
     out: dict[str, list[str]] = {}
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
     for name in names:
@@ -43,10 +45,17 @@ def stdlib_sentences(max_per_module: int = 40) -> dict[str, list[str]]:
         except Exception:  # noqa: BLE001 - some stdlib modules do not import on every platform
             continue
         found = []
+        objects = []
         for attr in sorted(dir(mod)):
             if attr.startswith("_"):
                 continue
-            doc = inspect.getdoc(getattr(mod, attr, None)) or ""
+            obj = getattr(mod, attr, None)
+            objects.append(obj)
+            if inspect.isclass(obj) and getattr(obj, "__module__", None) == name:
+                # the methods a class defines itself (not inherited: those repeat across classes)
+                objects.extend(v for k, v in sorted(vars(obj).items()) if not k.startswith("_"))
+        for obj in objects:
+            doc = inspect.getdoc(obj) or ""
             line = " ".join(doc.strip().split("\n\n")[0].split())
             if 40 <= len(line) <= 300 and line not in found and not line.startswith(("Return", "str(", "int(")):
                 found.append(line)
@@ -65,6 +74,9 @@ def split_sentences() -> tuple[list[str], list[str]]:
 
 
 def feeds(tokenizer, sentences: list[str], batch: int = 16, max_len: int = 64) -> list[dict[str, np.ndarray]]:
+    """Batches of `batch` sentences, shortest first, so that a batch pads to a similar length (half the work)."""
+    length = {s: len(tokenizer(s, truncation=True, max_length=max_len)["input_ids"]) for s in sentences}
+    sentences = sorted(sentences, key=lambda s: (length[s], s))
     out = []
     for i in range(0, len(sentences), batch):
         enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=max_len, return_tensors="np")
@@ -119,13 +131,43 @@ def latency(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], thread
     return float(np.median(times))
 
 
+def mlp_only_plan(model: onnx.ModelProto, ratio: float, criterion: str, calib) -> dict:
+    """Channels to remove so that the MLPs alone lose `ratio` of all linear-layer MACs; heads are kept.
+
+    An MLP neuron costs 2·hidden MACs per token (fc1 column, fc2 row); a head of D features 4·hidden·D (Q, K,
+    V columns, output-projection rows). Every MLP loses the same share, ratio · (attention + MLP) / MLP of
+    its neurons, chosen by `criterion`.
+    """
+    from onnxprune.activations import channel_stats
+    from onnxprune.planning import select
+    from onnxprune.prune import prepare
+    from onnxprune.scoring import DATA_CRITERIA, score_groups
+
+    prep = prepare(model)
+    stats = channel_stats(prep, calib) if criterion in DATA_CRITERIA else None
+    scores = score_groups(prep.analysis, prep.view, criterion, stats=stats)
+    groups = prep.analysis.prunable
+    attention = sum(2 * g.size for g in groups if g.unit > 1)  # 4·hidden·H·D vs 2·hidden per neuron
+    mlp = sum(g.size for g in groups if g.unit == 1)
+    share = min(0.9, ratio * (attention + mlp) / mlp)
+    removed = {}
+    for g in groups:
+        if g.unit == 1:
+            keep = g.size - int(round(g.size * share))
+            removed[g.spaces[0]] = np.setdiff1d(np.arange(g.size), select(g, scores[g.spaces[0]], keep))
+    return removed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--criterion", default="l1")
+    parser.add_argument("--criterion", default="hybrid")
+    parser.add_argument("--allocate", choices=["uniform", "mlp"], default="mlp",
+                        help="uniform: every group loses `ratio` of its channels (heads rounded to whole heads); "
+                             "mlp: heads stay, the MLP neurons alone remove `ratio` of the linear MACs")
     parser.add_argument("--recover", default="lstsq")
-    parser.add_argument("--calib", type=int, default=512, help="calibration sentences")
+    parser.add_argument("--calib", type=int, default=1024, help="calibration sentences")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--npz", help="also write the calibration batch as an npz for `onnxprune prune --data`")
@@ -151,7 +193,11 @@ def main() -> None:
 
     model = onnx.load(args.model)
     t = time.perf_counter()
-    result = prune_model(model, ratio=args.ratio, criterion=args.criterion, calibration=calib, recover=args.recover)
+    removed = None
+    if args.allocate == "mlp":
+        removed = mlp_only_plan(model, args.ratio, args.criterion, calib)
+    result = prune_model(model, ratio=args.ratio, criterion=args.criterion, calibration=calib, recover=args.recover,
+                         removed=removed)
     prune_s = time.perf_counter() - t
     heads = [g for g in result.analysis.prunable if g.unit > 1]
     neurons = [g for g in result.analysis.prunable if g.unit == 1]
@@ -164,7 +210,7 @@ def main() -> None:
     lat0 = latency(model, held[:8], args.threads, args.repeats)
     lat1 = latency(result.model, held[:8], args.threads, args.repeats)
     figures = {
-        "ratio": args.ratio, "criterion": args.criterion, "recover": args.recover,
+        "ratio": args.ratio, "allocate": args.allocate, "criterion": args.criterion, "recover": args.recover,
         "calibration_sentences": len(calib_s), "heldout_sentences": len(held_s),
         "heads_kept": f"{kept_heads}/{sum(g.size // g.unit for g in heads)}",
         "neurons_kept": f"{kept_neurons}/{sum(g.size for g in neurons)}",

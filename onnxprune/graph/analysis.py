@@ -13,6 +13,15 @@ from onnxprune.graph.ir import GraphView
 from onnxprune.graph.layout import ChannelAxis, Segment
 
 
+# onnxruntime's transformer optimizer (onnxruntime.transformers.optimizer) fuses these; their packed weights and
+# head counts are attributes onnxprune does not rewrite
+FUSED_TRANSFORMER_OPS = frozenset({
+    "Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "DecoderAttention",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+    "EmbedLayerNormalization", "FastGelu", "BiasGelu", "Gelu", "QuickGelu", "BiasAdd", "BiasSplitGelu",
+    "RotaryEmbedding", "GemmFastGelu"})
+
+
 class AnalysisContext:
     """What handlers read and write while the graph is walked."""
 
@@ -108,7 +117,12 @@ def analyze_graph(view: GraphView, exclude: tuple[str, ...] = ()) -> Analysis:
     for node in view.nodes:
         handler = get_handler(node.op_type, node.domain)
         if handler is None:
-            ctx.freeze_inputs(node, f"no handler for op {node.domain + '::' if node.domain else ''}{node.op_type}")
+            if node.domain == "com.microsoft" and node.op_type in FUSED_TRANSFORMER_OPS:
+                reason = (f"{node.op_type} is fused by onnxruntime's transformer optimizer; prune the unfused "
+                          "export, then optimise")
+            else:
+                reason = f"no handler for op {node.domain + '::' if node.domain else ''}{node.op_type}"
+            ctx.freeze_inputs(node, reason)
             continue
         handler.analyze(node, ctx)
     for name in view.graph_outputs:

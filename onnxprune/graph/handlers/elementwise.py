@@ -74,9 +74,19 @@ class Broadcast(Handler):
             if dim == first.length and ctx.view.is_const(name):
                 ctx.add_member(node, i, axis, first.with_axis(axis), "pass", scored=False)
                 continue
-            ctx.freeze_inputs(node, f"input {name} has {dim} entries on the channel axis")
+            ctx.freeze_inputs(node, _fixed_input_reason(node, name, dim, ctx.view))
             return
         ctx.set_axis(node.output[0], first.with_axis(out_axis))
+
+
+def _fixed_input_reason(node, name: str, dim, view) -> str:
+    """Why a join with a channel-free input freezes; a transformer's residual stream gets its own words."""
+    near = [view.producer.get(name)] + [user for user, _ in view.consumers.get(node.output[0], [])]
+    if node.op_type == "Add" and not view.is_const(name) and any(
+            n is not None and n.op_type in ("LayerNormalization", "SkipLayerNormalization") for n in near):
+        return (f"hidden size (residual stream through LayerNorm) is frozen: input {name} has {dim} entries "
+                "on the channel axis and no prunable channels")
+    return f"input {name} has {dim} entries on the channel axis"
 
 
 @register("Shape", "Size")
