@@ -37,14 +37,23 @@ def criterion(name: str):
     return deco
 
 
+def _magnitudes(view: GraphView, name: str, p: float) -> np.ndarray:
+    """|W|^p of a constant, cached on the view: a weight read by two groups (as output and input channels)
+    is converted once."""
+    cache = view.__dict__.setdefault("_magnitude_cache", {})
+    key = (name, p)
+    if key not in cache:
+        arr = view.array(name)
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+        cache[key] = np.abs(arr) if p == 1 else np.abs(arr) ** p
+    return cache[key]
+
+
 def member_channel_norms(member: Member, view: GraphView, root: int, find, size: int, p: float = 1) -> np.ndarray:
     """Per-channel p-norm (to the p-th power summed) of the member's slices that belong to space `root`."""
-    arr = view.array(member.tensor)
-    if not np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.float32)
-    # sum over every axis but the member's, without moving the weight: float64 accumulation, no float64 copy
-    other = tuple(i for i in range(arr.ndim) if i != member.axis)
-    magnitude = np.abs(arr) if p == 1 else np.abs(arr) ** p
+    magnitude = _magnitudes(view, member.tensor, p)
+    other = tuple(i for i in range(magnitude.ndim) if i != member.axis)
     # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as fast as casting to float64
     per_position = (magnitude.sum(axis=other) if other else magnitude).astype(np.float64)
     total = np.zeros(size)
@@ -190,9 +199,15 @@ def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: in
             raise InputError(f"criterion {name!r} scores channels from activations: pass calibration data (--data)")
         data = DataInputs(view, analysis.find, analysis.context.axes, {n.name: n for n in view.nodes}, stats)
         fn = DATA_CRITERIA[name]
-        return {g.spaces[0]: fn(g, data) for g in analysis.groups if g.prunable}
+        try:
+            return {g.spaces[0]: fn(g, data) for g in analysis.groups if g.prunable}
+        finally:
+            view.__dict__.pop("_magnitude_cache", None)
     if name not in CRITERIA:
         raise InputError(f"unknown criterion {name!r} (choose from {', '.join(all_criteria())})")
     rng = np.random.default_rng(seed)
     fn = CRITERIA[name]
-    return {g.spaces[0]: fn(g, view, analysis.find, rng) for g in analysis.groups if g.prunable}
+    try:
+        return {g.spaces[0]: fn(g, view, analysis.find, rng) for g in analysis.groups if g.prunable}
+    finally:
+        view.__dict__.pop("_magnitude_cache", None)  # |W| copies live only while scoring

@@ -13,6 +13,10 @@ from onnx import numpy_helper
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The normalised model: `model` itself when it already is (nothing downstream edits it in place), else a
+    copy, so a 100 MB model in normal form costs no copy."""
+    if _is_normal(model):
+        return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if out.functions:
@@ -22,6 +26,17 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _constants_to_initializers(out.graph)
     _unique_names(out.graph)
     return out
+
+
+def _is_normal(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    if model.functions:
+        return False
+    inits = {t.name for t in graph.initializer}
+    names = [n.name for n in graph.node]
+    if not all(names) or len(set(names)) != len(names):
+        return False
+    return not any(n.op_type == "Constant" or (n.op_type == "Identity" and n.input[0] in inits) for n in graph.node)
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
