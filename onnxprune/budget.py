@@ -19,35 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.errors import InputError
-from onnxprune.graph.ir import attr
 from onnxprune.planning import Plan, select
+from onnxprune.stats import node_macs, numel
 
 METRICS = ("macs", "params")
 PRIORITIES = ("global", "sensitivity", "uniform")
-
-
-def _numel(shape) -> int:
-    return math.prod(d if d else 1 for d in shape) if shape is not None else 0
-
-
-def node_macs(view) -> dict[str, int]:
-    """MACs of every Conv/ConvTranspose/Gemm/MatMul node (as onnxprune.stats.count_macs counts them)."""
-    macs = {}
-    for node in view.nodes:
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            w = view.shape(node.input[1])
-            if w is None:
-                continue
-            src = node.output[0] if op == "Conv" else node.input[0]
-            macs[node.name] = _numel(view.shape(src)) * w[1] * math.prod(w[2:])
-        elif op in ("Gemm", "MatMul"):
-            a, b, y = view.shape(node.input[0]), view.shape(node.input[1]), view.shape(node.output[0])
-            if a is None or b is None or y is None or not a:
-                continue
-            k = a[0] if op == "Gemm" and attr(node, "transA", 0) else a[-1]
-            macs[node.name] = _numel(y) * (k or 1)
-    return macs
 
 
 class CostModel:
@@ -56,7 +32,7 @@ class CostModel:
     def __init__(self, prep):
         self.prep = prep
         self.macs = node_macs(prep.view)
-        self.params = {t.name: _numel(t.dims) for t in prep.model.graph.initializer if t.data_type in (1, 10, 11, 16)}
+        self.params = {t.name: numel(t.dims) for t in prep.model.graph.initializer if t.data_type in (1, 10, 11, 16)}
         # (node, input index) and tensor -> {axis: member} of weight members, deduplicated per axis
         self._node_axes: dict[str, dict[int, object]] = {}
         self._tensor_axes: dict[str, dict[int, object]] = {}

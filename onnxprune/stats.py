@@ -21,7 +21,7 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in tensors if t.data_type in _FLOATS)
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
     return math.prod(d if d else 1 for d in shape) if shape is not None else 0
 
 
@@ -62,25 +62,28 @@ def _static(view: GraphView) -> bool:
 
 def count_macs(model: onnx.ModelProto, view: GraphView | None = None) -> int:
     view = view if view is not None and _static(view) else GraphView(model, shapes=_shapes(model))
-    total = 0
+    return int(sum(node_macs(view).values()))
+
+
+def node_macs(view: GraphView) -> dict[str, int]:
+    """MACs of every Conv/ConvTranspose/Gemm/MatMul node, by node name (unknown dims count as 1)."""
+    macs = {}
     for node in view.nodes:
         op = node.op_type
         if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
             w = view.shape(node.input[1])
             if w is None:
                 continue
-            kernel = math.prod(w[2:])
-            if op == "Conv":
-                total += _numel(view.shape(node.output[0])) * w[1] * kernel
-            else:
-                total += _numel(view.shape(node.input[0])) * w[1] * kernel
+            # Conv: one MAC per output element and kernel tap of its group; ConvTranspose: per input element
+            src = node.output[0] if op == "Conv" else node.input[0]
+            macs[node.name] = numel(view.shape(src)) * w[1] * math.prod(w[2:])
         elif op in ("Gemm", "MatMul"):
             a, b, y = view.shape(node.input[0]), view.shape(node.input[1]), view.shape(node.output[0])
             if a is None or b is None or y is None or not a:
                 continue
             k = a[0] if op == "Gemm" and attr(node, "transA", 0) else a[-1]
-            total += _numel(y) * (k or 1)
-    return int(total)
+            macs[node.name] = numel(y) * (k or 1)
+    return macs
 
 
 def summarize(model: onnx.ModelProto) -> dict:
