@@ -134,3 +134,20 @@ def _copy_used_initializers(graph: onnx.GraphProto, view: GraphView) -> None:
     for name, tensor in view.initializers.items():
         if name in used and name not in present:
             graph.initializer.add().CopyFrom(tensor)
+    _sync_initializer_inputs(graph, view)
+
+
+def _sync_initializer_inputs(graph: onnx.GraphProto, view: GraphView) -> None:
+    """Where the model lists its initializers as graph inputs (IR < 4 requires it), list the sliced ones
+    under their new names and shapes, and drop the entries of weights no node reads any more."""
+    listed = [i for i in graph.input if i.name in view.initializers]
+    if not listed:
+        return
+    names = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in view.initializers or i.name in names]
+    have = {i.name for i in keep}
+    for t in graph.initializer:
+        if t.name not in have and t.name not in view.initializers:
+            keep.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del graph.input[:]
+    graph.input.extend(keep)

@@ -112,3 +112,24 @@ def test_session_through_external_data_keeps_the_model(monkeypatch):
     got = validate.session(model).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert all(not t.external_data for t in model.graph.initializer)
+
+
+def test_initializers_listed_as_inputs_are_pruned_and_the_input_list_follows():
+    """Older exporters (IR < 4) list every initializer among the graph inputs."""
+    model = onnx.load(DIGITS)
+    names = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in names:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model.ir_version = 3
+    pruned = prune_model(model, 0.5).model
+    data_inputs = [i.name for i in pruned.graph.input if i.name not in {t.name for t in pruned.graph.initializer}]
+    assert data_inputs == ["input"]
+    listed = {i.name for i in pruned.graph.input}
+    assert all(t.name in listed for t in pruned.graph.initializer)
+    assert pruned.ir_version == 3
+    feed = sample_feed(model, batch=2)
+    assert run(pruned, feed)[0].shape == (2, 10)
+    from onnxprune.testing import zero_channel_oracle
+
+    assert zero_channel_oracle(model).max_rel_err < 1e-5

