@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,17 @@ SEED = 0
 TOOLS = Path(__file__).resolve().parent
 
 
-def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The split of tools/train_digits.py (train 1,047 / calibration 300 / held-out 450)."""
+def _train_digits():
+    """tools/train_digits.py, for its data split and its export settings."""
     spec = importlib.util.spec_from_file_location("train_digits", TOOLS / "train_digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.make_splits()
+    return module
+
+
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The split of tools/train_digits.py (train 1,047 / calibration 300 / held-out 450)."""
+    return _train_digits().make_splits()
 
 
 class Block(nn.Module):
@@ -87,14 +91,8 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int) -> DigitsResNet:
 
 
 def export(model: nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
-        )
+    """Exported exactly as the digits CNN is (TorchScript, opset 17, BatchNormalization kept)."""
+    _train_digits().export(model, path)
 
 
 def main() -> None:

@@ -129,13 +129,16 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort here; missing shapes freeze groups
         inferred = model
+    return _tensor_shapes(inferred.graph, lambda d: d.dim_value if d.HasField("dim_value") else None)
+
+
+def _tensor_shapes(graph: onnx.GraphProto, dim) -> dict[str, Shape]:
+    """name -> shape of every typed tensor of `graph`, each dim turned into a value by `dim`."""
     shapes: dict[str, Shape] = {}
-    graph = inferred.graph
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         t = vi.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(dim(d) for d in t.shape.dim)
     return shapes
 
 
@@ -178,22 +181,15 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         except Exception:  # noqa: BLE001
             return {}
     codes: dict[str, int | None] = {}
-    shapes: dict[str, Shape] = {}
-    graph = inferred.graph
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        t = vi.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        dims = []
-        for d in t.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.dim_param and not d.dim_param.startswith("unk__"):
-                dims.append(_symbol_code(d.dim_param, codes))
-            else:
-                dims.append(None)
-        shapes[vi.name] = tuple(dims)
-    return shapes
+
+    def dim(d):
+        if d.HasField("dim_value"):
+            return d.dim_value
+        if d.dim_param and not d.dim_param.startswith("unk__"):
+            return _symbol_code(d.dim_param, codes)
+        return None
+
+    return _tensor_shapes(inferred.graph, dim)
 
 
 def _symbol_code(expr: str, codes: dict) -> int | None:

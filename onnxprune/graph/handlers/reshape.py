@@ -222,10 +222,8 @@ def _unexpand(seg, leading, trailing, length):
         outers = outers[:-1]
     inner = seg.inner // trailing
     divisor = seg.divisor
-    if divisor and seg.inner == 1 and trailing == 1:
-        pass
-    elif divisor and trailing > 1:
-        return None
+    if divisor and trailing > 1:
+        return None  # heads (divisor) merged with trailing dims cannot be undone here
     out = Segment(seg.space, seg.channels, inner, seg.offset // trailing, outers, seg.modulo, divisor)
     if out.span()[1] > length:
         return None
