@@ -24,3 +24,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def cli_error(capsys):
+    """Run the CLI and expect exit `code` with one line on stderr (no traceback) containing `needle`."""
+    from onnxprune.cli import main
+
+    def check(argv: list[str], needle: str, code: int = 2) -> str:
+        assert main(argv) == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err, err
+        return err
+
+    return check

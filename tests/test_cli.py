@@ -25,15 +25,6 @@ def digits(tmp_path):
     return path
 
 
-def one_line_error(capsys, code, argv, needle):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert needle in err, err
-    return err
-
-
 def test_prune_writes_a_smaller_model_with_the_same_interface(digits, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     report = tmp_path / "report.json"
@@ -50,20 +41,20 @@ def test_prune_writes_a_smaller_model_with_the_same_interface(digits, tmp_path, 
     assert "wrote" in capsys.readouterr().out
 
 
-def test_default_output_name_and_no_silent_overwrite(digits, capsys):
+def test_default_output_name_and_no_silent_overwrite(digits, cli_error):
     assert main(["prune", str(digits)]) == 0
     out = digits.with_name("digits.pruned.onnx")
     assert out.exists()
     before = out.read_bytes()
-    one_line_error(capsys, 2, ["prune", str(digits), "--ratio", "0.3"], "output exists")
+    cli_error(["prune", str(digits), "--ratio", "0.3"], "output exists")
     assert out.read_bytes() == before
     assert main(["prune", str(digits), "--ratio", "0.3", "--overwrite"]) == 0
     assert out.read_bytes() != before
 
 
-def test_refuses_to_overwrite_the_input(digits, capsys):
+def test_refuses_to_overwrite_the_input(digits, cli_error):
     before = digits.read_bytes()
-    one_line_error(capsys, 2, ["prune", str(digits), "-o", str(digits)], "refusing to overwrite the input")
+    cli_error(["prune", str(digits), "-o", str(digits)], "refusing to overwrite the input")
     assert digits.read_bytes() == before
 
 
@@ -107,18 +98,18 @@ def test_analyze_lists_groups(digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
-def test_ratio_out_of_range(digits, capsys, ratio):
-    one_line_error(capsys, 2, ["prune", str(digits), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
+def test_ratio_out_of_range(digits, cli_error, ratio):
+    cli_error(["prune", str(digits), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
 
 
-def test_missing_corrupt_and_truncated_files(tmp_path, capsys):
-    one_line_error(capsys, 2, ["prune", str(tmp_path / "nope.onnx")], "not found")
+def test_missing_corrupt_and_truncated_files(tmp_path, cli_error):
+    cli_error(["prune", str(tmp_path / "nope.onnx")], "not found")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\xffnot an onnx model at all" * 10)
-    one_line_error(capsys, 2, ["prune", str(garbage)], "garbage.onnx")
+    cli_error(["prune", str(garbage)], "garbage.onnx")
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(DIGITS.read_bytes()[: DIGITS.stat().st_size // 2])
-    one_line_error(capsys, 2, ["analyze", str(truncated)], "truncated.onnx")
+    cli_error(["analyze", str(truncated)], "truncated.onnx")
     assert not (tmp_path / "truncated.pruned.onnx").exists()
 
 
@@ -129,17 +120,17 @@ def _tiny(opset=17, nodes=None):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def test_control_flow_and_unsupported_opset(tmp_path, capsys):
+def test_control_flow_and_unsupported_opset(tmp_path, cli_error):
     then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
                              [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1, 4])])
     cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", onnx.TensorProto.BOOL, [], [True]))
     iff = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then, name="branch")
     path = tmp_path / "if.onnx"
     onnx.save(_tiny(nodes=[cond, iff]), path)
-    one_line_error(capsys, 2, ["prune", str(path)], "control flow is not supported")
+    cli_error(["prune", str(path)], "control flow is not supported")
     old = tmp_path / "old.onnx"
     onnx.save(_tiny(opset=5), old)
-    one_line_error(capsys, 2, ["prune", str(old)], "opset 5 is not supported")
+    cli_error(["prune", str(old)], "opset 5 is not supported")
 
 
 def test_debug_shows_the_traceback(tmp_path):

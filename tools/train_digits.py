@@ -63,10 +63,12 @@ def make_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "calib": (x_calib, y_calib), "heldout": (x_held, y_held)}
 
 
-def train(x: np.ndarray, y: np.ndarray, epochs: int) -> DigitsCNN:
+def train(x: np.ndarray, y: np.ndarray, epochs: int, make_model=None, augment=None) -> nn.Module:
+    """Adam + cosine schedule, deterministic. `make_model` builds the network (default DigitsCNN) after the
+    seed is set; `augment(batch, generator)` may perturb each training batch."""
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    model = DigitsCNN()
+    model = (make_model or DigitsCNN)()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -75,7 +77,8 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int) -> DigitsCNN:
         model.train()
         for idx in torch.randperm(len(xt), generator=gen).split(64):
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            batch = xt[idx] if augment is None else augment(xt[idx], gen)
+            loss = nn.functional.cross_entropy(model(batch), yt[idx])
             loss.backward()
             opt.step()
         sched.step()

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-SEED = 0
 TOOLS = Path(__file__).resolve().parent
 
 
@@ -68,26 +67,15 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def shift(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Small random shifts (+-1 pixel) make up for the tiny training set."""
+    offsets = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    return torch.roll(batch, shifts=offsets, dims=(2, 3))
+
+
 def train(x: np.ndarray, y: np.ndarray, epochs: int) -> DigitsResNet:
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    model = DigitsResNet()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(SEED)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(64):
-            opt.zero_grad()
-            # small random shifts (+-1 pixel) make up for the tiny training set
-            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            batch = torch.roll(xt[idx], shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(model(batch), yt[idx])
-            loss.backward()
-            opt.step()
-        sched.step()
-    return model.eval()
+    """The digits CNN's training loop (tools/train_digits.py) with shift augmentation."""
+    return _train_digits().train(x, y, epochs, make_model=DigitsResNet, augment=shift)
 
 
 def export(model: nn.Module, path: Path) -> None:
