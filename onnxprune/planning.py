@@ -71,25 +71,45 @@ def check_ratio(ratio: float) -> None:
         raise InputError(f"--ratio must be in [0, 1), got {ratio}")
 
 
-def plan_uniform(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1) -> Plan:
+def _uniform_keep(group, ratio: float, round_to: int) -> int:
+    """Channels a group keeps when it loses `ratio` of them (rounded down); attention heads count whole heads."""
+    if group.unit > 1:
+        heads = group.size // group.unit
+        return max(1, heads - int(math.floor(heads * ratio))) * group.unit
+    return _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
+
+
+def _keep(plan: Plan, group, scores: np.ndarray, keep: int) -> None:
+    root = group.spaces[0]
+    plan.sizes[root] = group.size
+    kept = select(group, scores, keep)
+    if len(kept) < group.size:
+        plan.kept[root] = kept
+
+
+def plan_uniform(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
+                 head_ratio: float | None = None) -> Plan:
+    """Every group loses `ratio` of its channels; attention-head groups lose `head_ratio` of their heads
+    (default: `ratio`)."""
     check_ratio(ratio)
     plan = Plan()
     for group in analysis.prunable:
-        root = group.spaces[0]
-        keep = _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
-        plan.sizes[root] = group.size
-        kept = select(group, scores[root], keep)
-        if len(kept) < group.size:
-            plan.kept[root] = kept
+        r = head_ratio if head_ratio is not None and group.unit > 1 else ratio
+        _keep(plan, group, scores[group.spaces[0]], _uniform_keep(group, r, round_to))
     return plan
 
 
 def plan_global(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, round_to: int = 1,
-                max_group_ratio: float = 0.9) -> Plan:
-    """Rank all channels together; no group loses more than `max_group_ratio` of its channels."""
+                max_group_ratio: float = 0.9, head_ratio: float | None = None) -> Plan:
+    """Rank all channels together; no group loses more than `max_group_ratio` of its channels. With
+    `head_ratio`, attention-head groups are left out of the ranking and lose that share of their heads."""
     check_ratio(ratio)
     groups = analysis.prunable
     plan = Plan()
+    if head_ratio is not None:
+        for group in (g for g in groups if g.unit > 1):
+            _keep(plan, group, scores[group.spaces[0]], _uniform_keep(group, head_ratio, round_to))
+        groups = [g for g in groups if g.unit == 1]
     if not groups or ratio == 0:
         return plan
     all_scores = np.concatenate([scores[g.spaces[0]] / max(scores[g.spaces[0]].max(), 1e-12) for g in groups])
@@ -99,11 +119,8 @@ def plan_global(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
         root = group.spaces[0]
         normed = scores[root] / max(scores[root].max(), 1e-12)
         floor_keep = group.size - int(math.floor(group.size * max_group_ratio))
-        keep = _rounded_keep(group.size, max(floor_keep, int((normed > threshold).sum())), round_to)
-        plan.sizes[root] = group.size
-        kept = select(group, scores[root], keep)
-        if len(kept) < group.size:
-            plan.kept[root] = kept
+        _keep(plan, group, scores[root],
+              _rounded_keep(group.size, max(floor_keep, int((normed > threshold).sum())), round_to))
     return plan
 
 

@@ -74,17 +74,24 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                 removed: dict[int, np.ndarray] | None = None, prepared: Prepared | None = None,
                 scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
                 target_macs: float | None = None, target_params: float | None = None,
-                allocate: str = "global", sensitivity: dict | None = None, stats=None) -> PruneResult:
+                allocate: str = "global", sensitivity: dict | None = None, stats=None,
+                head_ratio: float | None = None) -> PruneResult:
     """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
 
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
     `target_params` (fraction kept) replace `ratio` with a budget met by per-group ratios (`allocate`: global,
     uniform, or sensitivity with `sensitivity` curves from onnxprune.sensitivity); `stats` reuses activation
-    statistics already computed on `calibration`.
+    statistics already computed on `calibration`; `head_ratio` is the share of heads attention-head groups lose
+    (default: `ratio`).
     """
     from onnxprune.recovery import MODES, recover as run_recovery
 
     check_ratio(ratio)
+    if head_ratio is not None:
+        if not 0.0 <= head_ratio < 1.0:
+            raise InputError(f"--head-ratio must be in [0, 1), got {head_ratio}")
+        if target_macs is not None or target_params is not None:
+            raise InputError("--head-ratio goes with --ratio, not with --target-macs/--target-params")
     if recover not in MODES:
         raise InputError(f"unknown --recover {recover!r} (choose from {', '.join(MODES)})")
     if target_macs is not None and target_params is not None:
@@ -116,7 +123,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                              f"(kept {budget.estimate:.3f})")
         else:
             planner = plan_global if global_ranking else plan_uniform
-            plan = planner(prep.analysis, scores, ratio, round_to)
+            plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
     pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
     recovery: list[dict] = []
     if recover != "none" and plan.kept:

@@ -112,3 +112,60 @@ def test_fused_onnxruntime_ops_freeze_with_a_reason():
     group = next(g for g in prepare(model).analysis.groups if g.size == 16)
     assert not group.prunable
     assert "fused by onnxruntime's transformer optimizer; prune the unfused export" in group.reason
+
+
+def test_head_ratio_removes_whole_heads_rounded_down():
+    """--head-ratio: head groups lose that share of their heads (rounded down), neuron groups keep `ratio`."""
+    from onnxprune.planning import plan_global, plan_uniform
+
+    m = attention()
+    prep = prepare(m)
+    (group,) = prep.analysis.prunable
+    scores = {group.spaces[0]: np.arange(E, dtype=float)}
+    assert len(plan_uniform(prep.analysis, scores, 0.5, head_ratio=0.0).kept) == 0
+    # 2 heads at 0.6: floor(1.2) = 1 head goes, whatever `ratio` says
+    for planner in (plan_uniform, plan_global):
+        plan = planner(prep.analysis, scores, 0.0, head_ratio=0.6)
+        assert plan.kept[group.spaces[0]].tolist() == list(range(D, E))
+    r = prune_model(m, ratio=0.0, head_ratio=0.5)
+    assert init_shape(r.model, "wq") == (E, D)
+
+
+def packed_in_proj(head_count_constant: bool = True):
+    """torch's nn.MultiheadAttention as exported: one [E, 3E] in_proj viewed as [S, B, 3, E], q/k/v picked by
+    Gather after Unsqueeze/Transpose/Squeeze, heads folded into the batch ([S, B·H, D]), attention, then the
+    output projection on [S·B, E]."""
+    b = 2
+    heads = H if head_count_constant else -1
+    nodes = [
+        ("MatMul", ["x", "w_in"], ["p0"]), ("Add", ["p0", "b_in"], ["p"]),
+        ("Reshape", ["p", "s_parts"], ["p4"]), ("Unsqueeze", ["p4", "ax0"], ["p5"]),
+        ("Transpose", ["p5"], ["pt"], {"perm": [3, 1, 2, 0, 4]}), ("Squeeze", ["pt", "ax3"], ["qkv"]),
+        ("Gather", ["qkv", "i0"], ["q"], {"axis": 0}), ("Gather", ["qkv", "i1"], ["k"], {"axis": 0}),
+        ("Gather", ["qkv", "i2"], ["v"], {"axis": 0}),
+    ]
+    for n in "qkv":
+        nodes += [("Reshape", [n, "s_fold"], [f"{n}f"]), ("Transpose", [f"{n}f"], [f"{n}t"], {"perm": [1, 0, 2]}),
+                  ("Reshape", [f"{n}t", "s_heads"], [f"{n}4"])]
+    nodes += [
+        ("Transpose", ["k4"], ["kT"], {"perm": [0, 1, 3, 2]}), ("MatMul", ["q4", "kT"], ["scores"]),
+        ("Softmax", ["scores"], ["att"], {"axis": -1}), ("MatMul", ["att", "v4"], ["ctx"]),
+        ("Transpose", ["ctx"], ["ctx_t"], {"perm": [2, 0, 1, 3]}), ("Reshape", ["ctx_t", "s_merge"], ["flat"]),
+        ("Gemm", ["flat", "w_out", "b_out"], ["o"], {"transB": 1}), ("Reshape", ["o", "s_back"], ["y"]),
+    ]
+    weights = {"w_in": (E, 3 * E), "b_in": (3 * E,), "w_out": (E, E), "b_out": (E,),
+               "s_parts": np.array([S, b, 3, E]), "ax0": np.array([0]), "ax3": np.array([3]),
+               "i0": np.array(0), "i1": np.array(1), "i2": np.array(2), "s_fold": np.array([S, b * H, D]),
+               "s_heads": np.array([b, heads, S, D]), "s_merge": np.array([S * b, E]), "s_back": np.array([S, b, E])}
+    return build(nodes, {"x": [S, b, E]}, ["y"], weights)
+
+
+def test_packed_in_proj_heads_prune_whole():
+    for constant in (True, False):
+        m = packed_in_proj(constant)
+        groups = prepare(m).analysis.prunable
+        assert len(groups) == 1 and groups[0].unit == D and len(groups[0].spaces) == 3
+        oracle = zero_channel_oracle(m, fraction=0.5)
+        assert oracle.pruned_channels == D and oracle.max_rel_err < 1e-5
+        r = prune_model(m, ratio=0.5)
+        assert init_shape(r.model, "w_in") == (E, 3 * D) and init_shape(r.model, "w_out") == (E, D)

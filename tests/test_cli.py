@@ -102,6 +102,12 @@ def test_ratio_out_of_range(digits, cli_error, ratio):
     cli_error(["prune", str(digits), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
 
 
+def test_head_ratio_errors(digits, cli_error):
+    cli_error(["prune", str(digits), "--head-ratio", "1.0"], "--head-ratio must be in [0, 1)")
+    cli_error(["prune", str(digits), "--head-ratio", "0.2", "--target-macs", "0.5"], "--head-ratio goes with --ratio")
+    cli_error(["prune", str(digits), "--head-ratio", "0.2", "--mode", "unstructured"], "--head-ratio goes with")
+
+
 def test_missing_corrupt_and_truncated_files(tmp_path, cli_error):
     cli_error(["prune", str(tmp_path / "nope.onnx")], "not found")
     garbage = tmp_path / "garbage.onnx"

@@ -22,9 +22,10 @@ from onnxprune.validate import run
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-# (kind, exporter) -> (head groups, neuron groups) expected prunable; ViT's packed in_proj heads stay frozen
+# (kind, exporter) -> (head groups, neuron groups) expected prunable (ViT: torch's packed in_proj, heads folded
+# into the batch axis)
 CASES = {("bert", False): (2, 2), ("bert", True): (2, 2), ("gpt2", False): (2, 2), ("gpt2", True): (2, 2),
-         ("vit", False): (0, 2), ("vit", True): (0, 2)}
+         ("vit", False): (2, 2), ("vit", True): (2, 2)}
 SLOW = {("vit", True), ("gpt2", True)}
 
 
@@ -155,3 +156,20 @@ def test_activation_statistics_skip_padded_tokens(exported):
     for name in a.tensors:
         np.testing.assert_allclose(a.tensors[name].sq_sum, b.tensors[name].sq_sum, rtol=1e-5)
         assert a.tensors[name].count == b.tensors[name].count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_vit_b_16_heads_and_neurons(tmp_path, dynamo):
+    """torchvision's ViT-B/16 itself: 12 head groups (packed in_proj) and 12 MLP neuron groups are prunable, and
+    removing zeroed heads and neurons leaves the logits unchanged."""
+    import export_transformers as et
+
+    path = et.export(et.vit(small=False), "vit", tmp_path / "vit_b_16.onnx", dynamo, image_size=224)
+    model = onnx.load(str(path))
+    groups = prepare(model).analysis.prunable
+    assert sorted(g.size // g.unit for g in groups if g.unit > 1) == [12] * 12
+    assert sorted(g.size for g in groups if g.unit == 1) == [3072] * 12
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    oracle = zero_channel_oracle(model, feed=feed)
+    assert oracle.pruned_channels > 0 and oracle.max_rel_err < 1e-4, oracle.max_rel_err

@@ -33,6 +33,8 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @click.option("--ratio", type=float, default=None,
               help="Fraction of channels (or, unstructured, of weights) to remove, in [0, 1). [default: 0.5]")
+@click.option("--head-ratio", type=float, default=None,
+              help="Fraction of attention heads to remove in head groups, in [0, 1). [default: --ratio]")
 @click.option("--criterion", type=click.Choice(all_criteria()), default="l1", show_default=True,
               help=f"How channels are scored ({', '.join(sorted(DATA_CRITERIA))} need --data).")
 @click.option("--global", "global_ranking", is_flag=True, help="Rank channels across groups instead of per group.")
@@ -61,7 +63,8 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only the pruned ones.")
-def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, criterion: str, global_ranking: bool,
+def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, head_ratio: float | None,
+          criterion: str, global_ranking: bool,
           round_to: int, exclude: tuple[str, ...], recover: str, target_macs: float | None,
           target_params: float | None, allocate: str, max_drop: float | None, eval_data: str | None, mode: str,
           threshold: float | None, quantize: str | None, dry_run: bool, seed: int, json_path: str | None,
@@ -74,6 +77,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         if out_path.exists() and not overwrite:
             raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
     _check_options(ratio, target_macs, target_params, max_drop, mode, threshold, recover, criterion, allocate)
+    if head_ratio is not None and (mode == "unstructured" or max_drop is not None):
+        raise InputError("--head-ratio goes with --ratio (structured), not with --max-drop or --mode unstructured")
     original = load_model(model)
     batch_size = data_kwargs.get("batch_size") or 32
     calib = dataset_from_options(original, data_kwargs)
@@ -103,7 +108,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         groups_rows = None
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
-                             recover, target_macs, target_params, allocate, max_drop)
+                             recover, target_macs, target_params, allocate, max_drop, head_ratio)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -111,7 +116,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         console.print(groups_table(shown, f"{len(result.plan.kept)} of {len(groups_rows)} groups pruned"
                                           f" ({result.stats['channels_removed']} channels)"))
         no_budget = target_macs is None and target_params is None and max_drop is None
-        report.update({"ratio": 0.5 if ratio is None and no_budget else ratio, "criterion": criterion, "global": global_ranking, "round_to": round_to,
+        report.update({"ratio": 0.5 if ratio is None and no_budget else ratio, "head_ratio": head_ratio,
+                       "criterion": criterion, "global": global_ranking, "round_to": round_to,
                        "recover": recover, "target_macs": target_macs, "target_params": target_params,
                        "allocate": allocate, "max_drop": max_drop, "stats": result.stats, "groups": groups_rows,
                        "recovery": result.recovery, "search": result.search, "notes": result.notes})
@@ -149,7 +155,7 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
-                target_macs, target_params, allocate, max_drop):
+                target_macs, target_params, allocate, max_drop, head_ratio=None):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
     prep = prepare(original, exclude)
@@ -172,7 +178,7 @@ def _structured(original, ratio, criterion, global_ranking, round_to, exclude, s
                   calibration=calib, recover=recover, allocate=allocate, sensitivity=sens, stats=stats)
     if max_drop is not None:
         return prune_within_drop(original, max_drop, held, prepared=prep, **kwargs)
-    return prune_model(original, ratio=0.5 if ratio is None else ratio, prepared=prep,
+    return prune_model(original, ratio=0.5 if ratio is None else ratio, prepared=prep, head_ratio=head_ratio,
                        target_macs=target_macs, target_params=target_params, **kwargs)
 
 

@@ -166,6 +166,7 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
 
     light = weightless(model)
     del light.graph.value_info[:]
+    _fold_shape_constants(light)
     inferred = None
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -190,6 +191,41 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         return None
 
     return _tensor_shapes(inferred.graph, dim)
+
+
+_FOLDABLE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Reshape", "Concat", "Unsqueeze", "Squeeze",
+             "Cast", "Gather", "Slice", "Equal", "Where", "ConstantOfShape", "Range", "Expand"}
+
+
+def _fold_shape_constants(model: onnx.ModelProto, max_elements: int = 64) -> None:
+    """Evaluate, in place, nodes that compute small tensors from constants only (TorchScript's `Mod(2, 3)`
+    feeding a Slice that builds a Reshape target), so symbolic inference sees the target's length."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and inputs and all(
+                i in consts for i in inputs):
+            try:
+                single = onnx.helper.make_model(
+                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                             for o in node.output], [consts[i] for i in inputs]),
+                    opset_imports=model.opset_import, ir_version=model.ir_version)
+                values = ReferenceEvaluator(single).run(None, {})
+            except Exception:  # noqa: BLE001 - a node we cannot evaluate simply stays
+                values = None
+            if values is not None and all(np.asarray(v).size <= max_elements for v in values):
+                for name, value in zip(node.output, values):
+                    consts[name] = numpy_helper.from_array(np.asarray(value), name)
+                    graph.initializer.append(consts[name])
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _symbol_code(expr: str, codes: dict) -> int | None:

@@ -11,6 +11,8 @@ Channels on the contracted axis (head_dim) cannot be followed and freeze.
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
 
@@ -22,7 +24,8 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
     axis (GPT-2's c_attn → q, k, v). Opening one space per part lets each part lose its own channels.
     """
     for _ in range(4):
-        uses = ctx.view.consumers.get(name, [])
+        # a Shape reads no values (TorchScript takes the Reshape target from it)
+        uses = [u for u in ctx.view.consumers.get(name, []) if u[0].op_type != "Shape"]
         if len(uses) != 1 or name in ctx.view.graph_outputs:
             return [n]
         node, index = uses[0]
@@ -44,9 +47,62 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
             name = node.output[0]
         elif node.op_type == "Reshape" and (ctx.view.sym_shape(node.output[0]) or (None,))[-1] == n:
             name = node.output[0]
+        elif node.op_type == "Reshape" and index == 0:
+            # torch's packed in_proj (nn.MultiheadAttention): [.., 3E] viewed as [.., 3, E], then q, k and v
+            # are picked with a Gather along the 3-axis
+            out = ctx.view.sym_shape(node.output[0])
+            if out is None or len(out) < 2 or out[-2] is None or out[-1] is None:
+                return [n]
+            k, size = out[-2], out[-1]
+            if 1 < k < n and k * size == n and _picks_parts(ctx, node.output[0], len(out) - 2, k):
+                return [size] * k
+            return [n]
         else:
             return [n]
     return [n]
+
+
+def _picks_parts(ctx, name: str, axis: int, k: int) -> bool:
+    """Whether axis `axis` (length k) of `name` is only ever indexed by constant scalars (after axis moves)."""
+    for _ in range(4):
+        uses = ctx.view.consumers.get(name, [])
+        if not uses or name in ctx.view.graph_outputs:
+            return False
+        rank = ctx.view.rank(name)
+        if all(u.op_type == "Gather" and i == 0 for u, i in uses) and rank is not None:
+            for use, _ in uses:
+                along = attr(use, "axis", 0)
+                index = ctx.view.array(use.input[1])
+                if (along + rank if along < 0 else along) != axis or index is None or index.ndim != 0 \
+                        or not -k <= int(index) < k:
+                    return False
+            return True
+        if len(uses) != 1:
+            return False
+        node, _ = uses[0]
+        out_rank = ctx.view.rank(node.output[0])
+        if out_rank is None or rank is None:
+            return False
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm", list(range(rank - 1, -1, -1)))
+            axis = list(perm).index(axis)
+        elif node.op_type in ("Unsqueeze", "Squeeze"):
+            axes = attr(node, "axes") if ctx.view.opset < 13 else (
+                ctx.view.array(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+            if axes is None:
+                return False
+            if node.op_type == "Unsqueeze":
+                axes = sorted(int(a) % out_rank for a in np.ravel(axes))
+                axis = [i for i in range(out_rank) if i not in axes][axis]
+            else:
+                axes = {int(a) % rank for a in np.ravel(axes)}
+                if axis in axes:
+                    return False
+                axis -= sum(1 for a in axes if a < axis)
+        else:
+            return False
+        name = node.output[0]
+    return False
 
 
 @register("Gemm")

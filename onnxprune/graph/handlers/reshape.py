@@ -10,6 +10,7 @@ whole on one output axis; otherwise it freezes.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Squeeze(Handler):
         x = ctx.axis_of(node.input[0])
         if x is None:
             return
-        shape = ctx.view.shape(node.input[0])
+        shape = ctx.view.shape(node.input[0]) or ctx.view.sym_shape(node.input[0])
         axes = _axes(node, ctx)
         if axes is None and shape is not None and all(d is not None for d in shape):
             axes = [i for i, d in enumerate(shape) if d == 1]
@@ -123,7 +124,15 @@ class Reshape(Handler):
         if ctx.axis_of(node.input[1]) is not None:
             ctx.freeze_inputs(node, "shape input carries channels")
             return
-        mapped = self._map(x, ctx.view.sym_shape(node.input[0]), ctx.view.sym_shape(node.output[0]))
+        shape_in, shape_out = ctx.view.sym_shape(node.input[0]), ctx.view.sym_shape(node.output[0])
+        stacked = _stack_parts(x, shape_in, shape_out)
+        if stacked is not None:
+            # q, k and v viewed as [.., 3, E]: one tensor axis holds all three, so they lose the same channels
+            for seg in x.segments[1:]:
+                ctx.spaces.union(x.segments[0].space, seg.space)
+            ctx.set_axis(node.output[0], stacked)
+            return
+        mapped = self._map(x, shape_in, shape_out)
         if isinstance(mapped, str):
             ctx.freeze(x, f"Reshape {node.name}: {mapped}")
             return
@@ -160,6 +169,13 @@ class Reshape(Handler):
             i0 += 1
         if j1 - j0 == 1:
             return _merge(x, shape_in, i0, i1, j0)
+        features_last = i1 == len(shape_in) and j1 == len(shape_out)
+        if features_last and i1 - i0 > 1 and x.axis == i1 - 1:
+            # [.., B, H·D] -> [.., B·H, D]: heads split off and merged with the dims in front (torch's
+            # nn.MultiheadAttention folds them into the batch)
+            heads = _split_heads(x, shape_out, j0, j1, leading=math.prod(shape_in[i0:x.axis]))
+            if heads is not None:
+                return heads
         if i1 - i0 == 1:
             # the channel axis alone is split over several output axes: one of them holds the channels and
             # the others are what `expanded` once folded into it (batch in front, features behind)
@@ -170,7 +186,7 @@ class Reshape(Handler):
                     return ChannelAxis(j, shape_out[j], tuple(segs))
             # heads only where features are the last axis, as in every transformer: a split of NCHW channels is
             # a channel shuffle, which stays frozen rather than pruned in whole shuffle groups
-            heads = _split_heads(x, shape_out, j0, j1) if i1 == len(shape_in) and j1 == len(shape_out) else None
+            heads = _split_heads(x, shape_out, j0, j1) if features_last else None
             if heads is not None:
                 return heads
         return "splits the channel axis (channel shuffle or heads)"
@@ -193,22 +209,54 @@ class Reshape(Handler):
         if producer is not None and producer.op_type == "Concat":
             pos = 0
             for idx, piece in enumerate(producer.input):
-                piece_shape = ctx.view.shape(piece)
-                n = piece_shape[0] if piece_shape and piece_shape[0] is not None else None
+                n = ctx.view.dim(piece, 0) if ctx.view.rank(piece) == 1 else None
                 if n is None:
                     return
                 if pos <= out.axis < pos + n:
+                    # edit the Concat of the model being rewritten, not the view's copy of it
+                    target = next(n for n in ctx.model.graph.node if n.name == producer.name)
                     val = ctx.view.array(piece)
+                    static = [ctx.view.dim(node.output[0], k) for k in range(pos, pos + n)]
+                    if val is None and None not in static:
+                        # computed at run time from a tensor that keeps its size (TorchScript reads the hidden
+                        # size E of the input for q/k/v's [3, E]): the dims are static, so write them down
+                        val = np.array(static, dtype=np.int64)
+                        ctx.set_input_constant(target, idx, val)
                     if val is not None and val.ravel()[out.axis - pos] > 0:
                         new_len = ctx.new_length(node.output[0])
                         if new_len != val.ravel()[out.axis - pos]:
                             new = val.copy().ravel()
                             new[out.axis - pos] = new_len
-                            # edit the Concat of the model being rewritten, not the view's copy of it
-                            target = next(n for n in ctx.model.graph.node if n.name == producer.name)
                             ctx.set_input_constant(target, idx, new.reshape(val.shape))
+                    elif val is None:
+                        _rescale_head_count(ctx, piece, out)
                     return
                 pos += n
+
+
+def _rescale_head_count(ctx, name, out):
+    """A target dim computed as rows × heads (TorchScript's `bsz * num_heads` for [S, B·H, D]): replace the
+    head count H in the Mul by the number of heads kept."""
+    seg = out.segments[0] if len(out.segments) == 1 else None
+    if seg is None or not seg.divisor or len(seg.outers) != 1:
+        return
+    old = seg.outers[0][1]
+    new = len(np.unique(replace(seg, outers=()).positions(ctx.plan.kept.get(ctx.find(seg.space)))))
+    for _ in range(4):
+        producer = ctx.view.producer.get(name)
+        if producer is None:
+            return
+        if producer.op_type == "Mul":
+            target = next(n for n in ctx.model.graph.node if n.name == producer.name)
+            for idx, factor in enumerate(target.input):
+                value = ctx.array(factor)
+                if value is not None and value.size == 1 and int(value.ravel()[0]) == old and new != old:
+                    ctx.set_input_constant(target, idx, np.full_like(value, new))
+                    return
+            return
+        if producer.op_type not in ("Unsqueeze", "Squeeze", "Cast", "Reshape", "Identity"):
+            return
+        name = producer.input[0]
 
 
 def _unexpand(seg, leading, trailing, length):
@@ -230,22 +278,42 @@ def _unexpand(seg, leading, trailing, length):
     return out
 
 
-def _split_heads(x, shape_out, j0, j1):
+def _split_heads(x, shape_out, j0, j1, leading: int = 1):
     """H·D plain features split into [.., H, D] (D the product of the dims after H): a head axis.
 
+    With `leading` > 1 the head axis also holds the `leading` dims that stood in front of the features
+    ([B, H·D] -> [B·H, D]): head h of row b sits at b·H + h, one outer block of H per row.
     Each segment must be whole heads of plain features (one position per channel, aligned to D).
     """
     for j in range(j0, j1 - 1):
         if math.prod(shape_out[j0:j]) != 1:
             break
         head_dim = math.prod(shape_out[j + 1:j1])
+        if shape_out[j] % leading or shape_out[j] // leading * head_dim != x.length:
+            continue
+        outers = ((leading, shape_out[j] // leading),) if leading > 1 else ()
         segs = []
         for seg in x.segments:
             if (seg.inner != 1 or seg.outers or seg.modulo or seg.divisor or seg.channels % head_dim
                     or seg.offset % head_dim):
                 segs = None
                 break
-            segs.append(Segment(seg.space, seg.channels, 1, seg.offset // head_dim, (), 0, head_dim))
+            segs.append(Segment(seg.space, seg.channels, 1, seg.offset // head_dim, outers, 0, head_dim))
         if segs:
             return ChannelAxis(j, shape_out[j], tuple(segs))
     return None
+
+
+def _stack_parts(x, shape_in, shape_out):
+    """The packed projection [.., k·E] (k side-by-side parts of E plain channels) viewed as [.., k, E]: the
+    channels on the last axis, every part at offset 0 (the caller merges the parts' spaces). None otherwise."""
+    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or len(x.segments) < 2:
+        return None
+    k, size = shape_out[-2], shape_out[-1]
+    if x.axis != len(shape_in) - 1 or list(shape_out[:-2]) != list(shape_in[:-1]) or k != len(x.segments):
+        return None
+    segs = sorted(x.segments, key=lambda s: s.offset)
+    if any(s.inner != 1 or s.outers or s.modulo or s.divisor or s.channels != size or s.offset != i * size
+           for i, s in enumerate(segs)):
+        return None
+    return ChannelAxis(len(shape_out) - 1, size, (Segment(segs[0].space, size),))
