@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--npz", help="also write the calibration batch as an npz for `onnxprune prune --data`")
     parser.add_argument("--save", help="write the pruned model here")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--pruned", help="evaluate this model (pruned elsewhere, e.g. by `onnxprune prune`) "
+                                         "instead of pruning here")
     args = parser.parse_args()
 
     sys.path.insert(0, "tools")
@@ -192,31 +194,36 @@ def main() -> None:
                  attention_mask=enc["attention_mask"].astype(np.int64))
 
     model = onnx.load(args.model)
-    t = time.perf_counter()
-    removed = None
-    if args.allocate == "mlp":
-        removed = mlp_only_plan(model, args.ratio, args.criterion, calib)
-    result = prune_model(model, ratio=args.ratio, criterion=args.criterion, calibration=calib, recover=args.recover,
-                         removed=removed)
-    prune_s = time.perf_counter() - t
-    heads = [g for g in result.analysis.prunable if g.unit > 1]
-    neurons = [g for g in result.analysis.prunable if g.unit == 1]
-    kept_heads = sum(len(result.plan.kept.get(g.spaces[0], range(g.size))) // g.unit for g in heads)
-    kept_neurons = sum(len(result.plan.kept.get(g.spaces[0], range(g.size))) for g in neurons)
+    if args.pruned:
+        pruned, prune_s, kept = onnx.load(args.pruned), None, {}
+        params = None
+    else:
+        t = time.perf_counter()
+        removed = None
+        if args.allocate == "mlp":
+            removed = mlp_only_plan(model, args.ratio, args.criterion, calib)
+        result = prune_model(model, ratio=args.ratio, criterion=args.criterion, calibration=calib,
+                             recover=args.recover, removed=removed)
+        prune_s = time.perf_counter() - t
+        pruned, params = result.model, [result.stats["params_before"], result.stats["params_after"]]
+        heads = [g for g in result.analysis.prunable if g.unit > 1]
+        neurons = [g for g in result.analysis.prunable if g.unit == 1]
+        kept_heads = sum(len(result.plan.kept.get(g.spaces[0], range(g.size))) // g.unit for g in heads)
+        kept_neurons = sum(len(result.plan.kept.get(g.spaces[0], range(g.size))) for g in neurons)
+        kept = {"heads_kept": f"{kept_heads}/{sum(g.size // g.unit for g in heads)}",
+                "neurons_kept": f"{kept_neurons}/{sum(g.size for g in neurons)}"}
 
-    ref, got = embeddings(model, held), embeddings(result.model, held)
+    ref, got = embeddings(model, held), embeddings(pruned, held)
     cos = cosine(ref, got)
-    macs0, macs1 = linear_macs_per_token(model), linear_macs_per_token(result.model)
+    macs0, macs1 = linear_macs_per_token(model), linear_macs_per_token(pruned)
     lat0 = latency(model, held[:8], args.threads, args.repeats)
-    lat1 = latency(result.model, held[:8], args.threads, args.repeats)
+    lat1 = latency(pruned, held[:8], args.threads, args.repeats)
     figures = {
         "ratio": args.ratio, "allocate": args.allocate, "criterion": args.criterion, "recover": args.recover,
-        "calibration_sentences": len(calib_s), "heldout_sentences": len(held_s),
-        "heads_kept": f"{kept_heads}/{sum(g.size // g.unit for g in heads)}",
-        "neurons_kept": f"{kept_neurons}/{sum(g.size for g in neurons)}",
+        "pruned": args.pruned, "calibration_sentences": len(calib_s), "heldout_sentences": len(held_s), **kept,
         "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "cosine_p05": float(np.quantile(cos, 0.05)),
         "linear_macs_per_token": [macs0, macs1], "linear_macs_reduction": 1 - macs1 / macs0,
-        "params": [result.stats["params_before"], result.stats["params_after"]],
+        "params": params,
         "latency_s": [lat0, lat1], "latency_ratio": lat1 / lat0, "prune_seconds": prune_s, "threads": args.threads,
     }
     print(json.dumps(figures, indent=1))
@@ -224,7 +231,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     if args.save:
-        onnx.save(result.model, args.save)
+        onnx.save(pruned, args.save)
 
 
 if __name__ == "__main__":

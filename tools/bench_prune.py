@@ -305,11 +305,11 @@ def markdown(r: dict, command: str) -> str:
         f"- End-to-end CLI `onnxprune prune resnet50.onnx --ratio 0.5 -o out.onnx` (fresh process: imports, load, "
         f"prune, validate, save), fastest of {r['repeats']}: {min(r['cli_s']):.2f} s, "
         f"{_spread(r['cli_s'])} (goal ≤ {GOALS['cli_s']:.0f} s: {ok(min(r['cli_s']) <= GOALS['cli_s'])}).",
-        f"- Conv/Gemm weight shapes of the two pruned models are "
+        "- Conv/Gemm weight shapes of the two pruned models are "
         + ("identical, layer by layer: the latency ratio measures only run-to-run noise and graph details."
            if r["same_layer_shapes"] else "**different** (see the JSON): the pruners kept different widths.")
         + f" 1-minute load average {r['load_avg'][0]:.1f} before and {r['load_avg'][1]:.1f} after the run.",
-        f"- Output shapes (batch 2): " + ", ".join(f"{k} {v}" for k, v in r["shapes"].items()) + ".",
+        "- Output shapes (batch 2): " + ", ".join(f"{k} {v}" for k, v in r["shapes"].items()) + ".",
     ]
     return "\n".join(lines) + "\n"
 

@@ -193,7 +193,7 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     return _tensor_shapes(inferred.graph, dim)
 
 
-_FOLDABLE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Reshape", "Concat", "Unsqueeze", "Squeeze",
+_FOLDABLE = {"Constant", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Reshape", "Concat", "Unsqueeze", "Squeeze",
              "Cast", "Gather", "Slice", "Equal", "Where", "ConstantOfShape", "Range", "Expand"}
 
 
@@ -207,8 +207,8 @@ def _fold_shape_constants(model: onnx.ModelProto, max_elements: int = 64) -> Non
     keep = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
-        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and inputs and all(
-                i in consts for i in inputs):
+        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and (inputs or node.op_type == "Constant") \
+                and all(i in consts for i in inputs):
             try:
                 single = onnx.helper.make_model(
                     onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
