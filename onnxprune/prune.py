@@ -56,11 +56,17 @@ class PruneResult:
         return rows
 
 
-def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> Prepared:
+HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
+                  "even where the removed features were zero; compare with `onnxprune eval --reference`")
+
+
+def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Prepared:
+    """Normalise and analyse `model`; `prune_hidden` lets LayerNorm pass channels (the hidden size becomes
+    prunable, approximately: normalisation statistics change)."""
     check_supported(model)
     normalized = normalize(model)
     view = GraphView(normalized)
-    return Prepared(normalized, view, analyze_graph(view, tuple(exclude)))
+    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden))
 
 
 def _feeds(calibration) -> list[dict[str, np.ndarray]]:
@@ -75,7 +81,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                 scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
                 target_macs: float | None = None, target_params: float | None = None,
                 allocate: str = "global", sensitivity: dict | None = None, stats=None,
-                head_ratio: float | None = None) -> PruneResult:
+                head_ratio: float | None = None, prune_hidden: bool = False) -> PruneResult:
     """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
 
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
@@ -100,7 +106,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     if (criterion in DATA_CRITERIA or recover != "none") and not feeds and removed is None:
         what = f"--criterion {criterion}" if criterion in DATA_CRITERIA else f"--recover {recover}"
         raise InputError(f"{what} needs calibration data: pass --data FILE")
-    prep = prepared or prepare(model, exclude)
+    prep = prepared or prepare(model, exclude, prune_hidden)
     notes: list[str] = []
     if removed is not None:
         plan = plan_removal(prep.analysis, removed)
@@ -124,6 +130,11 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         else:
             planner = plan_global if global_ranking else plan_uniform
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
+    if prep.analysis.context.prune_hidden:
+        normed = {prep.analysis.find(s.space) for m in prep.analysis.context.members
+                  if m.op_type == "LayerNormalization" for s in m.layout.segments}
+        if normed & set(plan.kept):
+            notes.append(HIDDEN_WARNING)
     pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
     recovery: list[dict] = []
     if recover != "none" and plan.kept:

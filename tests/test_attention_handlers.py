@@ -169,3 +169,15 @@ def test_packed_in_proj_heads_prune_whole():
         assert oracle.pruned_channels == D and oracle.max_rel_err < 1e-5
         r = prune_model(m, ratio=0.5)
         assert init_shape(r.model, "w_in") == (E, 3 * D) and init_shape(r.model, "w_out") == (E, D)
+
+
+def test_class_token_concat_slices_the_token_constant():
+    """Concat along the token axis with a constant token (through Expand, as ViT's class token): the token's
+    features are sliced with the channels, and the zero-channel oracle holds."""
+    m = build([("MatMul", ["x", "w1"], ["h"]), ("Expand", ["cls", "shape"], ["c"]),
+               ("Concat", ["c", "h"], ["t"], {"axis": 1}), ("Relu", ["t"], ["r"]), ("MatMul", ["r", "w2"], ["y"])],
+              {"x": [1, S, E]}, ["y"], {"w1": (E, 6), "cls": (1, 1, 6), "shape": np.array([1, 1, 1]), "w2": (6, 3)})
+    assert len(prepare(m).analysis.prunable) == 1
+    oracle = zero_channel_oracle(m, fraction=0.5)
+    assert oracle.pruned_channels == 3 and oracle.max_rel_err < 1e-5
+    assert init_shape(prune_model(m, ratio=0.5).model, "cls") == (1, 1, 3)

@@ -173,3 +173,35 @@ def test_vit_b_16_heads_and_neurons(tmp_path, dynamo):
     feed = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     oracle = zero_channel_oracle(model, feed=feed)
     assert oracle.pruned_channels > 0 and oracle.max_rel_err < 1e-4, oracle.max_rel_err
+
+
+def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
+    """--prune-hidden: the residual stream (conv stem, class token, position embedding, every LayerNorm, the
+    writers and readers of all blocks) becomes one prunable group; the result runs, keeps its output shape and
+    is reported as approximate. Without the option that group stays frozen with the LayerNorm reason."""
+    from onnxprune.cli import main
+    from onnxprune.prune import HIDDEN_WARNING
+
+    model = exported("vit", False)
+    frozen = [g for g in prepare(model).analysis.groups if g.size == 32 and not g.prunable]
+    assert frozen and any("hidden size" in g.reason or "LayerNorm" in g.reason for g in frozen)
+    hidden = [g for g in prepare(model, prune_hidden=True).analysis.prunable if g.size == 32 and g.unit == 1]
+    assert len(hidden) == 1 and len({m.node for m in hidden[0].members}) > 15
+
+    result = prune_model(model, ratio=0.25, prune_hidden=True)
+    assert HIDDEN_WARNING in result.notes
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert {v for k, v in shapes.items() if "ln_1.weight" in k} == {(24,)}
+    assert {v for k, v in shapes.items() if "class_token" in k} == {(1, 1, 24)}
+    feed = feed_for("vit")
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
+    # ratio 0 with the option changes nothing
+    same = prune_model(model, ratio=0.0, prune_hidden=True)
+    np.testing.assert_allclose(run(same.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+    path = tmp_path / "vit.onnx"
+    onnx.save(model, str(path))
+    capsys.readouterr()
+    assert main(["prune", str(path), "--ratio", "0.25", "--prune-hidden", "-o", str(tmp_path / "p.onnx")]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: --prune-hidden changes LayerNorm statistics" in err and "note: hidden features" in out

@@ -11,13 +11,14 @@ from onnxprune.model_io import load_model
 @click.command("analyze")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--exclude", multiple=True, help="Node-name glob whose output channels stay (repeatable).")
+@click.option("--prune-hidden", is_flag=True, help="Show the hidden size as prunable (approximate, see prune).")
 @click.option("--all", "show_all", is_flag=True, help="Show every group (frozen ones too) without a limit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the groups as JSON here.")
-def analyze(model: str, exclude: tuple[str, ...], show_all: bool, json_path: str | None) -> None:
+def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""
     from onnxprune.prune import prepare
 
-    prep = prepare(load_model(model), exclude)
+    prep = prepare(load_model(model), exclude, prune_hidden)
     rows = [{"group": g.id, "channels": g.size, "kept": g.size, "prunable": g.prunable, "reason": g.reason,
              "sources": g.sources, "members": len({m.node for m in g.members}),
              "unit": g.unit, "blocks": g.blocks, "tensors": g.tensors[:20]} for g in prep.analysis.groups]

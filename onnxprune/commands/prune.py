@@ -41,6 +41,9 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
               help="Keep channel counts at a multiple of N (8 suits most hardware).")
 @click.option("--exclude", multiple=True, help="Node-name glob whose output channels stay (repeatable).")
+@click.option("--prune-hidden", is_flag=True,
+              help="Also prune the hidden size (residual stream through LayerNorm). Approximate: LayerNorm "
+                   "statistics change, so check the result with eval.")
 @data_options
 @click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
               help="Retraining-free recovery from --data: fold removed channels' means into biases, or refit "
@@ -65,7 +68,7 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only the pruned ones.")
 def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, head_ratio: float | None,
           criterion: str, global_ranking: bool,
-          round_to: int, exclude: tuple[str, ...], recover: str, target_macs: float | None,
+          round_to: int, exclude: tuple[str, ...], prune_hidden: bool, recover: str, target_macs: float | None,
           target_params: float | None, allocate: str, max_drop: float | None, eval_data: str | None, mode: str,
           threshold: float | None, quantize: str | None, dry_run: bool, seed: int, json_path: str | None,
           show_all: bool, **data_kwargs) -> None:
@@ -77,6 +80,11 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         if out_path.exists() and not overwrite:
             raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
     _check_options(ratio, target_macs, target_params, max_drop, mode, threshold, recover, criterion, allocate)
+    if prune_hidden:
+        if mode == "unstructured":
+            raise InputError("--prune-hidden is for structured pruning")
+        click.echo("warning: --prune-hidden changes LayerNorm statistics: the result only approximates the "
+                   "original, even where removed channels were zero", err=True)
     if head_ratio is not None and (mode == "unstructured" or max_drop is not None):
         raise InputError("--head-ratio goes with --ratio (structured), not with --max-drop or --mode unstructured")
     original = load_model(model)
@@ -108,7 +116,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         groups_rows = None
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
-                             recover, target_macs, target_params, allocate, max_drop, head_ratio)
+                             recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -155,10 +163,10 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
-                target_macs, target_params, allocate, max_drop, head_ratio=None):
+                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
-    prep = prepare(original, exclude)
+    prep = prepare(original, exclude, prune_hidden)
     stats = None
     if criterion in DATA_CRITERIA or allocate == "sensitivity":
         from onnxprune.activations import channel_stats

@@ -25,8 +25,9 @@ FUSED_TRANSFORMER_OPS = frozenset({
 class AnalysisContext:
     """What handlers read and write while the graph is walked."""
 
-    def __init__(self, view: GraphView):
+    def __init__(self, view: GraphView, prune_hidden: bool = False):
         self.view = view
+        self.prune_hidden = prune_hidden  # LayerNorm passes channels (approximate: its statistics change)
         self.spaces = SpaceSet()
         self.axes: dict[str, ChannelAxis] = {}
         self.members: list[Member] = []
@@ -112,8 +113,8 @@ class Analysis:
         return self.context.spaces.find(space)
 
 
-def analyze_graph(view: GraphView, exclude: tuple[str, ...] = ()) -> Analysis:
-    ctx = AnalysisContext(view)
+def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Analysis:
+    ctx = AnalysisContext(view, prune_hidden)
     for node in view.nodes:
         handler = get_handler(node.op_type, node.domain)
         if handler is None:

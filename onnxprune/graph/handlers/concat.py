@@ -43,12 +43,35 @@ class Concat(Handler):
                     parts.append(ctx.frozen_axis(node, axis, length, f"Concat {node.name}: input {name} is not prunable"))
             ctx.set_axis(node.output[0], concat_axes(parts, axis))
             return
-        if len(axes) == 1 and all(c is not None for c in carried):
-            first = carried[0]
-            if all(ctx.union(first, c) for c in carried[1:]):
+        if len(axes) == 1:
+            # concatenation along another axis (tokens): every input carries the same channels; a constant
+            # input (ViT's class token, often through Expand) is sliced with them
+            first = next(c for c in carried if c is not None)
+            if all(ctx.union(first, c) if c is not None else _slice_constant(ctx, node, i, first)
+                   for i, c in enumerate(carried)):
                 ctx.set_axis(node.output[0], first)
                 return
         ctx.freeze_inputs(node, "inputs carry channels on different axes")
+
+
+def _slice_constant(ctx, node, index, layout) -> bool:
+    """Make input `index` of `node` (no channels of its own) follow `layout`: a constant, or a constant
+    broadcast by an Expand read by this node only, is sliced along the channel axis."""
+    name = node.input[index]
+    if ctx.view.is_const(name):
+        return ctx.view.dim(name, layout.axis) == layout.length and ctx.add_member(
+            node, index, layout.axis, layout, "pass", scored=False)
+    producer = ctx.view.producer.get(name)
+    if producer is None or producer.op_type != "Expand" or ctx.view.uses(name) != 1 \
+            or not ctx.view.is_const(producer.input[0]):
+        return False
+    out_rank, data_rank = ctx.view.rank(name), ctx.view.rank(producer.input[0])
+    if out_rank is None or data_rank is None or layout.axis - (out_rank - data_rank) < 0:
+        return False
+    axis = layout.axis - (out_rank - data_rank)
+    if ctx.view.dim(producer.input[0], axis) != layout.length:
+        return False
+    return ctx.add_member(producer, 0, axis, layout.with_axis(axis), "pass", scored=False)
 
 
 def _split_sizes(node, ctx, length):

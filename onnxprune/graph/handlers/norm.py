@@ -3,7 +3,8 @@
 BatchNormalization and InstanceNormalization work per channel: they carry the channel axis and their
 per-channel parameters are sliced with it. LayerNormalization normalises over the trailing axes, so channels on
 those axes are frozen (removing one would change every other channel's statistics); channels on a leading axis
-pass through. LRN and GroupNormalization mix channels and freeze them.
+pass through. With `prune_hidden` (the CLI's --prune-hidden) a LayerNorm over the last axis alone passes them
+and its scale and bias are sliced: the pruned model then normalises over fewer features, an approximation. LRN and GroupNormalization mix channels and freeze them.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ class LayerNorm(Handler):
             return
         axis = axis + rank if axis < 0 else axis
         if x.axis >= axis:
-            ctx.freeze(x, f"LayerNormalization {node.name}: normalises over the channel axis")
-            return
+            if not (ctx.prune_hidden and axis == x.axis == rank - 1):
+                ctx.freeze(x, f"LayerNormalization {node.name}: normalises over the channel axis")
+                return
+            for idx in (1, 2):
+                if len(node.input) > idx and node.input[idx] and not ctx.add_member(node, idx, 0, x.with_axis(0),
+                                                                                     "pass", scored=False):
+                    return
         ctx.set_axis(node.output[0], x)
 
 

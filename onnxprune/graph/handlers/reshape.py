@@ -204,34 +204,38 @@ class Reshape(Handler):
                 ctx.set_input_constant(node, 1, new)
             return
         producer = ctx.view.producer.get(shape_name)
-        # a target built by Concat of one-element pieces (TorchScript exports): fix the constant piece; pieces
-        # read from Shape at run time already give the new length
-        if producer is not None and producer.op_type == "Concat":
-            pos = 0
-            for idx, piece in enumerate(producer.input):
-                n = ctx.view.dim(piece, 0) if ctx.view.rank(piece) == 1 else None
-                if n is None:
-                    return
-                if pos <= out.axis < pos + n:
-                    # edit the Concat of the model being rewritten, not the view's copy of it
-                    target = next(n for n in ctx.model.graph.node if n.name == producer.name)
-                    val = ctx.view.array(piece)
-                    static = [ctx.view.dim(node.output[0], k) for k in range(pos, pos + n)]
-                    if val is None and None not in static:
-                        # computed at run time from a tensor that keeps its size (TorchScript reads the hidden
-                        # size E of the input for q/k/v's [3, E]): the dims are static, so write them down
-                        val = np.array(static, dtype=np.int64)
-                        ctx.set_input_constant(target, idx, val)
-                    if val is not None and val.ravel()[out.axis - pos] > 0:
-                        new_len = ctx.new_length(node.output[0])
-                        if new_len != val.ravel()[out.axis - pos]:
-                            new = val.copy().ravel()
-                            new[out.axis - pos] = new_len
-                            ctx.set_input_constant(target, idx, new.reshape(val.shape))
-                    elif val is None:
-                        _rescale_head_count(ctx, piece, out)
-                    return
-                pos += n
+        # a target built by Concat of pieces (TorchScript exports): fix the constant piece of the channel axis;
+        # pieces read from Shape at run time follow the new length by themselves
+        if producer is None or producer.op_type != "Concat":
+            return
+        pieces, pos = [], 0
+        for idx, piece in enumerate(producer.input):
+            n = ctx.view.dim(piece, 0) if ctx.view.rank(piece) == 1 else None
+            if n is None:
+                return
+            pieces.append((idx, piece, pos, n))
+            pos += n
+        # edit the Concat of the model being rewritten, not the view's copy of it
+        target = next(n for n in ctx.model.graph.node if n.name == producer.name)
+        for idx, piece, pos, n in pieces:
+            val = ctx.view.array(piece)
+            static = [ctx.view.dim(node.output[0], k) for k in range(pos, pos + n)]
+            if val is None and None not in static and ctx.plan.kept:
+                # computed at run time from a tensor whose size pruning may change (TorchScript reads the hidden
+                # size E for q/k/v's [3, E] and derives head_dim from it): these dims are static, so write
+                # them down
+                val = np.array(static, dtype=np.int64)
+                ctx.set_input_constant(target, idx, val)
+            if not pos <= out.axis < pos + n:
+                continue
+            if val is not None and val.ravel()[out.axis - pos] > 0:
+                new_len = ctx.new_length(node.output[0])
+                if new_len != val.ravel()[out.axis - pos]:
+                    new = val.copy().ravel()
+                    new[out.axis - pos] = new_len
+                    ctx.set_input_constant(target, idx, new.reshape(val.shape))
+            elif val is None:
+                _rescale_head_count(ctx, piece, out)
 
 
 def _rescale_head_count(ctx, name, out):
