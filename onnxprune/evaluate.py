@@ -141,13 +141,17 @@ def accuracy(outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray, k: Se
 
 def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
                     reference_outputs: Sequence[dict[str, np.ndarray]], *,
-                    atol: float | None = None, rtol: float | None = None) -> dict:
+                    atol: float | None = None, rtol: float | None = None,
+                    feeds: Sequence[dict[str, np.ndarray]] | None = None) -> dict:
     """Per output: max/mean absolute error, mean and worst per-sample cosine similarity, top-1 agreement for
     outputs shaped [N, classes], and (with atol/rtol) how many elements miss |c - r| <= atol + rtol * |r|.
 
+    With the `feeds` the outputs came from, a [batch, seq, ...] output whose feed has an attention mask of
+    [batch, seq] is compared on real tokens only (padded positions hold whatever the model leaves there).
     The top-level `top1_agreement` is that of the first class-score output (None if there is none).
     """
     cand, ref = _concat(candidate_outputs), _concat(reference_outputs)
+    mask = _token_mask(feeds)
     if list(cand) != list(ref):
         raise InputError(f"the models' outputs differ: candidate {', '.join(cand)}; reference {', '.join(ref)}")
     per_output = {}
@@ -157,12 +161,20 @@ def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
             raise InputError(f"output {name!r} has shape {list(c.shape)} in the candidate, "
                              f"{list(r.shape)} in the reference")
         c64, r64 = c.astype(np.float64), r.astype(np.float64)
+        if mask is not None and r.ndim >= 3 and mask.shape == r.shape[:2]:
+            real = mask.reshape(mask.shape + (1,) * (r.ndim - 2))
+            c64, r64 = c64 * real, r64 * real
+            entry_mask = True
+        else:
+            entry_mask = False
         diff = np.abs(c64 - r64)
         entry: dict[str, Any] = {
             "shape": list(r.shape),
             "max_abs_err": float(diff.max()) if diff.size else 0.0,
             "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
         }
+        if entry_mask:
+            entry["real_tokens_only"] = True
         cosine = _cosine_per_sample(c64, r64)
         entry["cosine"], entry["cosine_min"] = float(cosine.mean()), float(cosine.min())
         if _is_scores(r):
@@ -264,7 +276,8 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
             for role, role_rows in rows.items():
                 result[role].setdefault("latency", []).extend(role_rows)
     if reference is not None:
-        result["agreement"] = compare_outputs(outputs["candidate"], outputs["reference"], atol=atol, rtol=rtol)
+        result["agreement"] = compare_outputs(outputs["candidate"], outputs["reference"], atol=atol, rtol=rtol,
+                                              feeds=dataset.feeds)
         result["deltas"] = _deltas(result["candidate"], result["reference"])
     result["data"] = {"source": dataset.source, "samples": len(dataset), "batches": len(dataset.feeds),
                       "batch_size": dataset.batch_size, "labels": dataset.labels is not None}
@@ -417,6 +430,22 @@ def _concat(outputs: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         raise InputError("no outputs to compare: the data holds no batches")
     return {name: (np.concatenate([o[name] for o in outputs]) if outputs[0][name].ndim else outputs[0][name])
             for name in outputs[0]}
+
+
+def _token_mask(feeds) -> np.ndarray | None:
+    """The feeds' attention masks ([batch, seq], integer or bool, an input named like *mask*), concatenated."""
+    if not feeds:
+        return None
+    parts = []
+    for feed in feeds:
+        found = [v for k, v in feed.items() if "mask" in k.lower() and v.ndim == 2 and v.dtype.kind in "iub"]
+        if len(found) != 1:
+            return None
+        parts.append(found[0] != 0)
+    try:
+        return np.concatenate(parts)
+    except ValueError:  # batches padded to different lengths: outputs would not concatenate either
+        return None
 
 
 def _is_scores(array: np.ndarray) -> bool:

@@ -162,7 +162,7 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
     outputs = run_model(model, dataset)
     if dataset.labels is None and reference_outputs is None:
         reference_outputs = run_model(reference if reference is not None else model, dataset)
-    metric, value = model_metric(outputs, reference_outputs, dataset.labels)
+    metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
     return {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
 
 

@@ -34,13 +34,15 @@ class SensitivityResult:
         return {r["root"]: (self.ratios, r["drops"]) for r in self.rows}
 
 
-def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.ndarray | None) -> tuple[str, float]:
-    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs."""
+def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.ndarray | None,
+                 feeds: list[dict] | None = None) -> tuple[str, float]:
+    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs (cosine on real tokens
+    when the `feeds` carry an attention mask)."""
     from onnxprune.evaluate import accuracy, compare_outputs
 
     if labels is not None:
         return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
-    cmp = compare_outputs(outputs, reference)
+    cmp = compare_outputs(outputs, reference, feeds=feeds)
     if cmp["top1_agreement"] is not None:
         return "agreement", 100.0 * cmp["top1_agreement"]
     first = next(iter(cmp["outputs"].values()))
@@ -67,7 +69,7 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
         raise InputError(f"sensitivity ratios must be in (0, 1), got {', '.join(map(str, ratios))}")
     labels = dataset.labels if use_labels else None
     reference = run_model(prep.model, dataset)
-    metric, baseline = model_metric(reference, reference, labels)
+    metric, baseline = model_metric(reference, reference, labels, dataset.feeds)
     result = SensitivityResult(list(ratios), metric, baseline, data_source=dataset.source)
     cost = CostModel(prep)
     for group in prep.analysis.prunable:
@@ -76,7 +78,7 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
         for ratio in ratios:
             plan = single_group_plan(group, scores[root], ratio)
             pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
-            _, value = model_metric(run_model(pruned, dataset), reference, labels)
+            _, value = model_metric(run_model(pruned, dataset), reference, labels, dataset.feeds)
             values.append(value)
             drops.append(baseline - value)
             macs.append(cost.cost(plan, "macs"))

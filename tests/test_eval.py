@@ -235,3 +235,20 @@ def test_end_to_end_exit_codes_in_a_real_process(tmp_path):
     assert missed.returncode == 1 and "Traceback" not in missed.stderr and "gate missed" in missed.stderr
     assert met.returncode == 0, met.stderr
     assert "latency" in met.stdout and "p50 ms" in met.stdout
+
+
+def test_fidelity_on_real_tokens_only():
+    """Token outputs ([batch, seq, features]) with an attention mask in the feed are compared on real tokens:
+    garbage at padded positions changes no figure."""
+    from onnxprune.evaluate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int64)
+    cand = ref.copy()
+    cand[0, 3:] = 100.0  # padded positions
+    feeds = [{"input_ids": np.zeros((2, 5), np.int64), "attention_mask": mask}]
+    masked = compare_outputs([{"y": cand}], [{"y": ref}], feeds=feeds)["outputs"]["y"]
+    assert masked["cosine"] == pytest.approx(1.0) and masked["max_abs_err"] == 0.0 and masked["real_tokens_only"]
+    plain = compare_outputs([{"y": cand}], [{"y": ref}])["outputs"]["y"]
+    assert plain["cosine"] < 0.9 and plain["max_abs_err"] > 50
