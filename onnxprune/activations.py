@@ -91,6 +91,7 @@ class TensorStats:
     sq_sum: np.ndarray
     zeros: np.ndarray
     count: int = 0  # values summed per position
+    gram: np.ndarray | None = None  # Σ xᵀx over the channel axis, for tensors read by attention-head groups
 
     @property
     def abs_mean(self) -> np.ndarray:
@@ -141,10 +142,26 @@ def token_rows(feed: dict[str, np.ndarray], shape: tuple) -> np.ndarray | None:
     return None
 
 
+MAX_GRAM = 4096  # positions: a Gram matrix of at most 128 MiB
+
+
+def head_inputs(prep) -> set[str]:
+    """Tensors read by the consumers of attention-head groups (the output projection's input), whose Gram
+    matrix gives each head's output norm."""
+    nodes = {n.name: n for n in prep.view.nodes}
+    heads = {g.spaces[0] for g in prep.analysis.prunable if g.unit > 1}
+    axes = prep.analysis.context.axes
+    return {nodes[m.node].input[0] for m in prep.analysis.context.members
+            if m.role == "in" and any(prep.analysis.find(s.space) in heads for s in m.layout.segments)
+            and nodes[m.node].input[0] in axes and axes[nodes[m.node].input[0]].length <= MAX_GRAM}
+
+
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
                   source: str = "") -> ActivationStats:
-    """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`."""
+    """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`, and
+    the Gram matrix of the inputs of attention-head consumers."""
     names = list(tensors) if tensors is not None else consumer_inputs(prep)
+    grams = head_inputs(prep) & set(names)
     stats = ActivationStats(source=source)
     if not names:
         return stats
@@ -168,6 +185,8 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
             entry.sq_sum += (x * x).sum(axis=0)
             entry.zeros += (x == 0).sum(axis=0)
             entry.count += x.shape[0]
+            if name in grams:
+                entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
     if stats.samples == 0:
         raise InputError("the calibration data has no samples")
     return stats

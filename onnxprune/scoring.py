@@ -168,13 +168,35 @@ def apoz_score(group, data):
     return _combine(parts, group.size)
 
 
+def _head_output_norms(group, m, axis, gram: np.ndarray, data, root: int) -> np.ndarray:
+    """‖X_h W_h‖ for each head h of `group` — the norm of what the head adds to the reader's output over the
+    calibration tokens, from the Gram matrix G = XᵀX of the reader's input: ‖X_h W_h‖² = Σ G[P,P] ∘ W_P W_Pᵀ
+    (P: the head's positions). Spread evenly over the head's channels, so that a head's sum is its norm."""
+    w = data.view.array(m.tensor).astype(np.float64)
+    scores = np.zeros(group.size)
+    for h in range(group.size // group.unit):
+        chans = np.arange(h * group.unit, (h + 1) * group.unit)
+        pos = np.concatenate([s.positions(chans).ravel() for s in axis.segments if data.find(s.space) == root])
+        w_p = np.moveaxis(np.take(w, pos, axis=m.axis), m.axis, 0).reshape(len(pos), -1)
+        energy = float(np.sum(gram[np.ix_(pos, pos)] * (w_p @ w_p.T)))
+        scores[chans] = np.sqrt(max(energy, 0.0)) / group.unit
+    return scores
+
+
 @data_criterion("hybrid")
 def hybrid_score(group, data):
+    """|W|·‖X‖ per channel; for attention heads, each head's output norm ‖X_h W_h‖ where its reader's input
+    Gram matrix was recorded."""
     root = data.find(group.spaces[0])
     parts = []
     for m, t in _readers(group, data):
         axis = data.axes[t]
         norm = data.stats.tensors[t].norm
+        gram = data.stats.tensors[t].gram
+        if group.unit > 1 and gram is not None and m.layout.length == axis.length and all(
+                a.same_structure(b) for a, b in zip(m.layout.segments, axis.segments)):
+            parts.append(_head_output_norms(group, m, axis, gram, data, root))
+            continue
         w = np.abs(data.view.array(m.tensor).astype(np.float64))
         w_pos = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1).sum(axis=1)
         aligned = m.layout.length == axis.length and all(

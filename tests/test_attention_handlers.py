@@ -181,3 +181,22 @@ def test_class_token_concat_slices_the_token_constant():
     oracle = zero_channel_oracle(m, fraction=0.5)
     assert oracle.pruned_channels == 3 and oracle.max_rel_err < 1e-5
     assert init_shape(prune_model(m, ratio=0.5).model, "cls") == (1, 1, 3)
+
+
+def test_hybrid_scores_heads_by_their_output_norm():
+    """With calibration data, a head's hybrid score is ‖X_h W_h‖: the norm of what it adds to the output
+    projection, computed from the Gram matrix of the projection's input."""
+    from onnxprune.activations import Probe, channel_stats
+    from onnxprune.scoring import score_groups
+
+    m = attention()
+    prep = prepare(m)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, S, E)).astype(np.float32)} for _ in range(3)]
+    stats = channel_stats(prep, feeds)
+    (group,) = prep.analysis.prunable
+    per_head = score_groups(prep.analysis, prep.view, "hybrid", stats=stats)[group.spaces[0]].reshape(H, D).sum(1)
+    x = np.concatenate([Probe(prep.model, ["merged"]).run(f)["merged"].reshape(-1, E) for f in feeds])
+    w = onnx.numpy_helper.to_array(next(t for t in prep.model.graph.initializer if t.name == "wo"))
+    want = np.array([np.linalg.norm(x[:, h * D:(h + 1) * D] @ w[h * D:(h + 1) * D]) for h in range(H)])
+    np.testing.assert_allclose(per_head / per_head.mean(), want / want.mean(), rtol=1e-6)

@@ -35,8 +35,9 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
               help="Fraction of channels (or, unstructured, of weights) to remove, in [0, 1). [default: 0.5]")
 @click.option("--head-ratio", type=float, default=None,
               help="Fraction of attention heads to remove in head groups, in [0, 1). [default: --ratio]")
-@click.option("--criterion", type=click.Choice(all_criteria()), default="l1", show_default=True,
-              help=f"How channels are scored ({', '.join(sorted(DATA_CRITERIA))} need --data).")
+@click.option("--criterion", type=click.Choice(all_criteria()), default=None,
+              help=f"How channels are scored ({', '.join(sorted(DATA_CRITERIA))} need --data). "
+                   "[default: hybrid with --data, else l1]")
 @click.option("--global", "global_ranking", is_flag=True, help="Rank channels across groups instead of per group.")
 @click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
               help="Keep channel counts at a multiple of N (8 suits most hardware).")
@@ -79,7 +80,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
             raise InputError(f"refusing to overwrite the input model {model} (pass --overwrite to replace it)")
         if out_path.exists() and not overwrite:
             raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
-    _check_options(ratio, target_macs, target_params, max_drop, mode, threshold, recover, criterion, allocate)
+    _check_options(ratio, target_macs, target_params, max_drop, mode, threshold, recover, criterion or "l1",
+                   allocate)
     if prune_hidden:
         if mode == "unstructured":
             raise InputError("--prune-hidden is for structured pruning")
@@ -90,6 +92,9 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
     original = load_model(model)
     batch_size = data_kwargs.get("batch_size") or 32
     calib = dataset_from_options(original, data_kwargs)
+    if criterion is None:
+        # calibration data makes the scores data-aware: |W|·‖X‖ per channel, each head's output norm
+        criterion = "hybrid" if calib is not None and mode == "structured" else "l1"
     needs_data = criterion in DATA_CRITERIA or recover != "none" or max_drop is not None or allocate == "sensitivity"
     if calib is None and needs_data:
         raise InputError("this needs calibration data: pass --data FILE "
