@@ -91,7 +91,14 @@ class TensorStats:
     sq_sum: np.ndarray
     zeros: np.ndarray
     count: int = 0  # values summed per position
-    gram: np.ndarray | None = None  # Σ xᵀx over the channel axis, for tensors read by attention-head groups
+    gram: np.ndarray | None = None  # Σ xᵀx over the channel axis, for inputs of fully connected readers
+    total: np.ndarray | None = None  # Σ x, with the Gram matrix (to centre it)
+
+    def covariance(self) -> np.ndarray | None:
+        """Σ (x - mean)ᵀ(x - mean): the Gram matrix of the centred values (None without a Gram matrix)."""
+        if self.gram is None or not self.count:
+            return None
+        return self.gram - np.outer(self.total, self.total) / self.count
 
     @property
     def abs_mean(self) -> np.ndarray:
@@ -142,26 +149,28 @@ def token_rows(feed: dict[str, np.ndarray], shape: tuple) -> np.ndarray | None:
     return None
 
 
-MAX_GRAM = 4096  # positions: a Gram matrix of at most 128 MiB
+MAX_GRAM = 3072  # positions: a float64 Gram matrix of at most 72 MiB per tensor
 
 
-def head_inputs(prep) -> set[str]:
-    """Tensors read by the consumers of attention-head groups (the output projection's input), whose Gram
-    matrix gives each head's output norm."""
+def gram_inputs(prep) -> set[str]:
+    """Inputs of the fully connected layers (MatMul, Gemm) that read prunable channels, on at most MAX_GRAM
+    positions: their Gram matrices let `hybrid` score channels by what a least-squares refit of the layer
+    cannot bring back (scoring._refit_losses)."""
     nodes = {n.name: n for n in prep.view.nodes}
-    heads = {g.spaces[0] for g in prep.analysis.prunable if g.unit > 1}
+    prunable = {g.spaces[0] for g in prep.analysis.prunable}
     axes = prep.analysis.context.axes
     return {nodes[m.node].input[0] for m in prep.analysis.context.members
-            if m.role == "in" and any(prep.analysis.find(s.space) in heads for s in m.layout.segments)
+            if m.role == "in" and m.op_type in ("MatMul", "Gemm")
+            and any(prep.analysis.find(s.space) in prunable for s in m.layout.segments)
             and nodes[m.node].input[0] in axes and axes[nodes[m.node].input[0]].length <= MAX_GRAM}
 
 
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
                   source: str = "") -> ActivationStats:
     """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`, and
-    the Gram matrix of the inputs of attention-head consumers."""
+    the Gram matrix of those read by fully connected layers (see gram_inputs)."""
     names = list(tensors) if tensors is not None else consumer_inputs(prep)
-    grams = head_inputs(prep) & set(names)
+    grams = gram_inputs(prep) & set(names)
     stats = ActivationStats(source=source)
     if not names:
         return stats
@@ -187,6 +196,7 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
             entry.count += x.shape[0]
             if name in grams:
                 entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
+                entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
     if stats.samples == 0:
         raise InputError("the calibration data has no samples")
     return stats

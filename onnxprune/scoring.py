@@ -168,34 +168,67 @@ def apoz_score(group, data):
     return _combine(parts, group.size)
 
 
-def _head_output_norms(group, m, axis, gram: np.ndarray, data, root: int) -> np.ndarray:
-    """‖X_h W_h‖ for each head h of `group` — the norm of what the head adds to the reader's output over the
-    calibration tokens, from the Gram matrix G = XᵀX of the reader's input: ‖X_h W_h‖² = Σ G[P,P] ∘ W_P W_Pᵀ
-    (P: the head's positions). Spread evenly over the head's channels, so that a head's sum is its norm."""
-    w = data.view.array(m.tensor).astype(np.float64)
+def _refit_losses(group, m, axis, cov: np.ndarray, data, root: int, ridge: float = 1e-3,
+                  steps: int = 64) -> np.ndarray:
+    """Channels (or whole heads) scored by what is lost when they go and their reader is refit on the rest,
+    as `--recover lstsq` does.
+
+    Removing the inputs at positions R of a linear layer W and refitting the kept ones by least squares (the
+    bias absorbing means) leaves the error tr(W_Rᵀ (Q_RR)⁻¹ W_R), Q the inverse of the inputs' covariance over
+    the calibration tokens (Optimal Brain Surgeon, per input row). Units (heads, or channels) are removed
+    greedily, the cheapest first, about 1/`steps` of them at a time, each time compensating the kept rows and
+    updating Q as if refit; a unit's score is the total error once it is gone (the last: the error of removing
+    all), so keeping fewer always means keeping the ones scored highest. A head's score is spread evenly over
+    its channels."""
+    w = np.moveaxis(data.view.array(m.tensor).astype(np.float64), m.axis, 0)
+    w = w.reshape(w.shape[0], -1)
+    n_units = group.size // group.unit
+    units = [np.concatenate([s.positions(np.arange(u * group.unit, (u + 1) * group.unit)).ravel()
+                             for s in axis.segments if data.find(s.space) == root]) for u in range(n_units)]
+    q = np.linalg.inv(cov + ridge * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov)))
+    single = all(len(p) == 1 for p in units)
+    chunk = 1 if group.unit > 1 else max(1, n_units // steps)
     scores = np.zeros(group.size)
-    for h in range(group.size // group.unit):
-        chans = np.arange(h * group.unit, (h + 1) * group.unit)
-        pos = np.concatenate([s.positions(chans).ravel() for s in axis.segments if data.find(s.space) == root])
-        w_p = np.moveaxis(np.take(w, pos, axis=m.axis), m.axis, 0).reshape(len(pos), -1)
-        energy = float(np.sum(gram[np.ix_(pos, pos)] * (w_p @ w_p.T)))
-        scores[chans] = np.sqrt(max(energy, 0.0)) / group.unit
+    alive = list(range(n_units))
+    total = 0.0
+    while alive:
+        if single:
+            rows = np.array([units[u][0] for u in alive])
+            costs = (w[rows] ** 2).sum(axis=1) / np.maximum(np.diag(q)[rows], 1e-300)
+        else:
+            costs = np.array([np.sum(np.linalg.inv(q[np.ix_(units[u], units[u])]) * (w[units[u]] @ w[units[u]].T))
+                              for u in alive])
+        order = np.argsort(costs, kind="stable")[:chunk]
+        gone = [alive[i] for i in order]
+        r = np.concatenate([units[u] for u in gone])
+        q_rr_inv = np.linalg.inv(q[np.ix_(r, r)])
+        total += max(float(np.sum(q_rr_inv * (w[r] @ w[r].T))), 0.0)
+        # the kept rows absorb what the removed ones did; the precision loses the removed inputs
+        w = w - q[:, r] @ (q_rr_inv @ w[r])
+        q = q - q[:, r] @ q_rr_inv @ q[r, :]
+        q[r, :] = 0.0
+        q[:, r] = 0.0
+        q[r, r] = 1.0  # removed inputs: unit precision, zero weight (they never come back)
+        w[r] = 0.0
+        for u in gone:
+            scores[u * group.unit:(u + 1) * group.unit] = total / group.unit
+        alive = [u for u in alive if u not in set(gone)]
     return scores
 
 
 @data_criterion("hybrid")
 def hybrid_score(group, data):
-    """|W|·‖X‖ per channel; for attention heads, each head's output norm ‖X_h W_h‖ where its reader's input
-    Gram matrix was recorded."""
+    """|W|·‖X‖ per channel; where a fully connected reader's input covariance was recorded, the error a
+    channel's (or head's) removal leaves after a least-squares refit of that reader (see _refit_losses)."""
     root = data.find(group.spaces[0])
     parts = []
     for m, t in _readers(group, data):
         axis = data.axes[t]
         norm = data.stats.tensors[t].norm
-        gram = data.stats.tensors[t].gram
-        if group.unit > 1 and gram is not None and m.layout.length == axis.length and all(
+        cov = data.stats.tensors[t].covariance()
+        if cov is not None and m.layout.length == axis.length and all(
                 a.same_structure(b) for a, b in zip(m.layout.segments, axis.segments)):
-            parts.append(_head_output_norms(group, m, axis, gram, data, root))
+            parts.append(_refit_losses(group, m, axis, cov, data, root))
             continue
         w = np.abs(data.view.array(m.tensor).astype(np.float64))
         w_pos = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1).sum(axis=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 from onnxprune.graph.layout import Segment
 from onnxprune.planning import select
@@ -183,20 +184,35 @@ def test_class_token_concat_slices_the_token_constant():
     assert init_shape(prune_model(m, ratio=0.5).model, "cls") == (1, 1, 3)
 
 
-def test_hybrid_scores_heads_by_their_output_norm():
-    """With calibration data, a head's hybrid score is ‖X_h W_h‖: the norm of what it adds to the output
-    projection, computed from the Gram matrix of the projection's input."""
+def test_hybrid_scores_heads_by_the_error_a_refit_leaves():
+    """With calibration data, heads are scored by what a least-squares refit of the output projection cannot
+    bring back once they are gone: the first head removed scores its refit error, checked here against a
+    direct least-squares fit on the same activations."""
     from onnxprune.activations import Probe, channel_stats
     from onnxprune.scoring import score_groups
 
     m = attention()
     prep = prepare(m)
     rng = np.random.default_rng(0)
-    feeds = [{"x": rng.standard_normal((1, S, E)).astype(np.float32)} for _ in range(3)]
+    feeds = [{"x": rng.standard_normal((1, S, E)).astype(np.float32)} for _ in range(8)]
     stats = channel_stats(prep, feeds)
     (group,) = prep.analysis.prunable
     per_head = score_groups(prep.analysis, prep.view, "hybrid", stats=stats)[group.spaces[0]].reshape(H, D).sum(1)
-    x = np.concatenate([Probe(prep.model, ["merged"]).run(f)["merged"].reshape(-1, E) for f in feeds])
-    w = onnx.numpy_helper.to_array(next(t for t in prep.model.graph.initializer if t.name == "wo"))
-    want = np.array([np.linalg.norm(x[:, h * D:(h + 1) * D] @ w[h * D:(h + 1) * D]) for h in range(H)])
-    np.testing.assert_allclose(per_head / per_head.mean(), want / want.mean(), rtol=1e-6)
+    x = np.concatenate([Probe(prep.model, ["merged"]).run(f)["merged"].reshape(-1, E) for f in feeds]).astype(float)
+    w = onnx.numpy_helper.to_array(next(t for t in prep.model.graph.initializer if t.name == "wo")).astype(float)
+
+    def refit_error(h):
+        gone, kept = slice(h * D, (h + 1) * D), np.r_[0:h * D, (h + 1) * D:E]
+        target = x[:, gone] @ w[gone]
+        design = np.hstack([x[:, kept], np.ones((len(x), 1))])
+        coef = np.linalg.lstsq(design, target, rcond=None)[0]
+        return float(np.sum((target - design @ coef) ** 2))
+
+    errors = [refit_error(h) for h in range(H)]
+    first = int(np.argmin(per_head))
+    assert first == int(np.argmin(errors))
+    # the other (last) head scores the error of removing both: all the output's variance
+    y = x @ w
+    everything = float(np.sum((y - y.mean(axis=0)) ** 2))
+    # scores are normalised to mean 1 per reader: compare the ratio
+    assert per_head[1 - first] / per_head[first] == pytest.approx(everything / errors[first], rel=0.02)

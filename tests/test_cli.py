@@ -152,3 +152,12 @@ def test_every_criterion_removes_the_same_count(digits, tmp_path):
         kept[crit] = json.loads(report.read_text())["stats"]["params_after"]
     # same ratio, same counts: every criterion removes the same number of channels
     assert len(set(kept.values())) == 1
+
+
+def test_default_criterion_is_data_aware_with_data(digits, tmp_path):
+    calib = ROOT / "models" / "digits_calib.npz"
+    for extra, want in (([], "l1"), (["--data", str(calib), "--limit", "64"], "hybrid"),
+                        (["--data", str(calib), "--limit", "64", "--criterion", "l2"], "l2")):
+        report = tmp_path / "r.json"
+        assert main(["prune", str(digits), "--ratio", "0.3", "--dry-run", "--json", str(report), *extra]) == 0
+        assert json.loads(report.read_text())["criterion"] == want

@@ -178,3 +178,28 @@ def test_prune_recover_then_quantize_with_the_same_data(tmp_path, capsys):
     assert data["quantize"]["mode"] == "static"
     assert data["quality"]["calibration"]["after"] >= data["quality"]["calibration"]["before"] - 3
     assert [entry["method"] for entry in data["recovery"]] == ["lstsq"] * 5
+
+
+def test_hybrid_finds_the_neuron_a_refit_can_replace():
+    """Two hidden neurons compute the same thing (equal fc1 columns) and both have the largest fc2 rows:
+    magnitude keeps both, but either can go at no cost once fc2 is refit — `hybrid` scores one of them lowest,
+    and pruning it with `--recover lstsq` leaves the output unchanged."""
+    from onnxprune.activations import channel_stats
+    from onnxprune.scoring import score_groups
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 8)).astype(np.float32)
+    w1[:, 1] = w1[:, 0]
+    w2 = rng.standard_normal((8, 3)).astype(np.float32)
+    w2[:2] *= 5.0
+    m = build([("MatMul", ["x", "w1"], ["h"]), ("Relu", ["h"], ["r"]), ("MatMul", ["r", "w2"], ["y"])],
+              {"x": [4, 6]}, ["y"], {"w1": w1, "w2": w2})
+    feeds = [{"x": rng.standard_normal((4, 6)).astype(np.float32)} for _ in range(50)]
+    prep = prepare(m)
+    (group,) = prep.analysis.prunable
+    hybrid = score_groups(prep.analysis, prep.view, "hybrid", stats=channel_stats(prep, feeds))[group.spaces[0]]
+    l1 = score_groups(prep.analysis, prep.view, "l1")[group.spaces[0]]
+    assert int(np.argmin(hybrid)) in (0, 1) and int(np.argmin(l1)) not in (0, 1)
+    result = prune_model(m, ratio=1 / 8, criterion="hybrid", calibration=feeds, recover="lstsq")
+    test = {"x": rng.standard_normal((4, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, test)[0], run(m, test)[0], rtol=1e-3, atol=1e-3)
