@@ -186,6 +186,8 @@ def _refit_losses(group, m, axis, cov: np.ndarray, data, root: int, ridge: float
     units = [np.concatenate([s.positions(np.arange(u * group.unit, (u + 1) * group.unit)).ravel()
                              for s in axis.segments if data.find(s.space) == root]) for u in range(n_units)]
     q = np.linalg.inv(cov + ridge * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov)))
+    # q and w shrink to the inputs still in: `local` maps an axis position to its row in them
+    local = np.arange(len(cov))
     single = all(len(p) == 1 for p in units)
     chunk = 1 if group.unit > 1 else max(1, n_units // steps)
     scores = np.zeros(group.size)
@@ -193,26 +195,30 @@ def _refit_losses(group, m, axis, cov: np.ndarray, data, root: int, ridge: float
     total = 0.0
     while alive:
         if single:
-            rows = np.array([units[u][0] for u in alive])
+            rows = local[np.array([units[u][0] for u in alive])]
             costs = (w[rows] ** 2).sum(axis=1) / np.maximum(np.diag(q)[rows], 1e-300)
         else:
-            costs = np.array([np.sum(np.linalg.inv(q[np.ix_(units[u], units[u])]) * (w[units[u]] @ w[units[u]].T))
-                              for u in alive])
-        order = np.argsort(costs, kind="stable")[:chunk]
-        gone = [alive[i] for i in order]
-        r = np.concatenate([units[u] for u in gone])
+            costs = []
+            for u in alive:
+                r = local[units[u]]
+                costs.append(np.sum(np.linalg.inv(q[np.ix_(r, r)]) * (w[r] @ w[r].T)))
+        gone = [alive[i] for i in np.argsort(costs, kind="stable")[:chunk]]
+        r = local[np.concatenate([units[u] for u in gone])]
         q_rr_inv = np.linalg.inv(q[np.ix_(r, r)])
         total += max(float(np.sum(q_rr_inv * (w[r] @ w[r].T))), 0.0)
-        # the kept rows absorb what the removed ones did; the precision loses the removed inputs
-        w = w - q[:, r] @ (q_rr_inv @ w[r])
-        q = q - q[:, r] @ q_rr_inv @ q[r, :]
-        q[r, :] = 0.0
-        q[:, r] = 0.0
-        q[r, r] = 1.0  # removed inputs: unit precision, zero weight (they never come back)
-        w[r] = 0.0
+        # the kept inputs absorb what the removed ones did (their rows of w change), and the precision of the
+        # kept inputs is the inverse of their own covariance: a Schur complement of q
+        kept = np.ones(len(q), dtype=bool)
+        kept[r] = False
+        q_kr = q[np.ix_(kept, r)]
+        w = w[kept] - q_kr @ (q_rr_inv @ w[r])
+        q = q[np.ix_(kept, kept)] - q_kr @ q_rr_inv @ q_kr.T
+        local = np.where(local >= 0, np.cumsum(np.concatenate([[0], kept[:-1]]))[np.maximum(local, 0)], -1)
+        local[np.concatenate([units[u] for u in gone])] = -1
         for u in gone:
             scores[u * group.unit:(u + 1) * group.unit] = total / group.unit
-        alive = [u for u in alive if u not in set(gone)]
+        gone_set = set(gone)
+        alive = [u for u in alive if u not in gone_set]
     return scores
 
 
