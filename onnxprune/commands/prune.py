@@ -97,8 +97,9 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         criterion = "hybrid" if calib is not None and mode == "structured" else "l1"
     needs_data = criterion in DATA_CRITERIA or recover != "none" or max_drop is not None or allocate == "sensitivity"
     if calib is None and needs_data:
-        raise InputError("this needs calibration data: pass --data FILE "
-                         f"({'--criterion ' + criterion if criterion in DATA_CRITERIA else '--recover/--max-drop/--allocate sensitivity'})")
+        why = (f"--criterion {criterion}" if criterion in DATA_CRITERIA
+               else "--recover/--max-drop/--allocate sensitivity")
+        raise InputError(f"this needs calibration data: pass --data FILE ({why})")
     if quantize in ("int8", "static") and calib is None:
         raise InputError(f"--quantize {quantize} calibrates on data: pass --data FILE")
     held = None
@@ -181,7 +182,8 @@ def _structured(original, ratio, criterion, global_ranking, round_to, exclude, s
     sens = None
     if allocate == "sensitivity":
         if target_macs is None and target_params is None and max_drop is None:
-            raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params or --max-drop")
+            raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params or "
+                             "--max-drop")
         from onnxprune.scoring import score_groups
         from onnxprune.sensitivity import sensitivity
 

@@ -193,8 +193,8 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     return _tensor_shapes(inferred.graph, dim)
 
 
-_FOLDABLE = {"Constant", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Reshape", "Concat", "Unsqueeze", "Squeeze",
-             "Cast", "Gather", "Slice", "Equal", "Where", "ConstantOfShape", "Range", "Expand"}
+_FOLDABLE = {"Constant", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max", "Reshape", "Concat", "Unsqueeze",
+             "Squeeze", "Cast", "Gather", "Slice", "Equal", "Where", "ConstantOfShape", "Range", "Expand"}
 
 
 def _fold_shape_constants(model: onnx.ModelProto, max_elements: int = 64) -> None:

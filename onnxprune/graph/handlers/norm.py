@@ -4,7 +4,8 @@ BatchNormalization and InstanceNormalization work per channel: they carry the ch
 per-channel parameters are sliced with it. LayerNormalization normalises over the trailing axes, so channels on
 those axes are frozen (removing one would change every other channel's statistics); channels on a leading axis
 pass through. With `prune_hidden` (the CLI's --prune-hidden) a LayerNorm over the last axis alone passes them
-and its scale and bias are sliced: the pruned model then normalises over fewer features, an approximation. LRN and GroupNormalization mix channels and freeze them.
+and its scale and bias are sliced: the pruned model then normalises over fewer features, an approximation.
+LRN and GroupNormalization mix channels and freeze them.
 """
 
 from __future__ import annotations
