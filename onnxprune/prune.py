@@ -130,11 +130,8 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         else:
             planner = plan_global if global_ranking else plan_uniform
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
-    if prep.analysis.context.prune_hidden:
-        normed = {prep.analysis.find(s.space) for m in prep.analysis.context.members
-                  if m.op_type == "LayerNormalization" for s in m.layout.segments}
-        if normed & set(plan.kept):
-            notes.append(HIDDEN_WARNING)
+    if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
+        notes.append(HIDDEN_WARNING)
     pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
     recovery: list[dict] = []
     if recover != "none" and plan.kept:

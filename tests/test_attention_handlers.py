@@ -216,3 +216,22 @@ def test_hybrid_scores_heads_by_the_error_a_refit_leaves():
     everything = float(np.sum((y - y.mean(axis=0)) ** 2))
     # scores are normalised to mean 1 per reader: compare the ratio
     assert per_head[1 - first] / per_head[first] == pytest.approx(everything / errors[first], rel=0.02)
+
+
+def test_prune_hidden_follows_a_decomposed_layernorm():
+    """LayerNorm as exporters may decompose it (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add): frozen
+    by default; with prune_hidden its features prune like the fused op's, with the approximation note."""
+    from onnxprune.prune import HIDDEN_WARNING
+
+    nodes = [("MatMul", ["x", "w1"], ["h"]), ("ReduceMean", ["h"], ["mu"], {"axes": [-1]}),
+             ("Sub", ["h", "mu"], ["d"]), ("Pow", ["d", "two"], ["d2"]), ("ReduceMean", ["d2"], ["var"], {"axes": [-1]}),
+             ("Add", ["var", "eps"], ["ve"]), ("Sqrt", ["ve"], ["sd"]), ("Div", ["d", "sd"], ["n"]),
+             ("Mul", ["n", "gamma"], ["g"]), ("Add", ["g", "beta"], ["ln"]), ("MatMul", ["ln", "w2"], ["y"])]
+    weights = {"w1": (E, 6), "two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32),
+               "gamma": (6,), "beta": (6,), "w2": (6, 3)}
+    m = build(nodes, {"x": [1, S, E]}, ["y"], weights)
+    assert not prepare(m).analysis.prunable
+    (group,) = prepare(m, prune_hidden=True).analysis.prunable
+    assert group.size == 6
+    r = prune_model(m, ratio=0.5, prune_hidden=True)
+    assert HIDDEN_WARNING in r.notes and init_shape(r.model, "gamma") == (3,) and init_shape(r.model, "w2") == (3, 3)

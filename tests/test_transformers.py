@@ -205,3 +205,21 @@ def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
     assert main(["prune", str(path), "--ratio", "0.25", "--prune-hidden", "-o", str(tmp_path / "p.onnx")]) == 0
     out, err = capsys.readouterr()
     assert "warning: --prune-hidden changes LayerNorm statistics" in err and "note: hidden features" in out
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["torchscript", "dynamo"])
+def test_prune_hidden_from_the_embeddings(tmp_path, dynamo):
+    """BERT that outputs its pooled [CLS] vector: with --prune-hidden the hidden size is one group from the word,
+    position and token-type embedding tables through every LayerNorm and residual Add to the pooler's input."""
+    import export_transformers as et
+
+    path = et.export(et.bert(pooled=True), "bert", tmp_path / "bert_pooled.onnx", dynamo)
+    model = onnx.load(str(path))
+    assert not any(g.size == 32 and g.unit == 1 for g in prepare(model).analysis.prunable)
+    hidden = [g for g in prepare(model, prune_hidden=True).analysis.prunable if g.size == 32 and g.unit == 1]
+    assert len(hidden) == 1 and sum(m.op_type == "Gather" for m in hidden[0].members) == 3
+    result = prune_model(model, ratio=0.25, prune_hidden=True)
+    feed = feed_for("bert")
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape == (2, 32)
+    tables = [t for t in result.model.graph.initializer if "_embeddings.weight" in t.name]
+    assert len(tables) == 3 and all(t.dims[1] == 24 for t in tables)

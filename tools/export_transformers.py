@@ -20,11 +20,11 @@ TOKENS = {"vocab_size": 100, "max_position_embeddings": 64}
 
 
 class _LastHidden(torch.nn.Module):
-    """A Hugging Face model as (input_ids[, attention_mask]) -> last_hidden_state."""
+    """A Hugging Face model as (input_ids[, attention_mask]) -> last_hidden_state (or BERT's pooler_output)."""
 
-    def __init__(self, model, with_mask: bool):
+    def __init__(self, model, with_mask: bool, pooled: bool = False):
         super().__init__()
-        self.model, self.with_mask = model, with_mask
+        self.model, self.with_mask, self.pooled = model, with_mask, pooled
 
     def forward(self, input_ids, attention_mask=None):
         if self.with_mask:
@@ -34,7 +34,8 @@ class _LastHidden(torch.nn.Module):
             # which the TorchScript exporter lacks) out of the graph
             kwargs = {"use_cache": False, "attention_mask": torch.ones_like(input_ids),
                       "position_ids": torch.arange(input_ids.shape[1]).unsqueeze(0)}
-        return self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        out = self.model(input_ids=input_ids, **kwargs)
+        return out.pooler_output if self.pooled else out.last_hidden_state
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -45,7 +46,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def bert(hidden: int = 32, heads: int = 4, layers: int = 2, intermediate: int = 64, seed: int = 0,
-         attn: str = "sdpa") -> torch.nn.Module:
+         attn: str = "sdpa", pooled: bool = False) -> torch.nn.Module:
+    """A small random BERT; `pooled` outputs pooler_output (tanh(W·h_CLS)) instead of the hidden states."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -53,7 +55,7 @@ def bert(hidden: int = 32, heads: int = 4, layers: int = 2, intermediate: int = 
                      intermediate_size=intermediate, attn_implementation=attn, **TOKENS)
     model = BertModel(cfg).eval()
     _randomize(model, seed)
-    return _LastHidden(model, with_mask=True).eval()
+    return _LastHidden(model, with_mask=True, pooled=pooled).eval()
 
 
 def gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
@@ -100,7 +102,8 @@ def export(model: torch.nn.Module, kind: str, path: str | Path, dynamo: bool, im
             torch.onnx.export(model, args, str(path), input_names=names, output_names=["output"], dynamo=True,
                               opset_version=18, dynamic_shapes=shapes, verbose=False)
         else:
-            axes = dict(zip(names, dims)) | {"output": dims[0]}
+            # a pooled output is [batch, hidden]: only its first axis is dynamic
+            axes = dict(zip(names, dims)) | {"output": {0: "batch"} if getattr(model, "pooled", False) else dims[0]}
             torch.onnx.export(model, args, str(path), input_names=names, output_names=["output"], dynamo=False,
                               opset_version=17, dynamic_axes=axes)
     return path

@@ -28,6 +28,7 @@ class AnalysisContext:
     def __init__(self, view: GraphView, prune_hidden: bool = False):
         self.view = view
         self.prune_hidden = prune_hidden  # LayerNorm passes channels (approximate: its statistics change)
+        self.approximate: set[int] = set()  # spaces whose pruning changes such statistics
         self.spaces = SpaceSet()
         self.axes: dict[str, ChannelAxis] = {}
         self.members: list[Member] = []

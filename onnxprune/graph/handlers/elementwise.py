@@ -102,7 +102,8 @@ class ShapeOf(Handler):
 class Gather(Handler):
     """Picks entries along one axis. Channels pass when the gather runs along another axis (a token, or one of
     q/k/v from a packed [3, ...] tensor); along the channel axis itself they freeze. An embedding lookup
-    (constant data) creates no channels."""
+    (rows of a constant [vocabulary, features] table) creates channels only with --prune-hidden: they are the
+    hidden size, and the table's columns are sliced with them."""
 
     def analyze(self, node, ctx):
         x = ctx.axis_of(node.input[0])
@@ -110,6 +111,13 @@ class Gather(Handler):
             ctx.freeze_inputs(node, "indices carry channels")
             return
         if x is None:
+            table = ctx.view.array(node.input[0]) if ctx.prune_hidden else None
+            rank = ctx.view.rank(node.output[0])
+            if (table is not None and table.ndim == 2 and table.dtype.kind == "f" and attr(node, "axis", 0) == 0
+                    and rank is not None and table.shape[1] > 1):
+                out = ctx.open_space(node, rank - 1, table.shape[1])
+                ctx.add_member(node, 0, 1, out.with_axis(1), "out")
+                ctx.set_axis(node.output[0], out)
             return
         rank, index_rank = ctx.view.rank(node.input[0]), ctx.view.rank(node.input[1])
         axis = attr(node, "axis", 0)

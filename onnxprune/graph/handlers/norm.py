@@ -53,6 +53,7 @@ class LayerNorm(Handler):
                 if len(node.input) > idx and node.input[idx] and not ctx.add_member(node, idx, 0, x.with_axis(0),
                                                                                      "pass", scored=False):
                     return
+            ctx.approximate.update(x.spaces())
         ctx.set_axis(node.output[0], x)
 
 

@@ -109,10 +109,15 @@ class Reduce(Handler):
         if axes is None:
             ctx.set_axis(node.output[0], x)
             return
+        keep = attr(node, "keepdims", 1)
+        if ctx.prune_hidden and node.op_type == "ReduceMean" and axes == [x.axis] and keep:
+            # a decomposed LayerNorm's mean or variance: a per-token statistic, computed over fewer features
+            # once the hidden size is pruned (approximate, like LayerNormalization itself)
+            ctx.approximate.update(x.spaces())
+            return
         if axes == "dynamic" or x.axis in axes:
             ctx.freeze(x, f"{node.op_type} {node.name}: reduces over the channel axis")
             return
-        keep = attr(node, "keepdims", 1)
         new_axis = x.axis if keep else x.axis - sum(1 for a in axes if a < x.axis)
         ctx.set_axis(node.output[0], x.with_axis(new_axis))
 
