@@ -224,7 +224,8 @@ def test_prune_hidden_follows_a_decomposed_layernorm():
     from onnxprune.prune import HIDDEN_WARNING
 
     nodes = [("MatMul", ["x", "w1"], ["h"]), ("ReduceMean", ["h"], ["mu"], {"axes": [-1]}),
-             ("Sub", ["h", "mu"], ["d"]), ("Pow", ["d", "two"], ["d2"]), ("ReduceMean", ["d2"], ["var"], {"axes": [-1]}),
+             ("Sub", ["h", "mu"], ["d"]), ("Pow", ["d", "two"], ["d2"]),
+             ("ReduceMean", ["d2"], ["var"], {"axes": [-1]}),
              ("Add", ["var", "eps"], ["ve"]), ("Sqrt", ["ve"], ["sd"]), ("Div", ["d", "sd"], ["n"]),
              ("Mul", ["n", "gamma"], ["g"]), ("Add", ["g", "beta"], ["ln"]), ("MatMul", ["ln", "w2"], ["y"])]
     weights = {"w1": (E, 6), "two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32),
