@@ -200,32 +200,41 @@ _FOLDABLE = {"Constant", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Min", "Max",
 def _fold_shape_constants(model: onnx.ModelProto, max_elements: int = 64) -> None:
     """Evaluate, in place, nodes that compute small tensors from constants only (TorchScript's `Mod(2, 3)`
     feeding a Slice that builds a Reshape target), so symbolic inference sees the target's length."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
     keep = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
+        values = None
         if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and (inputs or node.op_type == "Constant") \
                 and all(i in consts for i in inputs):
-            try:
-                single = onnx.helper.make_model(
-                    onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
-                                                             for o in node.output], [consts[i] for i in inputs]),
-                    opset_imports=model.opset_import, ir_version=model.ir_version)
-                values = ReferenceEvaluator(single).run(None, {})
-            except Exception:  # noqa: BLE001 - a node we cannot evaluate simply stays
-                values = None
-            if values is not None and all(np.asarray(v).size <= max_elements for v in values):
-                for name, value in zip(node.output, values):
-                    consts[name] = numpy_helper.from_array(np.asarray(value), name)
-                    graph.initializer.append(consts[name])
-                continue
-        keep.append(node)
+            values = _evaluate(model, node, [consts[i] for i in inputs])
+        if values is None or any(np.asarray(v).size > max_elements for v in values):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            consts[name] = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(consts[name])
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+
+
+def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto, inputs: list) -> list | None:
+    """The outputs of one node on constant inputs (None when onnx's reference evaluator cannot run it)."""
+    value = [a for a in node.attribute if a.name == "value"] if node.op_type == "Constant" else []
+    if value:  # the common case, read directly: an evaluator costs a millisecond or two per node
+        return [numpy_helper.to_array(value[0].t)]
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                     for o in node.output], inputs),
+            opset_imports=model.opset_import, ir_version=model.ir_version)
+        return ReferenceEvaluator(single).run(None, {})
+    except Exception:  # noqa: BLE001 - a node we cannot evaluate simply stays
+        return None
 
 
 def _symbol_code(expr: str, codes: dict) -> int | None:
