@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # (kind, exporter) -> (head groups, neuron groups) expected prunable (ViT: torch's packed in_proj, heads folded
-# into the batch axis)
+# into the batch axis; vit_split: timm-style qkv viewed as [B, N, 3, H, D], unbound by Split or Slice)
 CASES = {("bert", False): (2, 2), ("bert", True): (2, 2), ("gpt2", False): (2, 2), ("gpt2", True): (2, 2),
-         ("vit", False): (2, 2), ("vit", True): (2, 2)}
-SLOW = {("vit", True), ("gpt2", True)}
+         ("vit", False): (2, 2), ("vit", True): (2, 2), ("vit_split", False): (2, 2), ("vit_split", True): (2, 2)}
+SLOW = {("vit", True), ("gpt2", True), ("vit_split", True)}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def exported(tmp_path_factory):
     def get(kind: str, dynamo: bool) -> onnx.ModelProto:
         if (kind, dynamo) not in cache:
             path = tmp_path_factory.mktemp("tf") / f"{kind}_{'dyn' if dynamo else 'ts'}.onnx"
-            et.export({"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit}[kind](), kind, path, dynamo)
+            model = {"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit, "vit_split": et.vit_split}[kind]()
+            et.export(model, "vit" if kind.startswith("vit") else kind, path, dynamo)
             cache[(kind, dynamo)] = onnx.load(str(path))
         return cache[(kind, dynamo)]
 
@@ -47,7 +48,7 @@ def exported(tmp_path_factory):
 
 def feed_for(kind: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    if kind == "vit":
+    if kind.startswith("vit"):
         return {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
     feed = {"input_ids": rng.integers(0, 100, (2, 7)).astype(np.int64)}
     if kind == "bert":

@@ -46,36 +46,6 @@ def latency(model: onnx.ModelProto, feed: dict, threads: int, repeats: int) -> f
     return float(np.median(times))
 
 
-def split_attention(mha):
-    """A timm-style attention module equal to torch's nn.MultiheadAttention `mha` (batch_first, self-attention):
-    one qkv nn.Linear and an output projection, with the head count an attribute Torch-Pruning can update."""
-    import torch
-
-    class Split(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            e = mha.embed_dim
-            self.num_heads, self.head_dim = mha.num_heads, e // mha.num_heads
-            self.scale = self.head_dim ** -0.5
-            self.qkv = torch.nn.Linear(e, 3 * e)
-            self.proj = torch.nn.Linear(e, e)
-            with torch.no_grad():
-                self.qkv.weight.copy_(mha.in_proj_weight)
-                self.qkv.bias.copy_(mha.in_proj_bias)
-                self.proj.weight.copy_(mha.out_proj.weight)
-                self.proj.bias.copy_(mha.out_proj.bias)
-
-        def forward(self, x, *_, **__):
-            b, n, _ = x.shape
-            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-            return self.proj(out), None
-
-    return Split()
-
-
 def features(model, x):
     """What the classifier head reads (vit_b_16's head starts at zero, so its logits compare nothing)."""
     import torch
@@ -126,7 +96,7 @@ def main() -> None:
     split = copy.deepcopy(model)
     blocks = [m for m in split.modules() if isinstance(m, EncoderBlock)]
     for block in blocks:
-        block.self_attention = split_attention(block.self_attention)
+        block.self_attention = et.split_attention(block.self_attention)
     err = float((features(split, x) - features(model, x)).abs().max() / features(model, x).abs().max())
     assert err < 1e-4, f"the split-qkv model differs from torchvision's: {err}"
     split_base = onnx.load(str(et.export(split, "vit", tmp / "vit_split.onnx", dynamo=False, image_size=size)))

@@ -1,7 +1,7 @@
 """Export small transformers the way users do, for tests and benchmarks.
 
 BERT-like and GPT-2-like models (Hugging Face `transformers`, random weights, small configs) and torchvision's
-VisionTransformer, each with the TorchScript-based exporter (opset 17) or the dynamo exporter (opset 18).
+VisionTransformer (also with timm-style split-qkv attention), each with the TorchScript-based exporter (opset 17) or the dynamo exporter (opset 18).
 Every parameter, biases and LayerNorm included, gets random values: zero biases would be deduplicated into one
 shared initializer by the dynamo exporter and would hide slicing mistakes.
 
@@ -82,6 +82,44 @@ def vit(small: bool = True, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def split_attention(mha):
+    """A timm-style attention module equal to torch's nn.MultiheadAttention `mha` (batch_first, self-attention):
+    one qkv nn.Linear and an output projection, with the head count an attribute Torch-Pruning can update."""
+    class Split(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            e = mha.embed_dim
+            self.num_heads, self.head_dim = mha.num_heads, e // mha.num_heads
+            self.scale = self.head_dim ** -0.5
+            self.qkv = torch.nn.Linear(e, 3 * e)
+            self.proj = torch.nn.Linear(e, e)
+            with torch.no_grad():
+                self.qkv.weight.copy_(mha.in_proj_weight)
+                self.qkv.bias.copy_(mha.in_proj_bias)
+                self.proj.weight.copy_(mha.out_proj.weight)
+                self.proj.bias.copy_(mha.out_proj.bias)
+
+        def forward(self, x, *_, **__):
+            b, n, _ = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+            return self.proj(out), None
+
+    return Split()
+
+
+def vit_split(small: bool = True, seed: int = 0) -> torch.nn.Module:
+    """`vit` with every nn.MultiheadAttention replaced by the equivalent timm-style module (split_attention)."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    model = vit(small, seed)
+    for block in [m for m in model.modules() if isinstance(m, EncoderBlock)]:
+        block.self_attention = split_attention(block.self_attention)
+    return model.eval()
+
+
 def export(model: torch.nn.Module, kind: str, path: str | Path, dynamo: bool, image_size: int = 32) -> Path:
     """Write `model` to `path`; token models take [batch, seq] ids (and mask), ViT [batch, 3, size, size]."""
     path = Path(path)
@@ -111,15 +149,15 @@ def export(model: torch.nn.Module, kind: str, path: str | Path, dynamo: bool, im
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["bert", "gpt2", "vit", "vit_b_16"])
+    parser.add_argument("kind", choices=["bert", "gpt2", "vit", "vit_split", "vit_b_16"])
     parser.add_argument("--dynamo", action="store_true", help="dynamo exporter (opset 18) instead of TorchScript")
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args()
     if args.kind == "vit_b_16":
         export(vit(small=False), "vit", args.output, args.dynamo, image_size=224)
     else:
-        model = {"bert": bert, "gpt2": gpt2, "vit": vit}[args.kind]()
-        export(model, args.kind, args.output, args.dynamo)
+        model = {"bert": bert, "gpt2": gpt2, "vit": vit, "vit_split": vit_split}[args.kind]()
+        export(model, "vit" if args.kind == "vit_split" else args.kind, args.output, args.dynamo)
     print(args.output)
 
 

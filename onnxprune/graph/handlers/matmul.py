@@ -11,6 +11,8 @@ Channels on the contracted axis (head_dim) cannot be followed and freeze.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from onnxprune.graph.handlers import Handler, register
@@ -48,13 +50,14 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
         elif node.op_type == "Reshape" and (ctx.view.sym_shape(node.output[0]) or (None,))[-1] == n:
             name = node.output[0]
         elif node.op_type == "Reshape" and index == 0:
-            # torch's packed in_proj (nn.MultiheadAttention): [.., 3E] viewed as [.., 3, E], then q, k and v
-            # are picked with a Gather along the 3-axis
-            out = ctx.view.sym_shape(node.output[0])
-            if out is None or len(out) < 2 or out[-2] is None or out[-1] is None:
+            # a packed q/k/v projection viewed as [.., 3, E] (torch's nn.MultiheadAttention) or [.., 3, H, D]
+            # (timm's Attention), q, k and v then picked along the 3-axis (Gather, or Split/Slice + Squeeze)
+            out, before = ctx.view.sym_shape(node.output[0]), ctx.view.sym_shape(name)
+            r = len(before) - 1 if before else -1
+            if r < 0 or out is None or len(out) < r + 2 or None in out[r:] or list(out[:r]) != list(before[:r]):
                 return [n]
-            k, size = out[-2], out[-1]
-            if 1 < k < n and k * size == n and _picks_parts(ctx, node.output[0], len(out) - 2, k):
+            k, size = out[r], math.prod(out[r + 1:])
+            if 1 < k < n and k * size == n and _picks_parts(ctx, node.output[0], r, k):
                 return [size] * k
             return [n]
         else:
@@ -63,20 +66,15 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
 
 
 def _picks_parts(ctx, name: str, axis: int, k: int) -> bool:
-    """Whether axis `axis` (length k) of `name` is only ever indexed by constant scalars (after axis moves)."""
+    """Whether axis `axis` (length k) of `name` is only ever cut into single entries (after axis moves): Gather of
+    constant scalars, a Split into k parts, or Slices one entry wide."""
     for _ in range(4):
         uses = ctx.view.consumers.get(name, [])
         if not uses or name in ctx.view.graph_outputs:
             return False
         rank = ctx.view.rank(name)
-        if all(u.op_type == "Gather" and i == 0 for u, i in uses) and rank is not None:
-            for use, _ in uses:
-                along = attr(use, "axis", 0)
-                index = ctx.view.array(use.input[1])
-                if (along + rank if along < 0 else along) != axis or index is None or index.ndim != 0 \
-                        or not -k <= int(index) < k:
-                    return False
-            return True
+        if rank is not None and all(u.op_type in ("Gather", "Split", "Slice") and i == 0 for u, i in uses):
+            return all(_picks_one(ctx, use, axis, k, rank) for use, _ in uses)
         if len(uses) != 1:
             return False
         node, _ = uses[0]
@@ -103,6 +101,24 @@ def _picks_parts(ctx, name: str, axis: int, k: int) -> bool:
             return False
         name = node.output[0]
     return False
+
+
+def _picks_one(ctx, node, axis: int, k: int, rank: int) -> bool:
+    if node.op_type == "Gather":
+        along, index = attr(node, "axis", 0), ctx.view.array(node.input[1])
+        return (along % rank == axis and index is not None and index.ndim == 0 and -k <= int(index) < k)
+    if node.op_type == "Split":
+        sizes = ctx.view.array(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
+        return attr(node, "axis", 0) % rank == axis and len(node.output) == k and (
+            sizes is None or all(int(s) == 1 for s in np.ravel(sizes)))
+    if ctx.view.opset < 10 or len(node.input) < 4 or not node.input[3]:
+        return False
+    starts, ends, axes = (ctx.view.array(node.input[i]) for i in (1, 2, 3))
+    steps = ctx.view.array(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
+    if starts is None or ends is None or axes is None or steps is None or np.size(axes) != 1:
+        return False
+    lo, hi, step = slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), int(np.ravel(steps)[0])).indices(k)
+    return int(np.ravel(axes)[0]) % rank == axis and step == 1 and hi - lo == 1
 
 
 @register("Gemm")

@@ -130,6 +130,8 @@ class Reshape(Handler):
             # q, k and v viewed as [.., 3, E]: one tensor axis holds all three, so they lose the same channels
             for seg in x.segments[1:]:
                 ctx.spaces.union(x.segments[0].space, seg.space)
+            if stacked.segments[0].divisor:
+                ctx.spaces.constrain_unit(x.segments[0].space, stacked.segments[0].divisor)
             ctx.set_axis(node.output[0], stacked)
             return
         mapped = self._map(x, shape_in, shape_out)
@@ -309,15 +311,19 @@ def _split_heads(x, shape_out, j0, j1, leading: int = 1):
 
 
 def _stack_parts(x, shape_in, shape_out):
-    """The packed projection [.., k·E] (k side-by-side parts of E plain channels) viewed as [.., k, E]: the
-    channels on the last axis, every part at offset 0 (the caller merges the parts' spaces). None otherwise."""
-    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or len(x.segments) < 2:
+    """The packed projection [.., k·E] (k side-by-side parts of E plain channels) viewed as [.., k, E] or, heads
+    split at once, [.., k, H, D]: the channels after the k-axis, every part at offset 0 (the caller merges the
+    parts' spaces and, for heads, keeps them whole). None otherwise."""
+    if shape_in is None or shape_out is None or len(x.segments) < 2 or x.axis != len(shape_in) - 1:
         return None
-    k, size = shape_out[-2], shape_out[-1]
-    if x.axis != len(shape_in) - 1 or list(shape_out[:-2]) != list(shape_in[:-1]) or k != len(x.segments):
+    r = x.axis
+    if len(shape_out) not in (r + 2, r + 3) or None in shape_out[r:] or list(shape_out[:r]) != list(shape_in[:r]):
         return None
+    k, size = shape_out[r], math.prod(shape_out[r + 1:])
     segs = sorted(x.segments, key=lambda s: s.offset)
-    if any(s.inner != 1 or s.outers or s.modulo or s.divisor or s.channels != size or s.offset != i * size
-           for i, s in enumerate(segs)):
+    if k != len(segs) or any(s.inner != 1 or s.outers or s.modulo or s.divisor or s.channels != size
+                             or s.offset != i * size for i, s in enumerate(segs)):
         return None
-    return ChannelAxis(len(shape_out) - 1, size, (Segment(segs[0].space, size),))
+    if len(shape_out) == r + 2:
+        return ChannelAxis(r + 1, size, (Segment(segs[0].space, size),))
+    return ChannelAxis(r + 1, shape_out[r + 1], (Segment(segs[0].space, size, divisor=shape_out[r + 2]),))
