@@ -1,7 +1,8 @@
 """Export small transformers the way users do, for tests and benchmarks.
 
 BERT-like and GPT-2-like models (Hugging Face `transformers`, random weights, small configs) and torchvision's
-VisionTransformer (also with timm-style split-qkv attention), each with the TorchScript-based exporter (opset 17) or the dynamo exporter (opset 18).
+VisionTransformer (also with timm-style split-qkv attention), each with the TorchScript-based exporter
+(opset 17) or the dynamo exporter (opset 18).
 Every parameter, biases and LayerNorm included, gets random values: zero biases would be deduplicated into one
 shared initializer by the dynamo exporter and would hide slicing mistakes.
 
