@@ -1,5 +1,6 @@
-"""Transformers as exporters emit them: BERT-like, GPT-2-like (transformers, random weights) and a small
-torchvision ViT, each exported with the TorchScript (opset 17) and dynamo (opset 18) exporters.
+"""Transformers as exporters emit them: BERT-like, GPT-2-like, LLaMA-like (transformers, random weights) and a
+small torchvision ViT (also with timm-style attention), each exported with the TorchScript (opset 17) and dynamo
+(opset 18) exporters.
 
 Each case: pruning runs and keeps output shapes, the zero-channel oracle holds (removing zeroed heads or neurons
 leaves outputs unchanged), and the expected head and neuron groups are prunable.
@@ -25,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 # (kind, exporter) -> (head groups, neuron groups) expected prunable (ViT: torch's packed in_proj, heads folded
 # into the batch axis; vit_split: timm-style qkv viewed as [B, N, 3, H, D], unbound by Split or Slice)
 CASES = {("bert", False): (2, 2), ("bert", True): (2, 2), ("gpt2", False): (2, 2), ("gpt2", True): (2, 2),
-         ("vit", False): (2, 2), ("vit", True): (2, 2), ("vit_split", False): (2, 2), ("vit_split", True): (2, 2)}
-SLOW = {("vit", True), ("gpt2", True), ("vit_split", True)}
+         ("vit", False): (2, 2), ("vit", True): (2, 2), ("vit_split", False): (2, 2), ("vit_split", True): (2, 2),
+         ("llama", False): (2, 2), ("llama", True): (2, 2), ("llama_gqa", False): (0, 2)}
+SLOW = {("vit", True), ("gpt2", True), ("vit_split", True), ("llama", True)}
+EXPORT_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "llama_gqa": "gpt2", "vit": "vit", "vit_split": "vit"}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,9 @@ def exported(tmp_path_factory):
     def get(kind: str, dynamo: bool) -> onnx.ModelProto:
         if (kind, dynamo) not in cache:
             path = tmp_path_factory.mktemp("tf") / f"{kind}_{'dyn' if dynamo else 'ts'}.onnx"
-            model = {"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit, "vit_split": et.vit_split}[kind]()
-            et.export(model, "vit" if kind.startswith("vit") else kind, path, dynamo)
+            model = {"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit, "vit_split": et.vit_split, "llama": et.llama,
+                     "llama_gqa": lambda: et.llama(kv_heads=2)}[kind]()
+            et.export(model, EXPORT_KIND[kind], path, dynamo)
             cache[(kind, dynamo)] = onnx.load(str(path))
         return cache[(kind, dynamo)]
 
@@ -78,6 +82,8 @@ def test_prune_transformer(exported, kind, dynamo):
         assert want.shape == got.shape
     if heads:
         assert any(len(result.plan.kept.get(g.spaces[0], [])) < g.size for g in groups if g.unit > 1)
+    if kind == "llama_gqa":  # k/v heads shared by several q heads: frozen, and the reason says so
+        assert any("grouped-query attention" in g.reason for g in prepare(model).analysis.groups)
 
 
 def test_token_rows_follow_the_attention_mask():

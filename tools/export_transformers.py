@@ -70,6 +70,21 @@ def gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, seed: int = 0, attn:
     return _LastHidden(model, with_mask=False).eval()
 
 
+def llama(hidden: int = 32, heads: int = 4, kv_heads: int = 4, layers: int = 2, intermediate: int = 64,
+          seed: int = 0) -> torch.nn.Module:
+    """A small random LLaMA-like decoder (RMSNorm, rotary embeddings, SwiGLU MLP; grouped-query attention when
+    kv_heads < heads), no past key/values."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa",
+                      vocab_size=TOKENS["vocab_size"], max_position_embeddings=TOKENS["max_position_embeddings"])
+    model = LlamaModel(cfg).eval()
+    _randomize(model, seed)
+    return _LastHidden(model, with_mask=False).eval()
+
+
 def vit(small: bool = True, seed: int = 0) -> torch.nn.Module:
     from torchvision.models import vit_b_16
     from torchvision.models.vision_transformer import VisionTransformer

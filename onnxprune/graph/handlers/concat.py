@@ -159,6 +159,18 @@ def _slice_params(node, ctx):
     return starts, ends, axes, steps
 
 
+def _slice_axes(node, ctx, rank: int) -> list[int]:
+    """The axes a Slice cuts when its bounds are not constant: from its axes input, or the leading axes that its
+    starts cover; all axes when neither is known."""
+    if ctx.view.opset >= 10 and len(node.input) > 3 and node.input[3]:
+        axes = ctx.view.array(node.input[3])
+        if axes is not None:
+            return [_norm(int(a), rank) for a in np.ravel(axes)]
+        return list(range(rank))
+    n = ctx.view.dim(node.input[1], 0) if ctx.view.opset >= 10 else len(attr(node, "starts", []) or [])
+    return list(range(n)) if n is not None else list(range(rank))
+
+
 @register("Slice")
 class Slice(Handler):
     def analyze(self, node, ctx):
@@ -167,6 +179,10 @@ class Slice(Handler):
             return
         params = _slice_params(node, ctx)
         rank = ctx.view.rank(node.input[0])
+        if params is None and rank is not None and x.axis not in _slice_axes(node, ctx, rank):
+            # computed bounds on another axis (rotary embeddings' halves of head_dim): channels pass
+            ctx.set_axis(node.output[0], x)
+            return
         if params is None or rank is None:
             ctx.freeze(x, f"Slice {node.name}: bounds are not constant")
             return

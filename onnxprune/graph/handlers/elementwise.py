@@ -129,3 +129,26 @@ class Gather(Handler):
             ctx.freeze(x, f"Gather {node.name}: gathers along the channel axis")
             return
         ctx.set_axis(node.output[0], x.with_axis(x.axis if x.axis < axis else x.axis + index_rank - 1))
+
+
+@register("Expand")
+class Expand(Handler):
+    """Broadcasts to a shape: channels pass when the channel axis keeps its length (other axes grow, as in
+    repeat_kv of grouped-query attention or a batch-expanded class token)."""
+
+    def analyze(self, node, ctx):
+        x = ctx.axis_of(node.input[0])
+        if ctx.axis_of(node.input[1]) is not None:
+            ctx.freeze_inputs(node, "shape input carries channels")
+            return
+        if x is None:
+            return
+        rank_in, rank_out = ctx.view.rank(node.input[0]), ctx.view.rank(node.output[0])
+        if rank_in is None or rank_out is None:
+            ctx.freeze(x, f"Expand {node.name}: unknown rank")
+            return
+        axis = x.axis + rank_out - rank_in
+        if ctx.view.dim(node.output[0], axis) != x.length:
+            ctx.freeze(x, f"Expand {node.name}: the channel axis may be broadcast")
+            return
+        ctx.set_axis(node.output[0], x.with_axis(axis))

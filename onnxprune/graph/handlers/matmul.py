@@ -195,8 +195,12 @@ class MatMul(Handler):
             else:
                 placed.append(ax.axis + ro - rank)
         if a is not None and b is not None:
-            if placed[0] != placed[1] or placed[0] >= ro - 2 or not ctx.union(a, b):
+            if placed[0] != placed[1] or placed[0] >= ro - 2:
                 ctx.freeze_inputs(node, "operands carry channels on different axes")
+                return
+            if not ctx.union(a, b):
+                ctx.freeze_inputs(node, "the operands' heads are arranged differently (grouped-query attention, "
+                                        "where each k/v head serves several q heads, is not pruned)")
                 return
             ctx.set_axis(node.output[0], a.with_axis(placed[0]))
             return
