@@ -78,16 +78,25 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
     for m in analysis.context.members:
         if any(ctx.find(s.space) in pruned_roots for s in m.layout.segments):
             slices[(m.node, m.input_index)].append(m)
+    sliced: dict[tuple, str] = {}  # (tensor, its slicing) -> the new tensor: a shared weight stays shared
     for (node_name, index), members in slices.items():
         node = nodes[node_name]
-        value = view.array(node.input[index])
-        done_axes = set()
+        source = node.input[index]
+        value = view.array(source)
+        done_axes, cuts = set(), []
         for m in members:
             if m.axis in done_axes:
                 continue  # the same axis reached twice (x + x): one slicing serves both
             done_axes.add(m.axis)
-            value = np.take(value, m.layout.kept_positions(plan.kept, ctx.find), axis=m.axis)
+            kept = m.layout.kept_positions(plan.kept, ctx.find)
+            value = np.take(value, kept, axis=m.axis)
+            cuts.append((m.axis, kept.tobytes()))
+        key = (source, tuple(sorted(cuts)))
+        if key in sliced:
+            node.input[index] = sliced[key]
+            continue
         ctx.set_input_constant(node, index, value)
+        sliced[key] = node.input[index]
 
     for node in out.graph.node:
         handler = get_handler(node.op_type, node.domain)

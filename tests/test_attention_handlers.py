@@ -236,3 +236,22 @@ def test_prune_hidden_follows_a_decomposed_layernorm():
     assert group.size == 6
     r = prune_model(m, ratio=0.5, prune_hidden=True)
     assert HIDDEN_WARNING in r.notes and init_shape(r.model, "gamma") == (3,) and init_shape(r.model, "w2") == (3, 3)
+
+
+def test_shared_weights_stay_shared():
+    """Two layers applying the same weights (ALBERT's repeated layer), once read directly and once through the
+    Identity nodes TorchScript writes: one group, and the pruned weights are still one tensor each."""
+    for via_identity in (False, True):
+        second = ["w1_alias", "w2_alias"] if via_identity else ["w1", "w2"]
+        nodes = [("MatMul", ["x", "w1"], ["a"]), ("Relu", ["a"], ["ra"]), ("MatMul", ["ra", "w2"], ["h"]),
+                 ("MatMul", ["h", second[0]], ["b"]), ("Relu", ["b"], ["rb"]), ("MatMul", ["rb", second[1]], ["y"])]
+        if via_identity:
+            nodes = [("Identity", ["w1"], ["w1_alias"]), ("Identity", ["w2"], ["w2_alias"])] + nodes
+        m = build(nodes, {"x": [1, S, E]}, ["y"], {"w1": (E, 6), "w2": (6, E)})
+        (group,) = prepare(m).analysis.prunable
+        assert group.size == 6
+        assert zero_channel_oracle(m, fraction=0.5).max_rel_err < 1e-5
+        r = prune_model(m, ratio=0.5)
+        weights = [t for t in r.model.graph.initializer if len(t.dims) == 2]
+        assert sorted(tuple(t.dims) for t in weights) == sorted([(E, 3), (3, E)])
+        assert r.stats["params_after"] < r.stats["params_before"]

@@ -1,6 +1,6 @@
-"""Transformers as exporters emit them: BERT-like, GPT-2-like, LLaMA-like (transformers, random weights) and a
-small torchvision ViT (also with timm-style attention), each exported with the TorchScript (opset 17) and dynamo
-(opset 18) exporters.
+"""Transformers as exporters emit them: BERT-like (also DistilBERT, RoBERTa, ALBERT), GPT-2-like, LLaMA-like
+(transformers, random weights) and a small torchvision ViT (also with timm-style attention), exported with the
+TorchScript (opset 17) and dynamo (opset 18) exporters.
 
 Each case: pruning runs and keeps output shapes, the zero-channel oracle holds (removing zeroed heads or neurons
 leaves outputs unchanged), and the expected head and neuron groups are prunable.
@@ -24,12 +24,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # (kind, exporter) -> (head groups, neuron groups) expected prunable (ViT: torch's packed in_proj, heads folded
-# into the batch axis; vit_split: timm-style qkv viewed as [B, N, 3, H, D], unbound by Split or Slice)
+# into the batch axis; vit_split: timm-style qkv viewed as [B, N, 3, H, D], unbound by Split or Slice; ALBERT: its
+# layers share weights, so they are one group — except the MLP weights the dynamo exporter copies per layer)
 CASES = {("bert", False): (2, 2), ("bert", True): (2, 2), ("gpt2", False): (2, 2), ("gpt2", True): (2, 2),
          ("vit", False): (2, 2), ("vit", True): (2, 2), ("vit_split", False): (2, 2), ("vit_split", True): (2, 2),
-         ("llama", False): (2, 2), ("llama", True): (2, 2), ("llama_gqa", False): (0, 2)}
-SLOW = {("vit", True), ("gpt2", True), ("vit_split", True), ("llama", True)}
-EXPORT_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "llama_gqa": "gpt2", "vit": "vit", "vit_split": "vit"}
+         ("llama", False): (2, 2), ("llama", True): (2, 2), ("llama_gqa", False): (0, 2),
+         ("distilbert", False): (2, 2), ("roberta", False): (2, 2), ("albert", False): (1, 1), ("albert", True): (1, 2)}
+SLOW = {("vit", True), ("gpt2", True), ("vit_split", True), ("llama", True), ("albert", True)}
+EXPORT_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "llama_gqa": "gpt2", "vit": "vit", "vit_split": "vit",
+               "distilbert": "bert", "roberta": "bert", "albert": "bert"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def exported(tmp_path_factory):
         if (kind, dynamo) not in cache:
             path = tmp_path_factory.mktemp("tf") / f"{kind}_{'dyn' if dynamo else 'ts'}.onnx"
             model = {"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit, "vit_split": et.vit_split, "llama": et.llama,
-                     "llama_gqa": lambda: et.llama(kv_heads=2)}[kind]()
+                     "llama_gqa": lambda: et.llama(kv_heads=2)}.get(kind, lambda: et.encoder(kind))()
             et.export(model, EXPORT_KIND[kind], path, dynamo)
             cache[(kind, dynamo)] = onnx.load(str(path))
         return cache[(kind, dynamo)]
@@ -55,7 +58,7 @@ def feed_for(kind: str) -> dict[str, np.ndarray]:
     if kind.startswith("vit"):
         return {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
     feed = {"input_ids": rng.integers(0, 100, (2, 7)).astype(np.int64)}
-    if kind == "bert":
+    if EXPORT_KIND[kind] == "bert":
         mask = np.ones((2, 7), np.int64)
         mask[1, 5:] = 0
         feed["attention_mask"] = mask

@@ -59,6 +59,22 @@ def bert(hidden: int = 32, heads: int = 4, layers: int = 2, intermediate: int = 
     return _LastHidden(model, with_mask=True, pooled=pooled).eval()
 
 
+def encoder(kind: str, seed: int = 0) -> torch.nn.Module:
+    """Other BERT-family encoders, small and random: `distilbert`, `roberta` or `albert` (layers sharing weights,
+    a factorised embedding)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    size = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32, "intermediate_size": 64}
+    cfg = {"distilbert": lambda: tf.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, **TOKENS),
+           "roberta": lambda: tf.RobertaConfig(**size, vocab_size=TOKENS["vocab_size"], max_position_embeddings=70),
+           "albert": lambda: tf.AlbertConfig(**size, embedding_size=16, **TOKENS)}[kind]()
+    cfg._attn_implementation = "sdpa"
+    model = {"distilbert": tf.DistilBertModel, "roberta": tf.RobertaModel, "albert": tf.AlbertModel}[kind](cfg).eval()
+    _randomize(model, seed)
+    return _LastHidden(model, with_mask=True).eval()
+
+
 def gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
     from transformers import GPT2Config, GPT2Model
 

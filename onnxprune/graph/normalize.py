@@ -44,19 +44,27 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     inits = {t.name: t for t in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
     keep = []
+    alias: dict[str, str] = {}
     for node in graph.node:
         value = None
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
             value = _constant_value(node)
         elif (node.op_type == "Identity" and node.input[0] in inits and node.input[0] not in graph_inputs
               and node.output[0] not in outputs):
-            value = numpy_helper.to_array(inits[node.input[0]])
+            # the TorchScript exporter's way of sharing a weight (ALBERT's repeated layer, tied projections):
+            # readers of the Identity read the weight itself, so the sharing stays visible (and kept)
+            alias[node.output[0]] = node.input[0]
+            continue
         if value is None:
             keep.append(node)
             continue
         tensor = numpy_helper.from_array(value, node.output[0])
         graph.initializer.append(tensor)
         inits[tensor.name] = tensor
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
     del graph.node[:]
     graph.node.extend(keep)
 
