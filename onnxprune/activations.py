@@ -120,17 +120,21 @@ class ActivationStats:
     source: str = ""
 
 
-def consumer_inputs(prep) -> list[str]:
-    """The activation tensors read by the consumers ("in" members) of every prunable group."""
+def _readers(prep):
+    """(member, activation tensor) for every consumer ("in" member) of a prunable group whose input carries
+    channels."""
     nodes = {n.name: n for n in prep.view.nodes}
     prunable = {g.spaces[0] for g in prep.analysis.prunable}
-    names = []
     for m in prep.analysis.context.members:
         if m.role == "in" and any(prep.analysis.find(s.space) in prunable for s in m.layout.segments):
             name = nodes[m.node].input[0]
             if name in prep.analysis.context.axes:
-                names.append(name)
-    return list(dict.fromkeys(names))
+                yield m, name
+
+
+def consumer_inputs(prep) -> list[str]:
+    """The activation tensors read by the consumers ("in" members) of every prunable group."""
+    return list(dict.fromkeys(name for _, name in _readers(prep)))
 
 
 def token_rows(feed: dict[str, np.ndarray], shape: tuple) -> np.ndarray | None:
@@ -156,13 +160,9 @@ def gram_inputs(prep) -> set[str]:
     """Inputs of the fully connected layers (MatMul, Gemm) that read prunable channels, on at most MAX_GRAM
     positions: their Gram matrices let `hybrid` score channels by what a least-squares refit of the layer
     cannot bring back (scoring._refit_losses)."""
-    nodes = {n.name: n for n in prep.view.nodes}
-    prunable = {g.spaces[0] for g in prep.analysis.prunable}
     axes = prep.analysis.context.axes
-    return {nodes[m.node].input[0] for m in prep.analysis.context.members
-            if m.role == "in" and m.op_type in ("MatMul", "Gemm")
-            and any(prep.analysis.find(s.space) in prunable for s in m.layout.segments)
-            and nodes[m.node].input[0] in axes and axes[nodes[m.node].input[0]].length <= MAX_GRAM}
+    return {name for m, name in _readers(prep)
+            if m.op_type in ("MatMul", "Gemm") and axes[name].length <= MAX_GRAM}
 
 
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,

@@ -66,9 +66,9 @@ def select(group, scores: np.ndarray, keep: int) -> np.ndarray:
     return np.concatenate([b * per_block_size + _top(blocks[b], per_block) for b in range(group.blocks)])
 
 
-def check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float, option: str = "--ratio") -> None:
     if not 0.0 <= ratio < 1.0:
-        raise InputError(f"--ratio must be in [0, 1), got {ratio}")
+        raise InputError(f"{option} must be in [0, 1), got {ratio}")
 
 
 def _uniform_keep(group, ratio: float, round_to: int) -> int:

@@ -94,8 +94,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
 
     check_ratio(ratio)
     if head_ratio is not None:
-        if not 0.0 <= head_ratio < 1.0:
-            raise InputError(f"--head-ratio must be in [0, 1), got {head_ratio}")
+        check_ratio(head_ratio, "--head-ratio")
         if target_macs is not None or target_params is not None:
             raise InputError("--head-ratio goes with --ratio, not with --target-macs/--target-params")
     if recover not in MODES:

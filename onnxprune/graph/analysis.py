@@ -29,7 +29,7 @@ class AnalysisContext:
         self.view = view
         self.prune_hidden = prune_hidden  # LayerNorm passes channels (approximate: its statistics change)
         self.approximate: set[int] = set()  # spaces whose pruning changes such statistics
-        self._weight_uses: dict[tuple[str, int, str], list[Member]] = {}
+        self._weight_uses: dict[tuple[str, int, str], list[Member]] = {}  # scored weights by (tensor, axis, role)
         self.spaces = SpaceSet()
         self.axes: dict[str, ChannelAxis] = {}
         self.members: list[Member] = []
@@ -79,15 +79,16 @@ class AnalysisContext:
             self.freeze(layout, f"{node.op_type} {node.name}: constant {name} has shape {arr.shape}, "
                                 f"expected {layout.length} on axis {axis}")
             return False
+        member = Member(node.name, node.op_type, input_index, name, axis, layout, role, scored)
         if scored and role in ("in", "out"):
             # a weight shared by layers (ALBERT's repeated layer, tied projections): the layers lose the same
             # channels, so the weight stays one tensor instead of being copied per layer
-            for other in self._weight_uses.get((name, axis, role), []):
+            uses = self._weight_uses.setdefault((name, axis, role), [])
+            for other in uses:
                 if other.node != node.name:
                     self.union(other.layout, layout)
-            self._weight_uses.setdefault((name, axis, role), []).append(
-                Member(node.name, node.op_type, input_index, name, axis, layout, role, scored))
-        self.members.append(Member(node.name, node.op_type, input_index, name, axis, layout, role, scored))
+            uses.append(member)
+        self.members.append(member)
         return True
 
     def freeze(self, layout: ChannelAxis | None, reason: str) -> None:
