@@ -19,6 +19,7 @@ import onnx
 from onnxprune.data import Dataset
 from onnxprune.errors import InputError, require_onnxruntime
 from onnxprune.report import environment, no_progress, progress
+from onnxprune.weights import session_source
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -86,7 +87,7 @@ def make_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # onnxruntime's warnings (unused initializers ...) would break the table
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    source = session_source(model, options) if isinstance(model, onnx.ModelProto) else model
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
     chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:

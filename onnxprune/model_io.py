@@ -15,6 +15,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
+                               nbytes, numel, read_bytes, set_external, tensor_array, write_payload)
 
 # Beyond this a single protobuf cannot be serialised; weights then go to an external data file.
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20
@@ -22,8 +24,13 @@ MIN_OPSET, MAX_OPSET = 7, 23
 _CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
 
 
-def load_model(path: str | os.PathLike, check_external: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model with its external data. Refuses external data outside the model's folder."""
+def load_model(path: str | os.PathLike, check_external: bool = True, lazy: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model. Refuses external data outside the model's folder, missing or too short.
+
+    With `lazy` (the default) external weights are not read: their locations become absolute paths and
+    `weights.tensor_array` maps each tensor when a stage needs it (see onnxprune/weights.py); otherwise they
+    are loaded into the protobuf.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"model file not found: {path}")
@@ -38,37 +45,43 @@ def load_model(path: str | os.PathLike, check_external: bool = True) -> onnx.Mod
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path} is not an ONNX model (it holds no graph)")
     if check_external:
-        _load_external_data(model, path.parent)
+        _resolve_external_data(model, path.parent, lazy)
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
+def _resolve_external_data(model: onnx.ModelProto, base: Path, lazy: bool) -> None:
+    """Check every external location; make it absolute (lazy) or read the data into the model."""
     base_resolved = base.resolve()
-    external = [t for t in _all_tensors(model) if uses_external_data(t)]
-    for tensor in external:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    sizes: dict[Path, int] = {}
+    initializers = len(model.graph.initializer)
+    for i, tensor in enumerate(_all_tensors(model)):
+        if not is_external(tensor):
+            continue
+        location, offset, length = external_info(tensor)
         target = (base / location).resolve()
         if base_resolved not in target.parents and target != base_resolved:
             raise InputError(
                 f"external data of tensor {tensor.name!r} points outside the model's folder ({location}); refusing to read it"
             )
-        if not target.exists():
+        if not target.is_file():
             raise InputError(f"external data file missing for tensor {tensor.name!r}: {target}")
-    if external:
-        try:
-            load_external_data_for_model(model, str(base))
-        except Exception as exc:
-            raise InputError(f"could not read external data from {base}: {exc}") from None
+        size = sizes.setdefault(target, target.stat().st_size)
+        if offset + (length if length is not None else 0) > size:
+            raise InputError(f"external data of tensor {tensor.name!r} ends past the end of {target} "
+                             f"(offset {offset} + length {length} > {size} bytes): truncated file?")
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(target)
+        # attribute tensors (Constant values) are read now: they are small, and nodes are copied freely
+        if not lazy or i >= initializers:
+            _inline(tensor)
 
 
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+def _inline(tensor: onnx.TensorProto) -> None:
+    data = read_bytes(tensor)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = data
 
 
 def check_supported(model: onnx.ModelProto) -> None:
@@ -94,9 +107,12 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bool = False,
                external_data: bool | None = None) -> Path:
-    """Write `model` to `path` atomically. Large models (or `external_data=True`) keep weights beside it.
+    """Write `model` to `path` atomically. Lazy models, large ones (or `external_data=True`) keep their
+    weights in `path`.data beside it.
 
-    The temporary files live in the target folder so the final `os.replace` is a rename on one file system.
+    Weights are streamed to the data file one tensor at a time (external ones copied in chunks from their
+    files), so saving costs no more memory than the model's structure. The temporary files live in the target
+    folder so the final `os.replace` is a rename on one file system.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -104,24 +120,34 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
     if not path.parent.exists():
         raise InputError(f"output folder does not exist: {path.parent}")
     if external_data is None:
-        external_data = model.ByteSize() > _PROTOBUF_LIMIT
+        external_data = is_lazy(model) or model_bytes(model) > _PROTOBUF_LIMIT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     data_name = path.name + ".data"
     tmp_data = Path(tmp + ".data")
     try:
         if external_data:
-            model = _copy(model)  # save_model moves tensors to external data in place
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # the location recorded in the model must be the final name of the data file
-            final_model = onnx.load(tmp, load_external_data=False)
-            for tensor in _all_tensors(final_model):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(final_model, tmp)
+            out = copy_without_initializers(model)
+            with open(tmp_data, "wb") as f:
+                for tensor in model.graph.initializer:
+                    if not is_external(tensor) and nbytes(tensor) < 1024:
+                        out.graph.initializer.append(tensor)
+                        continue
+                    meta = metadata_copy(tensor)
+                    offset = write_payload(f, tensor)
+                    set_external(meta, data_name, offset, f.tell() - offset)
+                    out.graph.initializer.append(meta)
+            onnx.save_model(out, tmp)
             os.replace(tmp_data, path.parent / data_name)
+        elif is_lazy(model):  # asked for one file: the weights are read into it
+            out = copy_without_initializers(model)
+            for tensor in model.graph.initializer:
+                if is_external(tensor):
+                    inline = metadata_copy(tensor)
+                    inline.raw_data = read_bytes(tensor)
+                    tensor = inline
+                out.graph.initializer.append(tensor)
+            onnx.save_model(out, tmp)
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, path)
@@ -133,26 +159,38 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
     return path
 
 
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every field of the model and its graph except the graph's initializers (no weight is copied)."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    return out
+
+
+def _copy_field(target, field, value) -> None:
+    # protobuf 6+ has is_repeated; older releases only the label
+    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialised size in bytes, to within a few bytes per initializer.
+    """Serialised size in bytes (weights in external files counted as if inline), to within a few bytes per
+    initializer.
 
     `ByteSize()` walks every weight (a third of a second on a 100 MB model); the graph without its large
     initializers plus their payload lengths gives the same figure for the cost of a copy of the small parts.
     """
-    payload = 0
-    for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n > 64:
-            payload += len(t.raw_data) or t.ByteSize()
+    payload = sum(nbytes(t) for t in model.graph.initializer if is_external(t) or numel(t) > 64)
     return weightless(model).ByteSize() + payload
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def weightless(model: onnx.ModelProto, max_elements: int = 64) -> onnx.ModelProto:
@@ -173,10 +211,9 @@ def weightless(model: onnx.ModelProto, max_elements: int = 64) -> onnx.ModelProt
     out.graph.value_info.extend(graph.value_info)
     declared = {i.name for i in graph.input}
     for t in graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n <= max_elements:
+        if numel(t) <= max_elements:
+            if is_external(t):  # the checker and shape inference read small constants (shape targets)
+                t = onnx.numpy_helper.from_array(tensor_array(t), t.name)
             out.graph.initializer.append(t)
         elif t.name not in declared:
             out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -24,15 +24,28 @@ from onnxprune.scoring import DATA_CRITERIA, score_groups
 from onnxprune.model_io import model_bytes
 from onnxprune.stats import count_macs, count_params
 from onnxprune.validate import validate
+from onnxprune.weights import TensorWriter, Workspace, external_folder, is_lazy
 
 
 @dataclass
 class Prepared:
-    """A normalised model with its graph view and channel groups."""
+    """A normalised model with its graph view and channel groups.
+
+    A lazily loaded model (weights in external files) gets a `workspace` for the data files of its rewrites,
+    made on first use beside its data (or set by the caller, e.g. beside the output)."""
 
     model: onnx.ModelProto
     view: GraphView
     analysis: Analysis
+    workspace: Workspace | None = None
+
+    def writer(self) -> TensorWriter | None:
+        """Where sliced and refit weights are streamed (None: the model is in memory, so are they)."""
+        if not is_lazy(self.model):
+            return None
+        if self.workspace is None:
+            self.workspace = Workspace(near=external_folder(self.model))
+        return self.workspace.writer()
 
 
 @dataclass
@@ -131,7 +144,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
-    pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
+    pruned = apply_plan(prep.model, prep.view, prep.analysis, plan, prep.writer())
     recovery: list[dict] = []
     if recover != "none" and plan.kept:
         rec = run_recovery(prep, plan, pruned, feeds, recover, seed=seed)

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError, UnsupportedModelError, require_onnxruntime
-from onnxprune.model_io import check_supported, default_opset
+from onnxprune.model_io import check_supported, default_opset, model_bytes, save_model
+from onnxprune.weights import is_lazy, session_source
 
 MODES = ("static", "dynamic", "fp16")
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.
@@ -93,7 +94,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
         if reduce_range:
             notes.append("weights use 7 bits (reduce_range) to avoid int16 saturation on CPUs without VNNI")
     model = _upgrade_opset(_named_copy(model), notes)
-    large = model.ByteSize() > _PROTOBUF_LIMIT
+    large = is_lazy(model) or model_bytes(model) > _PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         src = _write(model, Path(tmp) / "float.onnx")
         if preprocess:
@@ -154,7 +155,7 @@ def _load_error(model: onnx.ModelProto) -> str | None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(session_source(model, options), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
         return _first_line(exc)
     return None
@@ -359,12 +360,7 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
 
 
 def _write(model: onnx.ModelProto, path: Path) -> Path:
-    if model.ByteSize() > _PROTOBUF_LIMIT:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
-    return path
+    return save_model(model, path, overwrite=True)  # external data past 2 GB, and for lazily loaded models
 
 
 def _preprocess(src: Path, dst: Path, large: bool, notes: list[str]) -> Path:

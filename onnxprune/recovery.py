@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from onnxprune.activations import Probe, token_rows
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
+from onnxprune.weights import tensor_array
 
 MODES = ("none", "bias", "lstsq")
 # lambda = alpha * mean(diag(A)); inf keeps W0 and refits the bias only
@@ -239,8 +240,9 @@ def _residual_add(layer: Layer, view):
 class Params:
     """Reads and writes the constants of the pruned model's nodes, copying a shared initializer on write."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, writer=None):
         self.model = model
+        self.writer = writer  # lazy models: new values go to the workspace's data file (weights.TensorWriter)
         self.nodes = {n.name: n for n in model.graph.node}
         self.inits = {t.name: t for t in model.graph.initializer}
 
@@ -248,26 +250,34 @@ class Params:
         node = self.nodes[node_name]
         if index >= len(node.input) or not node.input[index] or node.input[index] not in self.inits:
             return None
-        return numpy_helper.to_array(self.inits[node.input[index]])
+        return tensor_array(self.inits[node.input[index]])
 
     def set(self, node_name: str, index: int, value: np.ndarray, base: str) -> None:
         node = self.nodes[node_name]
         current = node.input[index] if index < len(node.input) else ""
         uses = sum(1 for n in self.model.graph.node for i in n.input if current and i == current)
         if current in self.inits and uses == 1 and current not in {o.name for o in self.model.graph.output}:
-            self.inits[node.input[index]].CopyFrom(numpy_helper.from_array(value, node.input[index]))
+            tensor = self.inits[current]
+            if self.writer is not None and self.writer.overwrite(tensor, value):
+                return
+            self.inits[current].CopyFrom(self._tensor(value, current))
             return
         name = f"{base}__recovered"
         k = 1
         while name in self.inits:
             k += 1
             name = f"{base}__recovered{k}"
-        tensor = numpy_helper.from_array(value, name)
+        tensor = self._tensor(value, name)
         self.model.graph.initializer.append(tensor)
         self.inits[name] = tensor
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = name
+
+    def _tensor(self, value: np.ndarray, name: str) -> onnx.TensorProto:
+        if self.writer is not None and value.size > 256:
+            return self.writer.write(name, value)
+        return numpy_helper.from_array(value, name)
 
 
 def _theta0(layer: Layer, params: Params) -> tuple[np.ndarray, np.ndarray | None]:
@@ -326,7 +336,7 @@ def recover(prep, plan, pruned: onnx.ModelProto, feeds: Sequence[dict[str, np.nd
         raise InputError(f"--recover {mode} needs calibration data (--data)")
     layers, notes = find_layers(prep, plan, all_affected=(mode == "lstsq"))
     result.notes.extend(notes)
-    params = Params(out)
+    params = Params(out, prep.writer())
     if mode == "bias":
         _bias(prep, layers, params, feeds, seed, max_rows, result)
     else:

@@ -15,11 +15,18 @@ from onnx import numpy_helper
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
+from onnxprune.model_io import copy_without_initializers
 from onnxprune.planning import Plan
+from onnxprune.weights import TensorWriter, tensor_array
+
+
+# constants this small stay in the protobuf; larger ones go to the writer's data file when there is one
+INLINE_ELEMENTS = 256
 
 
 class RewriteContext:
-    def __init__(self, model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan):
+    def __init__(self, model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan,
+                 writer: TensorWriter | None = None):
         self.model = model
         self.view = view
         self.analysis = analysis
@@ -31,6 +38,7 @@ class RewriteContext:
         self._inits = dict(view.initializers)
         self._arrays: dict[str, np.ndarray] = {}
         self._counter = 0
+        self.writer = writer
 
     def axis_of(self, name: str):
         return self.analysis.context.axes.get(name)
@@ -48,9 +56,12 @@ class RewriteContext:
     def array(self, name: str) -> np.ndarray | None:
         if name not in self._inits:
             return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self._inits[name])
-        return self._arrays[name]
+        if name in self._arrays:
+            return self._arrays[name]
+        value = tensor_array(self._inits[name])
+        if value.size <= INLINE_ELEMENTS:
+            self._arrays[name] = value
+        return value
 
     def set_input_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
         """Give input `index` of `node` a new constant of its own (never edits a shared one in place)."""
@@ -60,17 +71,25 @@ class RewriteContext:
         while name in self._inits:
             self._counter += 1
             name = f"{old}__pruned{self._counter}"
-        tensor = numpy_helper.from_array(np.asarray(value), name)
+        value = np.asarray(value)
+        if self.writer is not None and value.size > INLINE_ELEMENTS:
+            tensor = self.writer.write(name, value)  # streamed to disk: the pruned weights are not held
+        else:
+            tensor = numpy_helper.from_array(value, name)
+            self._arrays[name] = value
         self.model.graph.initializer.append(tensor)
         self._inits[name] = tensor
-        self._arrays[name] = np.asarray(value)
         node.input[index] = name
 
 
-def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
-    """A pruned copy of `model` (the normalised model `view` and `analysis` were built from)."""
-    out = _copy_without_initializers(model)
-    ctx = RewriteContext(out, view, analysis, plan)
+def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan,
+               writer: TensorWriter | None = None) -> onnx.ModelProto:
+    """A pruned copy of `model` (the normalised model `view` and `analysis` were built from).
+
+    With a `writer` (lazy models, see onnxprune/weights.py) every sliced weight is written to its data file as
+    soon as it is made, and the copy references it there; weights kept whole are never read."""
+    out = copy_without_initializers(model)
+    ctx = RewriteContext(out, view, analysis, plan, writer)
     nodes = {n.name: n for n in out.graph.node}
     pruned_roots = set(plan.kept)
 
@@ -106,29 +125,6 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
     _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]
     return out
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every field of the model and its graph except the graph's initializers (copied later, as needed)."""
-    out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(out, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(out.graph, field, value)
-    return out
-
-
-def _copy_field(target, field, value) -> None:
-    # protobuf 6+ has is_repeated; older releases only the label
-    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-    if repeated:
-        getattr(target, field.name).extend(value)
-    elif field.type == field.TYPE_MESSAGE:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
 
 
 def _copy_used_initializers(graph: onnx.GraphProto, view: GraphView) -> None:

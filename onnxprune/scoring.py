@@ -37,25 +37,26 @@ def criterion(name: str):
     return deco
 
 
-def _magnitudes(view: GraphView, name: str, p: float) -> np.ndarray:
-    """|W|^p of a constant, cached on the view: a weight read by two groups (as output and input channels)
-    is converted once."""
+def _axis_magnitudes(view: GraphView, name: str, p: float, axis: int) -> np.ndarray:
+    """Σ|W|^p over every axis of a constant but `axis`, one value per position along it; cached on the view, so
+    a weight read by two groups (as output and input channels) is reduced once per axis, and only these sums
+    (never a copy of the weight) stay in memory."""
     cache = view.__dict__.setdefault("_magnitude_cache", {})
-    key = (name, p)
+    key = (name, p, axis)
     if key not in cache:
         arr = view.array(name)
-        if not np.issubdtype(arr.dtype, np.floating):
+        if not np.issubdtype(arr.dtype, np.floating) or arr.dtype.itemsize < 4:
             arr = arr.astype(np.float32)
-        cache[key] = np.abs(arr) if p == 1 else np.abs(arr) ** p
+        magnitude = np.abs(arr) if p == 1 else np.abs(arr) ** p
+        other = tuple(i for i in range(magnitude.ndim) if i != axis)
+        # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as fast as float64
+        cache[key] = (magnitude.sum(axis=other) if other else magnitude).astype(np.float64)
     return cache[key]
 
 
 def member_channel_norms(member: Member, view: GraphView, root: int, find, size: int, p: float = 1) -> np.ndarray:
     """Per-channel p-norm (to the p-th power summed) of the member's slices that belong to space `root`."""
-    magnitude = _magnitudes(view, member.tensor, p)
-    other = tuple(i for i in range(magnitude.ndim) if i != member.axis)
-    # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as fast as casting to float64
-    per_position = (magnitude.sum(axis=other) if other else magnitude).astype(np.float64)
+    per_position = _axis_magnitudes(view, member.tensor, p, member.axis)
     total = np.zeros(size)
     for seg in member.layout.segments:
         if find(seg.space) == root:

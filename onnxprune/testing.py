@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from onnxprune.planning import plan_uniform
 from onnxprune.prune import prepare, prune_model
 from onnxprune.validate import run, sample_feed
+from onnxprune.weights import tensor_array
 
 
 @dataclass
@@ -42,7 +43,7 @@ def zero_channels(prep, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
             chans = removed.get(find(seg.space))
             if chans is None or len(chans) == 0:
                 continue
-            arr = arrays.setdefault(m.tensor, numpy_helper.to_array(inits[m.tensor]).copy())
+            arr = arrays.setdefault(m.tensor, np.array(tensor_array(inits[m.tensor])))
             index = [slice(None)] * arr.ndim
             index[m.axis] = seg.positions(np.asarray(chans)).ravel()
             arr[tuple(index)] = 0

@@ -19,6 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import InputError
+from onnxprune.model_io import model_bytes
+from onnxprune.weights import tensor_array
 
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 SPEED_NOTE = ("unstructured sparsity keeps every shape: onnxruntime does not run this model faster "
@@ -63,7 +65,7 @@ def prune_unstructured(model: onnx.ModelProto, ratio: float | None = None, thres
         if name in done:
             continue
         done.add(name)
-        w = numpy_helper.to_array(inits[name])
+        w = tensor_array(inits[name])
         if not np.issubdtype(w.dtype, np.floating) or w.ndim < 2:
             continue
         mag = np.abs(w)
@@ -82,7 +84,7 @@ def prune_unstructured(model: onnx.ModelProto, ratio: float | None = None, thres
     total = sum(r["size"] for r in result.layers)
     zeros = sum(r["zeros"] for r in result.layers)
     result.stats = {"weights": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0,
-                    "bytes_before": model.ByteSize(), "bytes_after": out.ByteSize(),
+                    "bytes_before": model_bytes(model), "bytes_after": model_bytes(out),
                     "gzip_before": gzip_size(model), "gzip_after": gzip_size(out)}
     result.notes.append(SPEED_NOTE)
     return result

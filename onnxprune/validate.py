@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import OnnxPruneError, ValidationError, require_onnxruntime
-from onnxprune.model_io import weightless
+from onnxprune.model_io import save_model, weightless
+from onnxprune.weights import is_lazy, nbytes, session_source
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
@@ -48,26 +49,21 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if _weight_bytes(model) < _INLINE_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
-    # past protobuf's 2 GB limit the model has to go through a file with external data
+    if is_lazy(model) or _weight_bytes(model) < _INLINE_LIMIT:
+        # external weights are memory-mapped by onnxruntime from their files (weights.session_source)
+        return ort.InferenceSession(session_source(model, opts), sess_options=opts, providers=list(providers))
+    # past protobuf's 2 GB limit an in-memory model has to go through a file with external data
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
-        try:
-            return ort.InferenceSession(path, sess_options=opts, providers=list(providers))
-        finally:
-            # save_model moved the tensors out of `model`; bring them back so the caller's model is unchanged
-            from onnx.external_data_helper import load_external_data_for_model
-
-            load_external_data_for_model(model, tmp)
+        save_model(model, path, external_data=True)
+        return ort.InferenceSession(path, sess_options=opts, providers=list(providers))
 
 
 _INLINE_LIMIT = 2**31 - 256 * 2**20
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+    return sum(nbytes(t) for t in model.graph.initializer)
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

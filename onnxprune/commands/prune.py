@@ -17,6 +17,7 @@ from onnxprune.commands._output import console, groups_table, summary_table, wri
 from onnxprune.errors import InputError
 from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
+from onnxprune.weights import Workspace, is_lazy
 
 RECOVERY = ("none", "bias", "lstsq")
 QUANTIZE = ("int8", "static", "dynamic", "fp16")
@@ -122,7 +123,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         groups_rows = None
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
-                             recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden)
+                             recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden,
+                             out_dir=None if dry_run else out_path.parent)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -169,10 +171,12 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
-                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False):
+                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False, out_dir=None):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
     prep = prepare(original, exclude, prune_hidden)
+    if is_lazy(prep.model) and out_dir is not None:
+        prep.workspace = Workspace(near=out_dir)  # sliced weights are written beside the output
     stats = None
     if criterion in DATA_CRITERIA or allocate == "sensitivity":
         from onnxprune.activations import channel_stats

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.weights import is_external, tensor_array
+
 Shape = tuple  # of int | None (None: unknown or symbolic)
 
 
@@ -47,11 +49,17 @@ class GraphView:
         return name in self.initializers and name not in self._overridable
 
     def array(self, name: str) -> np.ndarray | None:
+        """A constant's values (read-only). Weights in external files are memory-mapped afresh on each call
+        and not kept, so a large model's weights are never all in memory at once (onnxprune/weights.py)."""
         if not self.is_const(name):
             return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
-        return self._arrays[name]
+        if name in self._arrays:
+            return self._arrays[name]
+        tensor = self.initializers[name]
+        value = tensor_array(tensor)
+        if not is_external(tensor) or value.size <= 4096:
+            self._arrays[name] = value
+        return value
 
     def shape(self, name: str) -> Shape | None:
         if self.is_const(name):
