@@ -72,10 +72,14 @@ class Probe:
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str], only: bool = False):
         self.names = list(dict.fromkeys(names))
-        self._session = session(only_outputs(model, self.names) if only else with_outputs(model, self.names))
+        probed = only_outputs(model, self.names) if only else with_outputs(model, self.names)
+        self._nodes = len(probed.graph.node)
+        self.node_runs = 0  # node evaluations, for pass counts
+        self._session = session(probed)
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(names) if names is not None else self.names
+        self.node_runs += self._nodes
         try:
             values = self._session.run(wanted, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for bad feeds
@@ -92,13 +96,16 @@ class TensorStats:
     zeros: np.ndarray
     count: int = 0  # values summed per position
     gram: np.ndarray | None = None  # Σ xᵀx over the channel axis, for inputs of fully connected readers
-    total: np.ndarray | None = None  # Σ x, with the Gram matrix (to centre it)
+    total: np.ndarray | None = None  # Σ x over the same rows (to centre it)
+    gram_rows: int = 0  # rows in the Gram matrix (all of them up to MAX_GRAM features, else a sample)
+    # refit scores already computed from the Gram matrix (which is then dropped), by (reader node, input index)
+    refit: dict = field(default_factory=dict)
 
     def covariance(self) -> np.ndarray | None:
         """Σ (x - mean)ᵀ(x - mean): the Gram matrix of the centred values (None without a Gram matrix)."""
-        if self.gram is None or not self.count:
+        if self.gram is None or not self.gram_rows:
             return None
-        return self.gram - np.outer(self.total, self.total) / self.count
+        return self.gram.astype(np.float64) - np.outer(self.total, self.total) / self.gram_rows
 
     @property
     def abs_mean(self) -> np.ndarray:
@@ -118,6 +125,7 @@ class ActivationStats:
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
+    passes: float = 0.0  # model passes over the calibration data it took
 
 
 def _readers(prep):
@@ -153,53 +161,123 @@ def token_rows(feed: dict[str, np.ndarray], shape: tuple) -> np.ndarray | None:
     return None
 
 
-MAX_GRAM = 3072  # positions: a float64 Gram matrix of at most 72 MiB per tensor
+MAX_GRAM = 3072  # positions: up to here a float64 Gram matrix (72 MiB) over every calibration row
+GRAM_ROWS = 16384  # wider inputs (LLM MLPs: 5,504 to 14,336 features): float32, at most this many random rows
 
 
 def gram_inputs(prep) -> set[str]:
-    """Inputs of the fully connected layers (MatMul, Gemm) that read prunable channels, on at most MAX_GRAM
-    positions: their Gram matrices let `hybrid` score channels by what a least-squares refit of the layer
-    cannot bring back (scoring._refit_losses)."""
-    axes = prep.analysis.context.axes
-    return {name for m, name in _readers(prep)
-            if m.op_type in ("MatMul", "Gemm") and axes[name].length <= MAX_GRAM}
+    """Inputs of the fully connected layers (MatMul, Gemm) that read prunable channels: their Gram matrices
+    let `hybrid` score channels by what a least-squares refit of the layer cannot bring back
+    (scoring._refit_losses)."""
+    return {name for m, name in _readers(prep) if m.op_type in ("MatMul", "Gemm")}
+
+
+def gram_bytes(length: int) -> int:
+    return length * length * (8 if length <= MAX_GRAM else 4)
 
 
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
-                  source: str = "") -> ActivationStats:
+                  source: str = "", memory_budget: int | None = None, seed: int = 0) -> ActivationStats:
     """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`, and
-    the Gram matrix of those read by fully connected layers (see gram_inputs)."""
+    the Gram matrix of those read by fully connected layers (see gram_inputs).
+
+    Gram matrices up to MAX_GRAM positions are float64 sums over every row; wider ones are float32 sums over
+    at most GRAM_ROWS rows drawn at random (the scores rank channels; a few thousand tokens per feature
+    dimension settle that ranking). When all Gram matrices together would take more than half the memory
+    budget, the model runs stage by stage (pipeline/stages.py): each Gram matrix is complete once its stage
+    has seen every batch, and is then reduced to the refit scores it serves and dropped, so only one stage's
+    matrices are ever held. Either way the model runs once over the data.
+    """
+    from onnxprune.pipeline.stages import default_memory_budget
+
+    feeds = list(feeds)
     names = list(tensors) if tensors is not None else consumer_inputs(prep)
     grams = gram_inputs(prep) & set(names)
     stats = ActivationStats(source=source)
     if not names:
         return stats
+    stats.samples = sum(next((v.shape[0] for v in feed.values() if v.ndim), 1) for feed in feeds)
     axes = prep.analysis.context.axes
-    probe = Probe(prep.model, names)
-    for feed in feeds:
-        values = probe.run(feed)
-        stats.samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
-        for name in names:
-            axis = axes[name]
-            value = np.asarray(values[name], dtype=np.float64)
-            keep = token_rows(feed, value.shape) if axis.axis == value.ndim - 1 else None
-            x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
-            if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
-                x = x[keep]
-            entry = stats.tensors.get(name)
-            if entry is None:
-                entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),
-                                                          np.zeros(axis.length))
-            entry.abs_sum += np.abs(x).sum(axis=0)
-            entry.sq_sum += (x * x).sum(axis=0)
-            entry.zeros += (x == 0).sum(axis=0)
-            entry.count += x.shape[0]
-            if name in grams:
-                entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
-                entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    rng = np.random.default_rng(seed)
+    total_gram = sum(gram_bytes(axes[n].length) for n in grams)
+    for name in grams:
+        if gram_bytes(axes[name].length) > budget:
+            raise InputError(f"--memory-budget {budget >> 20} MiB is too small: the Gram matrix of {name} "
+                             f"({axes[name].length} features) needs {gram_bytes(axes[name].length) >> 20} MiB")
+    if total_gram <= budget // 2:
+        probe = Probe(prep.model, names)
+        for feed in feeds:
+            values = probe.run(feed)
+            _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
+        stats.passes = probe.node_runs / max(len(prep.model.graph.node) * len(feeds), 1)
+    else:
+        from onnxprune.pipeline.stages import FrontierStore, StagedRun
+        from onnxprune.scoring import reduce_grams
+
+        requests = _stat_requests(prep.model, names, grams)
+        store = FrontierStore(budget - max(gram_bytes(axes[n].length) for n in grams),
+                              prep.workspace.path if getattr(prep, "workspace", None) is not None else None)
+        run = StagedRun(prep.model, feeds, requests, store, "model (statistics)")
+        try:
+            for request in requests:
+                for feed, values in zip(feeds, run.step()):
+                    _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
+                reduce_grams(prep, stats, [n for n in request if n in grams])
+        finally:
+            store.close()
+        stats.passes = run.passes
     if stats.samples == 0:
         raise InputError("the calibration data has no samples")
     return stats
+
+
+def _stat_requests(model, names: list[str], grams: set[str]) -> list[list[str]]:
+    """The tensors in graph order, cut after each one that has a Gram matrix (so it completes alone)."""
+    order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    requests, current = [], []
+    for name in sorted(names, key=lambda n: order.get(n, -1)):
+        current.append(name)
+        if name in grams:
+            requests.append(current)
+            current = []
+    if current:
+        requests.append(current)
+    return requests
+
+
+def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batches: int) -> None:
+    for name, raw in values.items():
+        axis = axes[name]
+        value = np.asarray(raw, dtype=np.float64)
+        keep = token_rows(feed, value.shape) if axis.axis == value.ndim - 1 else None
+        x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
+        if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
+            x = x[keep]
+        entry = stats.tensors.get(name)
+        if entry is None:
+            entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),
+                                                      np.zeros(axis.length))
+        entry.abs_sum += np.abs(x).sum(axis=0)
+        entry.sq_sum += (x * x).sum(axis=0)
+        entry.zeros += (x == 0).sum(axis=0)
+        entry.count += x.shape[0]
+        if name in grams:
+            if axis.length > MAX_GRAM:
+                cap = -(-GRAM_ROWS // n_batches)
+                rows = x if len(x) <= cap else x[np.sort(rng.choice(len(x), cap, replace=False))]
+                rows = rows.astype(np.float32)
+                entry.gram = (np.zeros((axis.length, axis.length), np.float32) if entry.gram is None
+                              else entry.gram)
+                for start in range(0, len(rows), 4096):
+                    chunk = rows[start:start + 4096]
+                    entry.gram += chunk.T @ chunk
+                entry.total = (0.0 if entry.total is None else entry.total) + rows.sum(axis=0, dtype=np.float64)
+                entry.gram_rows += len(rows)
+            else:
+                entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
+                entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
+                entry.gram_rows += len(x)
 
 
 def per_channel(axis: ChannelAxis, values: np.ndarray, root: int, find, size: int, how: str = "mean") -> np.ndarray:

@@ -94,14 +94,15 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                 scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
                 target_macs: float | None = None, target_params: float | None = None,
                 allocate: str = "global", sensitivity: dict | None = None, stats=None,
-                head_ratio: float | None = None, prune_hidden: bool = False) -> PruneResult:
+                head_ratio: float | None = None, prune_hidden: bool = False,
+                memory_budget: int | None = None) -> PruneResult:
     """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
 
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
     `target_params` (fraction kept) replace `ratio` with a budget met by per-group ratios (`allocate`: global,
     uniform, or sensitivity with `sensitivity` curves from onnxprune.sensitivity); `stats` reuses activation
     statistics already computed on `calibration`; `head_ratio` is the share of heads attention-head groups lose
-    (default: `ratio`).
+    (default: `ratio`); `memory_budget` (bytes) caps what calibration keeps in memory (pipeline/stages.py).
     """
     from onnxprune.recovery import MODES, recover as run_recovery
 
@@ -127,7 +128,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
             if criterion in DATA_CRITERIA and stats is None:
                 from onnxprune.activations import channel_stats
 
-                stats = channel_stats(prep, feeds)
+                stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=seed)
             scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
         target = target_macs if target_macs is not None else target_params
         if target is not None:
@@ -146,10 +147,13 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         notes.append(HIDDEN_WARNING)
     pruned = apply_plan(prep.model, prep.view, prep.analysis, plan, prep.writer())
     recovery: list[dict] = []
+    # model passes over the calibration data (statistics, then recovery's staged runs)
+    passes = {"statistics": stats.passes} if stats is not None and feeds and removed is None else {}
     if recover != "none" and plan.kept:
-        rec = run_recovery(prep, plan, pruned, feeds, recover, seed=seed)
+        rec = run_recovery(prep, plan, pruned, feeds, recover, seed=seed, memory_budget=memory_budget)
         pruned, recovery = rec.model, rec.layers
         notes.extend(rec.notes)
+        passes.update({f"recovery_{k}": v for k, v in rec.passes.items() if k in ("pruned", "original")})
     if validate_result:
         validate(pruned, model)
     stats_out = {
@@ -159,6 +163,8 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         "groups": len(prep.analysis.groups), "groups_prunable": len(prep.analysis.prunable),
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
     }
+    if passes:
+        stats_out["passes"] = {**passes, "total": sum(passes.values())}
     return PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery)
 
 

@@ -231,10 +231,13 @@ def hybrid_score(group, data):
     parts = []
     for m, t in _readers(group, data):
         axis = data.axes[t]
-        norm = data.stats.tensors[t].norm
-        cov = data.stats.tensors[t].covariance()
-        if cov is not None and m.layout.length == axis.length and all(
-                a.same_structure(b) for a, b in zip(m.layout.segments, axis.segments)):
+        entry = data.stats.tensors[t]
+        norm = entry.norm
+        if (m.node, m.input_index) in entry.refit:  # reduced while the statistics were gathered
+            parts.append(entry.refit[(m.node, m.input_index)])
+            continue
+        cov = entry.covariance() if _refits(m, axis) else None
+        if cov is not None:
             parts.append(_refit_losses(group, m, axis, cov, data, root))
             continue
         w = np.abs(data.view.array(m.tensor).astype(np.float64))
@@ -249,6 +252,36 @@ def hybrid_score(group, data):
             x_c = np.sqrt(per_channel(axis, norm ** 2, root, data.find, group.size, "sum"))
             parts.append(w_c * x_c)
     return _combine(parts, group.size)
+
+
+def _refits(m: Member, axis) -> bool:
+    """Whether the reader's weight rows line up with the activation's positions (a refit score applies)."""
+    return m.layout.length == axis.length and all(
+        a.same_structure(b) for a, b in zip(m.layout.segments, axis.segments))
+
+
+def reduce_grams(prep, stats: ActivationStats, names) -> None:
+    """Replace the Gram matrices of `names` by the refit scores of every prunable group that reads them
+    (what `hybrid` would compute from them later), so that they need not be kept."""
+    names = set(names)
+    if not names:
+        return
+    analysis = prep.analysis
+    data = DataInputs(prep.view, analysis.find, analysis.context.axes, {n.name: n for n in prep.view.nodes}, stats)
+    covariances = {}
+    for group in analysis.prunable:
+        root = analysis.find(group.spaces[0])
+        for m, t in _readers(group, data):
+            if t not in names or not _refits(m, data.axes[t]):
+                continue
+            if t not in covariances:
+                covariances[t] = stats.tensors[t].covariance()
+            if covariances[t] is not None:
+                stats.tensors[t].refit[(m.node, m.input_index)] = _refit_losses(group, m, data.axes[t],
+                                                                                covariances[t], data, root)
+    for t in names:
+        if t in stats.tensors:
+            stats.tensors[t].gram = stats.tensors[t].total = None
 
 
 def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0,

@@ -1,0 +1,208 @@
+"""Stage-wise calibration (pipeline/stages.py): each node runs once, the frontier stays under its budget, and
+recovery and statistics computed stage by stage equal the per-stage re-runs they replace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.activations import GRAM_ROWS, MAX_GRAM, Probe, channel_stats
+from onnxprune.data import load_data
+from onnxprune.errors import InputError
+from onnxprune.model_io import load_model
+from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
+from onnxprune.prune import prepare, prune_model
+from onnxprune.scoring import score_groups
+from tests.onnx_builders import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_model(ROOT / "models" / "digits_cnn.onnx")
+    return model, list(load_data(ROOT / "models" / "digits_calib.npz", model, batch_size=64).feeds)
+
+
+def _conv_inputs(model):
+    return [n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+
+
+def test_staged_run_equals_a_whole_run_and_runs_every_node_once(digits):
+    model, feeds = digits
+    prep = prepare(model)
+    names = _conv_inputs(prep.model) + [prep.model.graph.output[0].name]
+    run = StagedRun(prep.model, feeds, [[n] for n in names])
+    probe = Probe(prep.model, names)
+    want = [probe.run(f) for f in feeds]
+    for name in names:
+        for b, got in enumerate(run.step()):
+            np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    assert run.passes == pytest.approx(1.0)  # the last request needs the whole model: each node ran once
+    assert run.store.in_memory == 0  # nothing left on the frontier once no stage reads it
+    run.close()
+
+
+def test_frontier_spills_past_its_budget_and_gives_the_same_values(digits, tmp_path):
+    model, feeds = digits
+    prep = prepare(model)
+    names = _conv_inputs(prep.model)
+    store = FrontierStore(budget=600_000, folder=tmp_path)  # one batch fits, the five do not
+    run = StagedRun(prep.model, feeds, [[n] for n in names], store)
+    probe = Probe(prep.model, names)
+    for name in names:
+        for b, got in enumerate(run.step()):
+            np.testing.assert_allclose(got[name], probe.run(feeds[b])[name], rtol=1e-4, atol=1e-5)
+    assert store.spilled > 0 and store.peak_in_memory <= 600_000
+    store.close()
+    assert not list(tmp_path.iterdir())  # the spill folder is gone
+
+
+def test_a_stage_that_cannot_fit_is_a_one_line_error(digits):
+    model, feeds = digits
+    prep = prepare(model)
+    run = StagedRun(prep.model, feeds, [[_conv_inputs(prep.model)[-1]]], FrontierStore(budget=100))
+    with pytest.raises(InputError, match="--memory-budget .* too small"):
+        list(run.step())
+
+
+def test_the_model_may_change_between_requests():
+    w1 = np.eye(4, dtype=np.float32)
+    w2 = np.eye(4, dtype=np.float32)
+    m = build([("MatMul", ["x", "w1"], ["h"]), ("Relu", ["h"], ["r"]), ("MatMul", ["r", "w2"], ["y"])],
+              {"x": [2, 4]}, ["y"], {"w1": w1, "w2": w2})
+    feeds = [{"x": np.ones((2, 4), np.float32)}]
+    run = StagedRun(m, feeds, [["h"], ["y"]])
+    assert np.allclose(next(run.step())["h"], 1.0)
+    w2_tensor = next(t for t in m.graph.initializer if t.name == "w2")
+    w2_tensor.CopyFrom(onnx.numpy_helper.from_array(3 * w2, "w2"))  # as a refit edits a layer not yet run
+    assert np.allclose(next(run.step())["y"], 3.0)
+
+
+def test_parse_bytes():
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("2GiB") == 2 << 30 and parse_bytes("1000") == 1000
+    with pytest.raises(InputError, match="--memory-budget"):
+        parse_bytes("lots")
+
+
+def _recovered_weights(model, feeds, staged, monkeypatch, ratio=0.5):
+    import onnxprune.recovery as recovery
+
+    real = recovery._lstsq
+    monkeypatch.setattr(recovery, "_lstsq", lambda *a, **k: real(*a[:8], staged, None))
+    result = prune_model(model, ratio=ratio, criterion="l1", calibration=feeds, recover="lstsq")
+    monkeypatch.setattr(recovery, "_lstsq", real)
+    return result, {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = max(float(np.abs(a[name]).max()), 1e-6) if a[name].size else 1.0
+        np.testing.assert_allclose(b[name], a[name], atol=2e-5 * scale, err_msg=name)
+
+
+def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(digits, monkeypatch):
+    model, feeds = digits
+    rerun, want = _recovered_weights(model, feeds, False, monkeypatch)
+    staged, got = _recovered_weights(model, feeds, True, monkeypatch)
+    _assert_same_weights(want, got)
+    assert staged.recovery and len(staged.recovery) == len(rerun.recovery)
+    # each node at most once (the nodes after the last refit layer's input never need to run)
+    assert 0.5 < staged.stats["passes"]["recovery_pruned"] <= 1.0 + 1e-9
+    assert 0.5 < staged.stats["passes"]["recovery_original"] <= 1.0 + 1e-9
+
+
+def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from export_transformers import bert, export
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(bert(), "bert", Path(tmp) / "bert.onnx", dynamo=False)
+        model = load_model(path)
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(3):
+        mask = np.ones((4, 12), np.int64)
+        mask[1, 7:] = 0
+        feeds.append({"input_ids": rng.integers(0, 100, (4, 12)).astype(np.int64), "attention_mask": mask})
+    rerun, want = _recovered_weights(model, feeds, False, monkeypatch, ratio=0.25)
+    staged, got = _recovered_weights(model, feeds, True, monkeypatch, ratio=0.25)
+    _assert_same_weights(want, got)
+    assert any(r["node"].endswith("MatMul") or "dense" in r["node"] for r in staged.recovery)
+    del torch
+
+
+def test_a_data_aware_prune_costs_at_most_four_passes(digits):
+    model, feeds = digits
+    result = prune_model(model, ratio=0.5, criterion="hybrid", calibration=feeds, recover="lstsq")
+    passes = result.stats["passes"]
+    assert passes["statistics"] == pytest.approx(1.0, abs=0.01)
+    assert passes["total"] <= 4.0, passes
+
+
+def _wide_mlp(width: int, rng):
+    """x [N, width] -> MatMul -> h [N, width] -> MatMul -> y [N, 6]: h copies x, except that channel 0 is
+    channel 1 plus a little of x's channel 0 (so a refit of fc2 can nearly replace it), and both have the
+    largest fc2 rows."""
+    w1 = np.eye(width, dtype=np.float32)
+    w1[:, 0] = 0.0
+    w1[1, 0], w1[0, 0] = 1.0, 0.05
+    w2 = rng.standard_normal((width, 6)).astype(np.float32)
+    w2[:2] *= 4.0
+    return build([("MatMul", ["x", "w1"], ["h"]), ("MatMul", ["h", "w2"], ["y"])], {"x": ["N", width]}, ["y"],
+                 {"w1": w1, "w2": w2}), w1, w2
+
+
+def test_refit_scores_on_an_input_wider_than_max_gram_agree_with_a_direct_least_squares_fit():
+    from onnxprune.scoring import DataInputs, _refit_losses
+
+    rng = np.random.default_rng(0)
+    width = MAX_GRAM + 28
+    model, w1, w2 = _wide_mlp(width, rng)
+    feeds = [{"x": rng.standard_normal((2048, width)).astype(np.float32)} for _ in range(4)]
+    prep = prepare(model)
+    (group,) = prep.analysis.prunable
+    stats = channel_stats(prep, feeds)
+    entry = stats.tensors["h"]
+    assert entry.gram.dtype == np.float32 and entry.gram_rows == 4 * 2048 <= GRAM_ROWS
+    data = DataInputs(prep.view, prep.analysis.find, prep.analysis.context.axes,
+                      {n.name: n for n in prep.view.nodes}, stats)
+    (m,) = [m for m in group.members if m.role == "in"]
+    losses = _refit_losses(group, m, data.axes["h"], entry.covariance(), data, prep.analysis.find(group.spaces[0]))
+    assert int(np.argmin(losses)) == 0  # the near-copy goes first; magnitude alone would keep it
+    # the greedy removal takes the cheapest 1/64 of the channels first, channel 0 among them: their common
+    # score is the error left by removing them and refitting fc2 (with a bias) on the rest
+    first = np.flatnonzero(losses == losses.min())
+    assert len(first) == width // 64
+    # the same error from the data directly: float64 normal equations of fc2's refit on the kept channels
+    h = np.vstack([f["x"] for f in feeds]).astype(np.float64) @ w1
+    design = np.hstack([np.delete(h, first, axis=1), np.ones((len(h), 1))])
+    y = h @ w2
+    beta = np.linalg.solve(design.T @ design, design.T @ y)
+    direct = float(((design @ beta - y) ** 2).sum())
+    assert losses[0] == pytest.approx(direct, rel=0.03)
+
+
+def test_statistics_stage_by_stage_equal_one_pass_and_drop_their_gram_matrices():
+    rng = np.random.default_rng(1)
+    model, _, _ = _wide_mlp(MAX_GRAM + 64, rng)
+    feeds = [{"x": rng.standard_normal((512, MAX_GRAM + 64)).astype(np.float32)} for _ in range(3)]
+    prep = prepare(model)
+    (group,) = prep.analysis.prunable
+    one = channel_stats(prep, feeds)
+    width = MAX_GRAM + 64
+    staged = channel_stats(prep, feeds, memory_budget=width * width * 4 + (8 << 20))  # one Gram, not two
+    assert staged.tensors["h"].gram is None and staged.tensors["h"].refit
+    assert one.passes == pytest.approx(1.0) and staged.passes <= 1.0 + 1e-9
+    root = group.spaces[0]
+    a = score_groups(prep.analysis, prep.view, "hybrid", stats=one)[root]
+    b = score_groups(prep.analysis, prep.view, "hybrid", stats=staged)[root]
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    with pytest.raises(InputError, match="--memory-budget .* too small: the Gram matrix of h"):
+        channel_stats(prep, feeds, memory_budget=1 << 20)
