@@ -15,6 +15,7 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.graph.layout import ChannelAxis
+from onnxprune.report import progress
 from onnxprune.validate import session
 
 
@@ -207,9 +208,10 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
                              f"({axes[name].length} features) needs {gram_bytes(axes[name].length) >> 20} MiB")
     if total_gram <= budget // 2:
         probe = Probe(prep.model, names)
-        for feed in feeds:
-            values = probe.run(feed)
-            _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
+        with progress("statistics: calibration batches", len(feeds)) as advance:
+            for feed in feeds:
+                _accumulate(stats, feed, probe.run(feed), axes, grams, rng, len(feeds))
+                advance()
         stats.passes = probe.node_runs / max(len(prep.model.graph.node) * len(feeds), 1)
     else:
         from onnxprune.pipeline.stages import FrontierStore, StagedRun
@@ -220,10 +222,13 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
                               prep.workspace.path if getattr(prep, "workspace", None) is not None else None)
         run = StagedRun(prep.model, feeds, requests, store, "model (statistics)")
         try:
-            for request in requests:
-                for feed, values in zip(feeds, run.step()):
-                    _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
-                reduce_grams(prep, stats, [n for n in request if n in grams])
+            with progress("statistics, stage by stage", len(requests)) as advance:
+                for request in requests:
+                    advance(0, step=request[-1])
+                    for feed, values in zip(feeds, run.step()):
+                        _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
+                    reduce_grams(prep, stats, [n for n in request if n in grams])
+                    advance()
         finally:
             store.close()
         stats.passes = run.passes

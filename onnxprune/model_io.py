@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.report import progress
 from onnxprune.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
                                nbytes, numel, read_bytes, set_external, tensor_array, write_payload)
 
@@ -37,7 +38,8 @@ def load_model(path: str | os.PathLike, check_external: bool = True, lazy: bool 
     if path.is_dir():
         raise InputError(f"expected an .onnx file, got a directory: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with progress(f"loading {path.name}", None):
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated file?): {exc}") from None
     except Exception as exc:  # protobuf raises several types for garbage input
@@ -128,7 +130,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
     try:
         if external_data:
             out = copy_without_initializers(model)
-            with open(tmp_data, "wb") as f:
+            total = sum(nbytes(t) for t in model.graph.initializer)
+            with open(tmp_data, "wb") as f, progress(f"writing {path.name}", total) as advance:
                 for tensor in model.graph.initializer:
                     if not is_external(tensor) and nbytes(tensor) < 1024:
                         out.graph.initializer.append(tensor)
@@ -137,6 +140,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
                     offset = write_payload(f, tensor)
                     set_external(meta, data_name, offset, f.tell() - offset)
                     out.graph.initializer.append(meta)
+                    advance(f.tell() - offset)
             onnx.save_model(out, tmp)
             os.replace(tmp_data, path.parent / data_name)
         elif is_lazy(model):  # asked for one file: the weights are read into it

@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from onnxprune.activations import Probe, token_rows
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
+from onnxprune.report import progress
 from onnxprune.weights import tensor_array
 
 MODES = ("none", "bias", "lstsq")
@@ -353,13 +354,11 @@ def _bias(prep, layers, params, feeds, seed, max_rows, result) -> None:
     rng = np.random.default_rng(seed)
     sums = {l.node.name: 0.0 for l in layers}
     counts = {l.node.name: 0 for l in layers}
-    for feed in feeds:
-        values = probe.run(feed)
-        for l in layers:
-            x_in = values[l.node.input[0]]
-            x, _, _ = layer_rows(l, x_in, None, rng, max_rows, token_rows(feed, x_in.shape))
-            sums[l.node.name] = sums[l.node.name] + x.sum(axis=0)
-            counts[l.node.name] += len(x)
+    with progress("recovery (bias): calibration batches", len(feeds)) as advance:
+        for feed in feeds:
+            _bias_sums(probe.run(feed), feed, layers, rng, max_rows, sums, counts)
+            advance()
+    result.passes = {"original": probe.node_runs / max(len(prep.model.graph.node) * len(feeds), 1)}
     for l in layers:
         if l.kind == "matmul" and l.bias_add is None:
             result.notes.append(f"MatMul {l.node.name}: no bias Add to fold the removed channels into")
@@ -373,6 +372,14 @@ def _bias(prep, layers, params, feeds, seed, max_rows, result) -> None:
         _write(l, params, wt, bias, params.get(l.node.name, 1).dtype)
         result.layers.append({"node": l.node.name, "method": "bias", "alpha": None,
                               "shift": float(np.abs(shift).max()) if shift.size else 0.0})
+
+
+def _bias_sums(values, feed, layers, rng, max_rows, sums, counts) -> None:
+    for l in layers:
+        x_in = values[l.node.input[0]]
+        x, _, _ = layer_rows(l, x_in, None, rng, max_rows, token_rows(feed, x_in.shape))
+        sums[l.node.name] = sums[l.node.name] + x.sum(axis=0)
+        counts[l.node.name] += len(x)
 
 
 def _original_wt(prep, layer: Layer) -> np.ndarray:
@@ -487,41 +494,49 @@ def _lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result, staged=
         result.notes.append(f"only {n_samples} calibration samples: lambda is not validated (alpha=inf)")
     source = (_StagedSource if staged else _RerunSource)(prep, params, layers, feeds, budget)
     try:
-        for stage in source.stages:
-            fits = []
-            for layer in stage:
-                intercept = not (layer.kind == "matmul" and layer.bias_add is None)
-                wt, bias = _theta0(layer, params)
-                theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
-                    if intercept else wt
-                d, o = theta0.shape
-                fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
-                             Gram(np.zeros((d, d)), np.zeros((d, o)))))
-            rng = np.random.default_rng(seed)
-            split = np.random.default_rng(seed + 1)
-            for feed, now, targets in source.batches(stage):
-                x_now = now[stage[0].node.input[0]]
-                n = x_now.shape[0] if x_now.ndim else 1
-                is_held = split.random(n) < holdout
-                keep = token_rows(feed, x_now.shape)
-                for layer, intercept, _, fit, held in fits:
-                    y_full = targets[_target(layer)]
-                    if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
-                        add, other = layer.residual
-                        y_full = y_full.astype(np.float64) - now[add.input[other]]
-                    y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
-                    x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
-                    if intercept:
-                        x = np.hstack([x, np.ones((len(x), 1))])
-                    mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
-                    fit.add(x[~mask], y[~mask])
-                    if mask.any():
-                        held.add(x[mask], y[mask])
-            for layer, intercept, theta0, fit, held in fits:
-                _solve_and_write(layer, params, intercept, theta0, fit, held, result)
+        with progress("recovery (least squares)", len(source.stages)) as advance:
+            for stage in source.stages:
+                advance(0, step=", ".join(l.node.name for l in stage[:2]) + (" ..." if len(stage) > 2 else ""))
+                _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, result)
+                advance()
     finally:
         source.close()
     result.passes = source.passes()
+
+
+def _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, result) -> None:
+    """Accumulate the Gram matrices of one stage's layers over every batch, then solve and write them."""
+    fits = []
+    for layer in stage:
+        intercept = not (layer.kind == "matmul" and layer.bias_add is None)
+        wt, bias = _theta0(layer, params)
+        theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
+            if intercept else wt
+        d, o = theta0.shape
+        fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
+                     Gram(np.zeros((d, d)), np.zeros((d, o)))))
+    rng = np.random.default_rng(seed)
+    split = np.random.default_rng(seed + 1)
+    for feed, now, targets in source.batches(stage):
+        x_now = now[stage[0].node.input[0]]
+        n = x_now.shape[0] if x_now.ndim else 1
+        is_held = split.random(n) < holdout
+        keep = token_rows(feed, x_now.shape)
+        for layer, intercept, _, fit, held in fits:
+            y_full = targets[_target(layer)]
+            if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
+                add, other = layer.residual
+                y_full = y_full.astype(np.float64) - now[add.input[other]]
+            y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
+            x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
+            if intercept:
+                x = np.hstack([x, np.ones((len(x), 1))])
+            mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
+            fit.add(x[~mask], y[~mask])
+            if mask.any():
+                held.add(x[mask], y[mask])
+    for layer, intercept, theta0, fit, held in fits:
+        _solve_and_write(layer, params, intercept, theta0, fit, held, result)
 
 
 def _current_names(stage: list[Layer]) -> list[str]:

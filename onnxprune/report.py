@@ -130,13 +130,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def no_progress(n: int = 1) -> None:
+def no_progress(n: int = 1, step: str | None = None) -> None:
     """What `progress` yields when no bar is shown; timed loops compare with it to skip chunking."""
 
 
 @contextlib.contextmanager
 def progress(description: str, total: int | None, enabled: bool = True) -> Iterator:
-    """A rich progress bar on stderr; yields `advance(n=1)`. Disabled, advance does nothing.
+    """A rich progress bar on stderr; yields `advance(n=1, step=None)` (`step` names what is being done now,
+    e.g. the layer a stage refits). Disabled, advance does nothing. `total=None` shows a spinner-like bar
+    with the elapsed time, for steps that cannot count.
 
     Also off when stderr is not a terminal: in a CI log a bar is only noise. Callers in timed loops should
     advance in strides (not per iteration) to keep the bar's cost out of the figures.
@@ -151,4 +153,10 @@ def progress(description: str, total: int | None, enabled: bool = True) -> Itera
                    console=console, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, step: str | None = None) -> None:
+            if step is not None:
+                bar.update(task, description=f"{description}: {step}")
+            bar.advance(task, n)
+
+        yield advance

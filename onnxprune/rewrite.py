@@ -17,6 +17,7 @@ from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
 from onnxprune.model_io import copy_without_initializers
 from onnxprune.planning import Plan
+from onnxprune.report import progress
 from onnxprune.weights import TensorWriter, tensor_array
 
 
@@ -98,24 +99,10 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
         if any(ctx.find(s.space) in pruned_roots for s in m.layout.segments):
             slices[(m.node, m.input_index)].append(m)
     sliced: dict[tuple, str] = {}  # (tensor, its slicing) -> the new tensor: a shared weight stays shared
-    for (node_name, index), members in slices.items():
-        node = nodes[node_name]
-        source = node.input[index]
-        value = view.array(source)
-        done_axes, cuts = set(), []
-        for m in members:
-            if m.axis in done_axes:
-                continue  # the same axis reached twice (x + x): one slicing serves both
-            done_axes.add(m.axis)
-            kept = m.layout.kept_positions(plan.kept, ctx.find)
-            value = np.take(value, kept, axis=m.axis)
-            cuts.append((m.axis, kept.tobytes()))
-        key = (source, tuple(sorted(cuts)))
-        if key in sliced:
-            node.input[index] = sliced[key]
-            continue
-        ctx.set_input_constant(node, index, value)
-        sliced[key] = node.input[index]
+    with progress("rewriting: slicing weights", len(slices)) as advance:
+        for (node_name, index), members in slices.items():
+            _slice_input(nodes[node_name], index, members, view, plan, ctx, sliced)
+            advance()
 
     for node in out.graph.node:
         handler = get_handler(node.op_type, node.domain)
@@ -125,6 +112,28 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
     _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]
     return out
+
+
+def _slice_input(node, index: int, members, view: GraphView, plan: Plan, ctx: RewriteContext,
+                 sliced: dict[tuple, str]) -> None:
+    """Give input `index` of `node` its weight sliced along every member's axis (one copy per distinct
+    slicing of a tensor, so layers sharing a weight and its slicing keep sharing it)."""
+    source = node.input[index]
+    value = view.array(source)
+    done_axes, cuts = set(), []
+    for m in members:
+        if m.axis in done_axes:
+            continue  # the same axis reached twice (x + x): one slicing serves both
+        done_axes.add(m.axis)
+        kept = m.layout.kept_positions(plan.kept, ctx.find)
+        value = np.take(value, kept, axis=m.axis)
+        cuts.append((m.axis, kept.tobytes()))
+    key = (source, tuple(sorted(cuts)))
+    if key in sliced:
+        node.input[index] = sliced[key]
+        return
+    ctx.set_input_constant(node, index, value)
+    sliced[key] = node.input[index]
 
 
 def _copy_used_initializers(graph: onnx.GraphProto, view: GraphView) -> None:

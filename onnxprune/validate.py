@@ -11,6 +11,7 @@ import onnx
 
 from onnxprune.errors import OnnxPruneError, ValidationError, require_onnxruntime
 from onnxprune.model_io import save_model, weightless
+from onnxprune.report import progress
 from onnxprune.weights import is_lazy, nbytes, session_source
 
 _NP = {
@@ -84,7 +85,8 @@ def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[s
         raise ValidationError(f"{stage}: output names changed")
     feed = feed if feed is not None else sample_feed(original)
     try:
-        got = run(candidate, feed)
+        with progress(f"{stage}: checking the rewritten model in onnxruntime", None):
+            got = run(candidate, feed)
     except OnnxPruneError:
         raise
     except Exception as exc:  # noqa: BLE001
