@@ -189,7 +189,7 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
     has seen every batch, and is then reduced to the refit scores it serves and dropped, so only one stage's
     matrices are ever held. Either way the model runs once over the data.
     """
-    from onnxprune.pipeline.stages import default_memory_budget
+    from onnxprune.pipeline.stages import default_memory_budget, format_bytes
 
     feeds = list(feeds)
     names = list(tensors) if tensors is not None else consumer_inputs(prep)
@@ -204,8 +204,8 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
     total_gram = sum(gram_bytes(axes[n].length) for n in grams)
     for name in grams:
         if gram_bytes(axes[name].length) > budget:
-            raise InputError(f"--memory-budget {budget >> 20} MiB is too small: the Gram matrix of {name} "
-                             f"({axes[name].length} features) needs {gram_bytes(axes[name].length) >> 20} MiB")
+            raise InputError(f"--memory-budget {format_bytes(budget)} is too small: the Gram matrix of {name} "
+                             f"({axes[name].length} features) needs {format_bytes(gram_bytes(axes[name].length))}")
     if total_gram <= budget // 2:
         probe = Probe(prep.model, names)
         with progress("statistics: calibration batches", len(feeds)) as advance:

@@ -154,6 +154,11 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         pruned, recovery = rec.model, rec.layers
         notes.extend(rec.notes)
         passes.update({f"recovery_{k}": v for k, v in rec.passes.items() if k in ("pruned", "original")})
+        if rec.passes.get("spilled_bytes"):
+            from onnxprune.pipeline.stages import format_bytes
+
+            notes.append(f"calibration kept at most {format_bytes(rec.passes['frontier_peak_bytes'])} of activations "
+                         f"in memory and spilled {format_bytes(rec.passes['spilled_bytes'])} to disk (--memory-budget)")
     if validate_result:
         validate(pruned, model)
     stats_out = {
@@ -200,7 +205,8 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, met
     if kwargs.get("criterion", "l1") in DATA_CRITERIA and kwargs.get("stats") is None:
         from onnxprune.activations import channel_stats
 
-        kwargs["stats"] = channel_stats(prep, _feeds(kwargs.get("calibration")))
+        kwargs["stats"] = channel_stats(prep, _feeds(kwargs.get("calibration")),
+                                        memory_budget=kwargs.get("memory_budget"), seed=kwargs.get("seed", 0))
     key = "target_macs" if metric == "macs" else "target_params"
     log: list[dict] = []
     best: PruneResult | None = None

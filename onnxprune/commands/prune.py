@@ -17,6 +17,7 @@ from onnxprune.commands._output import console, groups_table, summary_table, wri
 from onnxprune.errors import InputError
 from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
+from onnxprune.pipeline.stages import parse_bytes
 from onnxprune.weights import Workspace, is_lazy
 
 RECOVERY = ("none", "bias", "lstsq")
@@ -65,6 +66,9 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
               help="Quantize the pruned model (int8 calibrates on --data).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Most memory calibration keeps (e.g. 8G, 512M); past it, activations spill to disk beside "
+                   "the output. [default: a quarter of the machine's memory]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only the pruned ones.")
@@ -73,7 +77,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
           round_to: int, exclude: tuple[str, ...], prune_hidden: bool, recover: str, target_macs: float | None,
           target_params: float | None, allocate: str, max_drop: float | None, eval_data: str | None, mode: str,
           threshold: float | None, quantize: str | None, dry_run: bool, seed: int, json_path: str | None,
-          show_all: bool, **data_kwargs) -> None:
+          show_all: bool, memory_budget: str | None, **data_kwargs) -> None:
     """Prune MODEL structurally: remove RATIO of the channels of every prunable group."""
     out_path = Path(output) if output else default_output(model)
     if not dry_run:
@@ -81,6 +85,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
             raise InputError(f"refusing to overwrite the input model {model} (pass --overwrite to replace it)")
         if out_path.exists() and not overwrite:
             raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
+    budget = parse_bytes(memory_budget)
     _check_options(ratio, target_macs, target_params, max_drop, mode, threshold, recover, criterion or "l1",
                    allocate)
     if prune_hidden:
@@ -124,7 +129,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
                              recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden,
-                             out_dir=None if dry_run else out_path.parent)
+                             out_dir=None if dry_run else out_path.parent, memory_budget=budget)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -171,7 +176,8 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
-                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False, out_dir=None):
+                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False, out_dir=None,
+                memory_budget=None):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
     prep = prepare(original, exclude, prune_hidden)
@@ -182,7 +188,7 @@ def _structured(original, ratio, criterion, global_ranking, round_to, exclude, s
         from onnxprune.activations import channel_stats
 
         if criterion in DATA_CRITERIA:
-            stats = channel_stats(prep, calib.feeds, source=calib.source)
+            stats = channel_stats(prep, calib.feeds, source=calib.source, memory_budget=memory_budget, seed=seed)
     sens = None
     if allocate == "sensitivity":
         if target_macs is None and target_params is None and max_drop is None:
@@ -194,6 +200,7 @@ def _structured(original, ratio, criterion, global_ranking, round_to, exclude, s
         scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
         sens = sensitivity(prep, calib, scores).curves()
     kwargs = dict(criterion=criterion, global_ranking=global_ranking, round_to=round_to, seed=seed,
+                  memory_budget=memory_budget,
                   calibration=calib, recover=recover, allocate=allocate, sensitivity=sens, stats=stats)
     if max_drop is not None:
         return prune_within_drop(original, max_drop, held, prepared=prep, **kwargs)

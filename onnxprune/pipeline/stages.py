@@ -69,6 +69,7 @@ class FrontierStore:
         self.in_memory = 0
         self.peak_in_memory = 0
         self.spilled = 0  # bytes ever written to disk
+        self._files = 0
 
     def put(self, name: str, batch: int, value: np.ndarray) -> None:
         value = np.asarray(value)
@@ -101,7 +102,8 @@ class FrontierStore:
         if self._folder is None:
             near = self._near if self._near and os.access(self._near, os.W_OK) else None
             self._folder = Path(tempfile.mkdtemp(prefix=".onnxprune-frontier-", dir=near))
-        path = self._folder / f"{len(os.listdir(self._folder))}.npy"
+        self._files += 1  # a fresh name each time: reusing a dropped one could truncate a file still mapped
+        path = self._folder / f"{self._files}.npy"
         mapped = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
         mapped[...] = value
         mapped.flush()
@@ -219,9 +221,9 @@ class StagedRun:
                 self.node_runs += len(stage.nodes)
                 size = sum(v.nbytes for v in produced.values())
                 if size > self.store.budget:
-                    raise InputError(f"--memory-budget {_size(self.store.budget)} is too small: one calibration "
+                    raise InputError(f"--memory-budget {format_bytes(self.store.budget)} is too small: one calibration "
                                      f"batch of the {self.label} stage up to {stage.requested[0]!r} makes "
-                                     f"{_size(size)}; raise --memory-budget or lower --batch-size")
+                                     f"{format_bytes(size)}; raise --memory-budget or lower --batch-size")
                 for name, value in produced.items():
                     if name not in dropped:
                         self.store.put(self._key(name), b, value)
@@ -281,7 +283,8 @@ def _first_line(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -1,0 +1,133 @@
+"""Bounded memory: a model with external data prunes in a child process whose peak RSS stays under 1.5x its
+weights plus the fixed cost of the Python process and its libraries; lazily loaded models keep every
+guarantee (oracle, output with external data that runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxprune.model_io import load_model
+from onnxprune.testing import zero_channel_oracle
+from onnxprune.validate import run, sample_feed
+from onnxprune.weights import TensorWriter, is_external, is_lazy, nbytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlp_with_external_data(folder: Path, width: int, layers: int, seed: int = 0) -> Path:
+    """x [N, width] -> (MatMul -> Add bias -> Relu) x layers -> MatMul -> y [N, 10], every weight in one
+    external data file written tensor by tensor (the test process never holds the model's weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = folder / "model.onnx.data"
+    writer = TensorWriter(data)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers + 1):
+        out = width if i < layers else 10
+        w = (rng.standard_normal((width, out), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+        inits.append(writer.write(f"w{i}", w))
+        del w
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), f"b{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"bias{i}")]
+        x = f"a{i}"
+        if i < layers:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    writer.close()
+    for t in inits:  # locations relative to the model's folder, as on disk
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data.name
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+_MEASURE = """
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:]).returncode
+print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def peak_rss_of_prune(model: Path, out: Path) -> int:
+    """Peak RSS (bytes) of `onnxprune prune MODEL --ratio 0.5` run as a fresh grandchild (so no other child
+    of this test process counts)."""
+    cmd = [sys.executable, "-c", _MEASURE, sys.executable, "-m", "onnxprune.cli", "prune", str(model),
+           "--ratio", "0.5", "-o", str(out), "--overwrite"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    rc, peak = done.stdout.strip().splitlines()[-1].split()
+    assert rc == "0", done.stderr
+    return int(peak)
+
+
+def test_external_data_model_prunes_within_one_and_a_half_times_its_weights(tmp_path):
+    big = mlp_with_external_data(tmp_path / "big", width=4096, layers=6)  # 7 x 64 MiB of weights
+    small = mlp_with_external_data(tmp_path / "small", width=64, layers=6)
+    weights = (tmp_path / "big" / "model.onnx.data").stat().st_size
+    assert weights > 350 << 20
+    allowance = peak_rss_of_prune(small, tmp_path / "small" / "p.onnx")  # interpreter, onnx, onnxruntime ...
+    peak = peak_rss_of_prune(big, tmp_path / "big" / "p.onnx")
+    assert peak < 1.5 * weights + allowance + (64 << 20), (peak / weights, allowance >> 20)
+    out = tmp_path / "big" / "p.onnx"
+    assert out.stat().st_size < 1 << 20 and (tmp_path / "big" / "p.onnx.data").exists()
+    pruned = load_model(out)
+    assert is_lazy(pruned)
+    assert sum(nbytes(t) for t in pruned.graph.initializer) < 0.6 * weights
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 4096)).astype(np.float32)}
+    assert run(pruned, feed)[0].shape == (2, 10)
+    assert not [p for p in (tmp_path / "big").iterdir() if p.name.startswith(".")]  # no workspace left behind
+
+
+def test_lazily_loaded_models_prune_exactly(tmp_path):
+    path = mlp_with_external_data(tmp_path / "m", width=96, layers=3)
+    model = load_model(path)
+    assert all(is_external(t) for t in model.graph.initializer if t.name.startswith("w"))
+    result = zero_channel_oracle(model, seed=1)
+    assert result.groups == 3 and result.max_rel_err < 1e-5
+    assert is_lazy(result.pruned)  # sliced weights went to a workspace file, not into the protobuf
+    feed = sample_feed(model)
+    assert not np.allclose(run(result.zeroed, feed)[0], run(model, feed)[0], atol=1e-3)  # zeroing did matter
+
+
+def test_the_report_of_a_lazy_prune_counts_bytes_of_external_weights(tmp_path):
+    path = mlp_with_external_data(tmp_path / "m", width=128, layers=2)
+    out = tmp_path / "m" / "p.onnx"
+    report = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(path), "--ratio", "0.5", "-o",
+                           str(out), "--json", str(report)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(report.read_text())["stats"]
+    assert stats["bytes_before"] > (tmp_path / "m" / "model.onnx.data").stat().st_size * 0.95
+    assert 0.2 < stats["bytes_after"] / stats["bytes_before"] < 0.6
+
+
+def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path):
+    model = ROOT / "models" / "digits_cnn.onnx"
+    cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "--ratio", "0.5", "--data",
+           str(ROOT / "models" / "digits_calib.npz"), "--recover", "lstsq"]
+    outputs = []
+    for budget in (None, "1200K"):  # the default keeps everything in memory; 1.2 MB spills the frontier
+        out = tmp_path / f"p{budget}.onnx"
+        done = subprocess.run(cmd + ["-o", str(out)] + (["--memory-budget", budget] if budget else []),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert ("spilled" in done.stdout) == (budget is not None)
+        outputs.append(onnx.load(out))
+    a, b = outputs
+    assert len(a.graph.initializer) == len(b.graph.initializer)
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y), atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # spill files and workspace are gone
