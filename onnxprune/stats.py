@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from onnxprune.graph.ir import GraphView, attr, infer_shapes, infer_symbolic_shapes
-from onnxprune.model_io import weightless
+from onnxprune.model_io import model_bytes, weightless
 
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -87,7 +87,7 @@ def node_macs(view: GraphView) -> dict[str, int]:
 
 
 def summarize(model: onnx.ModelProto) -> dict:
-    return {"params": count_params(model), "macs": count_macs(model), "bytes": model.ByteSize()}
+    return {"params": count_params(model), "macs": count_macs(model), "bytes": model_bytes(model)}
 
 
 def ratio(before: float, after: float) -> float:
