@@ -185,6 +185,9 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
     for root, error in rejected.items():
         if root in kept:
             freeze([root], Fault("validate", "", "", error))
+    if rejected and not kept:
+        raise ValidationError(f"{next(iter(rejected.values()))} (and no group can be pruned without such a "
+                              "failure)")
     return model, Plan(dict(kept), plan.sizes)
 
 
