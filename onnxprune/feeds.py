@@ -143,7 +143,8 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
             inputs = {i.name: i for i in graph_inputs(model)}
             name = guessed[0]
-            example = "x".join(str(d) if d is not None else "N" for d in inputs[name].dims)
+            example = "x".join(str(d) if d is not None else ("1" if i == 0 else n.upper() if n != "?" else "D")
+                               for i, (d, n) in enumerate(zip(inputs[name].dims, inputs[name].names)))
             raise InputError(f"input {name!r} {inputs[name].text()} has dynamic dims that cannot be guessed (the "
                              f"model does not run with 1 there: {_first_line(exc)}); give them with "
                              f"--input-shapes {name}:{example}") from None
@@ -152,4 +153,4 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0][:160] if text else type(exc).__name__
