@@ -39,7 +39,12 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads
     if extended_only:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if _weight_bytes(model) < _INLINE_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+        try:
+            return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(providers))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            return _ReferenceSession(model)
     # past protobuf's 2 GB limit the model has to go through a file with external data
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
         path = os.path.join(tmp, "model.onnx")
@@ -62,6 +67,23 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session(model, extended_only=_half(model)).run(None, feed)
+
+
+class _ReferenceSession:
+    """onnx's reference evaluator behind the two calls onnxprune makes of a session: for models whose types
+    onnxruntime's CPU provider has no kernel for (bfloat16 anything, float64 Conv). Slow, but exact."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from onnx.reference import ReferenceEvaluator
+
+        self._evaluator = ReferenceEvaluator(model)
+        self._model = model
+
+    def run(self, names, feed):
+        return self._evaluator.run(list(names) if names else None, feed)
+
+    def get_outputs(self):
+        return self._model.graph.output
 
 
 def _half(model: onnx.ModelProto) -> bool:
