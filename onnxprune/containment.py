@@ -181,7 +181,16 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
             return model.error
         return checked(lambda m: validate(m, original, feed))(model)
 
-    model, rejected = bisect_plan(apply, valid, list(kept))
+    try:
+        model, rejected = bisect_plan(apply, valid, list(kept))
+    except ValidationError:
+        # even the unpruned model fails: when the original cannot run on the feed (its dynamic dims were
+        # guessed), that is the user's to fix with --input-shapes, and says so
+        from onnxprune.feeds import check_guess
+
+        if feed is not None:
+            check_guess(original, feed)
+        raise
     for root, error in rejected.items():
         if root in kept:
             freeze([root], Fault("validate", "", "", error))

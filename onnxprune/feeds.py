@@ -136,19 +136,40 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         return feed
     feed = random_feed(model, shapes, seed)
     if guessed:
-        from onnxprune.validate import run
-
-        try:
-            run(model, feed)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-            inputs = {i.name: i for i in graph_inputs(model)}
-            name = guessed[0]
-            example = "x".join(str(d) if d is not None else ("1" if i == 0 else n.upper() if n != "?" else "D")
-                               for i, (d, n) in enumerate(zip(inputs[name].dims, inputs[name].names)))
-            raise InputError(f"input {name!r} {inputs[name].text()} has dynamic dims that cannot be guessed (the "
-                             f"model does not run with 1 there: {_first_line(exc)}); give them with "
-                             f"--input-shapes {name}:{example}") from None
+        check_guess(model, feed, guessed)
     return feed
+
+
+def check_guess(model: onnx.ModelProto, feed: dict[str, np.ndarray], guessed: list[str] | None = None) -> None:
+    """InputError naming the input and --input-shapes when the original model cannot run on `feed`, whose
+    dynamic dims were guessed (`guessed`: the inputs to name first; default: every input with a dynamic dim)."""
+    from onnxprune.validate import run
+
+    inputs = {i.name: i for i in graph_inputs(model)}
+    if guessed is None:
+        guessed = [n for n, i in inputs.items() if None in i.dims]
+    if not guessed:
+        return
+    from onnxprune.validate import declared_output_shapes
+
+    try:
+        got = [np.shape(o) for o in run(model, feed)]
+        declared = declared_output_shapes(model, feed)
+        if declared is not None and [tuple(d) for d in declared] != got:
+            raise ValueError(f"its outputs have shapes {got}, not the {declared} it declares")
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        name = guessed[0]
+        batch_only = bool(inputs[name].dims) and inputs[name].dims[0] is None and None not in inputs[name].dims[1:]
+        example = "x".join(str(d) if d is not None else (("N" if batch_only else "1") if i == 0 else
+                                                         n.upper() if n != "?" else "D")
+                           for i, (d, n) in enumerate(zip(inputs[name].dims, inputs[name].names)))
+        if batch_only:
+            what = "a dynamic batch dim, and the model does not run with batch 1"
+        else:
+            what = "dynamic dims that cannot be guessed (the model does not run with 1 there"
+            what += f": {_first_line(exc)})"
+        raise InputError(f"input {name!r} {inputs[name].text()} has {what}; give its shape with "
+                         f"--input-shapes {name}:{example}") from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -70,7 +70,8 @@ def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float =
     plan = plan_uniform(prep.analysis, scores, fraction)
     removed = {root: np.setdiff1d(np.arange(plan.sizes[root]), kept) for root, kept in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed)
+    shapes = {k: tuple(np.shape(v)) for k, v in feed.items()} if feed is not None else None
+    result = prune_model(zeroed, removed=removed, input_shapes=shapes)  # validated on the shapes it is run on
     feed = feed if feed is not None else sample_feed(model, seed)
     want, got, before = run(zeroed, feed), run(result.model, feed), run(prep.model, feed)
     max_abs, max_rel = _errors(want, got)
