@@ -100,3 +100,80 @@ def dim_source(view, name: str, pos: int, depth: int = 8) -> DimSource | None:
             continue
         return None
     return None
+
+
+_ARITHMETIC = frozenset({
+    "Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
+    "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Reshape", "Identity", "Range", "Equal", "Where", "ReduceProd",
+    "ReduceSum", "ReduceMax", "ReduceMin", "Sqrt"})
+_CACHE: "weakref.WeakKeyDictionary" = None  # view -> {name: value or None}
+
+
+def static_value(view, name: str, max_nodes: int = 48) -> np.ndarray | None:
+    """The value of `name` when it is computed from shapes alone and does not depend on the dynamic dims
+    (TorchScript's `x.chunk(2, 1)` slices at Shape(x)[1] // 2: the channel count is static, the batch is not).
+
+    The computation (Shape, Gather, arithmetic, Concat ... back to Shape nodes and constants) is evaluated with
+    every dynamic dim set to 2 and then to 3; the value counts as static when both agree. None otherwise.
+    """
+    import weakref
+
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = weakref.WeakKeyDictionary()
+    cache = _CACHE.setdefault(view, {})
+    if name not in cache:
+        cache[name] = _evaluate_static(view, name, max_nodes)
+    return cache[name]
+
+
+def _evaluate_static(view, name: str, max_nodes: int) -> np.ndarray | None:
+    import onnx
+    from onnx import helper
+
+    nodes, sources, consts, stack, seen = [], {}, set(), [name], set()
+    while stack:
+        tensor = stack.pop()
+        if not tensor or tensor in seen:
+            continue
+        seen.add(tensor)
+        if view.is_const(tensor):
+            consts.add(tensor)
+            continue
+        node = view.producer.get(tensor)
+        if node is None or node.op_type not in _ARITHMETIC or node.domain not in ("", "ai.onnx"):
+            return None
+        nodes.append(node)
+        if len(nodes) > max_nodes:
+            return None
+        if node.op_type in ("Shape", "Size"):
+            shape = view.shape(node.input[0])
+            if shape is None:
+                return None
+            sources[node.input[0]] = shape
+            continue
+        stack.extend(node.input)
+    if not any(n.op_type in ("Shape", "Size") for n in nodes):
+        return None  # constants only: normalisation or the constant folder deal with those
+    order = {id(n): i for i, n in enumerate(view.nodes)}
+    nodes.sort(key=lambda n: order.get(id(n), 0))
+    model = helper.make_model(
+        helper.make_graph(nodes, "static", [helper.make_tensor_value_info(s, onnx.TensorProto.FLOAT, None)
+                                            for s in sources],
+                          [helper.make_tensor_value_info(name, 0, None)],
+                          [view.initializers[c] for c in consts]),
+        opset_imports=view.model.opset_import, ir_version=view.model.ir_version)
+    values = []
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(model)
+        for dynamic in (2, 3):
+            feed = {s: np.broadcast_to(np.zeros((), np.float32), tuple(d if d is not None else dynamic for d in shape))
+                    for s, shape in sources.items()}
+            values.append(np.asarray(evaluator.run(None, feed)[0]))
+    except Exception:  # noqa: BLE001 - what the evaluator cannot run is simply not static
+        return None
+    if values[0].shape != values[1].shape or not np.array_equal(values[0], values[1]):
+        return None
+    return values[0]
