@@ -263,9 +263,146 @@ def img_convtranspose(b, x):
                   strides=[2, 2])
 
 
+def img_conv_odd(b, x):
+    """Dilations, asymmetric pads or auto_pad."""
+    n, c, h, w = b.shapes[x]
+    cout = int(b.rng.integers(2, 7))
+    form = b.pick(["dilated", "asym", "same"])
+    if form == "dilated" and h >= 5 and w >= 5:
+        return b.node("Conv", [x, b.weight((cout, c, 3, 3))], (n, cout, h, w), kernel_shape=[3, 3], dilations=[2, 2],
+                      pads=[2, 2, 2, 2])
+    if form == "asym" and h >= 2 and w >= 2:
+        return b.node("Conv", [x, b.weight((cout, c, 2, 2))], (n, cout, h, w), kernel_shape=[2, 2],
+                      pads=[0, 0, 1, 1])
+    return b.node("Conv", [x, b.weight((cout, c, 3, 3)), b.weight((cout,), 0.1)], (n, cout, h, w),
+                  kernel_shape=[3, 3], auto_pad="SAME_UPPER")
+
+
+def img_prelu(b, x):
+    n, c, h, w = b.shapes[x]
+    slope = b.weight((c, 1, 1), 0.2) if b.rng.random() < 0.7 else b.weight((1,), 0.2)
+    return b.node("PRelu", [x, slope], b.shapes[x])
+
+
+def img_const_binary(b, x):
+    """A per-channel or scalar constant in a binary op (either side), or a three-input Sum/Max."""
+    n, c, h, w = b.shapes[x]
+    op = b.pick(["Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow"])
+    shape = b.pick([(c, 1, 1), (1, c, 1, 1), (1,), ()])
+    k = b.const((np.abs(b.rng.standard_normal(shape)) + 0.5).astype(b.npdt))
+    if op == "Pow":
+        return b.node("Pow", [b.node("Abs", [x], b.shapes[x]), b.const(np.array(2, b.npdt))], b.shapes[x])
+    if op == "Sum":
+        return b.node("Sum", [x, k, x], b.shapes[x])
+    return b.node(op, [x, k] if b.rng.random() < 0.6 else [k, x], b.shapes[x])
+
+
+def img_squeeze(b, x):
+    """GlobalAveragePool, Squeeze the 1x1, Unsqueeze it back, multiply (an SE gate without convs)."""
+    n, c, h, w = b.shapes[x]
+    g = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
+    if b.opset >= 13:
+        sq = b.node("Squeeze", [g, b.ints([2, 3])], (n, c))
+        un = b.node("Unsqueeze", [b.node("Sigmoid", [sq], (n, c)), b.ints([2, 3])], (n, c, 1, 1))
+    else:
+        sq = b.node("Squeeze", [g], (n, c), axes=[2, 3])
+        un = b.node("Unsqueeze", [b.node("Sigmoid", [sq], (n, c))], (n, c, 1, 1), axes=[2, 3])
+    return b.node("Mul", [x, un], b.shapes[x])
+
+
+def img_concat_spatial(b, x):
+    """Concat along H with itself, or along C with a constant (a frozen stretch)."""
+    n, c, h, w = b.shapes[x]
+    if b.rng.random() < 0.5:
+        return b.node("Concat", [x, unary(b, x)], (n, c, 2 * h, w), axis=2)
+    if n is None:
+        return unary(b, x)
+    k = b.const(b.rng.standard_normal((n, 1, h, w)).astype(b.npdt))
+    return b.node("Concat", [x, k], (n, c + 1, h, w), axis=1)
+
+
+def img_split3(b, x):
+    n, c, h, w = b.shapes[x]
+    if c < 3 or b.opset < 18 or c % 3:
+        return img_split(b, x)
+    parts = b.node("Split", [x], None, n_out=3, axis=1, num_outputs=3)
+    for p in parts:
+        b.shapes[p] = (n, c // 3, h, w)
+    return b.node("Concat", [parts[2], parts[0], parts[1]], (n, c, h, w), axis=1)
+
+
+def img_slice_odd(b, x):
+    """Negative bounds, a step on a spatial axis, or an end past the axis."""
+    n, c, h, w = b.shapes[x]
+    if b.opset < 10 or c < 2:
+        return unary(b, x)
+    form = b.pick(["negative", "step", "past"])
+    if form == "negative":
+        return b.node("Slice", [x, b.ints([-(c - 1)]), b.ints([c]), b.ints([-3])], (n, c - 1, h, w))
+    if form == "step" and h >= 2:
+        return b.node("Slice", [x, b.ints([0]), b.ints([h]), b.ints([2]), b.ints([2])], (n, c, (h + 1) // 2, w))
+    return b.node("Slice", [x, b.ints([1]), b.ints([2 ** 31 - 1]), b.ints([1])], (n, c - 1, h, w))
+
+
+def img_reduce(b, x):
+    n, c, h, w = b.shapes[x]
+    op = b.pick(["ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2"])
+    axes = b.pick([[2], [3], [2, 3], [1]])
+    shape = tuple(1 if i in axes else d for i, d in enumerate((n, c, h, w)))
+    if op == "ReduceSum" and b.opset >= 13 or b.opset >= 18:
+        return b.node(op, [x, b.ints(axes)], shape, keepdims=1)
+    return b.node(op, [x], shape, axes=axes, keepdims=1)
+
+
+def img_cast(b, x):
+    """A round trip through another float type (float16 islands in float32 models, as mixed exports have)."""
+    other = TensorProto.FLOAT16 if b.elem != TensorProto.FLOAT16 else TensorProto.FLOAT
+    y = b.node("Cast", [x], b.shapes[x], to=other)
+    y = b.node("Relu", [y], b.shapes[x])
+    return b.node("Cast", [y], b.shapes[x], to=b.elem)
+
+
+def img_groupnorm(b, x):
+    n, c, h, w = b.shapes[x]
+    if b.opset < 21 or c % 2:
+        return img_instnorm(b, x)
+    return b.node("GroupNormalization", [x, b.weight((c,), 1.0), b.weight((c,), 0.1)], b.shapes[x], num_groups=2)
+
+
+def img_expand(b, x):
+    n, c, h, w = b.shapes[x]
+    if n is None:
+        return unary(b, x)
+    g = b.node("ReduceMean", [x] + ([b.ints([3])] if b.opset >= 18 else []), (n, c, h, 1),
+               **({} if b.opset >= 18 else {"axes": [3]}), keepdims=1)
+    return b.node("Add", [x, b.node("Expand", [g, b.ints([n, c, h, w])], (n, c, h, w))], b.shapes[x])
+
+
+def img_gather(b, x):
+    """Gather rows of H (not channels), or a channel (which freezes)."""
+    n, c, h, w = b.shapes[x]
+    axis = int(b.pick([2, 2, 1]))
+    size = (h, c)[axis == 1]
+    idx = b.ints(sorted(b.rng.choice(size, max(1, size // 2), replace=False).tolist()))
+    shape = list(b.shapes[x])
+    shape[axis] = max(1, size // 2)
+    return b.node("Gather", [x, idx], tuple(shape), axis=axis)
+
+
+def img_flatten_axis2(b, x):
+    """Flatten from axis 2 and Reshape back: the channel axis stays in front."""
+    n, c, h, w = b.shapes[x]
+    f = b.node("Flatten", [x], (n * c if n else None, h * w), axis=2) if n else None
+    if f is None:
+        return unary(b, x)
+    return b.node("Reshape", [f, b.ints([n, c, h, w])], b.shapes[x])
+
+
 IMAGE_OPS = (img_conv, img_conv, img_depthwise, img_grouped, img_bn, img_instnorm, unary, unary, img_residual,
              img_se, img_concat, img_split, img_slice, img_pool, img_resize, img_pad, img_nhwc, img_shuffle,
-             img_softmax, img_convtranspose)
+             img_softmax, img_convtranspose, img_conv_odd, img_prelu, img_const_binary, img_squeeze,
+             img_concat_spatial, img_split3, img_slice_odd, img_reduce, img_cast, img_groupnorm, img_expand,
+             img_gather, img_flatten_axis2)
 
 
 def img_head(b, x):
@@ -432,8 +569,18 @@ def mutate(model: onnx.ModelProto, seed: int, shapes: dict[str, tuple]) -> tuple
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    kind = str(rng.choice(["unknown_op", "dynamic_dim", "drop_value_info", "constant_node", "node_names", "opset",
-                           "computed_reshape"]))
+    kinds = ["unknown_op", "dynamic_dim", "drop_value_info", "constant_node", "node_names", "opset",
+             "computed_reshape"]
+    first = int(rng.integers(len(kinds)))
+    for kind in kinds[first:] + kinds[:first]:
+        out = _mutate(m, kind, rng, shapes)
+        if out is not None:
+            return out
+    return m, "none"
+
+
+def _mutate(m: onnx.ModelProto, kind: str, rng, shapes) -> tuple[onnx.ModelProto, str] | None:
+    g = m.graph
     if kind == "unknown_op":
         candidates = [n for n in g.node if n.op_type in UNARY + ("Relu", "HardSwish")]
         if candidates:
@@ -517,7 +664,7 @@ def mutate(model: onnx.ModelProto, seed: int, shapes: dict[str, tuple]) -> tuple
         done = _computed_reshape(m, rng)
         if done:
             return m, "computed_reshape"
-    return m, "none"
+    return None
 
 
 def _rank(model, name):
