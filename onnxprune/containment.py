@@ -227,3 +227,15 @@ def is_fault(group, faults: list[Fault]) -> bool:
 def strict_message(faults: list[Fault]) -> str:
     more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
     return f"--strict: a fault was contained: {faults[0].reason}{more}"
+
+
+def contain(analysis, group, error: BaseException) -> Fault:
+    """Freeze `group` for an exception raised while its pruning was applied or run (sensitivity's loop)."""
+    if isinstance(error, RewriteFault):
+        fault = Fault("rewrite", error.node_name, error.op_type, error.error, [group.id])
+    else:
+        fault = Fault("validate", "", "", f"the pruned model cannot be run: {describe(error)}", [group.id])
+    if fault.reason not in group.reasons:
+        group.reasons.append(fault.reason)
+    analysis.faults.append(fault)
+    return fault

@@ -180,3 +180,17 @@ def test_no_faults_on_the_shipped_models():
         model = onnx.load(path)
         assert not prepare(model).analysis.faults, path
         assert not prune_model(model, ratio=0.5).faults, path
+
+
+def test_sensitivity_leaves_out_a_group_whose_rewrite_raises(digits, monkeypatch, capsys):
+    handler = get_handler("Gemm")
+
+    def rewrite(node, ctx):
+        if node.name == "/head/head.1/Gemm":
+            raise KeyError("boom")
+
+    monkeypatch.setattr(handler, "rewrite", rewrite)
+    data = DIGITS.parent / "digits_calib.npz"
+    assert main(["sensitivity", str(digits), "--data", str(data), "--ratios", "0.5", "--limit", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "fault(s) contained" in err and "KeyError" in err
