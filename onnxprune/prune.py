@@ -18,7 +18,8 @@ from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
 from onnxprune.model_io import check_supported
 from onnxprune.planning import Plan, check_ratio, plan_global, plan_removal, plan_uniform
-from onnxprune.rewrite import apply_plan
+from onnxprune.containment import ContainedFaultError, is_fault, prune_validated, strict_message
+from onnxprune.feeds import resolve_shapes, validation_feed
 from onnxprune.errors import InputError
 from onnxprune.scoring import DATA_CRITERIA, score_groups
 from onnxprune.model_io import model_bytes
@@ -65,8 +66,13 @@ class PruneResult:
             kept = len(self.plan.kept[root]) if root in self.plan.kept else g.size
             rows.append({"group": g.id, "channels": g.size, "kept": kept, "prunable": g.prunable,
                          "reason": g.reason, "sources": g.sources, "members": len(g.members),
-                         "unit": g.unit, "blocks": g.blocks})
+                         "unit": g.unit, "blocks": g.blocks, "fault": is_fault(g, self.analysis.faults)})
         return rows
+
+    @property
+    def faults(self) -> list[dict]:
+        """Contained faults (onnxprune.containment): listed apart from ordinary frozen groups."""
+        return [f.as_dict() for f in self.analysis.faults]
 
 
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
@@ -94,15 +100,18 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                 scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
                 target_macs: float | None = None, target_params: float | None = None,
                 allocate: str = "global", sensitivity: dict | None = None, stats=None,
-                head_ratio: float | None = None, prune_hidden: bool = False,
-                memory_budget: int | None = None) -> PruneResult:
+                head_ratio: float | None = None, prune_hidden: bool = False, strict: bool = False,
+                input_shapes: dict | None = None, memory_budget: int | None = None) -> PruneResult:
     """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
 
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
     `target_params` (fraction kept) replace `ratio` with a budget met by per-group ratios (`allocate`: global,
     uniform, or sensitivity with `sensitivity` curves from onnxprune.sensitivity); `stats` reuses activation
     statistics already computed on `calibration`; `head_ratio` is the share of heads attention-head groups lose
-    (default: `ratio`); `memory_budget` (bytes) caps what calibration keeps in memory (pipeline/stages.py).
+    (default: `ratio`); `input_shapes` (input name -> shape) fixes dynamic input dims for validation and MAC
+    counts (else the calibration data's, else 1); `strict` makes any contained fault an error
+    (onnxprune.containment).
+    `memory_budget` (bytes) caps what calibration keeps in memory (pipeline/stages.py).
     """
     from onnxprune.recovery import MODES, recover as run_recovery
 
@@ -145,7 +154,8 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
-    pruned = apply_plan(prep.model, prep.view, prep.analysis, plan, prep.writer())
+    feed = validation_feed(model, input_shapes, feeds, seed) if validate_result else None
+    pruned, plan = prune_validated(prep, plan, model, feed, check=validate_result)
     recovery: list[dict] = []
     # model passes over the calibration data (statistics, then recovery's staged runs)
     passes = {"statistics": stats.passes} if stats is not None and feeds and removed is None else {}
@@ -159,14 +169,18 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
 
             notes.append(f"calibration kept at most {format_bytes(rec.passes['frontier_peak_bytes'])} of activations "
                          f"in memory and spilled {format_bytes(rec.passes['spilled_bytes'])} to disk (--memory-budget)")
-    if validate_result:
-        validate(pruned, model)
+    if validate_result and recover != "none" and plan.kept:
+        validate(pruned, model, feed)
+    if strict and prep.analysis.faults:
+        raise ContainedFaultError(strict_message(prep.analysis.faults))
+    shapes = resolve_shapes(model, input_shapes, feeds[0] if feeds else None)[0]
     stats_out = {
         "params_before": count_params(model), "params_after": count_params(pruned),
-        "macs_before": count_macs(prep.model, prep.view), "macs_after": count_macs(pruned),
+        "macs_before": count_macs(prep.model, prep.view, shapes), "macs_after": count_macs(pruned, None, shapes),
         "bytes_before": model_bytes(model), "bytes_after": model_bytes(pruned),
         "groups": len(prep.analysis.groups), "groups_prunable": len(prep.analysis.prunable),
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
+        "faults": len(prep.analysis.faults),
     }
     if passes:
         stats_out["passes"] = {**passes, "total": sum(passes.values())}

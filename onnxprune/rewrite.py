@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.containment import RewriteFault
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
@@ -67,6 +68,11 @@ class RewriteContext:
     def set_input_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
         """Give input `index` of `node` a new constant of its own (never edits a shared one in place)."""
         old = node.input[index]
+        value = np.asarray(value)
+        if old in self._inits:  # a float16 model gets float16 constants, an int32 one int32 (dtype read, not data)
+            before = onnx.helper.tensor_dtype_to_np_dtype(self._inits[old].data_type)
+            if before != value.dtype and np.dtype(before).kind == value.dtype.kind:
+                value = value.astype(before)
         self._counter += 1
         name = f"{old}__pruned{self._counter}"
         while name in self._inits:
@@ -84,8 +90,9 @@ class RewriteContext:
 
 
 def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan: Plan,
-               writer: TensorWriter | None = None) -> onnx.ModelProto:
-    """A pruned copy of `model` (the normalised model `view` and `analysis` were built from).
+               writer: TensorWriter | None = None, skip: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """A pruned copy of `model` (the normalised model `view` and `analysis` were built from); the handlers of
+    nodes named in `skip` (whose rewrite raised with nothing of theirs pruned) are not asked to rewrite.
 
     With a `writer` (lazy models, see onnxprune/weights.py) every sliced weight is written to its data file as
     soon as it is made, and the copy references it there; weights kept whole are never read."""
@@ -106,8 +113,13 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
 
     for node in out.graph.node:
         handler = get_handler(node.op_type, node.domain)
-        if handler is not None:
-            handler.rewrite(node, ctx)
+        if handler is not None and node.name not in skip:
+            try:
+                handler.rewrite(node, ctx)
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - contained: the caller freezes this node's groups
+                raise RewriteFault(node, exc) from exc
 
     _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from onnxprune.budget import CostModel
-from onnxprune.errors import InputError
+from onnxprune.containment import contain
+from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.planning import Plan, select
 from onnxprune.rewrite import apply_plan
 
@@ -77,13 +78,21 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
         drops, values, macs = [], [], []
         for ratio in ratios:
             plan = single_group_plan(group, scores[root], ratio)
-            pruned = apply_plan(prep.model, prep.view, prep.analysis, plan)
-            _, value = model_metric(run_model(pruned, dataset), reference, labels, dataset.feeds)
+            try:
+                outputs = run_model(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset)
+            except (MemoryError, KeyboardInterrupt, OnnxPruneError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - contained: this group is left out (onnxprune.containment)
+                contain(prep.analysis, group, exc)
+                break
+            _, value = model_metric(outputs, reference, labels, dataset.feeds)
             values.append(value)
             drops.append(baseline - value)
             macs.append(cost.cost(plan, "macs"))
             if progress:
                 progress()
+        if len(values) < len(ratios):
+            continue
         result.rows.append({"group": group.id, "root": root, "channels": group.size, "sources": group.sources,
                             "values": values, "drops": drops, "macs_kept": macs})
     return result

@@ -25,15 +25,23 @@ def numel(shape) -> int:
     return math.prod(d if d else 1 for d in shape) if shape is not None else 0
 
 
-def _bound(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A weightless copy with every dynamic input dim set to 1, so that shape arithmetic (Shape→Gather→
-    Concat→Reshape, as the TorchScript exporter writes it) folds to static shapes: MACs are per sample and,
-    for sequence models, per token."""
+def _bound(model: onnx.ModelProto, input_shapes: dict | None = None) -> onnx.ModelProto:
+    """A weightless copy with every dynamic input dim (symbolic, missing, 0 or -1) set to 1, or to what
+    `input_shapes` gives, so that shape arithmetic (Shape→Gather→Concat→Reshape, as the TorchScript exporter
+    writes it) folds to static shapes: MACs are per sample and, for sequence models, per token."""
     light = weightless(model)
     for inp in light.graph.input:
-        for d in inp.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
+        given = (input_shapes or {}).get(inp.name)
+        dims = inp.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if given is not None and i < len(given) and len(given) == len(dims):
+                d.dim_value = int(given[i])
+            elif not (d.HasField("dim_value") and d.dim_value > 0):
                 d.dim_value = 1
+    for out in light.graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
     del light.graph.value_info[:]
     return light
 
@@ -41,10 +49,10 @@ def _bound(model: onnx.ModelProto) -> onnx.ModelProto:
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _shapes(model: onnx.ModelProto) -> dict:
+def _shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """Static shapes of the bound model: onnxruntime's symbolic inference folds the Div/Cast arithmetic that
     onnx's data propagation does not; onnx's own inference fills in whatever that leaves unknown."""
-    bound = _bound(model)
+    bound = _bound(model, input_shapes)
     shapes = infer_shapes(bound)
     needed = [name for n in model.graph.node if n.op_type in _COUNTED for name in (n.input[0], n.output[0])]
     if all(shapes.get(name) is not None and None not in shapes[name] for name in needed):
@@ -60,8 +68,10 @@ def _static(view: GraphView) -> bool:
     return all(d is not None for shape in view.shapes.values() for d in shape)
 
 
-def count_macs(model: onnx.ModelProto, view: GraphView | None = None) -> int:
-    view = view if view is not None and _static(view) else GraphView(model, shapes=_shapes(model))
+def count_macs(model: onnx.ModelProto, view: GraphView | None = None, input_shapes: dict | None = None) -> int:
+    """MACs at the given input shapes (dynamic dims 1 where none are given)."""
+    if input_shapes or view is None or not _static(view):
+        view = GraphView(model, shapes=_shapes(model, input_shapes))
     return int(sum(node_macs(view).values()))
 
 

@@ -3,11 +3,15 @@
 Pick channels in every prunable group and zero the weights that *read* them (each consumer's input-channel
 slices). Those channels then contribute nothing, so removing exactly them must leave every output unchanged
 up to float rounding. A wrong index map, a missed consumer or a bad shape fix shows up as a mismatch.
+
+The check is only as strong as the zeroing is visible: a randomly initialised detector head can hardly depend on
+its weights, and then any rewrite passes. `moved` (how far zeroing moved the outputs of the unzeroed model,
+relative to their scale) says so; `informative(tol)` asks that it be far above the tolerance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -27,6 +31,12 @@ class OracleResult:
     groups: int
     zeroed: onnx.ModelProto
     pruned: onnx.ModelProto
+    moved: float = float("nan")  # max |original - zeroed| / max |original|: what the zeroing changed
+    faults: list = field(default_factory=list)  # faults contained while pruning (onnxprune.containment)
+
+    def informative(self, tol: float, factor: float = 100.0) -> bool:
+        """Whether zeroing moved the outputs `factor` times more than `tol` (else the oracle proves little)."""
+        return self.moved > factor * tol
 
 
 def zero_channels(prep, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
@@ -61,15 +71,25 @@ def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float =
     plan = plan_uniform(prep.analysis, scores, fraction)
     removed = {root: np.setdiff1d(np.arange(plan.sizes[root]), kept) for root, kept in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed)
+    shapes = {k: tuple(np.shape(v)) for k, v in feed.items()} if feed is not None else None
+    result = prune_model(zeroed, removed=removed, input_shapes=shapes)  # validated on the shapes it is run on
     feed = feed if feed is not None else sample_feed(model, seed)
-    want, got = run(zeroed, feed), run(result.model, feed)
+    want, got, before = run(zeroed, feed), run(result.model, feed), run(prep.model, feed)
+    max_abs, max_rel = _errors(want, got)
+    moved = _errors(before, want)[1] if removed else 0.0
+    return OracleResult(max_abs, max_rel, sum(len(v) for v in removed.values()), len(removed), zeroed, result.model,
+                        moved, result.faults)
+
+
+def _errors(reference: list, other: list) -> tuple[float, float]:
+    """Largest absolute difference over all outputs, and the largest relative to each output's scale (so that
+    outputs near zero do not inflate it). Integer outputs (labels, indices) count as floats."""
     max_abs = max_rel = 0.0
-    for w, g in zip(want, got):
+    for w, g in zip(reference, other):
         w = np.asarray(w, dtype=np.float64)
         g = np.asarray(g, dtype=np.float64)
         err = float(np.max(np.abs(w - g))) if w.size else 0.0
         scale = float(np.max(np.abs(w))) if w.size else 0.0
         max_abs = max(max_abs, err)
         max_rel = max(max_rel, err / scale if scale > 0 else err)
-    return OracleResult(max_abs, max_rel, sum(len(v) for v in removed.values()), len(removed), zeroed, result.model)
+    return max_abs, max_rel

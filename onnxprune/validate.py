@@ -12,47 +12,42 @@ import onnx
 from onnxprune.errors import OnnxPruneError, ValidationError, require_onnxruntime
 from onnxprune.model_io import save_model, weightless
 from onnxprune.report import progress
-from onnxprune.weights import is_lazy, nbytes, session_source
-
-_NP = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
-}
+from onnxprune.weights import is_external, is_lazy, nbytes, session_source, tensor_array
 
 
-def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """One random input per graph input; dynamic dims become `batch` (first) or 1."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feed = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        t = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
-                 for i, d in enumerate(t.shape.dim)]
-        dtype = _NP.get(t.elem_type)
-        if dtype is None:
-            raise ValidationError(f"input {inp.name!r} has a type onnxprune cannot generate data for")
-        if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feed[inp.name] = rng.random(shape) > 0.5
-        else:
-            feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feed
+def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """One random input per graph input; dynamic dims (symbolic, missing, 0 or -1) become `batch` (first) or 1,
+    unless `input_shapes` gives them (see onnxprune.feeds)."""
+    from onnxprune.feeds import graph_inputs, random_feed, resolve_shapes
+
+    shapes, _ = resolve_shapes(model, input_shapes)
+    if batch != 1:
+        for inp in graph_inputs(model):
+            if inp.dims and inp.dims[0] is None and inp.name not in (input_shapes or {}):
+                shapes[inp.name] = (batch,) + shapes[inp.name][1:]
+    return random_feed(model, shapes, seed)
 
 
-def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
+def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None,
+            extended_only: bool = False):
+    """An onnxruntime session; `extended_only` leaves out the layout optimisations of ORT_ENABLE_ALL, which
+    crash onnxruntime 1.32's CPU provider on some float16 graphs (a converted ViT): checks use it."""
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach the caller as exceptions, reported in one line
     if threads:
         opts.intra_op_num_threads = threads
+    if extended_only:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if is_lazy(model) or _weight_bytes(model) < _INLINE_LIMIT:
         # external weights are memory-mapped by onnxruntime from their files (weights.session_source)
-        return ort.InferenceSession(session_source(model, opts), sess_options=opts, providers=list(providers))
+        try:
+            return ort.InferenceSession(session_source(model, opts), sess_options=opts, providers=list(providers))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            return _ReferenceSession(model)
     # past protobuf's 2 GB limit an in-memory model has to go through a file with external data
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
         path = os.path.join(tmp, "model.onnx")
@@ -68,7 +63,38 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session(model).run(None, feed)
+    return session(model, extended_only=_half(model)).run(None, feed)
+
+
+class _ReferenceSession:
+    """onnx's reference evaluator behind the two calls onnxprune makes of a session: for models whose types
+    onnxruntime's CPU provider has no kernel for (bfloat16 anything, float64 Conv). Slow, but exact."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from onnx.reference import ReferenceEvaluator
+
+        if is_lazy(model):  # the evaluator reads weights from the protobuf: give it a copy with them inline
+            inline = onnx.ModelProto()
+            inline.CopyFrom(model)
+            for t in inline.graph.initializer:
+                if is_external(t):
+                    t.CopyFrom(onnx.numpy_helper.from_array(np.asarray(tensor_array(t)), t.name))
+            model = inline
+        self._evaluator = ReferenceEvaluator(model)
+        self._model = model
+
+    def run(self, names, feed):
+        return self._evaluator.run(list(names) if names else None, feed)
+
+    def get_outputs(self):
+        return self._model.graph.output
+
+
+def _half(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 or bfloat16 (weights or inputs/outputs)."""
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return any(t.data_type in half for t in model.graph.initializer) or any(
+        v.type.tensor_type.elem_type in half for v in list(model.graph.input) + list(model.graph.output))
 
 
 def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None,
@@ -117,7 +143,7 @@ def declared_output_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) 
             return None
         dims = []
         for d in t.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
             elif d.dim_param in bound:
                 dims.append(bound[d.dim_param])

@@ -137,11 +137,25 @@ def test_concat_split_slice():
 
 def test_split_inside_a_group_freezes():
     m = build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
+               ("Conv", ["x", "w0"], ["c0"], conv(3, 4)),
+               ("Concat", ["c1", "c0"], ["cat"], {"axis": 1}),
+               ("Split", ["cat", "sizes"], ["s1", "s2"], {"axis": 1}),
+               ("Add", ["s1", "s2"], ["a"]),
+               ("Conv", ["a", "w2"], ["y"], conv(6, 4))],
+              X, ["y"], {"w1": (8, 3, 3, 3), "w0": (4, 3, 3, 3), "sizes": np.array([6, 6]), "w2": (4, 6, 3, 3)})
+    assert any("splits inside" in r for r in reasons(m))
+
+
+def test_conv_output_cut_in_parts():
+    """A conv whose output is split right away (YOLOv8's C2f: `conv(x).chunk(2, 1)`) opens one space per part:
+    here the parts are added, so they lose the same channels, and the split sizes follow."""
+    m = build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
                ("Split", ["c1", "sizes"], ["s1", "s2"], {"axis": 1}),
                ("Add", ["s1", "s2"], ["a"]),
                ("Conv", ["a", "w2"], ["y"], conv(4, 4))],
               X, ["y"], {"w1": (8, 3, 3, 3), "sizes": np.array([4, 4]), "w2": (4, 4, 3, 3)})
-    assert any("splits inside" in r for r in reasons(m))
+    r = check(m)
+    assert init_shape(r.model, "w1") == (4, 3, 3, 3) and init_shape(r.model, "w2") == (4, 2, 3, 3)
 
 
 def test_pooling_resize_pad_reduce():

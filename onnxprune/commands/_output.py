@@ -32,6 +32,18 @@ def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: in
     return table
 
 
+def show_faults(faults: list[dict]) -> None:
+    """Contained faults, apart from ordinary frozen groups: each is a bug in onnxprune worth reporting."""
+    if not faults:
+        return
+    err = Console(stderr=True, highlight=False)
+    err.print(f"warning: {len(faults)} fault(s) contained (their groups stay unpruned; please report them; "
+              "--strict makes this an error):", soft_wrap=True)
+    for fault in faults:
+        groups = ", ".join(map(str, fault["groups"])) or "none"
+        err.print(f"  {fault['reason']} [groups {groups}]", soft_wrap=True)
+
+
 def summary_table(stats: dict) -> Table:
     table = Table(title="model", title_justify="left")
     for col in ("", "before", "after", "after/before"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from onnxprune.commands._output import console, groups_table, write_json
+from onnxprune.cli_options import parse_input_shapes
+from onnxprune.commands._output import console, groups_table, show_faults, write_json
 from onnxprune.model_io import load_model
 
 
@@ -14,17 +15,36 @@ from onnxprune.model_io import load_model
 @click.option("--prune-hidden", is_flag=True, help="Show the hidden size as prunable (approximate, see prune).")
 @click.option("--all", "show_all", is_flag=True, help="Show every group (frozen ones too) without a limit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the groups as JSON here.")
-def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None) -> None:
+@click.option("--input-shapes", default=None, metavar="NAME:1x3x224x224[,...]",
+              help="Fix dynamic input dims for the MAC count; a single-input model may omit NAME:.")
+@click.option("--strict", is_flag=True, help="Fail (exit 2) when a handler fault had to be contained.")
+def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None,
+            input_shapes: str | None, strict: bool) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""
+    from onnxprune.containment import ContainedFaultError, is_fault, strict_message
+    from onnxprune.feeds import resolve_shapes
     from onnxprune.prune import prepare
+    from onnxprune.stats import count_macs
 
-    prep = prepare(load_model(model), exclude, prune_hidden)
+    proto = load_model(model)
+    shapes = resolve_shapes(proto, parse_input_shapes(input_shapes, proto))[0]
+    prep = prepare(proto, exclude, prune_hidden)
+    faults = prep.analysis.faults
     rows = [{"group": g.id, "channels": g.size, "kept": g.size, "prunable": g.prunable, "reason": g.reason,
              "sources": g.sources, "members": len({m.node for m in g.members}),
-             "unit": g.unit, "blocks": g.blocks, "tensors": g.tensors[:20]} for g in prep.analysis.groups]
+             "unit": g.unit, "blocks": g.blocks, "tensors": g.tensors[:20], "fault": is_fault(g, faults)}
+            for g in prep.analysis.groups]
     prunable = [r for r in rows if r["prunable"]]
     shown = rows if show_all else prunable + [r for r in rows if not r["prunable"]]
-    console.print(groups_table(shown, f"{model}: {len(prunable)} of {len(rows)} channel groups prunable",
+    macs = count_macs(prep.model, prep.view, shapes)
+    shape_text = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
+    console.print(groups_table(shown, f"{model}: {len(prunable)} of {len(rows)} channel groups prunable; "
+                                      f"{macs:,} MACs at {shape_text}",
                                show_kept=False, limit=None if show_all else 40))
+    if not strict:
+        show_faults([f.as_dict() for f in faults])
     if json_path:
-        write_json(json_path, {"model": model, "groups": rows})
+        write_json(json_path, {"model": model, "input_shapes": {k: list(v) for k, v in shapes.items()},
+                               "macs": macs, "groups": rows, "faults": [f.as_dict() for f in faults]})
+    if strict and faults:
+        raise ContainedFaultError(strict_message(faults))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from onnxprune.cli_options import data_options, dataset_from_options
-from onnxprune.commands._output import console, groups_table, summary_table, write_json
+from onnxprune.cli_options import data_options, dataset_from_options, parse_input_shapes
+from onnxprune.commands._output import console, groups_table, show_faults, summary_table, write_json
 from onnxprune.errors import InputError
 from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
@@ -72,12 +72,14 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only the pruned ones.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 2) when a handler fault or a failed validation had to be contained.")
 def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, head_ratio: float | None,
           criterion: str, global_ranking: bool,
           round_to: int, exclude: tuple[str, ...], prune_hidden: bool, recover: str, target_macs: float | None,
           target_params: float | None, allocate: str, max_drop: float | None, eval_data: str | None, mode: str,
           threshold: float | None, quantize: str | None, dry_run: bool, seed: int, json_path: str | None,
-          show_all: bool, memory_budget: str | None, **data_kwargs) -> None:
+          show_all: bool, memory_budget: str | None, strict: bool = False, **data_kwargs) -> None:
     """Prune MODEL structurally: remove RATIO of the channels of every prunable group."""
     out_path = Path(output) if output else default_output(model)
     if not dry_run:
@@ -97,6 +99,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         raise InputError("--head-ratio goes with --ratio (structured), not with --max-drop or --mode unstructured")
     original = load_model(model)
     batch_size = data_kwargs.get("batch_size") or 32
+    input_shapes = parse_input_shapes(data_kwargs.get("input_shapes"), original)
     calib = dataset_from_options(original, data_kwargs)
     if criterion is None:
         # calibration data makes the scores data-aware: |W|·‖X‖ per channel, each head's output norm
@@ -129,7 +132,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
                              recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden,
-                             out_dir=None if dry_run else out_path.parent, memory_budget=budget)
+                             out_dir=None if dry_run else out_path.parent, memory_budget=budget,
+                             strict=strict, input_shapes=input_shapes)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -141,9 +145,11 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
                        "criterion": criterion, "global": global_ranking, "round_to": round_to,
                        "recover": recover, "target_macs": target_macs, "target_params": target_params,
                        "allocate": allocate, "max_drop": max_drop, "stats": result.stats, "groups": groups_rows,
-                       "recovery": result.recovery, "search": result.search, "notes": result.notes})
+                       "recovery": result.recovery, "search": result.search, "notes": result.notes,
+                       "faults": result.faults})
         for note in result.notes:
             console.print(f"note: {note}")
+        show_faults(result.faults)
     if quantize:
         result_model = _quantize(result_model, quantize, calib, report)
     if calib is not None or held is not None:
@@ -177,7 +183,7 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
                 target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False, out_dir=None,
-                memory_budget=None):
+                memory_budget=None, strict=False, input_shapes=None):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
     prep = prepare(original, exclude, prune_hidden)
@@ -201,7 +207,8 @@ def _structured(original, ratio, criterion, global_ranking, round_to, exclude, s
         sens = sensitivity(prep, calib, scores).curves()
     kwargs = dict(criterion=criterion, global_ranking=global_ranking, round_to=round_to, seed=seed,
                   memory_budget=memory_budget,
-                  calibration=calib, recover=recover, allocate=allocate, sensitivity=sens, stats=stats)
+                  calibration=calib, recover=recover, allocate=allocate, sensitivity=sens, stats=stats,
+                  strict=strict, input_shapes=input_shapes)
     if max_drop is not None:
         return prune_within_drop(original, max_drop, held, prepared=prep, **kwargs)
     return prune_model(original, ratio=0.5 if ratio is None else ratio, prepared=prep, head_ratio=head_ratio,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from onnxprune.cli_options import data_options, dataset_from_options
-from onnxprune.commands._output import console, write_json
+from onnxprune.commands._output import console, show_faults, write_json
 from onnxprune.errors import InputError
 from onnxprune.model_io import load_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
@@ -75,6 +75,7 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
                       *[f"{d:+.2f}" for d in row["drops"]])
     console.print(f"data: {dataset.source} ({len(dataset)} samples)")
     console.print(table)
+    show_faults([f.as_dict() for f in prep.analysis.faults])
     if plot is not None:
         fd, tmp = tempfile.mkstemp(prefix=".sensitivity.", suffix=".png", dir=Path(plot).parent)
         os.close(fd)

@@ -33,6 +33,7 @@ class AnalysisContext:
         self.spaces = SpaceSet()
         self.axes: dict[str, ChannelAxis] = {}
         self.members: list[Member] = []
+        self.faults: list = []  # containment.Fault: handler exceptions, contained (see onnxprune/containment.py)
 
     # -- reading ------------------------------------------------------------------------------
     def axis_of(self, name: str) -> ChannelAxis | None:
@@ -101,6 +102,18 @@ class AnalysisContext:
         for name in node.input:
             self.freeze(self.axis_of(name), f"{node.op_type} {node.name}: {reason}")
 
+    def fault(self, node: onnx.NodeProto, stage: str, error: BaseException) -> None:
+        """A handler raised on `node`: freeze every channel that reaches or leaves it, with the error as reason."""
+        from onnxprune.containment import Fault, describe
+
+        fault = Fault(stage, node.name, node.op_type, describe(error))
+        self.faults.append(fault)
+        for name in list(node.input) + list(node.output):
+            self.freeze(self.axis_of(name), fault.reason)
+        for member in self.members:
+            if member.node == node.name:
+                self.freeze(member.layout, fault.reason)
+
     def union(self, a: ChannelAxis, b: ChannelAxis) -> bool:
         """Merge two layouts that must lose the same channels. False when their structures differ."""
         if a.length != b.length or len(a.segments) != len(b.segments) or not all(
@@ -120,6 +133,11 @@ class Analysis:
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    @property
+    def faults(self) -> list:
+        """Contained faults (containment.Fault): handler exceptions and groups that failed validation."""
+        return self.context.faults
+
     def find(self, space: int) -> int:
         return self.context.spaces.find(space)
 
@@ -136,13 +154,21 @@ def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: 
                 reason = f"no handler for op {node.domain + '::' if node.domain else ''}{node.op_type}"
             ctx.freeze_inputs(node, reason)
             continue
-        handler.analyze(node, ctx)
+        try:
+            handler.analyze(node, ctx)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler bug costs the groups at this node, not the run
+            ctx.fault(node, "analyze", exc)
     for name in view.graph_outputs:
         ctx.freeze(ctx.axis_of(name), f"reaches graph output {name}")
     for i, space in enumerate(ctx.spaces.spaces):
         if any(fnmatch.fnmatchcase(space.source, pat) for pat in exclude):
             ctx.spaces.freeze(i, f"excluded by pattern ({space.source})")
-    return Analysis(_build_groups(ctx), ctx)
+    groups = _build_groups(ctx)
+    for fault in ctx.faults:
+        fault.groups = [g.id for g in groups if fault.reason in g.reasons]
+    return Analysis(groups, ctx)
 
 
 def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:

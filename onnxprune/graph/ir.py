@@ -134,10 +134,23 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
 
     try:
         # on a weightless copy: inference needs shapes and small shape constants, not megabytes of weights
-        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_dynamic_as_symbols(weightless(model)), data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort here; missing shapes freeze groups
         inferred = model
-    return _tensor_shapes(inferred.graph, lambda d: d.dim_value if d.HasField("dim_value") else None)
+    return _tensor_shapes(inferred.graph, lambda d: d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
+                          else None)
+
+
+def _dynamic_as_symbols(light: onnx.ModelProto) -> onnx.ModelProto:
+    """`light` (a copy) with input and output dims stored as -1 or 0 (paddle2onnx's way of saying dynamic)
+    turned into unnamed symbolic dims, so that inference does not compute with them as sizes; -1 in the
+    model's value_info is dropped the same way."""
+    for values, lowest in ((light.graph.input, 1), (light.graph.output, 1), (light.graph.value_info, 0)):
+        for value in values:
+            for d in value.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < lowest:
+                    d.Clear()
+    return light
 
 
 def _tensor_shapes(graph: onnx.GraphProto, dim) -> dict[str, Shape]:
@@ -165,6 +178,19 @@ def _in_temp_dir():
             os.chdir(cwd)
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes with symbolic dims kept: each symbol (batch, seq, ...) stands for its own prime, and an expression
     of symbols (4*batch, seq + 1) is evaluated with them, so equal expressions give equal ints and products
@@ -172,28 +198,29 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     exporters put around attention; without it (or where it fails) onnx's own dim_param names are used."""
     from onnxprune.model_io import weightless
 
-    light = weightless(model)
+    light = _dynamic_as_symbols(weightless(model))
     del light.graph.value_info[:]
     _fold_shape_constants(light)
     inferred = None
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        # on failure it saves "sym_shape_infer_temp.onnx" into the working directory: keep that out of the user's
-        with _in_temp_dir():
+        # on failure it saves "sym_shape_infer_temp.onnx" into the working directory: keep that out of the user's;
+        # its warnings ("Unable to determine if ... treat as equal") are about its guesses, not the user's model
+        with _in_temp_dir(), _quiet("onnxruntime.tools.symbolic_shape_infer"):
             inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
     except Exception:  # noqa: BLE001 - best effort: missing symbolic shapes only freeze what needs them
         inferred = None
     if inferred is None:
         try:
-            inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(_dynamic_as_symbols(weightless(model)), data_prop=True)
         except Exception:  # noqa: BLE001
             return {}
     codes: dict[str, int | None] = {}
 
     def dim(d):
         if d.HasField("dim_value"):
-            return d.dim_value
+            return d.dim_value if d.dim_value >= 0 else None
         if d.dim_param and not d.dim_param.startswith("unk__"):
             return _symbol_code(d.dim_param, codes)
         return None
@@ -261,6 +288,8 @@ def _symbol_code(expr: str, codes: dict) -> int | None:
             subs[sym] = codes[key]
         value = parsed.subs(subs)
         code = int(value) if value.is_integer else None
+        if code is not None and parsed.free_symbols and code < SYMBOL_BASE:
+            code = None  # (H + pad) // 7 of a symbol H: no longer tells symbols apart, and not a static dim either
     except Exception:  # noqa: BLE001 - an expression we cannot evaluate is an unknown dim
         code = None
     codes[expr] = code

@@ -262,6 +262,11 @@ class StagedRun:
             sample = self._value(x, 0)
             elem = _NP_TO_ONNX.get(sample.dtype)
             if elem is None:
+                try:  # bfloat16, float8 ... (ml_dtypes), as onnx names them
+                    elem = onnx.helper.np_dtype_to_tensor_dtype(sample.dtype)
+                except (KeyError, TypeError, ValueError):
+                    elem = None
+            if elem is None:
                 raise InputError(f"calibration: tensor {x!r} has dtype {sample.dtype}, which onnxprune cannot feed")
             graph.input.append(onnx.helper.make_tensor_value_info(
                 x, elem, [f"{x}_d{i}" for i in range(sample.ndim)]))

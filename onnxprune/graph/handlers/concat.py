@@ -13,6 +13,7 @@ import numpy as np
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr, set_attr
 from onnxprune.graph.layout import concat_axes
+from onnxprune.graph.shape_source import static_value
 
 
 def _norm(axis: int, rank: int | None) -> int | None:
@@ -80,6 +81,8 @@ def _split_sizes(node, ctx, length):
         split = attr(node, "split")
     elif len(node.input) > 1 and node.input[1]:
         arr = ctx.view.array(node.input[1])
+        if arr is None:
+            arr = static_value(ctx.view, node.input[1])
         if arr is None:
             return None
         split = arr.tolist()
@@ -151,6 +154,8 @@ def _slice_params(node, ctx):
             continue
         arr = ctx.view.array(name)
         if arr is None:
+            arr = static_value(ctx.view, name)  # computed from static dims (TorchScript's chunk): a constant
+        if arr is None:
             return None
         vals.append(arr.tolist())
     starts, ends, axes, steps = vals
@@ -220,5 +225,7 @@ class Slice(Handler):
             set_attr(node, "starts", starts)
             set_attr(node, "ends", ends)
         else:
-            ctx.set_input_constant(node, 1, np.array(starts, dtype=ctx.array(node.input[1]).dtype))
-            ctx.set_input_constant(node, 2, np.array(ends, dtype=ctx.array(node.input[2]).dtype))
+            for index, values in ((1, starts), (2, ends)):
+                old = ctx.array(node.input[index])
+                dtype = old.dtype if old is not None else static_value(ctx.view, node.input[index]).dtype
+                ctx.set_input_constant(node, index, np.array(values, dtype=dtype))

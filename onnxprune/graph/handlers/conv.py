@@ -36,7 +36,7 @@ class Conv(Handler):
         if group == 1:
             if x is not None:
                 ctx.add_member(node, 1, 1, x, "in")
-            out = ctx.open_space(node, 1, c_out)
+            out = ctx.open_spaces(node, 1, output_parts(ctx, node.output[0], c_out))
             self._out_members(node, ctx, out, "out")
             ctx.set_axis(node.output[0], out)
         elif c_in_per_group == 1 and group == c_in and x is not None:
@@ -79,6 +79,64 @@ class Conv(Handler):
             weight = ctx.array(node.input[1])
             if x is not None and weight is not None and weight.shape[1] == 1:
                 set_attr(node, "group", ctx.new_length(node.input[0]))
+
+
+_CARRY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+                    "Mish", "Softplus", "Clip", "Identity", "BatchNormalization"})
+
+
+def output_parts(ctx, name: str, channels: int) -> list[int]:
+    """Sizes of the parts a conv's output channels are cut into right after it, or [channels].
+
+    YOLOv8's C2f (and CSP blocks) run `conv(x).chunk(2, 1)`: the activated output is cut by Slices (or a Split)
+    into halves that go their own ways. Each half then is a space of its own, so that a cut at the boundary is
+    followed instead of freezing the conv. Looks through activations, SiLU (x·sigmoid(x)) and BatchNorm.
+    """
+    for _ in range(4):
+        uses = [(u, i) for u, i in ctx.view.consumers.get(name, []) if u.op_type not in ("Shape", "Size")]
+        if name in ctx.view.graph_outputs or not uses:
+            return [channels]
+        silu = [u for u, _ in uses if u.op_type == "Sigmoid"]
+        if len(uses) == 2 and len(silu) == 1:
+            mul = [u for u, _ in uses if u.op_type == "Mul" and set(u.input) == {name, silu[0].output[0]}]
+            if mul and ctx.view.uses(silu[0].output[0]) == 1:
+                name = mul[0].output[0]
+                continue
+        if len(uses) == 1 and uses[0][0].op_type in _CARRY and uses[0][1] == 0:
+            name = uses[0][0].output[0]
+            continue
+        return _cut_sizes(ctx, name, uses, channels)
+    return [channels]
+
+
+def _cut_sizes(ctx, name, uses, channels):
+    from onnxprune.graph.handlers.concat import _slice_params, _split_sizes
+
+    rank = ctx.view.rank(name)
+    if rank is None or rank < 2:
+        return [channels]
+    if len(uses) == 1 and uses[0][0].op_type == "Split" and uses[0][1] == 0:
+        split = uses[0][0]
+        if attr(split, "axis", 0) % rank != 1:
+            return [channels]
+        sizes = _split_sizes(split, ctx, channels)
+        return sizes if sizes and sum(sizes) == channels and len(sizes) > 1 else [channels]
+    spans = []
+    for use, index in uses:
+        params = _slice_params(use, ctx) if use.op_type == "Slice" and index == 0 else None
+        if params is None:
+            return [channels]
+        starts, ends, axes, steps = params
+        axes = [a % rank for a in axes]
+        if axes != [1] or steps[0] != 1:
+            return [channels]
+        start, stop, _ = slice(starts[0], ends[0]).indices(channels)
+        spans.append((start, stop))
+    spans = sorted(set(spans))
+    if len(spans) < 2 or spans[0][0] != 0 or spans[-1][1] != channels or any(
+            a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        return [channels]
+    return [stop - start for start, stop in spans]
 
 
 @register("ConvTranspose")

@@ -11,8 +11,11 @@ channel axis is aligned to the output rank, and:
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
+from onnxprune.graph.shape_source import dim_source, static_value
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
@@ -151,4 +154,39 @@ class Expand(Handler):
         if ctx.view.dim(node.output[0], axis) != x.length:
             ctx.freeze(x, f"Expand {node.name}: the channel axis may be broadcast")
             return
+        # the target shape's entry for the channel axis must follow the pruned count: 1 (broadcast), a constant
+        # (rewritten), static arithmetic (written down), or read from a tensor losing the same channels
+        shape = node.input[1]
+        entry = axis - (rank_out - (ctx.view.dim(shape, 0) or rank_out))
+        const = ctx.view.array(shape)
+        if const is None:
+            const = static_value(ctx.view, shape)
+        if const is None:
+            src = dim_source(ctx.view, shape, entry)
+            other = ctx.axis_of(src.tensor) if src is not None and src.tensor else None
+            if not (src is not None and src.tensor is None and src.value == 1) and (
+                    other is None or other.axis != src.dim or not ctx.union(x, other)):
+                # frozen, but still followed: what the channels meet downstream (the q heads that grouped-query
+                # attention's repeat_kv serves) is frozen with them, and says why
+                ctx.freeze(x, f"Expand {node.name}: the channel entry of its shape is computed at run time from "
+                              "something onnxprune cannot follow")
+        elif entry < 0 or entry >= np.size(const) or int(np.ravel(const)[entry]) not in (1, x.length):
+            ctx.freeze(x, f"Expand {node.name}: its shape does not keep the channel axis")
+            return
         ctx.set_axis(node.output[0], x.with_axis(axis))
+
+    def rewrite(self, node, ctx):
+        x, out = ctx.axis_of(node.input[0]), ctx.axis_of(node.output[0])
+        if x is None or out is None:
+            return
+        shape = ctx.array(node.input[1])
+        if shape is None:
+            shape = static_value(ctx.view, node.input[1])
+        if shape is None:
+            return
+        entry = out.axis - (ctx.view.rank(node.output[0]) - np.size(shape))
+        new_length = ctx.new_length(node.output[0])
+        if 0 <= entry < np.size(shape) and int(np.ravel(shape)[entry]) not in (1, new_length):
+            new = np.array(shape).ravel().copy()
+            new[entry] = new_length
+            ctx.set_input_constant(node, 1, new.reshape(np.shape(shape)).astype(np.int64))

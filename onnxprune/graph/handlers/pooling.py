@@ -11,6 +11,7 @@ import numpy as np
 
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
+from onnxprune.graph.shape_source import dim_source
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
@@ -32,29 +33,63 @@ class Pool(Handler):
 
 @register("Resize")
 class Resize(Handler):
+    """Channels pass when the scales or sizes leave the channel axis as it is. Sizes computed at run time pass
+    when their channel entry reads the channel dim of a tensor that loses the same channels (upsampling to a
+    skip connection's size: `F.interpolate(x, size=y.shape[2:])` takes N and C from x's own Shape)."""
+
+    @staticmethod
+    def _entry(node, ctx, axis):
+        """Position of the channel axis in scales/sizes: None when opset 18's `axes` leaves it out."""
+        axes = attr(node, "axes")
+        if axes is None:
+            return axis
+        rank = ctx.view.rank(node.input[0])
+        axes = [a + rank if a < 0 and rank is not None else a for a in axes]
+        return axes.index(axis) if axis in axes else None
+
     def analyze(self, node, ctx):
         x = ctx.axis_of(node.input[0])
         if x is None:
             return
-        scales = node.input[2] if len(node.input) > 2 else ""
-        if scales and ctx.view.is_const(scales) and ctx.view.array(scales).size:
-            if float(ctx.view.array(scales)[x.axis]) != 1.0:
+        k = self._entry(node, ctx, x.axis)
+        index = 1 if ctx.view.opset < 11 else 2  # opset 10: (X, scales); 11+: (X, roi, scales, sizes)
+        scales = node.input[index] if len(node.input) > index else ""
+        sizes = node.input[3] if len(node.input) > 3 and ctx.view.opset >= 11 else ""
+        if k is None:
+            scales = sizes = ""
+        if scales:
+            arr = ctx.view.array(scales)
+            if arr is None:
+                ctx.freeze(x, f"Resize {node.name}: scales are computed at run time")
+                return
+            if arr.size and (arr.size <= k or float(np.ravel(arr)[k]) != 1.0):
                 ctx.freeze(x, f"Resize {node.name}: scales the channel axis")
                 return
-        sizes = node.input[3] if len(node.input) > 3 else ""
         if sizes and not ctx.view.is_const(sizes):
-            ctx.freeze(x, f"Resize {node.name}: sizes are computed at run time")
-            return
+            src = dim_source(ctx.view, sizes, k)
+            other = ctx.axis_of(src.tensor) if src is not None and src.tensor else None
+            if other is None or other.axis != src.dim or not ctx.union(x, other):
+                ctx.freeze(x, f"Resize {node.name}: the channel entry of its sizes is computed at run time from "
+                              "something onnxprune cannot follow")
+                return
+        elif sizes:
+            arr = ctx.view.array(sizes)
+            if arr.size and (arr.ndim != 1 or arr.size <= k or int(arr[k]) != x.length):
+                ctx.freeze(x, f"Resize {node.name}: sizes change the channel axis")
+                return
         ctx.set_axis(node.output[0], x)
 
     def rewrite(self, node, ctx):
         x = ctx.axis_of(node.input[0])
-        sizes = node.input[3] if len(node.input) > 3 else ""
-        if x is not None and sizes:
-            new = ctx.array(sizes).copy()
-            if new.size:
-                new[x.axis] = ctx.new_length(node.input[0])
-                ctx.set_input_constant(node, 3, new)
+        if x is None or ctx.axis_of(node.output[0]) is None:
+            return
+        k = self._entry(node, ctx, x.axis)
+        sizes = node.input[3] if len(node.input) > 3 and ctx.opset >= 11 else ""
+        arr = ctx.array(sizes) if k is not None and sizes else None
+        if arr is not None and arr.size and int(arr[k]) != ctx.new_length(node.input[0]):
+            new = arr.copy()
+            new[k] = ctx.new_length(node.input[0])
+            ctx.set_input_constant(node, 3, new)
 
 
 @register("Pad")

@@ -148,6 +148,14 @@ class Reshape(Handler):
         if shape_in is None or shape_out is None:
             return "unknown shapes"
         shape_in, shape_out = list(shape_in), list(shape_out)
+        if not shape_in or not shape_out or x.axis >= len(shape_in):
+            return "unknown shapes"
+        tail = shape_in[x.axis:]
+        if None not in tail and len(shape_out) >= len(tail) and shape_out[len(shape_out) - len(tail):] == tail:
+            # the channel axis and every dim after it stay as they are, whatever happens in front (Swin's window
+            # partition [B, H/7, 7, W/7, 7, C] -> [B·nW, 7, 7, C], whose leading dims are symbols that need not
+            # line up): row-major order keeps each channel at the same index
+            return x.with_axis(len(shape_out) - len(tail))
         # a leading dynamic batch dim on both sides maps to itself
         if shape_in and shape_out and shape_in[0] is None and shape_out[0] is None and x.axis > 0:
             shape_in[0] = shape_out[0] = 1
@@ -156,8 +164,11 @@ class Reshape(Handler):
         pin = np.cumprod([1] + shape_in, dtype=object)
         pout = np.cumprod([1] + shape_out, dtype=object)
         common = sorted(set(pin.tolist()) & set(pout.tolist()))
-        lo = max(p for p in common if p <= pin[x.axis])
-        hi = min(p for p in common if p >= pin[x.axis + 1])
+        below = [p for p in common if p <= pin[x.axis]]
+        above = [p for p in common if p >= pin[x.axis + 1]]
+        if not below or not above:
+            return "input and output dims do not line up around the channel axis"
+        lo, hi = max(below), min(above)
         i0, i1 = pin.tolist().index(lo), len(pin) - 1 - pin.tolist()[::-1].index(hi)
         j0, j1 = pout.tolist().index(lo), len(pout) - 1 - pout.tolist()[::-1].index(hi)
         # skip size-1 dims at the group edges so [N,C,1,1] -> [N,C] maps one to one
