@@ -1,0 +1,1 @@
+"""MLflow tracking (placeholder until the tracking step lands)."""
