@@ -74,12 +74,8 @@ class Recipe:
         InputError naming `source` and the key."""
         if not isinstance(data, Mapping):
             raise InputError(f"{source}: a recipe is a table of keys, got {type(data).__name__}")
-        known = field_names()
         for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(known)})"
-                raise InputError(f"{source}: unknown key {key!r}{hint}")
+            check_key(key, source)
         try:
             values = check_values(dict(data), repr, strict_types=True)
         except InputError as exc:
@@ -154,6 +150,15 @@ class Recipe:
             elif value is not None:
                 parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
         return " ".join(parts) or "defaults"
+
+
+def check_key(key: str, source: str) -> None:
+    """An InputError naming `source` unless `key` is a recipe field (with the closest field as a hint)."""
+    known = field_names()
+    if key not in known:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(known)})"
+        raise InputError(f"{source}: unknown key {key!r}{hint}")
 
 
 def field_names() -> list[str]:
@@ -314,9 +319,10 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
 }
 
 
-def check_values(values: dict[str, Any], label: Callable[[str], str], strict_types: bool = False) -> dict[str, Any]:
-    """Type- and range-check recipe `values` (a partial dict is fine), then the rules between fields;
-    returns them normalised (ints as floats for fractions, lists as tuples, quantize "none" as None).
+def check_values(values: dict[str, Any], label: Callable[[str], str], strict_types: bool = False,
+                 rules: bool = True) -> dict[str, Any]:
+    """Type- and range-check recipe `values` (a partial dict is fine), then (with `rules`) the rules between
+    fields; returns them normalised (ints as floats for fractions, lists as tuples, quantize "none" as None).
     `label(key)` names a field in messages: an option (--ratio) or a file's key."""
     out: dict[str, Any] = {}
     for key, value in values.items():
@@ -332,7 +338,8 @@ def check_values(values: dict[str, Any], label: Callable[[str], str], strict_typ
         if check is not None:
             check(value, label(key))
         out[key] = value
-    _check_rules({**{f: default(f) for f in _SPECS}, **out}, label)
+    if rules:
+        _check_rules({**{f: default(f) for f in _SPECS}, **out}, label)
     return out
 
 
