@@ -40,6 +40,10 @@ from onnxprune.report import format_value, make_console, print_table, write_json
 @tracking_option
 def eval_command(model: str, reference: str | None, mlflow_uri: str | None, **kwargs) -> None:
     """Evaluate MODEL on data: accuracy, agreement with --reference, latency per execution provider."""
+    if mlflow_uri:
+        from onnxprune.sweep.tracking import require_mlflow
+
+        require_mlflow()
     candidate = load_model(model)
     if reference is not None:
         load_model(reference)  # a missing or corrupt reference fails here, before any data is read

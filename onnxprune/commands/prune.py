@@ -114,6 +114,10 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
             raise InputError(f"refusing to overwrite the input model {model} (pass --overwrite to replace it)")
         if out_path.exists() and not overwrite:
             raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
+    if mlflow_uri:
+        from onnxprune.sweep.tracking import require_mlflow
+
+        require_mlflow()  # before any work: a missing extra is an install hint, not a lost run
     recipe, given = recipe_from_options(params)
     data_kwargs = params
     if max_drop is not None:

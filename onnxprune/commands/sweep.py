@@ -87,6 +87,10 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
             raise InputError("--executor ray needs --address HOST:PORT of the cluster's head")
     elif address:
         raise InputError("--address is for --executor ray")
+    if mlflow_uri:
+        from onnxprune.sweep.tracking import require_mlflow
+
+        require_mlflow()
     if max_drop is not None and max_drop < 0:
         raise InputError(f"--max-drop is in points and must be >= 0, got {max_drop}")
     provider_name(provider)
