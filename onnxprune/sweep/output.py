@@ -67,11 +67,19 @@ def write_csv(path: str | os.PathLike, baseline: dict, candidates: list[dict], l
     return path
 
 
+def readable(tmp: str) -> None:
+    """Give a temporary file (mkstemp makes it 0600) the permissions a new file gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,9 +129,14 @@ def plot_pareto(path: str | os.PathLike, baseline: dict, candidates: list[dict],
                    color="0.6", label="candidate", zorder=2)
         ax.scatter([x(c["metrics"]) for c in front], [c["metrics"]["value"] for c in front], s=36,
                    color="tab:red", label="Pareto front", zorder=3)
-        for c in front:
-            ax.annotate(f"#{number[c['id']]}", (x(c["metrics"]), c["metrics"]["value"]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7, color="tab:red")
+        # members drawn at (almost) one spot share a label; labels alternate above and below the points
+        spots: dict[tuple, tuple[tuple[float, float], list[str]]] = {}
+        for c in sorted(front, key=lambda c: x(c["metrics"])):
+            point = (x(c["metrics"]), c["metrics"]["value"])
+            spots.setdefault((round(point[0], 2), round(point[1] / 2)), (point, []))[1].append(f"#{number[c['id']]}")
+        for k, (point, names) in enumerate(spots.values()):
+            ax.annotate(",".join(names), point, textcoords="offset points", xytext=(4, 4 if k % 2 == 0 else -11),
+                        fontsize=7, color="tab:red")
         ax.scatter([x(base)], [base["value"]], marker="*", s=140, color="black", label="original", zorder=4)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity" if base["metric"] == "perplexity" else f"{base['metric']} (%)")
@@ -138,6 +151,7 @@ def plot_pareto(path: str | os.PathLike, baseline: dict, candidates: list[dict],
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
+        readable(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -3,7 +3,9 @@
 Objectives: the quality metric (higher is better, except metrics in evaluate.LOWER_IS_BETTER such as
 perplexity), and MACs, bytes and latency (lower is better; latency only when it was measured). A candidate
 is on the front when no other candidate is at least as good in every objective and better in one. Bytes
-count so that quantized candidates (same MACs, a quarter of the bytes) can be on the front.
+count so that quantized candidates (same MACs, a quarter of the bytes) can be on the front. Latencies
+within LATENCY_TIE of each other count as equal: timing a small model moves by a few percent from run to
+run, and a front decided by that noise would keep candidates that are worse in every other way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 COSTS = ("macs", "bytes", "latency_ms")
+LATENCY_TIE = 0.05  # relative
 
 
 def higher_is_better(metric: str) -> bool:
@@ -19,16 +22,28 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
-def _objectives(metrics: dict, costs: Sequence[str]) -> tuple[float, ...]:
-    """Every objective as a number to minimise."""
-    sign = -1.0 if higher_is_better(metrics["metric"]) else 1.0
-    return (sign * metrics["value"], *(float(metrics[c]) for c in costs))
+def _quality(metrics: dict) -> float:
+    """The metric as a number to maximise."""
+    return metrics["value"] if higher_is_better(metrics["metric"]) else -metrics["value"]
+
+
+def _no_worse(a: dict, b: dict, key: str) -> bool:
+    if key == "latency_ms":
+        return a[key] <= b[key] * (1 + LATENCY_TIE)
+    return a[key] <= b[key]
+
+
+def _better(a: dict, b: dict, key: str) -> bool:
+    if key == "latency_ms":
+        return a[key] * (1 + LATENCY_TIE) < b[key]
+    return a[key] < b[key]
 
 
 def dominates(a: dict, b: dict, costs: Sequence[str] = COSTS) -> bool:
     """Whether metrics `a` are at least as good as `b` in every objective and better in one."""
-    x, y = _objectives(a, costs), _objectives(b, costs)
-    return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
+    qa, qb = _quality(a), _quality(b)
+    no_worse = qa >= qb and all(_no_worse(a, b, c) for c in costs)
+    return no_worse and (qa > qb or any(_better(a, b, c) for c in costs))
 
 
 def front_costs(metrics: Sequence[dict]) -> tuple[str, ...]:

@@ -24,8 +24,9 @@ from onnxprune.data import Dataset
 from onnxprune.errors import InputError
 from onnxprune.recipe import Recipe
 from onnxprune.sweep.candidate import (Measure, SweepContext, candidate_id, compute_shared, execute, fingerprint)
+from onnxprune.sweep import output
 from onnxprune.sweep.grid import varying_fields
-from onnxprune.sweep.pareto import drop, pareto_flags, select_within
+from onnxprune.sweep.pareto import LATENCY_TIE, drop, front_costs, pareto_flags, select_within
 
 
 @dataclass
@@ -50,7 +51,6 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     from onnxprune.evaluate import run_model
     from onnxprune.model_io import load_model
     from onnxprune.report import environment, write_json
-    from onnxprune.sweep import output
 
     if not recipes:
         raise InputError("the sweep has no candidates (every combination was skipped)" if skipped
@@ -144,6 +144,9 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     result.payload = {
         "model": str(model_path), "baseline": base, "candidates": candidates, "selected": chosen,
         "max_drop": max_drop, "skipped": skipped or [],
+        "front": {"objectives": [base["metric"], *front_costs([e["metrics"] for e in entries
+                                                               if e["status"] == "ok"])],
+                  "latency_tie": LATENCY_TIE},
         "calibration": None if calibration is None else {"source": calibration.source, "samples": len(calibration)},
         "evaluation": {"source": evaluation.source, "samples": len(evaluation)},
         "measure": measure.to_dict(), "executor": executor, "notes": result.notes, **environment(),
@@ -175,6 +178,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        output.readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
