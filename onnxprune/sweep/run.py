@@ -87,6 +87,9 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     def done(key: str, record: dict, data: bytes | None) -> None:
         if key == "baseline":
             baseline.update(record)
+            m = record["metrics"]
+            report(f"original: {m['metric']} {m['value']:.2f}, MACs {m['macs']:,}" if record["status"] == "ok"
+                   else f"original: failed: {record['error']}")
             return
         recipe = recipes[ids.index(key)]
         record = {"id": key, "recipe": recipe.to_dict(), **record, "fingerprint": print_}
