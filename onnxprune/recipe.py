@@ -20,9 +20,10 @@ import difflib
 import json
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from onnxprune.errors import InputError
 
@@ -69,7 +70,7 @@ class Recipe:
     # ---- reading and writing ------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
         """A recipe from a mapping of field names; unknown keys, wrong types and values out of range are an
         InputError naming `source` and the key."""
         if not isinstance(data, Mapping):
@@ -94,7 +95,7 @@ class Recipe:
 
     # ---- deriving recipes ---------------------------------------------------------------------------
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with `changes`; naming one budget (ratio, target_macs, target_params, threshold) drops the
         others this recipe had, so `--target-macs` on the command line replaces a file's ratio."""
         named = [b for b in BUDGETS if b in changes and changes[b] is not None]
@@ -110,11 +111,11 @@ class Recipe:
             raise TypeError(f"Recipe has no field(s) {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
-    def without_budget(self) -> "Recipe":
+    def without_budget(self) -> Recipe:
         """The same recipe with no ratio, head ratio, target or threshold (a search fills one in)."""
         return dataclasses.replace(self, **{k: None for keys in BUDGETS.values() for k in keys})
 
-    def resolved(self, has_data: bool) -> "Recipe":
+    def resolved(self, has_data: bool) -> Recipe:
         """Defaults made explicit: the criterion (hybrid with calibration data for a structured prune, else
         l1) and the ratio (0.5 when no other budget is given). A report embeds the resolved recipe, so a
         replay does not depend on whether data was passed."""
@@ -174,7 +175,7 @@ def option_name(key: str) -> str:
     return "--global" if key == "global_ranking" else "--" + key.replace("_", "-")
 
 
-def as_recipe(recipe: "Recipe | float | None", options: Mapping[str, Any], default_criterion: str = "l1") -> Recipe:
+def as_recipe(recipe: Recipe | float | None, options: Mapping[str, Any], default_criterion: str = "l1") -> Recipe:
     """The recipe prune_model runs: `recipe` with keyword `options` applied, or a Recipe built from the
     options alone (then the criterion defaults to `default_criterion`, l1 as before recipes). A number in
     the recipe's place is the ratio, as prune_model's second argument was before recipes."""

@@ -73,8 +73,8 @@ def _stop(sessions: list[int]) -> None:
 
 
 def _nodes_alive(address: str) -> int:
-    status = subprocess.run([sys.executable, str(NODE), "status", "--address", address], capture_output=True,
-                            text=True, timeout=60, env=_environment(**LOOPBACK))
+    status = subprocess.run([sys.executable, str(NODE), "status", "--address", address], check=False,
+                            capture_output=True, text=True, timeout=60, env=_environment(**LOOPBACK))
     active = status.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in status.stdout else ""
     return sum(1 for line in active.splitlines() if "node_" in line)
 

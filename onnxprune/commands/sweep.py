@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 
 from onnxprune.cli_options import data_options, dataset_from_options, tracking_option
-from onnxprune.report import make_console
 from onnxprune.errors import GateFailed, InputError
 from onnxprune.model_io import load_model
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
+from onnxprune.report import make_console
 
 # recipe fields a sweep varies from the command line (exclude stays one list for all: --exclude, repeatable)
 LIST_FIELDS = [f for f in field_names() if f != "exclude"]

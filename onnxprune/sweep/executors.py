@@ -10,7 +10,7 @@ executor ran it.
 from __future__ import annotations
 
 import pickle
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from onnxprune.errors import InputError, MissingDependency
 from onnxprune.recipe import Recipe

@@ -78,7 +78,7 @@ def load_grid(path: str | Path) -> Grid:
     data = read_table(path, "grid")
     unknown = set(data) - {"base", "grid", "candidate"}
     if unknown:
-        raise InputError(f"{path}: unknown section {sorted(unknown)[0]!r} (a grid file has [base], [grid] and "
+        raise InputError(f"{path}: unknown section {min(unknown)!r} (a grid file has [base], [grid] and "
                          "[[candidate]])")
     base = data.get("base", {})
     Recipe.from_dict(base, f"{path} [base]")

@@ -111,7 +111,7 @@ def plot_pareto(path: str | os.PathLike, baseline: dict, candidates: list[dict],
     text_height = 0.15 * len(lines) + 0.2
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2 + text_height), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], panels):
-        def x(m):
+        def x(m, key=key):
             return m[key] / base[key] if base[key] else m[key]
 
         points = sorted(((x(c["metrics"]), c["metrics"]["value"]) for c in ok),

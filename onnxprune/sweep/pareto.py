@@ -10,7 +10,7 @@ run, and a front decided by that noise would keep candidates that are worse in e
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 COSTS = ("macs", "bytes", "latency_ms")
 LATENCY_TIE = 0.05  # relative

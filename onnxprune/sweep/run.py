@@ -16,15 +16,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from onnxprune.data import Dataset
 from onnxprune.errors import InputError
 from onnxprune.recipe import Recipe
-from onnxprune.sweep.candidate import (Measure, SweepContext, candidate_id, compute_shared, execute, fingerprint)
 from onnxprune.sweep import output
+from onnxprune.sweep.candidate import Measure, SweepContext, candidate_id, compute_shared, execute, fingerprint
 from onnxprune.sweep.grid import varying_fields
 from onnxprune.sweep.pareto import LATENCY_TIE, drop, front_costs, pareto_flags, select_within
 
@@ -42,7 +42,7 @@ class SweepResult:
 
 
 def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str | os.PathLike, *,
-              calibration: Dataset | None, evaluation: Dataset, measure: Measure = Measure(),
+              calibration: Dataset | None, evaluation: Dataset, measure: Measure | None = None,
               executor: str = "local", jobs: int = 1, address: str | None = None, retries: int = 2,
               max_drop: float | None = None, keep_models: bool = False, skipped: list[str] | None = None,
               report: Callable[[str], None] = lambda line: None) -> SweepResult:
@@ -52,6 +52,7 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     from onnxprune.model_io import load_model
     from onnxprune.report import environment, write_json
 
+    measure = measure or Measure()
     if not recipes:
         raise InputError("the sweep has no candidates (every combination was skipped)" if skipped
                          else "the sweep has no candidates")
@@ -169,7 +170,7 @@ def _keep_models(outdir: Path, context: SweepContext, recipes, ids, keep: set[st
         if i in keep and not path.exists():
             report(f"rebuilding the model of {i} (a Pareto member now; an earlier run had removed it)")
             context.shared = compute_shared(context.original(), [recipe], context.calibration)
-            record, data = execute(context, recipe)
+            _, data = execute(context, recipe)
             if data is not None:
                 _write_bytes(path, data)
         elif i not in keep and not keep_all and path.exists():

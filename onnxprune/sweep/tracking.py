@@ -14,11 +14,13 @@ MLFLOW_ALLOW_FILE_STORE is set; a file: URI given here sets it, since asking for
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from onnxprune.errors import InputError, MissingDependency
 
@@ -65,7 +67,7 @@ def _metrics(values: dict[str, Any]) -> list:
 
     stamp = int(time.time() * 1000)
     return [Metric(key, float(value), stamp, 0) for key, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
 
 
 def _run(mlflow_client, experiment_id: str, name: str, params: dict, metrics: dict, artifacts: Iterable[Path],
