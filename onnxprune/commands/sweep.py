@@ -75,7 +75,7 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
     """Prune MODEL by every recipe of a grid and measure each on --eval-data: table, Pareto front, files."""
     console = make_console()
     from onnxprune.data import load_data
-    from onnxprune.evaluate import provider_name
+    from onnxprune.evaluate import check_providers, provider_name
     from onnxprune.sweep import Measure, run_sweep
     from onnxprune.sweep.grid import Grid, expand, load_grid, parse_list
 
@@ -93,7 +93,10 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
         require_mlflow()
     if max_drop is not None and max_drop < 0:
         raise InputError(f"--max-drop is in points and must be >= 0, got {max_drop}")
-    provider_name(provider)
+    if executor == "local":
+        check_providers([provider])  # a Ray cluster's nodes may have providers this machine lacks
+    else:
+        provider_name(provider)
     for path in (json_path, csv_path):
         if path and not Path(path).resolve().parent.exists():
             raise InputError(f"folder does not exist: {Path(path).parent}")
