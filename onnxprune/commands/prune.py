@@ -149,12 +149,13 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
 
         calib, held = split_dataset(calib, 0.5, recipe.seed)
 
-    from onnxprune.prune import prune_model, prune_within_drop
+    from onnxprune.prune import prepare_recipe, prune_model, prune_within_drop
 
+    prep = prepare_recipe(original, recipe) if recipe.mode == "structured" else None
     if max_drop is not None:
-        result = prune_within_drop(original, max_drop, held, recipe, calibration=calib)
+        result = prune_within_drop(original, max_drop, held, recipe, calibration=calib, prepared=prep)
     else:
-        result = prune_model(original, recipe, calibration=calib)
+        result = prune_model(original, recipe, calibration=calib, prepared=prep)
     recipe = result.recipe
     report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
                     "seed": recipe.seed, "recipe": recipe.to_dict(),
