@@ -21,13 +21,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd, sensitivity
+    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd, sensitivity, sweep
 
     cli.add_command(prune.prune)
     cli.add_command(analyze.analyze)
     cli.add_command(eval_cmd.eval_command)
     cli.add_command(quantize_cmd.quantize_command)
     cli.add_command(sensitivity.sensitivity_command)
+    cli.add_command(sweep.sweep_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,13 @@ def provider_options(f):
     return f
 
 
+def tracking_option(f):
+    """Add --mlflow URI: log the run to MLflow (onnxprune.sweep.tracking)."""
+    return click.option("--mlflow", "mlflow_uri", default=None, metavar="URI",
+                        help="Log this run to MLflow: a tracking server (http://HOST:PORT) or a file store "
+                             "(file:./mlruns). Needs onnxprune[mlflow].")(f)
+
+
 def dataset_from_options(model: onnx.ModelProto, kwargs: dict[str, Any] | None = None, /,
                          **options: Any) -> Dataset | None:
     """Load the Dataset the data options describe, or None when neither --data nor --random was given.

@@ -290,6 +290,25 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
     return result
 
 
+# Metrics where a smaller value is better (the sweep's drop and Pareto front read this).
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def quality_metric(outputs: Sequence[dict[str, np.ndarray]], reference_outputs: Sequence[dict[str, np.ndarray]] | None,
+                   labels: np.ndarray | None, feeds: Sequence[dict[str, np.ndarray]] | None = None) -> tuple[str, float]:
+    """The one figure a model is judged by on a data set, as (metric, value): top-1 accuracy (%) with
+    labels, else top-1 agreement (%) with the reference outputs, else (outputs that are not class scores)
+    100 x the mean cosine similarity of the first output, on real tokens when the `feeds` carry an attention
+    mask. Used by prune's report, sensitivity and sweep; metrics in LOWER_IS_BETTER rank the other way."""
+    if labels is not None:
+        return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
+    cmp = compare_outputs(outputs, reference_outputs, feeds=feeds)
+    if cmp["top1_agreement"] is not None:
+        return "agreement", 100.0 * cmp["top1_agreement"]
+    first = next(iter(cmp["outputs"].values()))
+    return "cosine", 100.0 * first["cosine"]
+
+
 def check_gates(result: dict, *, max_drop: float | None = None, min_agreement: float | None = None,
                 atol: float | None = None, rtol: float | None = None) -> list[dict]:
     """Each requested gate as {gate, limit, value, passed, reason}; a gate that cannot apply is an InputError.

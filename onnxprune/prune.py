@@ -8,6 +8,7 @@ or sensitivity), and the pruned model can be recovered without retraining (`reco
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,11 @@ from onnxprune.graph.analysis import Analysis, analyze_graph
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
 from onnxprune.model_io import check_supported
-from onnxprune.planning import Plan, check_ratio, plan_global, plan_removal, plan_uniform
 from onnxprune.containment import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.feeds import resolve_shapes, validation_feed
+from onnxprune.planning import Plan, plan_global, plan_removal, plan_uniform
+from onnxprune.recipe import Recipe, as_recipe, option_name
+from onnxprune.recipe import default as recipe_default
 from onnxprune.errors import InputError
 from onnxprune.scoring import DATA_CRITERIA, score_groups
 from onnxprune.model_io import model_bytes
@@ -52,15 +55,24 @@ class Prepared:
 @dataclass
 class PruneResult:
     model: onnx.ModelProto
-    analysis: Analysis
+    analysis: Analysis | None
     plan: Plan
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     recovery: list[dict] = field(default_factory=list)  # per refit layer (see onnxprune.recovery)
     search: list[dict] = field(default_factory=list)    # prune_within_drop: every candidate tried
+    recipe: Recipe | None = None                         # the resolved recipe that made `model`
+    layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
+
+    @property
+    def faults(self) -> list[dict]:
+        """Contained faults (onnxprune.containment): listed apart from ordinary frozen groups."""
+        return [f.as_dict() for f in self.analysis.faults] if self.analysis is not None else []
 
     def group_rows(self) -> list[dict]:
         rows = []
+        if self.analysis is None:  # unstructured: no channel groups
+            return rows
         for g in self.analysis.groups:
             root = g.spaces[0]
             kept = len(self.plan.kept[root]) if root in self.plan.kept else g.size
@@ -68,11 +80,6 @@ class PruneResult:
                          "reason": g.reason, "sources": g.sources, "members": len(g.members),
                          "unit": g.unit, "blocks": g.blocks, "fault": is_fault(g, self.analysis.faults)})
         return rows
-
-    @property
-    def faults(self) -> list[dict]:
-        """Contained faults (onnxprune.containment): listed apart from ordinary frozen groups."""
-        return [f.as_dict() for f in self.analysis.faults]
 
 
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
@@ -94,41 +101,41 @@ def _feeds(calibration) -> list[dict[str, np.ndarray]]:
     return list(calibration.feeds if hasattr(calibration, "feeds") else calibration)
 
 
-def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1", global_ranking: bool = False,
-                round_to: int = 1, exclude: tuple[str, ...] = (), seed: int = 0, validate_result: bool = True,
-                removed: dict[int, np.ndarray] | None = None, prepared: Prepared | None = None,
-                scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
-                target_macs: float | None = None, target_params: float | None = None,
-                allocate: str = "global", sensitivity: dict | None = None, stats=None,
-                head_ratio: float | None = None, prune_hidden: bool = False, strict: bool = False,
-                input_shapes: dict | None = None, memory_budget: int | None = None) -> PruneResult:
-    """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
+def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *, calibration=None,
+                validate_result: bool = True, removed: dict[int, np.ndarray] | None = None,
+                prepared: Prepared | None = None, scores: dict[int, np.ndarray] | None = None,
+                sensitivity: dict | None = None, stats=None, strict: bool = False, input_shapes: dict | None = None,
+                memory_budget: int | None = None, **options) -> PruneResult:
+    """Prune `model` as `recipe` says; `removed` (group root space -> channels) overrides scoring and planning.
 
-    `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
-    `target_params` (fraction kept) replace `ratio` with a budget met by per-group ratios (`allocate`: global,
-    uniform, or sensitivity with `sensitivity` curves from onnxprune.sensitivity); `stats` reuses activation
-    statistics already computed on `calibration`; `head_ratio` is the share of heads attention-head groups lose
-    (default: `ratio`); `input_shapes` (input name -> shape) fixes dynamic input dims for validation and MAC
-    counts (else the calibration data's, else 1); `strict` makes any contained fault an error
-    (onnxprune.containment).
-    `memory_budget` (bytes) caps what calibration keeps in memory (pipeline/stages.py).
+    Keyword `options` are recipe fields (`prune_model(model, ratio=0.5, criterion="l1")`): they override
+    the recipe's, or build one when none is given (then the criterion defaults to l1, as before recipes;
+    a Recipe's own default is hybrid when calibration data is given). `calibration` (a Dataset or a list of
+    feed dicts) feeds data-aware criteria, recovery and int8 calibration. `prepared`, `scores`, `stats`
+    (activation statistics of `calibration`) and `sensitivity` (curves from onnxprune.sensitivity) reuse
+    work already done for this model. `result.recipe` is the resolved recipe: replayed, it gives the same
+    model.
+
+    Run settings, not part of the recipe: `input_shapes` (input name -> shape) fixes dynamic input dims for
+    validation and MAC counts (else the calibration data's, else 1); `strict` makes any contained fault an
+    error (onnxprune.containment); `memory_budget` (bytes) caps what calibration keeps in memory
+    (pipeline/stages.py).
     """
-    from onnxprune.recovery import MODES, recover as run_recovery
+    from onnxprune.recovery import recover as run_recovery
 
-    check_ratio(ratio)
-    if head_ratio is not None:
-        check_ratio(head_ratio, "--head-ratio")
-        if target_macs is not None or target_params is not None:
-            raise InputError("--head-ratio goes with --ratio, not with --target-macs/--target-params")
-    if recover not in MODES:
-        raise InputError(f"unknown --recover {recover!r} (choose from {', '.join(MODES)})")
-    if target_macs is not None and target_params is not None:
-        raise InputError("give one of --target-macs and --target-params, not both")
     feeds = _feeds(calibration)
+    recipe = as_recipe(recipe, options).resolved(has_data=bool(feeds))
+    if recipe.mode == "unstructured":
+        return _prune_unstructured(model, recipe, validate_result)
+    # the recipe's fields as locals, so the pipeline below reads as the stages it runs
+    ratio, criterion, global_ranking, round_to = recipe.ratio, recipe.criterion, recipe.global_ranking, recipe.round_to
+    seed, recover, allocate, head_ratio = recipe.seed, recipe.recover, recipe.allocate, recipe.head_ratio
+    target_macs, target_params = recipe.target_macs, recipe.target_params
     if (criterion in DATA_CRITERIA or recover != "none") and not feeds and removed is None:
         what = f"--criterion {criterion}" if criterion in DATA_CRITERIA else f"--recover {recover}"
         raise InputError(f"{what} needs calibration data: pass --data FILE")
-    prep = prepared or prepare(model, exclude, prune_hidden)
+    _check_runnable(recipe, feeds)
+    prep = prepared or prepare_recipe(model, recipe)
     notes: list[str] = []
     if removed is not None:
         plan = plan_removal(prep.analysis, removed)
@@ -144,6 +151,8 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
             from onnxprune.budget import plan_for_target
 
             metric = "macs" if target_macs is not None else "params"
+            if allocate == "sensitivity" and sensitivity is None:
+                sensitivity = sensitivity_curves(prep, calibration, scores)
             budget = plan_for_target(prep, scores, target, metric, allocate, sensitivity, round_to)
             plan = budget.plan
             if budget.estimate > target + 1e-9:
@@ -184,7 +193,75 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     }
     if passes:
         stats_out["passes"] = {**passes, "total": sum(passes.values())}
-    return PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery)
+    result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe)
+    return quantize_result(result, feeds) if recipe.quantize else result
+
+
+def prepare_recipe(model: onnx.ModelProto, recipe: Recipe) -> Prepared:
+    """prepare() with the recipe's graph settings (exclude patterns, hidden size, decoder options)."""
+    return prepare(model, recipe.exclude, recipe.prune_hidden, **_decoder_options(recipe))
+
+
+def _decoder_options(recipe: Recipe) -> dict:
+    """The recipe's decoder settings (gqa_mode, keep_kv_cache) as prepare() keywords; left out at their
+    defaults, so a prepare() without them (before decoder support) still runs default recipes."""
+    import inspect
+
+    options = {k: getattr(recipe, k) for k in ("gqa_mode", "keep_kv_cache") if getattr(recipe, k) != recipe_default(k)}
+    accepted = inspect.signature(prepare).parameters
+    missing = [k for k in options if k not in accepted]
+    if missing:
+        raise InputError(f"{', '.join(option_name(k) for k in missing)} is not supported by this build of onnxprune")
+    return options
+
+
+def _check_runnable(recipe: Recipe, feeds) -> None:
+    """Rules that need to know the data, checked before any work."""
+    if recipe.quantize in ("int8", "static") and not feeds:
+        raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")
+    if recipe.allocate == "sensitivity":
+        if recipe.target is None:
+            raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params or "
+                             "--max-drop")
+
+
+def sensitivity_curves(prep: Prepared, calibration, scores: dict[int, np.ndarray]) -> dict:
+    """Per-group sensitivity curves on the calibration data (labels used when it has them)."""
+    from onnxprune.data import Dataset
+    from onnxprune.sensitivity import sensitivity
+
+    dataset = calibration if isinstance(calibration, Dataset) else Dataset(_feeds(calibration), None, "calibration")
+    if not dataset.feeds:
+        raise InputError("--allocate sensitivity measures each group on calibration data: pass --data FILE")
+    return sensitivity(prep, dataset, scores).curves()
+
+
+def quantize_result(result: PruneResult, feeds) -> PruneResult:
+    """Quantize the pruned model as the recipe says; MACs and parameters stay those of the float model
+    (the same layers, in int8), bytes become the quantized model's."""
+    from onnxprune.quantize import quantize_model
+
+    q = quantize_model(result.model, result.recipe.quantize, calibration=feeds or None)
+    result.model = q.model
+    result.notes.extend(q.notes)
+    result.stats["bytes_after"] = model_bytes(q.model)
+    result.stats["quantize"] = q.mode
+    return result
+
+
+def _prune_unstructured(model: onnx.ModelProto, recipe: Recipe, validate_result: bool) -> PruneResult:
+    from onnxprune.planning import Plan
+    from onnxprune.unstructured import prune_unstructured
+
+    check_supported(model)
+    out = prune_unstructured(model, ratio=recipe.ratio, threshold=recipe.threshold, exclude=recipe.exclude)
+    if validate_result:
+        validate(out.model, model, stage="unstructured")
+    # shapes do not change: MACs and stored parameters stay; the file compresses better (gzip figures)
+    params, macs = count_params(model), count_macs(model)
+    stats = {**out.stats, "params_before": params, "params_after": params, "macs_before": macs, "macs_after": macs}
+    result = PruneResult(out.model, None, Plan(), stats, out.notes, recipe=recipe, layers=out.layers)
+    return quantize_result(result, []) if recipe.quantize else result
 
 
 def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None = None,
@@ -200,34 +277,46 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
     return {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
 
 
-def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, metric: str = "macs",
-                      steps: int = 7, lowest: float = 0.05, **kwargs) -> PruneResult:
+def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe: Recipe | None = None, *,
+                      metric: str = "macs", steps: int = 7, lowest: float = 0.05, calibration=None,
+                      prepared: Prepared | None = None, stats=None, sensitivity: dict | None = None,
+                      validate_result: bool = True, strict: bool = False, input_shapes: dict | None = None,
+                      memory_budget: int | None = None, **options) -> PruneResult:
     """The smallest kept fraction of MACs (or params) whose drop on `eval_data` is at most `max_drop` points.
 
-    Bisects the kept fraction over [lowest, 1]; each candidate runs the whole pipeline (`kwargs` go to
-    prune_model). The drop is in top-1 accuracy points with labels, else in agreement with the unpruned
-    model. Every candidate is listed in `result.search`.
+    Bisects the kept fraction over [lowest, 1]; each candidate runs the whole pipeline with the recipe's
+    budget replaced by that target (`options` are recipe fields, as for prune_model). The drop is in top-1
+    accuracy points with labels, else in agreement with the unpruned model. Quantization, when the recipe
+    asks for it, is applied to the model found. Every candidate is listed in `result.search`, and
+    `result.recipe` holds the target found.
     """
     from onnxprune.evaluate import run_model
 
     if max_drop < 0:
         raise InputError(f"--max-drop is in points and must be >= 0, got {max_drop}")
-    prep = kwargs.pop("prepared", None) or prepare(model, kwargs.pop("exclude", ()))
-    kwargs.pop("ratio", None)
+    feeds = _feeds(calibration)
+    recipe = as_recipe(recipe, options).without_budget().resolved(has_data=bool(feeds)).replace(ratio=None)
+    quantize, recipe = recipe.quantize, dataclasses.replace(recipe, quantize=None)
+    _check_runnable(dataclasses.replace(recipe, target_macs=1.0), feeds)
+    prep = prepared or prepare_recipe(model, recipe)
     ref_out = run_model(prep.model, eval_data)
     base = measure(prep.model, eval_data, reference_outputs=ref_out)
-    if kwargs.get("criterion", "l1") in DATA_CRITERIA and kwargs.get("stats") is None:
+    if recipe.criterion in DATA_CRITERIA and stats is None:
         from onnxprune.activations import channel_stats
 
-        kwargs["stats"] = channel_stats(prep, _feeds(kwargs.get("calibration")),
-                                        memory_budget=kwargs.get("memory_budget"), seed=kwargs.get("seed", 0))
+        stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=recipe.seed)
+    scores = score_groups(prep.analysis, prep.view, recipe.criterion, recipe.seed, stats=stats)
+    if recipe.allocate == "sensitivity" and sensitivity is None:
+        sensitivity = sensitivity_curves(prep, calibration, scores)
     key = "target_macs" if metric == "macs" else "target_params"
     log: list[dict] = []
     best: PruneResult | None = None
     lo, hi = lowest, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        result = prune_model(model, prepared=prep, **{key: mid}, **kwargs)
+        result = prune_model(model, recipe.replace(**{key: mid}), calibration=calibration, prepared=prep,
+                             scores=scores, stats=stats, sensitivity=sensitivity, validate_result=validate_result,
+                             strict=strict, input_shapes=input_shapes, memory_budget=memory_budget)
         value = measure(result.model, eval_data, reference_outputs=ref_out)["value"]
         drop = base["value"] - value
         ok = drop <= max_drop
@@ -238,10 +327,14 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, met
         else:
             lo = mid
     if best is None:
-        best = prune_model(model, prepared=prep, removed={}, **{k: v for k, v in kwargs.items()
-                                                              if k in ("seed", "validate_result")})
+        unchanged = dataclasses.replace(recipe, ratio=0.0, allocate="global", recover="none")
+        best = prune_model(model, unchanged, prepared=prep, removed={}, validate_result=validate_result,
+                           strict=strict, input_shapes=input_shapes)
         best.notes.append(f"no compression kept the drop within {max_drop:g} points; the model is unchanged")
     best.search = log
     best.notes.append(f"--max-drop {max_drop:g}: {base['metric']} on {eval_data.source} was {base['value']:.2f}%; "
                       f"kept {best.stats[f'{metric}_after'] / max(best.stats[f'{metric}_before'], 1):.3f} of {metric}")
+    if quantize:
+        best.recipe = dataclasses.replace(best.recipe, quantize=quantize)
+        best = quantize_result(best, feeds)
     return best

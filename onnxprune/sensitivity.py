@@ -37,17 +37,10 @@ class SensitivityResult:
 
 def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.ndarray | None,
                  feeds: list[dict] | None = None) -> tuple[str, float]:
-    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs (cosine on real tokens
-    when the `feeds` carry an attention mask)."""
-    from onnxprune.evaluate import accuracy, compare_outputs
+    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs (evaluate.quality_metric)."""
+    from onnxprune.evaluate import quality_metric
 
-    if labels is not None:
-        return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
-    cmp = compare_outputs(outputs, reference, feeds=feeds)
-    if cmp["top1_agreement"] is not None:
-        return "agreement", 100.0 * cmp["top1_agreement"]
-    first = next(iter(cmp["outputs"].values()))
-    return "cosine", 100.0 * first["cosine"]
+    return quality_metric(outputs, reference, labels, feeds)
 
 
 def single_group_plan(group, scores: np.ndarray, ratio: float) -> Plan:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from onnxprune.cli_options import data_options, dataset_from_options, parse_providers, provider_options
+from onnxprune.cli_options import (data_options, dataset_from_options, parse_providers, provider_options,
+                                   tracking_option)
 from onnxprune.errors import GateFailed, InputError
 from onnxprune.evaluate import check_gates, evaluate, validate_gates
 from onnxprune.model_io import load_model
@@ -36,8 +37,13 @@ from onnxprune.report import format_value, make_console, print_table, write_json
 @click.option("--rtol", type=float, default=None, help="Gate: see --atol.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_command(model: str, reference: str | None, **kwargs) -> None:
+@tracking_option
+def eval_command(model: str, reference: str | None, mlflow_uri: str | None, **kwargs) -> None:
     """Evaluate MODEL on data: accuracy, agreement with --reference, latency per execution provider."""
+    if mlflow_uri:
+        from onnxprune.sweep.tracking import require_mlflow
+
+        require_mlflow()
     candidate = load_model(model)
     if reference is not None:
         load_model(reference)  # a missing or corrupt reference fails here, before any data is read
@@ -56,6 +62,10 @@ def eval_command(model: str, reference: str | None, **kwargs) -> None:
     show(result)
     if kwargs["json_path"]:
         write_json(Path(kwargs["json_path"]), result)
+    if mlflow_uri:
+        from onnxprune.sweep.tracking import log_eval
+
+        log_eval(mlflow_uri, result, kwargs["json_path"])
     missed = [g["reason"] for g in result["gates"] if not g["passed"]]
     if missed:
         raise GateFailed("gate missed: " + "; ".join(missed))
