@@ -53,7 +53,9 @@ print(len(graph.nodes))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    done = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
+    # run from the checkout being measured: `python -m` puts the working directory first on sys.path
+    cwd = env["PYTHONPATH"] if env else None
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     rc, peak, wall = done.stdout.strip().splitlines()[-1].split()
     return {"rc": int(rc), "peak_rss_gib": int(peak) / 2**30, "wall_s": float(wall),
             "stderr": done.stderr.strip().splitlines()[-1:] if int(rc) else []}
