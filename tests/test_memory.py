@@ -131,3 +131,18 @@ def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path):
     for x, y in zip(a.graph.initializer, b.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y), atol=1e-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # spill files and workspace are gone
+
+
+def test_a_sweep_takes_a_model_with_external_data(tmp_path):
+    from onnxprune.cli import main
+    from onnxprune.model_io import save_model
+
+    model = tmp_path / "ext" / "digits.onnx"
+    model.parent.mkdir()
+    save_model(onnx.load(ROOT / "models" / "digits_cnn.onnx"), model, external_data=True)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(model), "--eval-data", str(ROOT / "models" / "digits_heldout.npz"), "-o", str(out),
+                 "--ratio", "0.25,0.5", "--no-latency"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert [c["status"] for c in report["candidates"]] == ["ok", "ok"]
+    assert report["candidates"][0]["metrics"]["value"] > 80  # ratio 0.25 without recovery: about 89 %

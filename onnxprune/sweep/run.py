@@ -41,6 +41,9 @@ class SweepResult:
     payload: dict = field(default_factory=dict)  # what sweep.json holds
 
 
+SWEEP_LIMIT = 2**31 - 256 * 2**20  # serialised candidates must stay under protobuf's 2 GB
+
+
 def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str | os.PathLike, *,
               calibration: Dataset | None, evaluation: Dataset, measure: Measure | None = None,
               executor: str = "local", jobs: int = 1, address: str | None = None, retries: int = 2,
@@ -50,6 +53,7 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     from onnxprune import __version__
     from onnxprune.evaluate import run_model
     from onnxprune.model_io import load_model
+    from onnxprune.weights import is_lazy, nbytes
     from onnxprune.report import environment, write_json
 
     measure = measure or Measure()
@@ -60,6 +64,12 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     for folder in (outdir, outdir / "candidates", outdir / "models"):
         folder.mkdir(parents=True, exist_ok=True)
     original = load_model(model_path)
+    if is_lazy(original):
+        # candidates travel as serialised models (to worker processes and Ray nodes): read the weights in
+        if sum(nbytes(t) for t in original.graph.initializer) > SWEEP_LIMIT:
+            raise InputError(f"{model_path} has more than 2 GB of weights: sweep holds candidates in memory and "
+                             "cannot take it yet; prune it with `onnxprune prune` (recipes replay there)")
+        original = load_model(model_path, lazy=False)
     model_data = original.SerializeToString()
     print_ = fingerprint(model_data, calibration, evaluation, measure)
     ids = [candidate_id(print_, r) for r in recipes]
