@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.analysis import Analysis, analyze_graph
+from onnxprune.graph.analysis import GQA_MODES, Analysis, analyze_graph
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
+from onnxprune.kvcache import interface_changes
 from onnxprune.model_io import check_supported
 from onnxprune.planning import Plan, check_ratio, plan_global, plan_removal, plan_uniform
 from onnxprune.rewrite import apply_plan
@@ -44,6 +45,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     recovery: list[dict] = field(default_factory=list)  # per refit layer (see onnxprune.recovery)
     search: list[dict] = field(default_factory=list)    # prune_within_drop: every candidate tried
+    interface: list[dict] = field(default_factory=list)  # inputs/outputs whose shape changed (key/value cache)
 
     def group_rows(self) -> list[dict]:
         rows = []
@@ -52,21 +54,34 @@ class PruneResult:
             kept = len(self.plan.kept[root]) if root in self.plan.kept else g.size
             rows.append({"group": g.id, "channels": g.size, "kept": kept, "prunable": g.prunable,
                          "reason": g.reason, "sources": g.sources, "members": len(g.members),
-                         "unit": g.unit, "blocks": g.blocks})
+                         "unit": g.unit, "blocks": g.blocks, **gqa_fields(g)})
         return rows
+
+
+def gqa_fields(group) -> dict:
+    """Report fields of a grouped-query attention group: heads, head size, KV groups and the mode."""
+    if not group.kv_groups:
+        return {}
+    return {"heads": group.size // group.head_dim, "head_dim": group.head_dim, "kv_groups": group.kv_groups,
+            "gqa_mode": group.gqa_mode}
 
 
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
                   "even where the removed features were zero; compare with `onnxprune eval --reference`")
 
 
-def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Prepared:
+def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False,
+            gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> Prepared:
     """Normalise and analyse `model`; `prune_hidden` lets LayerNorm pass channels (the hidden size becomes
-    prunable, approximately: normalisation statistics change)."""
+    prunable, approximately: normalisation statistics change). Grouped-query attention prunes whole KV groups
+    (`gqa_mode="kv-groups"`) or query heads evenly inside every KV group (`"query-heads"`); `keep_kv_cache`
+    keeps a decoder's key/value cache inputs and outputs as they are (their heads then stay)."""
+    if gqa_mode not in GQA_MODES:
+        raise InputError(f"unknown gqa_mode {gqa_mode!r} (choose from {', '.join(GQA_MODES)})")
     check_supported(model)
     normalized = normalize(model)
     view = GraphView(normalized)
-    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden))
+    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden, gqa_mode, keep_kv_cache))
 
 
 def _feeds(calibration) -> list[dict[str, np.ndarray]]:
@@ -81,14 +96,15 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
                 scores: dict[int, np.ndarray] | None = None, *, calibration=None, recover: str = "none",
                 target_macs: float | None = None, target_params: float | None = None,
                 allocate: str = "global", sensitivity: dict | None = None, stats=None,
-                head_ratio: float | None = None, prune_hidden: bool = False) -> PruneResult:
+                head_ratio: float | None = None, prune_hidden: bool = False, gqa_mode: str = "kv-groups",
+                keep_kv_cache: bool = False) -> PruneResult:
     """Prune `model`; `removed` (group root space -> channels) overrides scoring and planning.
 
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria and recovery; `target_macs` /
     `target_params` (fraction kept) replace `ratio` with a budget met by per-group ratios (`allocate`: global,
     uniform, or sensitivity with `sensitivity` curves from onnxprune.sensitivity); `stats` reuses activation
     statistics already computed on `calibration`; `head_ratio` is the share of heads attention-head groups lose
-    (default: `ratio`).
+    (default: `ratio`); `gqa_mode` and `keep_kv_cache` as for `prepare`.
     """
     from onnxprune.recovery import MODES, recover as run_recovery
 
@@ -105,7 +121,7 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
     if (criterion in DATA_CRITERIA or recover != "none") and not feeds and removed is None:
         what = f"--criterion {criterion}" if criterion in DATA_CRITERIA else f"--recover {recover}"
         raise InputError(f"{what} needs calibration data: pass --data FILE")
-    prep = prepared or prepare(model, exclude, prune_hidden)
+    prep = prepared or prepare(model, exclude, prune_hidden, gqa_mode, keep_kv_cache)
     notes: list[str] = []
     if removed is not None:
         plan = plan_removal(prep.analysis, removed)
@@ -146,7 +162,11 @@ def prune_model(model: onnx.ModelProto, ratio: float = 0.5, criterion: str = "l1
         "groups": len(prep.analysis.groups), "groups_prunable": len(prep.analysis.prunable),
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
     }
-    return PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery)
+    interface = interface_changes(model, pruned)
+    if interface:
+        notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
+                     "shape (the only interface change; see the interface table)")
+    return PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, interface=interface)
 
 
 def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None = None,
@@ -174,7 +194,9 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, met
 
     if max_drop < 0:
         raise InputError(f"--max-drop is in points and must be >= 0, got {max_drop}")
-    prep = kwargs.pop("prepared", None) or prepare(model, kwargs.pop("exclude", ()))
+    prep = kwargs.pop("prepared", None) or prepare(model, kwargs.pop("exclude", ()), kwargs.get("prune_hidden", False),
+                                                   kwargs.get("gqa_mode", "kv-groups"),
+                                                   kwargs.get("keep_kv_cache", False))
     kwargs.pop("ratio", None)
     ref_out = run_model(prep.model, eval_data)
     base = measure(prep.model, eval_data, reference_outputs=ref_out)

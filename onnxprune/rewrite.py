@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
+from onnxprune.kvcache import update_interface
 from onnxprune.planning import Plan
 
 
@@ -103,6 +104,7 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
         if handler is not None:
             handler.rewrite(node, ctx)
 
+    update_interface(out, ctx)  # key/value cache inputs and outputs follow their heads
     _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]
     return out

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.kvcache import follow, sample_cache
 from onnxprune.planning import plan_uniform
 from onnxprune.prune import prepare, prune_model
 from onnxprune.validate import run, sample_feed
@@ -52,17 +53,21 @@ def zero_channels(prep, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
 
 
 def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float = 0.3,
-                        feed: dict[str, np.ndarray] | None = None) -> OracleResult:
-    prep = prepare(model)
+                        feed: dict[str, np.ndarray] | None = None, **options) -> OracleResult:
+    """`options` go to `prepare` and `prune_model` (gqa_mode, keep_kv_cache, prune_hidden)."""
+    prep = prepare(model, **options)
     rng = np.random.default_rng(seed)
     # random scores through the planner, so grouped-convolution constraints hold for the chosen channels
     scores = {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}
     plan = plan_uniform(prep.analysis, scores, fraction)
     removed = {root: np.setdiff1d(np.arange(plan.sizes[root]), kept) for root, kept in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed)
-    feed = feed if feed is not None else sample_feed(model, seed)
-    want, got = run(zeroed, feed), run(result.model, feed)
+    result = prune_model(zeroed, removed=removed, **options)
+    feed = feed if feed is not None else sample_cache(model, sample_feed(model, seed))
+    # a key/value cache follows its pruned heads: the pruned model reads and writes it without them
+    names = [o.name for o in model.graph.output]
+    want = list(follow(result, dict(zip(names, run(zeroed, feed)))).values())
+    got = run(result.model, follow(result, feed))
     max_abs = max_rel = 0.0
     for w, g in zip(want, got):
         w = np.asarray(w, dtype=np.float64)

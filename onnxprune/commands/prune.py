@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from onnxprune.cli_options import data_options, dataset_from_options
-from onnxprune.commands._output import console, groups_table, summary_table, write_json
+from onnxprune.commands._output import console, groups_table, interface_table, summary_table, write_json
+from onnxprune.graph.analysis import GQA_MODES
 from onnxprune.errors import InputError
 from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
@@ -45,6 +46,11 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
 @click.option("--prune-hidden", is_flag=True,
               help="Also prune the hidden size (residual stream through LayerNorm). Approximate: LayerNorm "
                    "statistics change, so check the result with eval.")
+@click.option("--gqa-mode", type=click.Choice(GQA_MODES), default="kv-groups", show_default=True,
+              help="Grouped-query attention: remove whole KV groups (k/v heads with their query heads), or query "
+                   "heads evenly inside every KV group (k/v heads and the KV cache stay).")
+@click.option("--keep-kv-cache", is_flag=True,
+              help="Keep a decoder's key/value cache inputs and outputs as they are (their heads then stay).")
 @data_options
 @click.option("--recover", type=click.Choice(RECOVERY), default="none", show_default=True,
               help="Retraining-free recovery from --data: fold removed channels' means into biases, or refit "
@@ -72,7 +78,7 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
           round_to: int, exclude: tuple[str, ...], prune_hidden: bool, recover: str, target_macs: float | None,
           target_params: float | None, allocate: str, max_drop: float | None, eval_data: str | None, mode: str,
           threshold: float | None, quantize: str | None, dry_run: bool, seed: int, json_path: str | None,
-          show_all: bool, **data_kwargs) -> None:
+          show_all: bool, gqa_mode: str = "kv-groups", keep_kv_cache: bool = False, **data_kwargs) -> None:
     """Prune MODEL structurally: remove RATIO of the channels of every prunable group."""
     out_path = Path(output) if output else default_output(model)
     if not dry_run:
@@ -122,7 +128,8 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
         groups_rows = None
     else:
         result = _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held,
-                             recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden)
+                             recover, target_macs, target_params, allocate, max_drop, head_ratio, prune_hidden,
+                             gqa_mode, keep_kv_cache)
         result_model = result.model
         groups_rows = result.group_rows()
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
@@ -134,7 +141,10 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
                        "criterion": criterion, "global": global_ranking, "round_to": round_to,
                        "recover": recover, "target_macs": target_macs, "target_params": target_params,
                        "allocate": allocate, "max_drop": max_drop, "stats": result.stats, "groups": groups_rows,
-                       "recovery": result.recovery, "search": result.search, "notes": result.notes})
+                       "recovery": result.recovery, "search": result.search, "notes": result.notes,
+                       "gqa_mode": gqa_mode, "keep_kv_cache": keep_kv_cache, "interface": result.interface})
+        if result.interface:
+            console.print(interface_table(result.interface))
         for note in result.notes:
             console.print(f"note: {note}")
     if quantize:
@@ -169,10 +179,11 @@ def _check_options(ratio, target_macs, target_params, max_drop, mode, threshold,
 
 
 def _structured(original, ratio, criterion, global_ranking, round_to, exclude, seed, calib, held, recover,
-                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False):
+                target_macs, target_params, allocate, max_drop, head_ratio=None, prune_hidden=False,
+                gqa_mode="kv-groups", keep_kv_cache=False):
     from onnxprune.prune import prepare, prune_model, prune_within_drop
 
-    prep = prepare(original, exclude, prune_hidden)
+    prep = prepare(original, exclude, prune_hidden, gqa_mode, keep_kv_cache)
     stats = None
     if criterion in DATA_CRITERIA or allocate == "sensitivity":
         from onnxprune.activations import channel_stats

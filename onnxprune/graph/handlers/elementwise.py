@@ -11,7 +11,9 @@ channel axis is aligned to the output rank, and:
 
 from __future__ import annotations
 
+from onnxprune.graph.groups import Repeat
 from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.handlers.shapes import set_shape_dims
 from onnxprune.graph.ir import attr
 
 UNARY = (
@@ -79,11 +81,15 @@ class Broadcast(Handler):
         ctx.set_axis(node.output[0], first.with_axis(out_axis))
 
 
+_NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+          "SkipSimplifiedLayerNormalization")
+
+
 def _fixed_input_reason(node, name: str, dim, view) -> str:
     """Why a join with a channel-free input freezes; a transformer's residual stream gets its own words."""
     near = [view.producer.get(name)] + [user for user, _ in view.consumers.get(node.output[0], [])]
     if node.op_type == "Add" and not view.is_const(name) and any(
-            n is not None and n.op_type in ("LayerNormalization", "SkipLayerNormalization") for n in near):
+            n is not None and n.op_type in _NORMS for n in near):
         return (f"hidden size (residual stream through LayerNorm) is frozen: input {name} has {dim} entries "
                 "on the channel axis and no prunable channels")
     return f"input {name} has {dim} entries on the channel axis"
@@ -134,7 +140,9 @@ class Gather(Handler):
 @register("Expand")
 class Expand(Handler):
     """Broadcasts to a shape: channels pass when the channel axis keeps its length (other axes grow, as in
-    repeat_kv of grouped-query attention or a batch-expanded class token)."""
+    repeat_kv of grouped-query attention or a batch-expanded class token). An axis that grows from 1 is recorded
+    as a repeat (`ctx.repeats`): a Reshape that merges it into the k/v heads before it makes one head per query
+    head (reshape.py). After pruning, the channel axis of the target shape and a repeat count follow."""
 
     def analyze(self, node, ctx):
         x = ctx.axis_of(node.input[0])
@@ -152,3 +160,20 @@ class Expand(Handler):
             ctx.freeze(x, f"Expand {node.name}: the channel axis may be broadcast")
             return
         ctx.set_axis(node.output[0], x.with_axis(axis))
+        after = axis + 1
+        if after < rank_out and after - (rank_out - rank_in) >= 0 and \
+                ctx.view.dim(node.input[0], after - (rank_out - rank_in)) == 1:
+            count = ctx.view.dim(node.output[0], after)
+            if count is not None and count > 1:
+                ctx.repeats[node.output[0]] = Repeat(node.name, after, count)
+
+    def rewrite(self, node, ctx):
+        x, out = ctx.axis_of(node.input[0]), ctx.axis_of(node.output[0])
+        if x is None or out is None:
+            return
+        dims = {out.axis: ctx.new_length(node.input[0])}
+        repeat = ctx.analysis.context.head_repeats.get(node.name)
+        if repeat is not None:
+            kv_heads, query_heads = ctx.new_length(repeat.kv_tensor), ctx.new_length(repeat.query_tensor)
+            dims[repeat.kv_axis + 1] = query_heads // max(kv_heads, 1)
+        set_shape_dims(ctx, node, 1, dims)
