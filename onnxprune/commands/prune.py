@@ -16,6 +16,7 @@ from onnxprune.cli_options import data_options, dataset_from_options
 from onnxprune.commands._output import console, groups_table, interface_table, summary_table, write_json
 from onnxprune.graph.analysis import GQA_MODES
 from onnxprune.errors import InputError
+from onnxprune.model_folder import check_targets, has_config, write_folder
 from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
 
@@ -152,8 +153,15 @@ def prune(model: str, output: str | None, overwrite: bool, ratio: float | None, 
     if calib is not None or held is not None:
         report["quality"] = _quality(original, result_model, calib, held)
     if not dry_run:
+        folder = mode == "structured" and has_config(model)
+        if folder:
+            check_targets(model, out_path, overwrite)
         save_model(result_model, out_path, overwrite=overwrite)
         console.print(f"wrote {out_path}")
+        if folder:  # config.json / genai_config.json beside the model: the output folder gets updated copies
+            report["model_folder"] = write_folder(model, out_path, result, overwrite)
+            for note in report["model_folder"]:
+                console.print(f"note: {note}")
     if json_path:
         write_json(json_path, report)
 
