@@ -158,3 +158,30 @@ def follow(result, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if cut is not None:
             out[name] = np.take(value, cut[1], axis=cut[0])
     return out
+
+
+def feed_adapter(session):
+    """A function that gives a feed's empty past key/value inputs the shapes `session`'s model declares.
+
+    Data read for one model starts its cache empty in that model's shape; a pruned model (fewer key/value heads)
+    takes the same data, so its empty past is reshaped on the way in. A non-empty past is left alone."""
+    wanted = {}
+    for arg in session.get_inputs():
+        if _PAST.search(arg.name) and len(arg.shape) == 4:
+            wanted[arg.name] = [d if isinstance(d, int) else None for d in arg.shape]
+    if not wanted:
+        return lambda feed: feed
+
+    def adapt(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = None
+        for name, want in wanted.items():
+            value = feed.get(name)
+            if value is None or np.ndim(value) != 4 or np.shape(value)[2] != 0:
+                continue
+            shape = tuple(h if w is None else w for w, h in zip(want, np.shape(value)))
+            if shape != np.shape(value):
+                out = dict(feed) if out is None else out
+                out[name] = np.zeros(shape, np.asarray(value).dtype)
+        return feed if out is None else out
+
+    return adapt

@@ -179,7 +179,12 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
     if dataset.labels is None and reference_outputs is None:
         reference_outputs = run_model(reference if reference is not None else model, dataset)
     metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
-    return {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
+    result = {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
+    if metric == "perplexity":  # value: 100 · reference perplexity / perplexity
+        from onnxprune.evaluate import perplexity
+
+        result["perplexity"] = perplexity(outputs, dataset.feeds)["perplexity"]
+    return result
 
 
 def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, metric: str = "macs",
@@ -200,6 +205,11 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, met
     kwargs.pop("ratio", None)
     ref_out = run_model(prep.model, eval_data)
     base = measure(prep.model, eval_data, reference_outputs=ref_out)
+    ratio = None
+    if base["metric"] == "perplexity":  # a causal LM: --max-drop is the largest perplexity ratio
+        if max_drop < 1:
+            raise InputError(f"--max-drop for a language model is a perplexity ratio (e.g. 1.15), got {max_drop}")
+        ratio, max_drop = max_drop, 100.0 * (1.0 - 1.0 / max_drop)
     if kwargs.get("criterion", "l1") in DATA_CRITERIA and kwargs.get("stats") is None:
         from onnxprune.activations import channel_stats
 
@@ -223,8 +233,16 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, *, met
     if best is None:
         best = prune_model(model, prepared=prep, removed={}, **{k: v for k, v in kwargs.items()
                                                               if k in ("seed", "validate_result")})
-        best.notes.append(f"no compression kept the drop within {max_drop:g} points; the model is unchanged")
+        best.notes.append(f"no compression kept the drop within {ratio or max_drop:g}"
+                          f"{'x perplexity' if ratio else ' points'}; the model is unchanged")
     best.search = log
-    best.notes.append(f"--max-drop {max_drop:g}: {base['metric']} on {eval_data.source} was {base['value']:.2f}%; "
-                      f"kept {best.stats[f'{metric}_after'] / max(best.stats[f'{metric}_before'], 1):.3f} of {metric}")
+    kept = best.stats[f'{metric}_after'] / max(best.stats[f'{metric}_before'], 1)
+    if ratio is not None:
+        for entry in log:
+            entry["perplexity_ratio"] = 100.0 / max(entry["value"], 1e-12)
+        best.notes.append(f"--max-drop {ratio:g}: perplexity on {eval_data.source} was {base['perplexity']:.4g}, "
+                          f"allowed up to {ratio:g}x; kept {kept:.3f} of {metric}")
+    else:
+        best.notes.append(f"--max-drop {max_drop:g}: {base['metric']} on {eval_data.source} was "
+                          f"{base['value']:.2f}%; kept {kept:.3f} of {metric}")
     return best

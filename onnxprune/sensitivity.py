@@ -36,12 +36,15 @@ class SensitivityResult:
 
 def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.ndarray | None,
                  feeds: list[dict] | None = None) -> tuple[str, float]:
-    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs (cosine on real tokens
-    when the `feeds` carry an attention mask)."""
-    from onnxprune.evaluate import accuracy, compare_outputs
+    """Top-1 accuracy (%) with labels; for a causal LM (next-token logits, input_ids in the feeds) its perplexity
+    relative to the reference's, as 100 · ppl_reference / ppl (%, 100 = as good); else agreement (%) with the
+    reference outputs (cosine on real tokens when the `feeds` carry an attention mask)."""
+    from onnxprune.evaluate import accuracy, compare_outputs, logits_name, perplexity
 
     if labels is not None:
         return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
+    if feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
+        return "perplexity", 100.0 * perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
     cmp = compare_outputs(outputs, reference, feeds=feeds)
     if cmp["top1_agreement"] is not None:
         return "agreement", 100.0 * cmp["top1_agreement"]

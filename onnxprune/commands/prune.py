@@ -62,7 +62,8 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
               show_default=True, help="How a budget is spread over groups (sensitivity measures each group on --data).")
 @click.option("--max-drop", type=float, default=None, metavar="POINTS",
               help="Find the largest MAC reduction whose accuracy on --eval-data drops at most POINTS "
-                   "(agreement with the unpruned model when there are no labels).")
+                   "(agreement with the unpruned model when there are no labels; for a causal LM the largest "
+                   "perplexity ratio, e.g. 1.15).")
 @click.option("--eval-data", type=click.Path(), default=None,
               help="Held-out data for --max-drop and the report (default: half of --data, split off).")
 @click.option("--mode", type=click.Choice(["structured", "unstructured"]), default="structured", show_default=True,
@@ -279,6 +280,11 @@ def _quality(original, pruned, calib, held) -> dict:
         rows[role] = {"source": ds.source, "samples": len(ds), "metric": after["metric"],
                       "before": before["value"], "after": after["value"]}
         console.print(f"{role} data: {ds.source}")
+        if after["metric"] == "perplexity":  # a causal LM: lower is better, the change is a ratio
+            rows[role].update(before=before["perplexity"], after=after["perplexity"])
+            table.add_row(role, str(len(ds)), "perplexity", f"{before['perplexity']:.4g}",
+                          f"{after['perplexity']:.4g}", f"x{after['perplexity'] / before['perplexity']:.4f}")
+            continue
         table.add_row(role, str(len(ds)), f"{after['metric']} (%)", f"{before['value']:.2f}",
                       f"{after['value']:.2f}", f"{after['value'] - before['value']:+.2f}")
     console.print(table)
