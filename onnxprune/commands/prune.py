@@ -21,7 +21,7 @@ from onnxprune.model_io import load_model, save_model
 from onnxprune.scoring import DATA_CRITERIA, all_criteria
 
 RECOVERY = ("none", "bias", "lstsq")
-QUANTIZE = ("int8", "static", "dynamic", "fp16")
+QUANTIZE = ("int8", "static", "dynamic", "fp16", "int4")
 
 
 def default_output(model: str, suffix: str = "pruned") -> Path:
@@ -70,7 +70,8 @@ def default_output(model: str, suffix: str = "pruned") -> Path:
               help="unstructured: zero the smallest weights, same shapes (no speed-up in onnxruntime).")
 @click.option("--threshold", type=float, default=None, help="Unstructured: zero weights with |w| below this.")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
-              help="Quantize the pruned model (int8 calibrates on --data).")
+              help="Quantize the pruned model (int8 calibrates on --data; int4: weight-only MatMulNBits, blocks "
+                   "of 32).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
@@ -249,10 +250,13 @@ def _quantize(model, mode, calib, report):
         from onnxprune.quantize import quantize_model
     except ImportError:  # pragma: no cover - the quantize module ships with onnxprune
         raise InputError("--quantize needs onnxprune.quantize, which this install lacks") from None
+    from onnxprune.model_io import model_bytes
+
     result = quantize_model(model, mode, calibration=None if calib is None else calib.feeds)
     for note in result.notes:
         console.print(f"note: {note}")
-    report["quantize"] = {"mode": result.mode, "notes": result.notes}
+    report["quantize"] = {"mode": result.mode, "notes": result.notes,
+                          "size_bytes": {"before": model_bytes(model), "after": model_bytes(result.model)}}
     return result.model
 
 
