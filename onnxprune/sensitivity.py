@@ -44,7 +44,8 @@ def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.n
     if labels is not None:
         return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
     if feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
-        return "perplexity", 100.0 * perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
+        ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
+        return "perplexity", 100.0 * ratio
     cmp = compare_outputs(outputs, reference, feeds=feeds)
     if cmp["top1_agreement"] is not None:
         return "agreement", 100.0 * cmp["top1_agreement"]

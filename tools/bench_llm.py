@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (("both", (), "kv-groups"), ("both", (), "query-heads"), ("heads", ("*mlp*",), "kv-groups"),

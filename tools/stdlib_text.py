@@ -1,8 +1,9 @@
 """Real text for decoders: the Python standard library's own sources, as byte tokens in fixed windows.
 
 The sources are on every machine. Files are split by a hash of their path into three parts, training (5 in 8
-files), calibration (1 in 8) and held-out (2 in 8), never the same file in two of them, read as UTF-8 bytes (a byte-level vocabulary: token = byte, plus <s>, </s>,
-<pad>, <unk> at 256..259), and cut into windows of `seq` tokens, each starting with <s>. A window holds text of
+files), calibration (1 in 8) and held-out (2 in 8), never the same file in two of them, read as UTF-8 bytes (a
+byte-level vocabulary: token = byte, plus <s>, </s>, <pad>, <unk> at 256..259), and cut into windows of `seq`
+tokens, each starting with <s>. A window holds text of
 one file only; the last window of a file is padded on the right (attention_mask 0), so perplexity honours the mask.
 
     python tools/stdlib_text.py --seq 128 --windows 256 --part calibration -o calib.npz

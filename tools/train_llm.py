@@ -3,8 +3,8 @@
 8 query heads share 2 key/value heads (4 per KV group), 4 layers, hidden size 128, SwiGLU MLP of 384, rotary
 embeddings, RMSNorm, a byte-level vocabulary (tools/stdlib_text.py: token = byte). Trained from scratch with AdamW
 on random 128-byte crops of the *training* files of the split (never the calibration or held-out ones) for a fixed
-budget of CPU time on 2 threads, then exported with its key/value cache as explicit inputs and outputs (optimum's layout, TorchScript
-exporter, opset 17) and the calibration / held-out windows written beside it:
+budget of CPU time on 2 threads, then exported with its key/value cache as explicit inputs and outputs (optimum's
+layout, TorchScript exporter, opset 17) and the calibration / held-out windows written beside it:
 
     python tools/train_llm.py --cpu-minutes 20 -o models/stdlib_llama.onnx
 
