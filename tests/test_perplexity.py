@@ -123,3 +123,18 @@ def test_cache_inputs_are_fed_empty_and_budgets_are_ratios(cache_lm, tmp_path):
     assert quality["metric"] == "perplexity" and quality["after"] <= 1.3 * quality["before"] * (1 + 1e-6)
     assert main(["prune", str(cache_lm), "--data", str(tmp_path / "calib.npz"), "--eval-data",
                  str(tmp_path / "held.npz"), "--max-drop", "0.5", "-o", str(tmp_path / "q.onnx")]) == 2
+
+
+def test_shipped_decoder(tmp_path):
+    """models/stdlib_llama.onnx (tools/train_llm.py): 4 layers of 8 query heads in 2 KV groups, and the held-out
+    perplexity docs/BENCHMARKS.md reports."""
+    from pathlib import Path
+
+    from onnxprune.prune import prepare
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    m = onnx.load(str(models / "stdlib_llama.onnx"))
+    heads = [g for g in prepare(m).analysis.prunable if g.kv_groups]
+    assert [(g.size // g.head_dim, g.kv_groups) for g in heads] == [(8, 2)] * 4
+    held = load_data(models / "stdlib_heldout.npz", m, batch_size=64)
+    assert perplexity(run_model(m, held), held.feeds)["perplexity"] == pytest.approx(5.7150, abs=5e-4)
