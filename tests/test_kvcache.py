@@ -60,25 +60,29 @@ def generate(model: onnx.ModelProto, prompt: np.ndarray, steps: int) -> tuple[li
     return tokens, logits
 
 
+@pytest.mark.parametrize("mode", ["kv-groups", "query-heads"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_generation_with_pruned_cache_matches(cache_model, dynamo):
+def test_generation_with_pruned_cache_matches(cache_model, dynamo, mode):
     model = cache_model(dynamo)
-    prep = prepare(model)
+    prep = prepare(model, gqa_mode=mode)
     heads = [g for g in prep.analysis.prunable if g.kv_groups]
     assert len(heads) == LAYERS and all(g.kv_groups == KV_HEADS for g in heads)
     rng = np.random.default_rng(0)
     plan = plan_uniform(prep.analysis, {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}, 0.5)
     removed = {r: np.setdiff1d(np.arange(plan.sizes[r]), k) for r, k in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed)
+    result = prune_model(zeroed, removed=removed, gqa_mode=mode)
 
     changed = {c["name"]: (c["before"], c["after"]) for c in result.interface}
-    cache_names = {f"{p}.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")
-                   for p in ("past_key_values", "present")}
-    assert set(changed) == cache_names
-    assert changed["past_key_values.0.key"] == (["batch", 2, "past", HEAD], ["batch", 1, "past", HEAD])
-    before, after = changed["present.1.value"]  # [batch, kv heads, total, head_size]
-    assert (before[1], after[1]) == (2, 1) and before[::2] == after[::2]
+    if mode == "query-heads":  # the k/v heads and so the cache stay
+        assert changed == {}
+    else:
+        cache_names = {f"{p}.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")
+                       for p in ("past_key_values", "present")}
+        assert set(changed) == cache_names
+        assert changed["past_key_values.0.key"] == (["batch", 2, "past", HEAD], ["batch", 1, "past", HEAD])
+        before, after = changed["present.1.value"]  # [batch, kv heads, total, head_size]
+        assert (before[1], after[1]) == (2, 1) and before[::2] == after[::2]
 
     prompt = np.array([5, 17, 42, 3], np.int64)
     want_tokens, want_logits = generate(zeroed, prompt, 10)
@@ -121,3 +125,35 @@ def test_keep_kv_cache_freezes_the_heads(cache_model, tmp_path, capsys):
     rows = [r for r in json.loads((tmp_path / "a.json").read_text())["groups"] if r.get("kv_groups")]
     assert len(rows) == LAYERS and all((r["heads"], r["kv_groups"], r["head_dim"], r["gqa_mode"], r["prunable"])
                                        == (4, 2, HEAD, "query-heads", True) for r in rows)
+
+
+def test_hugging_face_folder_gets_an_updated_config(tmp_path):
+    """A model beside config.json (and a tokenizer): the output folder gets config.json with the pruned head, KV-head
+    and MLP sizes, and the other files; layers pruned unevenly are reported, not written as one wrong value."""
+    import export_transformers as et
+    import stdlib_text as st
+
+    from onnxprune.cli import main
+    from onnxprune.model_folder import pruned_sizes
+
+    lm = et.llama_lm(hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS, intermediate=64, vocab=st.VOCAB)
+    src = st.save_hf_folder(lm, tmp_path / "src")
+    (src / "model.safetensors").unlink()
+    et.export_cache(lm, src / "model.onnx", dynamo=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["prune", str(src / "model.onnx"), "--ratio", "0.5", "-o", str(out / "model.onnx"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"],
+            config["hidden_size"]) == (2, 1, 32, 32)
+    assert config["head_dim"] == HEAD and (out / "tokenizer.json").is_file()
+    assert json.loads((src / "config.json").read_text())["num_attention_heads"] == 4  # the source is untouched
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "config.json: num_key_value_heads 2 -> 1" in report["model_folder"]
+    # uneven layers: one value cannot describe them
+    model = onnx.load(str(src / "model.onnx"))
+    prep = prepare(model)
+    neurons = [g for g in prep.analysis.prunable if not g.kv_groups]
+    result = prune_model(model, removed={neurons[0].spaces[0]: np.arange(8)})
+    assert pruned_sizes(result)["intermediate"] == {56, 64}
