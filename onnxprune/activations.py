@@ -72,17 +72,20 @@ class Probe:
     """
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str], only: bool = False):
+        from onnxprune.kvcache import feed_adapter
+
         self.names = list(dict.fromkeys(names))
         probed = only_outputs(model, self.names) if only else with_outputs(model, self.names)
         self._nodes = len(probed.graph.node)
         self.node_runs = 0  # node evaluations, for pass counts
         self._session = session(probed)
+        self._adapt = feed_adapter(self._session)  # an empty key/value cache in this model's shape
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(names) if names is not None else self.names
         self.node_runs += self._nodes
         try:
-            values = self._session.run(wanted, feed)
+            values = self._session.run(wanted, self._adapt(feed))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for bad feeds
             raise InputError(f"onnxruntime failed on a calibration batch: {str(exc).strip().splitlines()[0]}") from None
         return dict(zip(wanted, values))

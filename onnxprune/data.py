@@ -117,7 +117,11 @@ def load_data(spec: str | os.PathLike | None, model: onnx.ModelProto, *, labels:
             raise InputError("give either --data or --random, not both")
         if random < 1:
             raise InputError(f"--random needs a positive sample count, got {random}")
-        pieces, label_pieces = {s.name: [a] for s, a in zip(inputs, _random_arrays(inputs, random, seed))}, []
+        from onnxprune.kvcache import cache_inputs
+
+        state = set(cache_inputs(model))
+        live = [s for s in inputs if s.name not in state]
+        pieces, label_pieces = {s.name: [a] for s, a in zip(live, _random_arrays(live, random, seed))}, []
         source = f"random ({random} samples, seed {seed})"
     elif spec is None:
         raise InputError("no data given: pass --data FILE (npz, npy, JSON, a folder) or --random N")
@@ -129,10 +133,19 @@ def load_data(spec: str | os.PathLike | None, model: onnx.ModelProto, *, labels:
         source = str(path)
     if labels is not None:
         label_pieces = [_read_labels_file(Path(labels))]
+    # a decoder's key/value cache inputs are state: data without them starts every batch with an empty past
+    from onnxprune.kvcache import cache_inputs, empty_cache
+
+    empty = [n for n in cache_inputs(model) if n not in pieces]
+    inputs = [s for s in inputs if s.name not in empty]
     arrays = _assign(pieces, inputs, source)
     arrays = {s.name: [_conform(a, s, source) for a in arrays[s.name]] for s in inputs}
     label_array = np.concatenate([np.atleast_1d(p) for p in label_pieces]) if label_pieces else None
-    return _batch(arrays, label_array, inputs, batch_size, source, limit)
+    dataset = _batch(arrays, label_array, inputs, batch_size, source, limit)
+    if empty:
+        dataset.feeds = [empty_cache(model, feed) for feed in dataset.feeds]
+        dataset.source += f" (key/value cache: {len(empty)} inputs fed empty)"
+    return dataset
 
 
 def from_arrays(arrays: dict[str, np.ndarray], labels: np.ndarray | None = None, batch_size: int = 32,

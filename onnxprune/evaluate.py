@@ -37,6 +37,7 @@ _INSTALL_HINTS = {
 # Providers whose memory is not the host's: timed a second way, with inputs and outputs bound on the device.
 _DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+METRICS = ("auto", "accuracy", "perplexity")
 ModelLike = Any  # str | os.PathLike | onnx.ModelProto | bytes | onnxruntime.InferenceSession
 
 
@@ -104,14 +105,17 @@ def run_model(model_or_path: ModelLike, dataset: Dataset | Sequence[dict[str, np
               providers: Sequence[str] = ("cpu",), *, threads: int | None = None, opt_level: str = "all",
               show_progress: bool = False) -> list[dict[str, np.ndarray]]:
     """Run every batch on the first provider; returns {output name: array} per batch."""
+    from onnxprune.kvcache import feed_adapter
+
     session = make_session(model_or_path, providers[0], threads, opt_level)
     names = [o.name for o in session.get_outputs()]
     feeds = list(dataset.batches() if isinstance(dataset, Dataset) else dataset)
+    adapt = feed_adapter(session)  # an empty key/value cache in this model's shape
     outputs = []
     with progress("running", len(feeds), enabled=show_progress) as advance:
         for i, feed in enumerate(feeds):
             try:
-                values = session.run(names, feed)
+                values = session.run(names, adapt(feed))
             except Exception as exc:  # shape or type mismatches surface here as onnxruntime errors
                 raise InputError(f"onnxruntime failed on batch {i}: {_first_line(exc)}") from None
             outputs.append(dict(zip(names, values)))
@@ -138,6 +142,53 @@ def accuracy(outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray, k: Se
     for kk in ks:
         result[f"top{kk}"] = float(hits[:, :kk].any(axis=1).mean()) if len(labels) else float("nan")
     return result
+
+
+def logits_name(outputs: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> str | None:
+    """The output of a causal LM's next-token logits: named like *logits*, [batch, seq, vocab] float, with the
+    feed's input_ids [batch, seq] all below vocab; None when there is none."""
+    ids = feed.get("input_ids")
+    if ids is None or np.ndim(ids) != 2:
+        return None
+    for name, value in outputs.items():
+        if "logit" in name.lower() and value.ndim == 3 and value.dtype.kind == "f" and \
+                value.shape[:2] == ids.shape and (ids.size == 0 or int(ids.max()) < value.shape[2]):
+            return name
+    return None
+
+
+def perplexity(outputs: Sequence[dict[str, np.ndarray]], feeds: Sequence[dict[str, np.ndarray]],
+               name: str | None = None) -> dict:
+    """Token-level perplexity of a causal LM: exp of the mean negative log-likelihood of each next token.
+
+    The logits at position t predict input_ids[t + 1]; a prediction counts when both positions are real tokens
+    (attention_mask 1 at t and t + 1, or every position without a mask). Log-softmax in float64, one sample at a
+    time (a [seq, vocab] slice), so a 32k vocabulary costs no more than one row of logits.
+    """
+    if len(outputs) != len(feeds) or not feeds:
+        raise InputError("perplexity needs the feeds the outputs came from")
+    name = name or logits_name(outputs[0], feeds[0])
+    if name is None:
+        raise InputError("perplexity needs an output of logits [batch, seq, vocab] (named like 'logits') and "
+                         "input_ids [batch, seq] in the data")
+    total, tokens = 0.0, 0
+    for out, feed in zip(outputs, feeds):
+        ids, logits = np.asarray(feed["input_ids"]), out[name]
+        mask = _token_mask([feed])
+        real = np.ones(ids.shape, bool) if mask is None or mask.shape != ids.shape else mask
+        for b in range(ids.shape[0]):
+            use = real[b, :-1] & real[b, 1:]
+            if not use.any():
+                continue
+            x = logits[b, :-1][use].astype(np.float64)
+            top = x.max(axis=1, keepdims=True)
+            log_z = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
+            total += float(np.sum(log_z - x[np.arange(len(x)), ids[b, 1:][use]]))
+            tokens += int(use.sum())
+    if tokens == 0:
+        raise InputError("perplexity: the data holds no pair of consecutive real tokens")
+    nll = total / tokens
+    return {"output": name, "tokens": tokens, "nll": nll, "perplexity": float(np.exp(nll))}
 
 
 def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
@@ -256,8 +307,13 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
              providers: Sequence[str] = ("cpu",), *, top_k: Sequence[int] = (1, 5), latency: bool = True,
              warmup: int = 10, runs: int = 100, duration: float | None = None, threads: int | None = None,
              opt_level: str = "all", batch_sizes: Sequence[int] | None = None, atol: float | None = None,
-             rtol: float | None = None, show_progress: bool = False) -> dict:
-    """Outputs, accuracy (when the data has labels), agreement with `reference`, and latency on each provider."""
+             rtol: float | None = None, show_progress: bool = False, metric: str = "auto") -> dict:
+    """Outputs, accuracy (when the data has labels), agreement with `reference`, and latency on each provider.
+
+    `metric`: "auto" also reports perplexity when the model outputs next-token logits and the data has input_ids
+    (and no labels); "perplexity" requires it; "accuracy" never computes it."""
+    if metric not in METRICS:
+        raise InputError(f"unknown --metric {metric!r} (choose from {', '.join(METRICS)})")
     providers = check_providers(providers)
     models = {"candidate": candidate} | ({"reference": reference} if reference is not None else {})
     result: dict[str, Any] = {}
@@ -268,6 +324,9 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
         entry: dict[str, Any] = {"model": _label(model)}
         if dataset.labels is not None:
             entry["accuracy"] = accuracy(outputs[role], dataset.labels, top_k)
+        if metric == "perplexity" or (metric == "auto" and dataset.labels is None and outputs[role]
+                                      and logits_name(outputs[role][0], dataset.feeds[0]) is not None):
+            entry["perplexity"] = perplexity(outputs[role], dataset.feeds)
         result[role] = entry
         all_sessions[role] = sessions
     if latency:
@@ -283,7 +342,7 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
     result["data"] = {"source": dataset.source, "samples": len(dataset), "batches": len(dataset.feeds),
                       "batch_size": dataset.batch_size, "labels": dataset.labels is not None}
     result["providers"] = providers
-    result["options"] = {"top_k": list(top_k), "warmup": warmup, "runs": None if duration else runs,
+    result["options"] = {"metric": metric, "top_k": list(top_k), "warmup": warmup, "runs": None if duration else runs,
                          "duration_s": duration, "threads": threads, "opt_level": opt_level,
                          "batch_sizes": list(batch_sizes) if batch_sizes else None, "atol": atol, "rtol": rtol}
     result.update(environment())
@@ -299,9 +358,13 @@ def quality_metric(outputs: Sequence[dict[str, np.ndarray]], reference_outputs: 
     """The one figure a model is judged by on a data set, as (metric, value): top-1 accuracy (%) with
     labels, else top-1 agreement (%) with the reference outputs, else (outputs that are not class scores)
     100 x the mean cosine similarity of the first output, on real tokens when the `feeds` carry an attention
-    mask. Used by prune's report, sensitivity and sweep; metrics in LOWER_IS_BETTER rank the other way."""
+    mask; for a causal LM (next-token logits with input_ids in the feeds) its token-level perplexity. Used by
+    sweep (and, through sensitivity.model_metric, prune's report and sensitivity); metrics in LOWER_IS_BETTER
+    rank the other way."""
     if labels is not None:
         return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
+    if feeds and outputs and logits_name(outputs[0], feeds[0]) is not None:  # a causal LM: lower is better
+        return "perplexity", perplexity(outputs, feeds)["perplexity"]
     cmp = compare_outputs(outputs, reference_outputs, feeds=feeds)
     if cmp["top1_agreement"] is not None:
         return "agreement", 100.0 * cmp["top1_agreement"]
@@ -313,12 +376,19 @@ def check_gates(result: dict, *, max_drop: float | None = None, min_agreement: f
                 atol: float | None = None, rtol: float | None = None) -> list[dict]:
     """Each requested gate as {gate, limit, value, passed, reason}; a gate that cannot apply is an InputError.
 
-    max_drop is in accuracy points (reference top-1 minus candidate top-1, x100); min_agreement a fraction.
+    max_drop is in accuracy points (reference top-1 minus candidate top-1, x100), or for a perplexity report the
+    largest ratio of candidate to reference perplexity (e.g. 1.15); min_agreement a fraction.
     """
-    validate_gates(has_reference="agreement" in result, has_labels="accuracy" in result["candidate"],
+    ppl = "perplexity" in result["candidate"] and "accuracy" not in result["candidate"]
+    validate_gates(has_reference="agreement" in result, has_labels="accuracy" in result["candidate"] or ppl,
                    max_drop=max_drop, min_agreement=min_agreement)
     gates = []
-    if max_drop is not None:
+    if max_drop is not None and ppl:
+        ratio = result["deltas"]["perplexity_ratio"]
+        gates.append(_gate("max-drop", max_drop, ratio, ratio <= max_drop,
+                           f"perplexity {result['candidate']['perplexity']['perplexity']:.4g} is {ratio:.4f}x the "
+                           f"reference's (allowed {max_drop:g}x)"))
+    elif max_drop is not None:
         drop = -result["deltas"]["top1_points"]
         change = f"dropped {drop:.2f} points" if drop > 0 else f"did not drop ({-drop:+.2f} points)"
         gates.append(_gate("max-drop", max_drop, drop, drop <= max_drop,
@@ -430,6 +500,8 @@ def _stats(times: np.ndarray, batch_size: int) -> dict:
 
 def _deltas(candidate: dict, reference: dict) -> dict:
     deltas: dict[str, Any] = {}
+    if "perplexity" in candidate and "perplexity" in reference:
+        deltas["perplexity_ratio"] = candidate["perplexity"]["perplexity"] / reference["perplexity"]["perplexity"]
     for key, value in candidate.get("accuracy", {}).items():
         if key.startswith("top") and key in reference.get("accuracy", {}):
             deltas[f"{key}_points"] = 100.0 * (value - reference["accuracy"][key])

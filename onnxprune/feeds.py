@@ -134,7 +134,11 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         feed = {k: np.asarray(v)[:1] if shapes[k][:1] == (1,) and np.ndim(v) else np.asarray(v)
                 for k, v in first.items() if k in shapes}
         return feed
+    from onnxprune.kvcache import sample_cache
+
     feed = random_feed(model, shapes, seed)
+    if input_shapes is None:
+        feed = sample_cache(model, feed)  # a decoder's cache starts empty (unless its shapes were given)
     if guessed:
         check_guess(model, feed, guessed)
     return feed

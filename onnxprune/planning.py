@@ -47,13 +47,17 @@ def select(group, scores: np.ndarray, keep: int) -> np.ndarray:
 
     With blocks, each block keeps round(keep / blocks) channels (at least one); tied blocks keep the same local
     indices, chosen by the block-summed scores. With a `unit` (heads of `unit` features), round(keep / unit)
-    whole heads are kept (at least one), ranked by the sum of their features' scores.
+    whole heads are kept (at least one), ranked by the sum of their features' scores; with blocks too (query heads
+    of grouped-query attention, pruned inside their KV groups) every block keeps as many heads.
     """
     unit = getattr(group, "unit", 1)
     if unit > 1:
         heads = scores.reshape(group.size // unit, unit).sum(axis=1)
-        n_heads = max(1, min(len(heads), int(round(keep / unit))))
-        kept_heads = _top(heads, n_heads)
+        blocks = max(group.blocks, 1)
+        per_block = len(heads) // blocks
+        n_heads = max(1, min(per_block, int(round(keep / unit / blocks))))
+        kept_heads = np.concatenate([b * per_block + _top(heads[b * per_block:(b + 1) * per_block], n_heads)
+                                     for b in range(blocks)])
         return (kept_heads[:, None] * unit + np.arange(unit)[None, :]).ravel()
     if group.blocks <= 1:
         return _top(scores, keep)
@@ -74,8 +78,8 @@ def check_ratio(ratio: float, option: str = "--ratio") -> None:
 def _uniform_keep(group, ratio: float, round_to: int) -> int:
     """Channels a group keeps when it loses `ratio` of them (rounded down); attention heads count whole heads."""
     if group.unit > 1:
-        heads = group.size // group.unit
-        return max(1, heads - int(math.floor(heads * ratio))) * group.unit
+        heads = group.size // group.unit // group.blocks  # per block: query heads inside each KV group
+        return max(1, heads - int(math.floor(heads * ratio))) * group.unit * group.blocks
     return _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
 
 

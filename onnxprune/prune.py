@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.analysis import Analysis, analyze_graph
+from onnxprune.graph.analysis import GQA_MODES, Analysis, analyze_graph
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
+from onnxprune.kvcache import interface_changes
 from onnxprune.model_io import check_supported
 from onnxprune.containment import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.feeds import resolve_shapes, validation_feed
@@ -63,6 +64,7 @@ class PruneResult:
     search: list[dict] = field(default_factory=list)    # prune_within_drop: every candidate tried
     recipe: Recipe | None = None                         # the resolved recipe that made `model`
     layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
+    interface: list[dict] = field(default_factory=list)  # inputs/outputs whose shape changed (key/value cache)
 
     @property
     def faults(self) -> list[dict]:
@@ -78,21 +80,35 @@ class PruneResult:
             kept = len(self.plan.kept[root]) if root in self.plan.kept else g.size
             rows.append({"group": g.id, "channels": g.size, "kept": kept, "prunable": g.prunable,
                          "reason": g.reason, "sources": g.sources, "members": len(g.members),
-                         "unit": g.unit, "blocks": g.blocks, "fault": is_fault(g, self.analysis.faults)})
+                         "unit": g.unit, "blocks": g.blocks, "fault": is_fault(g, self.analysis.faults),
+                         **gqa_fields(g)})
         return rows
+
+
+def gqa_fields(group) -> dict:
+    """Report fields of a grouped-query attention group: heads, head size, KV groups and the mode."""
+    if not group.kv_groups:
+        return {}
+    return {"heads": group.size // group.head_dim, "head_dim": group.head_dim, "kv_groups": group.kv_groups,
+            "gqa_mode": group.gqa_mode}
 
 
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
                   "even where the removed features were zero; compare with `onnxprune eval --reference`")
 
 
-def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Prepared:
+def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False,
+            gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> Prepared:
     """Normalise and analyse `model`; `prune_hidden` lets LayerNorm pass channels (the hidden size becomes
-    prunable, approximately: normalisation statistics change)."""
+    prunable, approximately: normalisation statistics change). Grouped-query attention prunes whole KV groups
+    (`gqa_mode="kv-groups"`) or query heads evenly inside every KV group (`"query-heads"`); `keep_kv_cache`
+    keeps a decoder's key/value cache inputs and outputs as they are (their heads then stay)."""
+    if gqa_mode not in GQA_MODES:
+        raise InputError(f"unknown gqa_mode {gqa_mode!r} (choose from {', '.join(GQA_MODES)})")
     check_supported(model)
     normalized = normalize(model)
     view = GraphView(normalized)
-    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden))
+    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden, gqa_mode, keep_kv_cache))
 
 
 def _feeds(calibration) -> list[dict[str, np.ndarray]]:
@@ -193,7 +209,12 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     }
     if passes:
         stats_out["passes"] = {**passes, "total": sum(passes.values())}
-    result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe)
+    interface = interface_changes(model, pruned)
+    if interface:
+        notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
+                     "shape (the only interface change; see the interface table)")
+    result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe,
+                         interface=interface)
     return quantize_result(result, feeds) if recipe.quantize else result
 
 
@@ -242,6 +263,7 @@ def quantize_result(result: PruneResult, feeds) -> PruneResult:
     from onnxprune.quantize import quantize_model
 
     q = quantize_model(result.model, result.recipe.quantize, calibration=feeds or None)
+    result.stats["bytes_float"] = model_bytes(result.model)  # the pruned model before quantization
     result.model = q.model
     result.notes.extend(q.notes)
     result.stats["bytes_after"] = model_bytes(q.model)
@@ -274,7 +296,12 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
     if dataset.labels is None and reference_outputs is None:
         reference_outputs = run_model(reference if reference is not None else model, dataset)
     metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
-    return {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
+    result = {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
+    if metric == "perplexity":  # value: 100 · reference perplexity / perplexity
+        from onnxprune.evaluate import perplexity
+
+        result["perplexity"] = perplexity(outputs, dataset.feeds)["perplexity"]
+    return result
 
 
 def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe: Recipe | None = None, *,
@@ -301,6 +328,11 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
     prep = prepared or prepare_recipe(model, recipe)
     ref_out = run_model(prep.model, eval_data)
     base = measure(prep.model, eval_data, reference_outputs=ref_out)
+    ratio = None
+    if base["metric"] == "perplexity":  # a causal LM: --max-drop is the largest perplexity ratio
+        if max_drop < 1:
+            raise InputError(f"--max-drop for a language model is a perplexity ratio (e.g. 1.15), got {max_drop}")
+        ratio, max_drop = max_drop, 100.0 * (1.0 - 1.0 / max_drop)
     if recipe.criterion in DATA_CRITERIA and stats is None:
         from onnxprune.activations import channel_stats
 
@@ -330,10 +362,18 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
         unchanged = dataclasses.replace(recipe, ratio=0.0, allocate="global", recover="none")
         best = prune_model(model, unchanged, prepared=prep, removed={}, validate_result=validate_result,
                            strict=strict, input_shapes=input_shapes)
-        best.notes.append(f"no compression kept the drop within {max_drop:g} points; the model is unchanged")
+        best.notes.append(f"no compression kept the drop within {ratio or max_drop:g}"
+                          f"{'x perplexity' if ratio else ' points'}; the model is unchanged")
     best.search = log
-    best.notes.append(f"--max-drop {max_drop:g}: {base['metric']} on {eval_data.source} was {base['value']:.2f}%; "
-                      f"kept {best.stats[f'{metric}_after'] / max(best.stats[f'{metric}_before'], 1):.3f} of {metric}")
+    kept = best.stats[f'{metric}_after'] / max(best.stats[f'{metric}_before'], 1)
+    if ratio is not None:
+        for entry in log:
+            entry["perplexity_ratio"] = 100.0 / max(entry["value"], 1e-12)
+        best.notes.append(f"--max-drop {ratio:g}: perplexity on {eval_data.source} was {base['perplexity']:.4g}, "
+                          f"allowed up to {ratio:g}x; kept {kept:.3f} of {metric}")
+    else:
+        best.notes.append(f"--max-drop {max_drop:g}: {base['metric']} on {eval_data.source} was "
+                          f"{base['value']:.2f}%; kept {kept:.3f} of {metric}")
     if quantize:
         best.recipe = dataclasses.replace(best.recipe, quantize=quantize)
         best = quantize_result(best, feeds)

@@ -1,4 +1,4 @@
-"""int8 (static QDQ, dynamic) and fp16 conversion through onnxruntime's own tools.
+"""int8 (static QDQ, dynamic), int4 weight-only (MatMulNBits) and fp16 conversion through onnxruntime's own tools.
 
 onnxprune does not quantize anything itself: it prepares the call (pre-processing, exclusions, defaults per
 target, calibration feeds) and checks what came back. onnxruntime's quantizers read and write files, so the
@@ -8,6 +8,10 @@ Defaults per target, following onnxruntime's and TensorRT's guidance:
   cpu       activations uint8 asymmetric, weights int8 symmetric (the U8S8 kernels of the CPU provider);
   gpu       activations int8 symmetric, weights int8 symmetric;
   tensorrt  the same as gpu: TensorRT only accepts zero points equal to 0.
+
+int4 is weight-only, the form decoders are served in: every MatMul with a constant 2-D weight becomes a
+com.microsoft MatMulNBits holding 4-bit weights in blocks of `block_size` along K (a scale per block, and a zero
+point unless symmetric), through onnxruntime.quantization.matmul_nbits_quantizer; activations stay float.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from onnxprune.errors import InputError, UnsupportedModelError, require_onnxrunt
 from onnxprune.model_io import check_supported, default_opset, model_bytes, save_model
 from onnxprune.weights import is_lazy, session_source
 
-MODES = ("static", "dynamic", "fp16")
+MODES = ("static", "dynamic", "fp16", "int4")
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.
-MODE_ALIASES = {"int8": "static", "int8-static": "static", "int8-dynamic": "dynamic", "float16": "fp16"}
+MODE_ALIASES = {"int8": "static", "int8-static": "static", "int8-dynamic": "dynamic", "float16": "fp16",
+                "int4-weight": "int4"}
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "gpu", "tensorrt")
 INT8_MODES = ("static", "dynamic")
@@ -68,12 +73,15 @@ def normalize_mode(mode: str) -> str:
 def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[dict[str, np.ndarray]] | None = None,
                    method: str = "minmax", per_channel: bool = True, target: str = "cpu",
                    exclude: Sequence[str] = (), preprocess: bool = True,
-                   reduce_range: bool | None = None) -> QuantizeResult:
+                   reduce_range: bool | None = None, block_size: int = 32, symmetric: bool = True,
+                   accuracy_level: int | None = None) -> QuantizeResult:
     """Quantize `model` with onnxruntime: 'static' (int8 QDQ, needs `calibration`), 'dynamic' or 'fp16'.
 
     `calibration` yields feed dicts (input name -> array), e.g. `Dataset.feeds`. `exclude` holds node names
     or op types to keep in float. `reduce_range` (7-bit weights) defaults to on for per-channel int8 on
-    the CPU target. Raises InputError / UnsupportedModelError with a one-line message.
+    the CPU target. 'int4' takes `block_size` (a power of two, at least 16), `symmetric` and onnxruntime's
+    `accuracy_level` (how MatMulNBits computes: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8). Raises InputError /
+    UnsupportedModelError with a one-line message.
     """
     mode = normalize_mode(mode)
     method = _choice(method, METHODS, "calibration method")
@@ -82,6 +90,8 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
     check_not_quantized(model)
     if mode == "fp16":
         return _to_fp16(model, exclude)
+    if mode == "int4":
+        return _to_int4(model, exclude, block_size, symmetric, accuracy_level)
     feeds = _collect_feeds(model, calibration) if mode == "static" else []
     require_onnxruntime()
 
@@ -254,6 +264,46 @@ def _to_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> QuantizeResult:
     if node_block or op_block:
         notes.append(f"kept in float32: {', '.join(node_block + op_block)}")
     return QuantizeResult(model=result, mode="fp16", notes=notes)
+
+
+def _to_int4(model: onnx.ModelProto, exclude: Sequence[str], block_size: int, symmetric: bool,
+             accuracy_level: int | None) -> QuantizeResult:
+    require_onnxruntime()
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise InputError(f"--accuracy-level is 0..4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), got {accuracy_level}")
+    model = _named_copy(model)
+    names = {n.name for n in model.graph.node}
+    excluded = [n.name for n in model.graph.node if n.name in exclude or n.op_type in exclude]
+    unknown = [e for e in exclude if e not in names and e not in {n.op_type for n in model.graph.node}]
+    if unknown:
+        raise InputError(f"--exclude {', '.join(unknown)}: no node name or op type in the model matches")
+    try:
+        with _quiet_ort_logging():
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                             accuracy_level=accuracy_level, nodes_to_exclude=excluded)
+            quantizer.process()
+        result = quantizer.model.model
+    except (InputError, UnsupportedModelError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
+        _blame_input(model)
+        raise UnsupportedModelError(f"onnxruntime could not quantize the model (int4): {type(exc).__name__}: "
+                                    f"{_first_line(exc)}") from exc
+    counts = _quantized_node_counts(result)
+    if not counts:
+        raise UnsupportedModelError("nothing was quantized: int4 weight-only quantization found no MatMul with a "
+                                    "constant 2-D weight")
+    _check_loads(result, model)
+    notes = [f"int4 weight-only (MatMulNBits): blocks of {block_size} along K, "
+             f"{'symmetric' if symmetric else 'asymmetric (zero points)'} weights; activations stay float",
+             "quantization nodes: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))]
+    if excluded:
+        notes.append(f"kept in float: {len(excluded)} node(s) ({', '.join(exclude)})")
+    return QuantizeResult(model=result, mode="int4", notes=notes)
 
 
 class _FeedReader:

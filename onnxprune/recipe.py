@@ -30,7 +30,7 @@ from onnxprune.errors import InputError
 MODES = ("structured", "unstructured")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 RECOVERIES = ("none", "bias", "lstsq")
-QUANTIZATIONS = ("int8", "static", "dynamic", "fp16")
+QUANTIZATIONS = ("int8", "static", "dynamic", "fp16", "int4")
 GQA_MODES = ("kv-groups", "query-heads")
 
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
@@ -56,7 +56,7 @@ class Recipe:
     recover: str = "none"             # retraining-free recovery: none, bias, lstsq
     mode: str = "structured"          # or unstructured (magnitude weight zeroing)
     threshold: float | None = None    # unstructured: zero |w| below this instead of a ratio
-    quantize: str | None = None       # quantize the pruned model: int8 (= static), dynamic, fp16
+    quantize: str | None = None       # quantize the pruned model: int8 (= static), dynamic, fp16, int4
     seed: int = 0                     # random scores, sample choices in recovery
     gqa_mode: str = "kv-groups"       # grouped-query attention: prune whole kv groups, or query heads in them
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)

@@ -17,6 +17,7 @@ from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
 from onnxprune.model_io import copy_without_initializers
+from onnxprune.kvcache import update_interface
 from onnxprune.planning import Plan
 from onnxprune.report import progress
 from onnxprune.weights import TensorWriter, tensor_array
@@ -121,6 +122,7 @@ def apply_plan(model: onnx.ModelProto, view: GraphView, analysis: Analysis, plan
             except Exception as exc:  # noqa: BLE001 - contained: the caller freezes this node's groups
                 raise RewriteFault(node, exc) from exc
 
+    update_interface(out, ctx)  # key/value cache inputs and outputs follow their heads
     _copy_used_initializers(out.graph, view)
     del out.graph.value_info[:]
     return out

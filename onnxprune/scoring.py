@@ -10,6 +10,9 @@ onnxprune/activations.py), taken at the inputs of the layers that read the group
   apoz        1 - average percentage of zeros after a ReLU (Hu et al., 2016);
   hybrid      sum over the weights that read a channel of |W| * ||X|| (Wanda's per-weight score, summed per
               channel), so a channel counts when both its activations and the weights reading it are large.
+  fluctuation FLAP's (An et al., AAAI'24) score: the variance of a channel's input to its reader over the
+              calibration tokens times the squared norm of the weights reading it, the part of the reader's
+              output that a constant (its mean, folded into the bias by --recover bias) cannot stand in for.
 """
 
 from __future__ import annotations
@@ -282,6 +285,27 @@ def reduce_grams(prep, stats: ActivationStats, names) -> None:
     for t in names:
         if t in stats.tensors:
             stats.tensors[t].gram = stats.tensors[t].total = None
+
+
+@data_criterion("fluctuation")
+def fluctuation_score(group, data):
+    """Var(x_c) · ||W_c||² per channel, W_c the reader's weights on input c (the mean |x| where the reader's
+    input variance was not recorded)."""
+    root = data.find(group.spaces[0])
+    parts = []
+    for m, t in _readers(group, data):
+        axis, stats = data.axes[t], data.stats.tensors[t]
+        cov = stats.covariance()
+        spread = np.diag(cov) / max(stats.count, 1) if cov is not None else stats.abs_mean ** 2
+        w = data.view.array(m.tensor).astype(np.float64)
+        w_sq = np.moveaxis(w * w, m.axis, 0).reshape(w.shape[m.axis], -1).sum(axis=1)
+        if m.layout.length == axis.length and all(a.same_structure(b) for a, b in zip(m.layout.segments,
+                                                                                   axis.segments)):
+            parts.append(per_channel(axis, spread * w_sq, root, data.find, group.size, "sum"))
+        else:
+            parts.append(per_channel(m.layout, w_sq, root, data.find, group.size, "sum")
+                         * per_channel(axis, spread, root, data.find, group.size, "sum"))
+    return _combine(parts, group.size)
 
 
 def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0,

@@ -37,9 +37,14 @@ class SensitivityResult:
 
 def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.ndarray | None,
                  feeds: list[dict] | None = None) -> tuple[str, float]:
-    """Top-1 accuracy (%) with labels, else agreement (%) with the reference outputs (evaluate.quality_metric)."""
-    from onnxprune.evaluate import quality_metric
+    """Top-1 accuracy (%) with labels; for a causal LM (next-token logits, input_ids in the feeds) its perplexity
+    relative to the reference's, as 100 · ppl_reference / ppl (%, 100 = as good), so that drops in points work
+    as for accuracy; else what evaluate.quality_metric says (agreement, or cosine on real tokens)."""
+    from onnxprune.evaluate import logits_name, perplexity, quality_metric
 
+    if labels is None and feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
+        ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
+        return "perplexity", 100.0 * ratio
     return quality_metric(outputs, reference, labels, feeds)
 
 

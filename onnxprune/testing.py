@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.kvcache import cache_inputs, follow, sample_cache
 from onnxprune.planning import plan_uniform
 from onnxprune.prune import prepare, prune_model
 from onnxprune.validate import run, sample_feed
@@ -63,18 +64,25 @@ def zero_channels(prep, removed: dict[int, np.ndarray]) -> onnx.ModelProto:
 
 
 def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float = 0.3,
-                        feed: dict[str, np.ndarray] | None = None) -> OracleResult:
-    prep = prepare(model)
+                        feed: dict[str, np.ndarray] | None = None, **options) -> OracleResult:
+    """`options` go to `prepare` and `prune_model` (gqa_mode, keep_kv_cache, prune_hidden)."""
+    prep = prepare(model, **options)
     rng = np.random.default_rng(seed)
     # random scores through the planner, so grouped-convolution constraints hold for the chosen channels
     scores = {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}
     plan = plan_uniform(prep.analysis, scores, fraction)
     removed = {root: np.setdiff1d(np.arange(plan.sizes[root]), kept) for root, kept in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    shapes = {k: tuple(np.shape(v)) for k, v in feed.items()} if feed is not None else None
-    result = prune_model(zeroed, removed=removed, input_shapes=shapes)  # validated on the shapes it is run on
-    feed = feed if feed is not None else sample_feed(model, seed)
-    want, got, before = run(zeroed, feed), run(result.model, feed), run(prep.model, feed)
+    # validated on the shapes it is run on (a decoder's cache: validated as it starts, empty)
+    shapes = {k: tuple(np.shape(v)) for k, v in feed.items()} if feed is not None and not cache_inputs(model) \
+        else None
+    result = prune_model(zeroed, removed=removed, input_shapes=shapes, **options)
+    feed = feed if feed is not None else sample_cache(model, sample_feed(model, seed))
+    # a key/value cache follows its pruned heads: the pruned model reads and writes it without them
+    names = [o.name for o in model.graph.output]
+    want = list(follow(result, dict(zip(names, run(zeroed, feed)))).values())
+    got = run(result.model, follow(result, feed))
+    before = list(follow(result, dict(zip(names, run(prep.model, feed)))).values())
     max_abs, max_rel = _errors(want, got)
     moved = _errors(before, want)[1] if removed else 0.0
     return OracleResult(max_abs, max_rel, sum(len(v) for v in removed.values()), len(removed), zeroed, result.model,

@@ -237,7 +237,7 @@ def test_exclude_by_node_name_keeps_that_gemm():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"mode": "int4"}, "unknown quantization mode"),
+    ({"mode": "int3"}, "unknown quantization mode"),
     ({"mode": "static", "method": "kl"}, "unknown calibration method"),
     ({"mode": "dynamic", "target": "npu"}, "unknown target"),
     ({"mode": "dynamic", "exclude": ["NoSuchNode"]}, "NoSuchNode"),

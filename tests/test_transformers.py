@@ -1,6 +1,6 @@
 """Transformers as exporters emit them: BERT-like (also DistilBERT, RoBERTa, ALBERT), GPT-2-like, LLaMA-like
-(transformers, random weights) and a small torchvision ViT (also with timm-style attention), exported with the
-TorchScript (opset 17) and dynamo (opset 18) exporters.
+(transformers, random weights; grouped-query attention too) and a small torchvision ViT (also with timm-style
+attention), exported with the TorchScript (opset 17) and dynamo (opset 18) exporters.
 
 Each case: pruning runs and keeps output shapes, the zero-channel oracle holds (removing zeroed heads or neurons
 leaves outputs unchanged), and the expected head and neuron groups are prunable.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 # layers share weights, so they are one group — except the MLP weights the dynamo exporter copies per layer)
 CASES = {("bert", False): (2, 2), ("bert", True): (2, 2), ("gpt2", False): (2, 2), ("gpt2", True): (2, 2),
          ("vit", False): (2, 2), ("vit", True): (2, 2), ("vit_split", False): (2, 2), ("vit_split", True): (2, 2),
-         ("llama", False): (2, 2), ("llama", True): (2, 2), ("llama_gqa", False): (0, 2),
+         ("llama", False): (2, 2), ("llama", True): (2, 2), ("llama_gqa", False): (2, 2), ("llama_gqa", True): (2, 2),
          ("distilbert", False): (2, 2), ("roberta", False): (2, 2), ("albert", False): (1, 1), ("albert", True): (1, 2)}
 SLOW = {("vit", True), ("gpt2", True), ("vit_split", True), ("llama", True), ("albert", True)}
 EXPORT_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "llama_gqa": "gpt2", "vit": "vit", "vit_split": "vit",
@@ -85,8 +85,12 @@ def test_prune_transformer(exported, kind, dynamo):
         assert want.shape == got.shape
     if heads:
         assert any(len(result.plan.kept.get(g.spaces[0], [])) < g.size for g in groups if g.unit > 1)
-    if kind == "llama_gqa":  # k/v heads shared by several q heads: frozen, and the reason says so
-        assert any("grouped-query attention" in g.reason for g in prepare(model).analysis.groups)
+    if kind == "llama_gqa":  # k/v heads shared by 2 query heads each (repeat_kv): whole KV groups, or query heads
+        assert all(g.kv_groups == 2 for g in groups if g.unit > 1)
+        oracle = zero_channel_oracle(model, feed=feed, gqa_mode="query-heads")
+        assert oracle.pruned_channels > 0 and oracle.max_rel_err < 1e-4, oracle.max_rel_err
+        moved = np.abs(run(oracle.zeroed, feed)[0] - run(model, feed)[0]).max() / np.abs(run(model, feed)[0]).max()
+        assert moved > 1e-2
 
 
 def test_token_rows_follow_the_attention_mask():

@@ -2,7 +2,10 @@
 
 BERT-like and GPT-2-like models (Hugging Face `transformers`, random weights, small configs) and torchvision's
 VisionTransformer (also with timm-style split-qkv attention), each with the TorchScript-based exporter
-(opset 17) or the dynamo exporter (opset 18).
+(opset 17) or the dynamo exporter (opset 18). Decoders: LLaMA-like (grouped-query attention when kv_heads < heads),
+also as causal LMs with explicit past/present key-value inputs and outputs in optimum's layout (`export_cache`),
+and a grouped-query self-attention block calling torch's sdpa with enable_gqa (`gqa_attention`; dynamo only:
+the TorchScript exporter refuses enable_gqa; opset 23 turns it into ONNX's Attention op).
 Every parameter, biases and LayerNorm included, gets random values: zero biases would be deduplicated into one
 shared initializer by the dynamo exporter and would hide slicing mistakes.
 
@@ -99,6 +102,113 @@ def llama(hidden: int = 32, heads: int = 4, kv_heads: int = 4, layers: int = 2, 
     model = LlamaModel(cfg).eval()
     _randomize(model, seed)
     return _LastHidden(model, with_mask=False).eval()
+
+
+def llama_lm(hidden: int = 32, heads: int = 4, kv_heads: int = 2, layers: int = 2, intermediate: int = 64,
+             vocab: int = 100, seed: int = 0, config: dict | None = None) -> torch.nn.Module:
+    """A small random LlamaForCausalLM (logits over `vocab` tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa",
+                      vocab_size=vocab, max_position_embeddings=128, **(config or {}))
+    model = LlamaForCausalLM(cfg).eval()
+    _randomize(model, seed)
+    return model
+
+
+class WithCache(torch.nn.Module):
+    """A causal LM as (input_ids, attention_mask, past_key_values.N.key, past_key_values.N.value, ...) ->
+    (logits, present.N.key, present.N.value, ...), the cache [batch, kv_heads, sequence, head_size] as optimum
+    lays it out; positions continue after the past."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
+                             config=self.model.config)
+        positions = (torch.arange(input_ids.shape[1]) + past[0].shape[2]).unsqueeze(0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                         position_ids=positions, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                for kv in ("key", "value")]
+    return inputs, ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def export_cache(model: torch.nn.Module, path: str | Path, dynamo: bool) -> Path:
+    """Write causal LM `model` with its key/value cache as explicit inputs and outputs (see WithCache)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    wrapper = WithCache(model).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 3))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    past = tuple(torch.randn(2, kv, 2, head) for _ in range(2 * layers))
+    names_in, names_out = cache_names(layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            b, s = torch.export.Dim("batch"), torch.export.Dim("seq", max=128)
+            p, t = torch.export.Dim("past", max=128), torch.export.Dim("total", max=256)
+            shapes = ({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in past))
+            torch.onnx.export(wrapper, (ids, mask, *past), str(path), input_names=names_in, output_names=names_out,
+                              dynamo=True, opset_version=18, dynamic_shapes=shapes, verbose=False)
+        else:
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                    "logits": {0: "batch", 1: "seq"}}
+            axes |= {n: {0: "batch", 2: "past"} for n in names_in[2:]}
+            axes |= {n: {0: "batch", 2: "total"} for n in names_out[1:]}
+            torch.onnx.export(wrapper, (ids, mask, *past), str(path), input_names=names_in, output_names=names_out,
+                              dynamo=False, opset_version=17, dynamic_axes=axes)
+    return path
+
+
+class GQAttention(torch.nn.Module):
+    """Grouped-query self-attention with torch's sdpa(enable_gqa=True): x [batch, seq, hidden] -> same."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads, self.kv_heads, self.head = heads, kv_heads, hidden // heads
+        self.q = torch.nn.Linear(hidden, heads * self.head)
+        self.k = torch.nn.Linear(hidden, kv_heads * self.head)
+        self.v = torch.nn.Linear(hidden, kv_heads * self.head)
+        self.o = torch.nn.Linear(heads * self.head, hidden)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head).transpose(1, 2)
+        k = self.k(x).view(b, n, self.kv_heads, self.head).transpose(1, 2)
+        v = self.v(x).view(b, n, self.kv_heads, self.head).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, n, self.heads * self.head))
+
+
+def export_attention(module: torch.nn.Module, path: str | Path, opset: int = 18, hidden: int = 32) -> Path:
+    """Write a [batch, seq, hidden] -> [batch, seq, hidden] block with the dynamo exporter (opset 18, or 23)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shapes = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=64)},)
+        torch.onnx.export(module.eval(), (torch.randn(2, 5, hidden),), str(path), input_names=["x"],
+                          output_names=["y"], dynamo=True, opset_version=opset, dynamic_shapes=shapes, verbose=False)
+    return path
 
 
 def vit(small: bool = True, seed: int = 0) -> torch.nn.Module:

@@ -25,7 +25,11 @@ def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: in
         if show_kept:
             cells.append(_count(r, r["kept"]))
         sources = ", ".join(r["sources"][:2]) + (f" +{len(r['sources']) - 2}" if len(r["sources"]) > 2 else "")
-        cells += [str(r["members"]), sources, "prunable" if r["prunable"] else f"frozen: {r['reason']}"]
+        status = "prunable" if r["prunable"] else f"frozen: {r['reason']}"
+        if r.get("gqa_mode"):
+            status += (" (gqa-mode kv-groups: whole KV groups)" if r["gqa_mode"] == "kv-groups"
+                       else " (gqa-mode query-heads: query heads evenly inside KV groups)")
+        cells += [str(r["members"]), sources, status]
         table.add_row(*cells)
     if limit is not None and len(rows) > limit:
         table.caption = f"{len(rows) - limit} more groups not shown (use --all)"
@@ -44,6 +48,20 @@ def show_faults(faults: list[dict]) -> None:
         err.print(f"  {fault['reason']} [groups {groups}]", soft_wrap=True)
 
 
+def interface_table(changes: list[dict]) -> Table:
+    """Inputs and outputs whose shape changed (a decoder's key/value cache following its pruned heads)."""
+    table = Table(title="interface changes (key/value cache follows the pruned heads)", title_justify="left")
+    for col in ("name", "kind", "before", "after"):
+        table.add_column(col)
+    for c in changes:
+        table.add_row(c["name"], c["kind"], _shape(c["before"]), _shape(c["after"]))
+    return table
+
+
+def _shape(dims: list) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
 def summary_table(stats: dict) -> Table:
     table = Table(title="model", title_justify="left")
     for col in ("", "before", "after", "after/before"):
@@ -57,6 +75,9 @@ def summary_table(stats: dict) -> Table:
 def _count(row: dict, n: int) -> str:
     """Channel counts, shown as heads for attention groups and per block for grouped convolutions."""
     unit = row.get("unit", 1)
+    if row.get("kv_groups"):
+        head = row["head_dim"]
+        return f"{n // head} heads x {head}, {row['kv_groups']} KV groups"
     if unit > 1:
         return f"{n // unit} heads x {unit}"
     blocks = row.get("blocks", 1)

@@ -11,7 +11,7 @@ import click
 from onnxprune.cli_options import (data_options, dataset_from_options, parse_providers, provider_options,
                                    tracking_option)
 from onnxprune.errors import GateFailed, InputError
-from onnxprune.evaluate import check_gates, evaluate, validate_gates
+from onnxprune.evaluate import METRICS, check_gates, evaluate, validate_gates
 from onnxprune.model_io import load_model
 from onnxprune.report import format_value, make_console, print_table, write_json
 
@@ -21,6 +21,10 @@ from onnxprune.report import format_value, make_console, print_table, write_json
 @click.option("--reference", type=click.Path(), default=None, help="Compare with this model (e.g. the unpruned one).")
 @data_options
 @provider_options
+@click.option("--metric", type=click.Choice(METRICS), default="auto", show_default=True,
+              help="perplexity: a causal LM's token perplexity on input_ids (auto: when the model outputs logits "
+                   "[batch, seq, vocab] and the data has input_ids and no labels; --max-drop is then a perplexity "
+                   "ratio, e.g. 1.15).")
 @click.option("--top-k", default="1,5", show_default=True, metavar="K[,K...]", help="Top-k accuracies to report.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs.")
@@ -51,13 +55,17 @@ def eval_command(model: str, reference: str | None, mlflow_uri: str | None, **kw
     if dataset is None:
         raise InputError("eval needs data: pass --data FILE or --random N")
     gates = {k: kwargs.pop(k) for k in ("max_drop", "min_agreement", "atol", "rtol")}
-    validate_gates(has_reference=reference is not None, has_labels=dataset.labels is not None, **gates)
+    language_model = kwargs["metric"] == "perplexity" or (
+        kwargs["metric"] == "auto" and dataset.labels is None and "input_ids" in dataset.feeds[0]
+        and any("logit" in o.name.lower() for o in candidate.graph.output))
+    validate_gates(has_reference=reference is not None, has_labels=dataset.labels is not None or language_model,
+                   **gates)
     result = evaluate(
         model, dataset, reference, parse_providers(kwargs["providers"]), top_k=_ints(kwargs["top_k"], "--top-k"),
         latency=not kwargs["no_latency"], warmup=kwargs["warmup"], runs=kwargs["runs"], duration=kwargs["duration"],
         threads=kwargs["threads"], opt_level=kwargs["opt_level"],
         batch_sizes=_ints(kwargs["latency_batch_sizes"], "--latency-batch-sizes"),
-        atol=gates["atol"], rtol=gates["rtol"], show_progress=not kwargs["quiet"])
+        atol=gates["atol"], rtol=gates["rtol"], show_progress=not kwargs["quiet"], metric=kwargs["metric"])
     result["gates"] = check_gates(result, **gates)
     show(result)
     if kwargs["json_path"]:
@@ -86,6 +94,12 @@ def show(result: dict, console=None) -> None:
             rows.append({"metric": f"{key} accuracy (%)", "candidate": 100 * value,
                          "reference": None if ref_value is None else 100 * ref_value,
                          "delta": None if delta is None else f"{delta:+.2f}"})
+    if "perplexity" in cand:
+        ref_ppl = ref.get("perplexity", {}).get("perplexity")
+        ratio = result.get("deltas", {}).get("perplexity_ratio")
+        rows.append({"metric": f"perplexity [{cand['perplexity']['output']}, {cand['perplexity']['tokens']} tokens]",
+                     "candidate": cand["perplexity"]["perplexity"], "reference": ref_ppl,
+                     "delta": None if ratio is None else f"x{ratio:.4f}"})
     for name, entry in result.get("agreement", {}).get("outputs", {}).items():
         for key, label in (("top1_agreement", "top-1 agreement"), ("max_abs_err", "max abs error"),
                            ("mean_abs_err", "mean abs error"), ("cosine", "cosine (mean)"),

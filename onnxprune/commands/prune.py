@@ -16,8 +16,10 @@ import click
 from click.core import ParameterSource
 
 from onnxprune.cli_options import data_options, dataset_from_options, parse_input_shapes, tracking_option
-from onnxprune.commands._output import console, groups_table, show_faults, summary_table, write_json
+from onnxprune.commands._output import console, groups_table, interface_table, show_faults, summary_table, write_json
+from onnxprune.model_folder import check_targets, has_config, write_folder
 from onnxprune.errors import InputError
+from onnxprune.model_folder import check_targets, has_config, write_folder
 from onnxprune.model_io import load_model, save_model
 from onnxprune.recipe import ALLOCATIONS, GQA_MODES, MODES, Recipe, field_names, load_recipe, option_name
 from onnxprune.pipeline.stages import parse_bytes
@@ -25,7 +27,7 @@ from onnxprune.scoring import DATA_CRITERIA, all_criteria
 from onnxprune.weights import Workspace, is_lazy
 
 RECOVERY = ("none", "bias", "lstsq")
-QUANTIZE = ("int8", "static", "dynamic", "fp16")
+QUANTIZE = ("int8", "static", "dynamic", "fp16", "int4")
 
 
 def default_output(model: str, suffix: str = "pruned") -> Path:
@@ -100,7 +102,8 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
 @data_options
 @click.option("--max-drop", type=float, default=None, metavar="POINTS",
               help="Find the largest MAC reduction whose accuracy on --eval-data drops at most POINTS "
-                   "(agreement with the unpruned model when there are no labels).")
+                   "(agreement with the unpruned model when there are no labels; for a causal LM the largest "
+                   "perplexity ratio, e.g. 1.15).")
 @click.option("--eval-data", type=click.Path(), default=None,
               help="Held-out data for --max-drop and the report (default: half of --data, split off).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
@@ -189,17 +192,28 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
                        "target_macs": recipe.target_macs, "target_params": recipe.target_params,
                        "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
                        "groups": groups_rows, "recovery": result.recovery, "search": result.search,
-                       "notes": result.notes, "faults": result.faults})
+                       "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
+                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+        if result.interface:
+            console.print(interface_table(result.interface))
         for note in result.notes:
             console.print(f"note: {note}")
         show_faults(result.faults)
     if recipe.quantize:
-        report["quantize"] = {"mode": result.stats["quantize"], "notes": result.notes}
+        report["quantize"] = {"mode": result.stats["quantize"], "notes": result.notes,
+                              "size_bytes": {"before": result.stats["bytes_float"], "after": result.stats["bytes_after"]}}
     if calib is not None or held is not None:
         report["quality"] = _quality(original, result.model, calib, held)
     if not dry_run:
+        folder = recipe.mode == "structured" and has_config(model)
+        if folder:
+            check_targets(model, out_path, overwrite)
         save_model(result.model, out_path, overwrite=overwrite)
         console.print(f"wrote {out_path}")
+        if folder:  # config.json / genai_config.json beside the model: the output folder gets updated copies
+            report["model_folder"] = write_folder(model, out_path, result, overwrite)
+            for note in report["model_folder"]:
+                console.print(f"note: {note}")
     if json_path:
         write_json(json_path, report)
     if mlflow_uri:
@@ -249,6 +263,11 @@ def _quality(original, pruned, calib, held) -> dict:
         rows[role] = {"source": ds.source, "samples": len(ds), "metric": after["metric"],
                       "before": before["value"], "after": after["value"]}
         console.print(f"{role} data: {ds.source}")
+        if after["metric"] == "perplexity":  # a causal LM: lower is better, the change is a ratio
+            rows[role].update(before=before["perplexity"], after=after["perplexity"])
+            table.add_row(role, str(len(ds)), "perplexity", f"{before['perplexity']:.4g}",
+                          f"{after['perplexity']:.4g}", f"x{after['perplexity'] / before['perplexity']:.4f}")
+            continue
         table.add_row(role, str(len(ds)), f"{after['metric']} (%)", f"{before['value']:.2f}",
                       f"{after['value']:.2f}", f"{after['value'] - before['value']:+.2f}")
     console.print(table)

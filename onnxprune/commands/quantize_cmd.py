@@ -17,7 +17,7 @@ from onnxprune.model_io import load_model, model_bytes, save_model
 from onnxprune.quantize import METHODS, MODE_ALIASES, MODES, TARGETS, normalize_mode, provider_warnings, quantize_model
 from onnxprune.report import make_console, print_table, write_json
 
-_SUFFIX = {"static": "int8", "dynamic": "int8-dynamic", "fp16": "fp16"}
+_SUFFIX = {"static": "int8", "dynamic": "int8-dynamic", "fp16": "fp16", "int4": "int4"}
 
 
 def default_output(model: str, mode: str) -> Path:
@@ -34,7 +34,8 @@ def split_exclude(values: tuple[str, ...]) -> list[str]:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(list(MODES) + list(MODE_ALIASES), case_sensitive=False), default="static",
               show_default=True, help="static: int8 QDQ calibrated on --data; dynamic: int8 weights, for "
-                                      "MatMul/Gemm-heavy models; fp16: half precision with float32 inputs/outputs.")
+                                      "MatMul/Gemm-heavy models; fp16: half precision with float32 inputs/outputs; "
+                                      "int4: 4-bit MatMul weights in blocks (MatMulNBits), for decoders.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write (default: MODEL.int8.onnx, MODEL.int8-dynamic.onnx or MODEL.fp16.onnx).")
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
@@ -46,6 +47,12 @@ def split_exclude(values: tuple[str, ...]) -> list[str]:
 @click.option("--exclude", multiple=True, metavar="NAME|OP",
               help="Node names or op types to keep in float (repeatable, or comma-separated).")
 @click.option("--no-preprocess", is_flag=True, help="Skip onnxruntime's quant_pre_process.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4: weights per scale along K (a power of two, at least 16).")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="int4: symmetric weights, or asymmetric with a zero point per block.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="int4: how MatMulNBits computes (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).")
 @click.option("--reduce-range/--full-range", default=None,
               help="7-bit weights (default: on for per-channel int8 on CPU, to avoid saturation without VNNI).")
 @data_options
@@ -75,7 +82,8 @@ def quantize_command(model: str, mode: str, output: str | None, overwrite: bool,
     result = quantize_model(original, mode, calibration=dataset.feeds if dataset is not None else None,
                             method=kwargs["method"], per_channel=kwargs["per_channel"], target=kwargs["target"],
                             exclude=split_exclude(kwargs["exclude"]), preprocess=not kwargs["no_preprocess"],
-                            reduce_range=kwargs["reduce_range"])
+                            reduce_range=kwargs["reduce_range"], block_size=kwargs["block_size"],
+                            symmetric=kwargs["symmetric"], accuracy_level=kwargs["accuracy_level"])
     warnings = provider_warnings(mode, providers)
     for warning in warnings:  # before the timing, which they are about
         click.echo(f"warning: {warning}", err=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
-from onnxprune.graph.groups import ChannelGroup, Member, SpaceSet
+from onnxprune.graph.groups import ChannelGroup, HeadRepeat, Member, Repeat, SpaceSet
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.layout import ChannelAxis, Segment
@@ -22,12 +22,21 @@ FUSED_TRANSFORMER_OPS = frozenset({
     "RotaryEmbedding", "GemmFastGelu"})
 
 
+GQA_MODES = ("kv-groups", "query-heads")
+
+
 class AnalysisContext:
     """What handlers read and write while the graph is walked."""
 
-    def __init__(self, view: GraphView, prune_hidden: bool = False):
+    def __init__(self, view: GraphView, prune_hidden: bool = False, gqa_mode: str = "kv-groups",
+                 keep_kv_cache: bool = False):
         self.view = view
         self.prune_hidden = prune_hidden  # LayerNorm passes channels (approximate: its statistics change)
+        self.gqa_mode = gqa_mode  # how grouped-query heads prune (see groups.py)
+        self.keep_kv_cache = keep_kv_cache  # key/value cache inputs and outputs keep their shapes
+        self.repeats: dict[str, Repeat] = {}  # Expand outputs that repeat an axis
+        self.head_repeats: dict[str, HeadRepeat] = {}  # by Expand node
+        self.cache: set[str] = set()  # graph inputs and outputs that are key/value cache following the heads
         self.approximate: set[int] = set()  # spaces whose pruning changes such statistics
         self._weight_uses: dict[tuple[str, int, str], list[Member]] = {}  # scored weights by (tensor, axis, role)
         self.spaces = SpaceSet()
@@ -114,6 +123,52 @@ class AnalysisContext:
             if member.node == node.name:
                 self.freeze(member.layout, fault.reason)
 
+    def couple(self, node: onnx.NodeProto, queries: ChannelAxis, kv: ChannelAxis, per_kv: int, head_dim: int) -> bool:
+        """Query heads (layout `queries`) read key/value heads (`kv`), `per_kv` query heads per k/v head, both in heads
+        of `head_dim` features. Each layout must be one space's whole axis; False (and both frozen) otherwise."""
+        spaces = [{seg.space for seg in ax.segments} for ax in (queries, kv)]
+        if any(len(s) != 1 for s in spaces) or len(queries.segments) != 1 or len(kv.segments) != 1:
+            reason = f"{node.op_type} {node.name}: query or key/value heads are not one projection's"
+            self.freeze(queries, reason)
+            self.freeze(kv, reason)
+            return False
+        self.spaces.couple(queries.segments[0].space, kv.segments[0].space, per_kv, head_dim)
+        return True
+
+    def follow_cache(self, node: onnx.NodeProto, index: int, layout: ChannelAxis) -> bool:
+        """Input `index` of `node` is a past key/value cache input that must hold `layout`'s heads: a graph input
+        (or one passed on unchanged: Identity, Cast, a one-input Concat) whose head axis shrinks with them (the
+        one change of the model's interface onnxprune makes), or, with `keep_kv_cache`, stays and freezes them.
+        False (frozen) when the input is computed otherwise."""
+        name = node.input[index]
+        have = self.axis_of(name)
+        where = f"{node.op_type} {node.name}"
+        if have is not None:
+            if self.union(have, layout):
+                return True
+            self.freeze(layout, f"{where}: cache input {name} holds other heads")
+            self.freeze(have, f"{where}: cache input {name} holds other heads")
+            return False
+        chain = [name]
+        while chain[-1] not in self.view.graph_inputs:
+            producer = self.view.producer.get(chain[-1])
+            if producer is None or producer.op_type not in ("Identity", "Cast", "Concat") or len(
+                    [i for i in producer.input if i]) != 1:
+                self.freeze(layout, f"{where}: cache input {name} is computed in the graph")
+                return False
+            chain.append(producer.input[0])
+        if self.keep_kv_cache:  # the heads still flow on (so their coupling is known), frozen
+            self.freeze(layout, f"the key/value cache ({chain[-1]}) is kept as it is (keep_kv_cache)")
+        for tensor in chain:
+            self.set_axis(tensor, layout.with_axis(layout.axis))
+        self.cache.add(chain[-1])
+        return True
+
+    def mark_cache(self, name: str) -> None:
+        """`name`, if a graph output, is key/value cache (present key or value): it may follow the heads."""
+        if name in self.view.graph_outputs:
+            self.cache.add(name)
+
     def union(self, a: ChannelAxis, b: ChannelAxis) -> bool:
         """Merge two layouts that must lose the same channels. False when their structures differ."""
         if a.length != b.length or len(a.segments) != len(b.segments) or not all(
@@ -142,8 +197,9 @@ class Analysis:
         return self.context.spaces.find(space)
 
 
-def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Analysis:
-    ctx = AnalysisContext(view, prune_hidden)
+def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: bool = False,
+                  gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> Analysis:
+    ctx = AnalysisContext(view, prune_hidden, gqa_mode, keep_kv_cache)
     for node in view.nodes:
         handler = get_handler(node.op_type, node.domain)
         if handler is None:
@@ -161,14 +217,63 @@ def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: 
         except Exception as exc:  # noqa: BLE001 - a handler bug costs the groups at this node, not the run
             ctx.fault(node, "analyze", exc)
     for name in view.graph_outputs:
-        ctx.freeze(ctx.axis_of(name), f"reaches graph output {name}")
+        if name in ctx.cache and not ctx.keep_kv_cache:
+            continue  # present key/value: follows the heads, as its past input does
+        reason = (f"the key/value cache ({name}) is kept as it is (keep_kv_cache)" if name in ctx.cache
+                  else f"reaches graph output {name}")
+        ctx.freeze(ctx.axis_of(name), reason)
     for i, space in enumerate(ctx.spaces.spaces):
         if any(fnmatch.fnmatchcase(space.source, pat) for pat in exclude):
             ctx.spaces.freeze(i, f"excluded by pattern ({space.source})")
+    _resolve_couplings(ctx)
     groups = _build_groups(ctx)
     for fault in ctx.faults:
         fault.groups = [g.id for g in groups if fault.reason in g.reasons]
     return Analysis(groups, ctx)
+
+
+def _resolve_couplings(ctx: AnalysisContext) -> None:
+    """Settle every grouped-query coupling by the mode: fold the k/v heads into the query space (kv-groups), or
+    freeze them and prune the query heads evenly per KV group (query-heads)."""
+    spaces = ctx.spaces
+    for q in [r for r in spaces.roots() if spaces.spaces[r].kv is not None]:
+        space = spaces.spaces[q]
+        kv, group, head = spaces.find(space.kv), space.per_kv, space.head_dim
+        space.kv = None
+        kv_heads = spaces.spaces[kv].size // head
+        if spaces.spaces[kv].size * group != space.size:
+            reason = f"{space.size // head} query heads do not read {kv_heads} key/value heads {group} per head"
+            spaces.freeze(q, reason)
+            spaces.freeze(kv, reason)
+            continue
+        space.kv_groups, space.gqa_mode = kv_heads, ctx.gqa_mode
+        if ctx.gqa_mode == "query-heads":
+            spaces.freeze(kv, "key/value heads stay (gqa_mode query-heads: query heads go evenly inside every "
+                              "KV group)")
+            spaces.constrain(q, kv_heads, tied=False)
+            continue
+        if kv_heads == 1:
+            spaces.freeze(q, "one KV group (multi-query attention) cannot go; gqa_mode query-heads prunes its "
+                             "query heads")
+        _fold_layouts(ctx, kv, q, group, head)
+        spaces.constrain_unit(q, group * head)
+        spaces.fold(kv, q)
+
+
+def _fold_layouts(ctx: AnalysisContext, kv: int, q: int, group: int, head: int) -> None:
+    """Rewrite every layout segment of the k/v space `kv` as a folded segment of the query space `q`."""
+    find = ctx.spaces.find
+
+    def fold(layout: ChannelAxis) -> ChannelAxis:
+        if not any(find(seg.space) == kv for seg in layout.segments):
+            return layout
+        return replace(layout, segments=tuple(seg.folded(q, group, head) if find(seg.space) == kv else seg
+                                              for seg in layout.segments))
+
+    for name, layout in list(ctx.axes.items()):
+        ctx.axes[name] = fold(layout)
+    for member in ctx.members:
+        member.layout = fold(member.layout)
 
 
 def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:
@@ -192,5 +297,6 @@ def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:
         if not any(m.role == "in" for m in entry["members"]) and not reasons:
             reasons.append("no layer reads these channels")
         groups.append(ChannelGroup(gid, space.size, entry["spaces"], entry["sources"], entry["members"],
-                                   reasons, entry["tensors"], space.blocks, space.tied, space.unit))
+                                   reasons, entry["tensors"], space.blocks, space.tied, space.unit,
+                                   space.head_dim if space.kv_groups else 0, space.kv_groups, space.gqa_mode))
     return groups

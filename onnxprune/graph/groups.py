@@ -4,6 +4,12 @@ A *space* is opened where a layer creates channels (a Conv's output channels, a 
 Joins (a residual Add, an SE gate Mul) merge spaces with a union-find; the merged spaces are a
 `ChannelGroup`. A `Member` is one constant input of one node that must be sliced along one axis when the
 group loses channels. Freezing records a reason; a group with any reason is not pruned.
+
+Grouped-query attention couples two spaces of different sizes: H_q = g·H_kv query heads read H_kv key/value heads,
+query heads j·g .. j·g+g-1 the k/v head j (`couple`). How the coupling is pruned is a mode (`resolve_coupling`):
+"kv-groups" folds the k/v space into the query space (their segments become folded, see layout.py) and prunes
+whole KV groups of g heads; "query-heads" freezes the k/v heads and prunes query heads evenly inside every KV group
+(the query space in H_kv blocks of whole heads).
 """
 
 from __future__ import annotations
@@ -26,6 +32,27 @@ class Member:
     scored: bool = True  # biases and running statistics do not take part in magnitude scores
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """An Expand that repeats its input along `axis` (length 1 -> `count`): repeat_kv of grouped-query attention."""
+
+    node: str
+    axis: int
+    count: int
+
+
+@dataclass(frozen=True)
+class HeadRepeat:
+    """k/v heads repeated for their query heads: Expand `expand` (k/v heads on `kv_axis` of its output, the repeat
+    on `kv_axis + 1`), merged by a Reshape into `query_tensor`, one head per query head. The rewrite sets the
+    repeat count to the query heads kept per k/v head kept."""
+
+    expand: str
+    kv_axis: int
+    kv_tensor: str     # the Expand's input (k/v heads)
+    query_tensor: str  # the Reshape's output (query heads)
+
+
 @dataclass
 class Space:
     size: int
@@ -39,6 +66,13 @@ class Space:
     # Attention features split into heads of `unit` consecutive channels: whole heads go or stay, because the
     # head_dim axis of every [.., H, D] tensor (and the attention scale, 1/sqrt(D)) must not change.
     unit: int = 1
+    # A query space of grouped-query attention: its heads read the k/v heads of space `kv`, `per_kv` query heads
+    # of `head_dim` features per k/v head (until resolve_coupling settles it)
+    kv: int | None = None
+    per_kv: int = 0
+    head_dim: int = 0
+    kv_groups: int = 0  # after resolve_coupling: how many KV groups the query heads form
+    gqa_mode: str = ""
 
 
 @dataclass
@@ -53,6 +87,9 @@ class ChannelGroup:
     blocks: int = 1
     tied: bool = False
     unit: int = 1  # channels go in whole units (attention heads of `unit` features)
+    head_dim: int = 0   # grouped-query attention: features per head,
+    kv_groups: int = 0  # the number of KV groups the query heads form,
+    gqa_mode: str = ""  # and how they prune ("kv-groups": whole groups; "query-heads": evenly inside each)
 
     @property
     def prunable(self) -> bool:
@@ -66,6 +103,9 @@ class ChannelGroup:
 
     def __str__(self) -> str:
         state = "prunable" if self.prunable else f"frozen ({self.reason})"
+        if self.kv_groups:
+            return (f"group {self.id}: {self.size // self.head_dim} heads of {self.head_dim} in {self.kv_groups} KV "
+                    f"groups ({self.gqa_mode}) from {', '.join(self.sources[:3])}: {state}")
         if self.unit > 1:
             return (f"group {self.id}: {self.size // self.unit} heads of {self.unit} from "
                     f"{', '.join(self.sources[:3])}: {state}")
@@ -105,6 +145,10 @@ class SpaceSet:
         self.spaces[hi].reasons = []
         self.constrain(lo, self.spaces[hi].blocks, self.spaces[hi].tied)
         self.constrain_unit(lo, self.spaces[hi].unit)
+        moved = self.spaces[hi]
+        if moved.kv is not None:
+            moved.kv, kv = None, moved.kv
+            self.couple(lo, kv, moved.per_kv, moved.head_dim)
 
     def constrain(self, i: int, blocks: int, tied: bool) -> None:
         space = self.spaces[self.find(i)]
@@ -112,6 +156,9 @@ class SpaceSet:
             return
         if space.blocks > 1 and space.blocks != blocks:
             space.reasons.append(f"read by grouped layers with different group counts ({space.blocks}, {blocks})")
+            return
+        if space.unit > 1 and (space.size % blocks or space.size // blocks % space.unit):
+            space.reasons.append(f"{blocks} blocks do not hold whole heads of {space.unit}")
             return
         space.blocks = blocks
         space.tied = space.tied or tied
@@ -125,10 +172,44 @@ class SpaceSet:
         if space.size % merged:
             space.reasons.append(f"split into heads of {space.unit} and of {unit} features")
             return
-        if space.blocks > 1:
+        if space.blocks > 1 and (space.tied or space.size // space.blocks % merged):
             space.reasons.append("both grouped-convolution blocks and attention heads")
             return
         space.unit = merged
+
+    def couple(self, queries: int, kv: int, per_kv: int, head_dim: int) -> None:
+        """Heads of `head_dim` features: query head h of space `queries` reads k/v head h // `per_kv` of space `kv`.
+
+        One head each (per_kv 1) is an ordinary join. Two couplings of one query space in the same grouping (its
+        keys and its values) make the k/v spaces lose the same heads."""
+        if per_kv == 1:
+            self.union(queries, kv)
+            return
+        root = self.spaces[self.find(queries)]
+        self.constrain_unit(queries, head_dim)
+        self.constrain_unit(kv, head_dim)
+        if self.find(kv) == self.find(queries):
+            root.reasons.append("query and key/value heads are the same channels")
+        elif root.kv is None:
+            root.kv, root.per_kv, root.head_dim = kv, per_kv, head_dim
+        elif (root.per_kv, root.head_dim) == (per_kv, head_dim):
+            self.union(root.kv, kv)
+        else:
+            root.reasons.append(f"query heads read key/value heads in two groupings ({root.per_kv} and {per_kv} "
+                                "query heads per key/value head)")
+
+    def fold(self, kv: int, queries: int) -> None:
+        """Make the (already folded) k/v space `kv` part of the query space's group, which keeps its own size and
+        constraints; the lower index stays the root, as in `union`."""
+        rk, rq = self.find(kv), self.find(queries)
+        lo, hi = min(rk, rq), max(rk, rq)
+        if lo == rk:
+            q, k = self.spaces[rq], self.spaces[rk]
+            for name in ("size", "blocks", "tied", "unit", "head_dim", "kv_groups", "gqa_mode"):
+                setattr(k, name, getattr(q, name))
+        self._parent[hi] = lo
+        self.spaces[lo].reasons.extend(r for r in self.spaces[hi].reasons if r not in self.spaces[lo].reasons)
+        self.spaces[hi].reasons = []
 
     def freeze(self, i: int, reason: str) -> None:
         reasons = self.spaces[self.find(i)].reasons

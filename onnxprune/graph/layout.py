@@ -14,6 +14,11 @@ Attention heads: a Reshape of H·D features into [H, D] leaves the space on the 
 at position c // D (`divisor` = D). Such a space is pruned in whole heads only (its `unit` in groups.py), so the
 D axis never changes and the head axis loses exactly the heads whose channels all went. Merging [H, D] back
 (trailing = D) gives the plain, one-position-per-channel segment again.
+
+Grouped-query attention: the key/value heads of a KV group are read by `g` query heads. Pruned by whole KV groups,
+the k/v tensors' segments are *folded* into the query space (`fold` = (g, D)): query channel c (head c // D)
+stands for k/v channel (c // (g·D))·D + c % D, so the g query heads of a KV group share its k/v positions and a
+k/v position survives exactly when its KV group does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ class Segment:
     outers: tuple[tuple[int, int], ...] = ()
     modulo: int = 0  # > 0: channel c sits at local index c % modulo (a grouped conv's weight, axis 1)
     divisor: int = 0  # > 0: channel c sits at index c // divisor (the head axis of H·D attention features)
+    fold: tuple[int, int] = ()  # (g, D): query channel c stands for k/v channel (c // (g·D))·D + c % D
+
+    @property
+    def base_channels(self) -> int:
+        """Channels the positions are computed from: the k/v channels of a folded segment."""
+        return self.channels // self.fold[0] if self.fold else self.channels
 
     @property
     def slots(self) -> int:
@@ -39,8 +50,8 @@ class Segment:
         if self.modulo:
             return self.modulo
         if self.divisor:
-            return self.channels // self.divisor
-        return self.channels
+            return self.base_channels // self.divisor
+        return self.base_channels
 
     @property
     def size(self) -> int:
@@ -52,6 +63,9 @@ class Segment:
     def positions(self, channels: np.ndarray | None = None) -> np.ndarray:
         """Positions along the axis of the given channels (all when None), as an array [n_channels, per_channel]."""
         chans = np.arange(self.channels) if channels is None else np.asarray(channels, dtype=np.int64)
+        if self.fold:
+            group, head = self.fold
+            chans = chans // (group * head) * head + chans % head
         if self.modulo:
             chans = chans % self.modulo
         if self.divisor:
@@ -76,13 +90,17 @@ class Segment:
             outers = outers + ((leading, axis_length * trailing),)
         if self.divisor and self.inner == 1 and trailing == self.divisor:
             # [H, D] merged back into H·D features: channel c is at h·D + (c % D) = c again
-            return Segment(self.space, self.channels, 1, self.offset * trailing, outers, self.modulo)
+            return Segment(self.space, self.channels, 1, self.offset * trailing, outers, self.modulo, fold=self.fold)
         return Segment(self.space, self.channels, self.inner * trailing, self.offset * trailing, outers, self.modulo,
-                       self.divisor)
+                       self.divisor, self.fold)
+
+    def folded(self, space: int, group: int, head: int) -> "Segment":
+        """This k/v segment in the coordinates of the query space it is folded into (see the module docstring)."""
+        return replace(self, space=space, channels=self.channels * group, fold=(group, head))
 
     def same_structure(self, other: "Segment") -> bool:
-        return (self.channels, self.inner, self.offset, self.outers, self.modulo, self.divisor) == (
-            other.channels, other.inner, other.offset, other.outers, other.modulo, other.divisor)
+        return (self.channels, self.inner, self.offset, self.outers, self.modulo, self.divisor, self.fold) == (
+            other.channels, other.inner, other.offset, other.outers, other.modulo, other.divisor, other.fold)
 
 
 @dataclass(frozen=True)

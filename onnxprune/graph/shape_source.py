@@ -39,6 +39,12 @@ def dim_source(view, name: str, pos: int, depth: int = 8) -> DimSource | None:
                 if pos != 0:
                     return None
             continue
+        if op == "Where" and len(node.input) == 3:
+            name = node.input[2]  # torch's Where(s == -1, 1, s): the shape itself, -1 read as "keep"
+            continue
+        if op == "Reshape" and view.rank(node.input[0]) == 1 and view.rank(node.output[0]) == 1:
+            name = node.input[0]
+            continue
         if op == "Shape":
             rank = view.rank(node.input[0])
             if rank is None:

@@ -208,12 +208,16 @@ class StagedRun:
         self._next += 1
         stage = self._stages[k]
         session = self._session(stage) if stage.nodes else None
+        if session is not None:
+            from onnxprune.kvcache import feed_adapter
+
+            adapt = feed_adapter(session)  # an empty key/value cache in the shape this model takes
         dropped = set(stage.dropped)
         for b in range(len(self.feeds)):
             produced = {}
             if session is not None:
                 try:
-                    values = session.run(stage.outputs, {x: self._value(x, b) for x in stage.inputs})
+                    values = session.run(stage.outputs, adapt({x: self._value(x, b) for x in stage.inputs}))
                 except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
                     raise InputError(f"onnxruntime failed on calibration batch {b} of the {self.label}: "
                                      f"{_first_line(exc)}") from None
@@ -258,7 +262,11 @@ class StagedRun:
         used = {x for n in nodes for x in n.input if x}
         graph = onnx.GraphProto(name=f"stage_{stage.requested[0]}")
         graph.node.extend(nodes)
+        declared = {i.name: i for i in model.graph.input}
         for x in stage.inputs:
+            if x in declared:  # a graph input keeps its declaration (a decoder's cache dims among them)
+                graph.input.append(declared[x])
+                continue
             sample = self._value(x, 0)
             elem = _NP_TO_ONNX.get(sample.dtype)
             if elem is None:

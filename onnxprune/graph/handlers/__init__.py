@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _REGISTRY: dict[tuple[str, str], "Handler"] = {}
-_MODULES = ("conv", "norm", "elementwise", "pooling", "concat", "reshape", "matmul")
+_MODULES = ("conv", "norm", "elementwise", "pooling", "concat", "reshape", "matmul", "attention", "contrib")
 
 
 class Handler:

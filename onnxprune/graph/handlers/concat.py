@@ -49,10 +49,30 @@ class Concat(Handler):
             # input (ViT's class token, often through Expand) is sliced with them
             first = next(c for c in carried if c is not None)
             if all(ctx.union(first, c) if c is not None else _slice_constant(ctx, node, i, first)
-                   for i, c in enumerate(carried)):
+                   or _past_cache(ctx, node, i, first) for i, c in enumerate(carried)):
                 ctx.set_axis(node.output[0], first)
+                if any(_past_source(ctx, name) in ctx.cache for name in node.input):
+                    ctx.mark_cache(node.output[0])  # present key/value = past ++ new
                 return
         ctx.freeze_inputs(node, "inputs carry channels on different axes")
+
+
+def _past_source(ctx, name: str) -> str:
+    """The graph input `name` passes on unchanged (through Identity, Cast, a one-input Concat), or `name`."""
+    while name not in ctx.view.graph_inputs:
+        producer = ctx.view.producer.get(name)
+        if producer is None or producer.op_type not in ("Identity", "Cast", "Concat") or \
+                len([i for i in producer.input if i]) != 1:
+            break
+        name = producer.input[0]
+    return name
+
+
+def _past_cache(ctx, node, index, layout) -> bool:
+    """A decoder's past key/value cache (a graph input named past...) concatenated with the new keys or values
+    along the sequence: it holds the same heads (analysis.AnalysisContext.follow_cache)."""
+    source = _past_source(ctx, node.input[index])
+    return source in ctx.view.graph_inputs and "past" in source.lower() and ctx.follow_cache(node, index, layout)
 
 
 def _slice_constant(ctx, node, index, layout) -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.graph.groups import Repeat
 from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.handlers.shapes import constant_entry, set_shape_dims
 from onnxprune.graph.ir import attr
 from onnxprune.graph.shape_source import dim_source, static_value
 
@@ -82,11 +84,15 @@ class Broadcast(Handler):
         ctx.set_axis(node.output[0], first.with_axis(out_axis))
 
 
+_NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+          "SkipSimplifiedLayerNormalization")
+
+
 def _fixed_input_reason(node, name: str, dim, view) -> str:
     """Why a join with a channel-free input freezes; a transformer's residual stream gets its own words."""
     near = [view.producer.get(name)] + [user for user, _ in view.consumers.get(node.output[0], [])]
     if node.op_type == "Add" and not view.is_const(name) and any(
-            n is not None and n.op_type in ("LayerNormalization", "SkipLayerNormalization") for n in near):
+            n is not None and n.op_type in _NORMS for n in near):
         return (f"hidden size (residual stream through LayerNorm) is frozen: input {name} has {dim} entries "
                 "on the channel axis and no prunable channels")
     return f"input {name} has {dim} entries on the channel axis"
@@ -137,7 +143,9 @@ class Gather(Handler):
 @register("Expand")
 class Expand(Handler):
     """Broadcasts to a shape: channels pass when the channel axis keeps its length (other axes grow, as in
-    repeat_kv of grouped-query attention or a batch-expanded class token)."""
+    repeat_kv of grouped-query attention or a batch-expanded class token). An axis that grows from 1 is recorded
+    as a repeat (`ctx.repeats`): a Reshape that merges it into the k/v heads before it makes one head per query
+    head (reshape.py). After pruning, the channel axis of the target shape and a repeat count follow."""
 
     def analyze(self, node, ctx):
         x = ctx.axis_of(node.input[0])
@@ -164,7 +172,8 @@ class Expand(Handler):
         if const is None:
             src = dim_source(ctx.view, shape, entry)
             other = ctx.axis_of(src.tensor) if src is not None and src.tensor else None
-            if not (src is not None and src.tensor is None and src.value == 1) and (
+            piece = constant_entry(ctx.view, shape, entry)  # a constant piece of a Concat: rewritten later
+            if piece not in (1, x.length) and not (src is not None and src.tensor is None and src.value == 1) and (
                     other is None or other.axis != src.dim or not ctx.union(x, other)):
                 # frozen, but still followed: what the channels meet downstream (the q heads that grouped-query
                 # attention's repeat_kv serves) is frozen with them, and says why
@@ -174,19 +183,36 @@ class Expand(Handler):
             ctx.freeze(x, f"Expand {node.name}: its shape does not keep the channel axis")
             return
         ctx.set_axis(node.output[0], x.with_axis(axis))
+        after = axis + 1
+        if after < rank_out and after - (rank_out - rank_in) >= 0 and \
+                ctx.view.dim(node.input[0], after - (rank_out - rank_in)) == 1:
+            count = ctx.view.dim(node.output[0], after)
+            if count is not None and count > 1:
+                ctx.repeats[node.output[0]] = Repeat(node.name, after, count)
 
     def rewrite(self, node, ctx):
         x, out = ctx.axis_of(node.input[0]), ctx.axis_of(node.output[0])
         if x is None or out is None:
             return
+        rank = ctx.view.rank(node.output[0])
+        dims = {out.axis: ctx.new_length(node.input[0])}
+        repeat = ctx.analysis.context.head_repeats.get(node.name)
+        if repeat is not None:
+            kv_heads, query_heads = ctx.new_length(repeat.kv_tensor), ctx.new_length(repeat.query_tensor)
+            dims[repeat.kv_axis + 1] = query_heads // max(kv_heads, 1)
         shape = ctx.array(node.input[1])
         if shape is None:
-            shape = static_value(ctx.view, node.input[1])
-        if shape is None:
-            return
-        entry = out.axis - (ctx.view.rank(node.output[0]) - np.size(shape))
-        new_length = ctx.new_length(node.output[0])
-        if 0 <= entry < np.size(shape) and int(np.ravel(shape)[entry]) not in (1, new_length):
-            new = np.array(shape).ravel().copy()
-            new[entry] = new_length
-            ctx.set_input_constant(node, 1, new.reshape(np.shape(shape)).astype(np.int64))
+            static = static_value(ctx.view, node.input[1])
+            if static is not None:  # static arithmetic: written down with the new lengths
+                new = np.array(static).ravel().astype(np.int64)
+                changed = False
+                for axis, length in dims.items():
+                    entry = axis - (rank - new.size)
+                    if 0 <= entry < new.size and int(new[entry]) not in (1, length):
+                        new[entry], changed = length, True
+                if changed:
+                    ctx.set_input_constant(node, 1, new.reshape(np.shape(static)))
+                return
+        elif rank is not None and np.size(shape) != rank:  # a shorter target broadcasts from the right
+            dims = {axis - (rank - np.size(shape)): length for axis, length in dims.items()}
+        set_shape_dims(ctx, node, 1, dims)

@@ -23,7 +23,8 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
     """Sizes of the parts a fused projection's n output features are split into right after it ([n] if none).
 
     Looks through the bias Add and the Reshapes TorchScript puts around a 2-D Gemm to the Split on the feature
-    axis (GPT-2's c_attn → q, k, v). Opening one space per part lets each part lose its own channels.
+    axis (GPT-2's c_attn → q, k, v), or to a GroupQueryAttention that reads packed q|k|v. Opening one space per
+    part lets each part lose its own channels.
     """
     for _ in range(4):
         # a Shape reads no values (TorchScript takes the Reshape target from it)
@@ -32,6 +33,14 @@ def fused_parts(ctx, name: str, n: int) -> list[int]:
             return [n]
         node, index = uses[0]
         rank = ctx.view.rank(name)
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and index == 0 and (
+                len(node.input) < 2 or not node.input[1]):
+            # onnxruntime-genai's packed q|k|v projection, its head counts in the op's attributes
+            q, kv = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
+            if q and kv and n % (q + 2 * kv) == 0:
+                head = n // (q + 2 * kv)
+                return [q * head, kv * head, kv * head]
+            return [n]
         if node.op_type == "Split" and index == 0 and rank is not None:
             axis = attr(node, "axis", 0)
             if (axis + rank if axis < 0 else axis) != rank - 1:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from onnxprune.graph.groups import HeadRepeat
 from onnxprune.graph.handlers import Handler, register
 from onnxprune.graph.ir import attr
 from onnxprune.graph.layout import ChannelAxis, Segment
@@ -125,6 +126,10 @@ class Reshape(Handler):
             ctx.freeze_inputs(node, "shape input carries channels")
             return
         shape_in, shape_out = ctx.view.sym_shape(node.input[0]), ctx.view.sym_shape(node.output[0])
+        repeat = ctx.repeats.get(node.input[0])
+        if repeat is not None and repeat.axis == x.axis + 1 and self._repeated_heads(node, ctx, x, repeat, shape_in,
+                                                                                     shape_out):
+            return
         stacked = _stack_parts(x, shape_in, shape_out)
         if stacked is not None:
             # q, k and v viewed as [.., 3, E]: one tensor axis holds all three, so they lose the same channels
@@ -143,6 +148,30 @@ class Reshape(Handler):
                 ctx.spaces.constrain_unit(seg.space, seg.divisor)
         ctx.set_axis(node.output[0], mapped)
 
+    def _repeated_heads(self, node, ctx, x, repeat, shape_in, shape_out) -> bool:
+        """k/v heads [.., H_kv, g, ..] repeated by an Expand and merged into [.., H_kv·g, ..] (transformers'
+        repeat_kv, torch's sdpa with enable_gqa): one head per query head. The merged axis opens a space of query
+        heads coupled to the k/v heads, g query heads per k/v head (groups.py), so whatever reads it joins the
+        query heads. False when the k/v heads are not one projection's whole head axis."""
+        seg = x.segments[0] if len(x.segments) == 1 else None
+        if seg is None or not seg.divisor or seg.inner != 1 or seg.outers or seg.offset or seg.modulo or \
+                shape_in is None or len(shape_in) <= repeat.axis:
+            return False
+        head, count = seg.divisor, repeat.count
+        merged = list(shape_in[:x.axis]) + [x.length * count] + list(shape_in[repeat.axis + 1:])
+        queries = ctx.spaces.new(seg.channels * count, node.name, node.op_type)
+        layout = ChannelAxis(x.axis, x.length * count, (Segment(queries, seg.channels * count, divisor=head),))
+        mapped = self._map(layout, merged, shape_out)
+        if isinstance(mapped, str):
+            ctx.spaces.freeze(queries, f"Reshape {node.name}: {mapped}")
+            return False
+        ctx.spaces.constrain_unit(queries, head)
+        ctx.spaces.couple(queries, seg.space, count, head)
+        ctx.head_repeats[repeat.node] = HeadRepeat(repeat.node, x.axis, ctx.view.producer[node.input[0]].input[0],
+                                                   node.output[0])
+        ctx.set_axis(node.output[0], mapped)
+        return True
+
     @staticmethod
     def _map(x, shape_in, shape_out):
         if shape_in is None or shape_out is None:
@@ -159,6 +188,14 @@ class Reshape(Handler):
         # a leading dynamic batch dim on both sides maps to itself
         if shape_in and shape_out and shape_in[0] is None and shape_out[0] is None and x.axis > 0:
             shape_in[0] = shape_out[0] = 1
+        # one dim the shape engines left unknown (a -1 target built from Shape slices) is what the other side's
+        # product leaves: symbolic dims are primes, so the division is exact only for the right expression
+        for known, unknown in ((shape_in, shape_out), (shape_out, shape_in)):
+            if None not in known and unknown.count(None) == 1:
+                rest = math.prod(d for d in unknown if d is not None)
+                total = math.prod(known)
+                if rest and total % rest == 0:
+                    unknown[unknown.index(None)] = total // rest
         if any(d is None for d in shape_in + shape_out):
             return "dynamic dims besides the batch"
         pin = np.cumprod([1] + shape_in, dtype=object)
@@ -289,7 +326,7 @@ def _unexpand(seg, leading, trailing, length):
     divisor = seg.divisor
     if divisor and trailing > 1:
         return None  # heads (divisor) merged with trailing dims cannot be undone here
-    out = Segment(seg.space, seg.channels, inner, seg.offset // trailing, outers, seg.modulo, divisor)
+    out = Segment(seg.space, seg.channels, inner, seg.offset // trailing, outers, seg.modulo, divisor, seg.fold)
     if out.span()[1] > length:
         return None
     return out

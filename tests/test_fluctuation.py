@@ -1,0 +1,26 @@
+"""FLAP's fluctuation criterion: Var(x_c) · ||W_c||² per input channel c of the layer reading it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.activations import Probe, channel_stats
+from onnxprune.prune import prepare, prune_model
+from onnxprune.scoring import score_groups
+from tests.onnx_builders import build, init_shape
+
+
+def test_fluctuation_is_variance_times_squared_weight_norm():
+    m = build([("MatMul", ["x", "w1"], ["h"]), ("Relu", ["h"], ["r"]), ("MatMul", ["r", "w2"], ["y"])],
+              {"x": [4, 6, 8]}, ["y"], {"w1": (8, 12), "w2": (12, 5)})
+    prep = prepare(m)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 6, 8)).astype(np.float32) + 0.5} for _ in range(5)]
+    (group,) = prep.analysis.prunable
+    got = score_groups(prep.analysis, prep.view, "fluctuation", stats=channel_stats(prep, feeds))[group.spaces[0]]
+    r = np.concatenate([Probe(prep.model, ["r"]).run(f)["r"].reshape(-1, 12) for f in feeds]).astype(np.float64)
+    w2 = next(prep.view.array(t) for t in prep.view.initializers if t == "w2").astype(np.float64)
+    want = r.var(axis=0) * (w2 ** 2).sum(axis=1)
+    np.testing.assert_allclose(got, want / want.mean(), rtol=1e-6)
+    result = prune_model(m, ratio=0.5, criterion="fluctuation", calibration=feeds, recover="bias")
+    assert init_shape(result.model, "w2") == (6, 5)
