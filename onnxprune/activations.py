@@ -16,6 +16,7 @@ import onnx
 from onnxprune.errors import InputError
 from onnxprune.graph.layout import ChannelAxis
 from onnxprune.report import progress
+from onnxprune.weights import is_lazy
 from onnxprune.validate import session
 
 
@@ -188,9 +189,10 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
     Gram matrices up to MAX_GRAM positions are float64 sums over every row; wider ones are float32 sums over
     at most GRAM_ROWS rows drawn at random (the scores rank channels; a few thousand tokens per feature
     dimension settle that ranking). When all Gram matrices together would take more than half the memory
-    budget, the model runs stage by stage (pipeline/stages.py): each Gram matrix is complete once its stage
-    has seen every batch, and is then reduced to the refit scores it serves and dropped, so only one stage's
-    matrices are ever held. Either way the model runs once over the data.
+    budget, or when the model's weights are in external files (a large model), the model runs stage by stage
+    (pipeline/stages.py): each Gram matrix is complete once its stage has seen every batch, and is then reduced
+    to the refit scores it serves and dropped, so only one stage's matrices (and weights) are ever held. Either
+    way the model runs once over the data.
     """
     from onnxprune.pipeline.stages import default_memory_budget, format_bytes
 
@@ -209,7 +211,9 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
         if gram_bytes(axes[name].length) > budget:
             raise InputError(f"--memory-budget {format_bytes(budget)} is too small: the Gram matrix of {name} "
                              f"({axes[name].length} features) needs {format_bytes(gram_bytes(axes[name].length))}")
-    if total_gram <= budget // 2:
+    # a model whose weights live in external files is large: one session over all of it would keep every weight
+    # mapped beside every Gram matrix, so it always runs stage by stage (each stage maps only its own weights)
+    if total_gram <= budget // 2 and not is_lazy(prep.model):
         probe = Probe(prep.model, names)
         with progress("statistics: calibration batches", len(feeds)) as advance:
             for feed in feeds:
