@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.weights import is_lazy
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
     feed = random_feed(model, shapes, seed)
     if input_shapes is None:
         feed = sample_cache(model, feed)  # a decoder's cache starts empty (unless its shapes were given)
-    if guessed:
+    if guessed and not is_lazy(model):
+        # a large (lazily loaded) model is not run an extra time up front: a guess it cannot run on shows
+        # when even its unpruned rewrite fails validation, and is reported then (containment.prune_validated)
         check_guess(model, feed, guessed)
     return feed
 

@@ -146,3 +146,21 @@ def test_a_sweep_takes_a_model_with_external_data(tmp_path):
     report = json.loads((out / "sweep.json").read_text())
     assert [c["status"] for c in report["candidates"]] == ["ok", "ok"]
     assert report["candidates"][0]["metrics"]["value"] > 80  # ratio 0.25 without recovery: about 89 %
+
+
+def test_a_lazy_model_whose_dims_cannot_be_guessed_is_a_one_line_error(tmp_path, cli_error):
+    path = mlp_with_external_data(tmp_path / "m", width=64, layers=2)
+    model = onnx.load(path, load_external_data=False)
+    model.graph.input[0].type.tensor_type.shape.dim[1].ClearField("dim_value")
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"  # guessed as 1: the MatMul fails
+    onnx.save(model, path)
+    out = tmp_path / "m" / "p.onnx"
+    cli_error(["prune", str(path), "--ratio", "0.5", "-o", str(out)], "--input-shapes x:")
+    assert not out.exists()
+    assert main_ok(["prune", str(path), "--ratio", "0.5", "-o", str(out), "--input-shapes", "x:2x64"])
+
+
+def main_ok(argv) -> bool:
+    from onnxprune.cli import main
+
+    return main(argv) == 0
