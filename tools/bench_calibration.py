@@ -5,7 +5,7 @@ Each measurement runs in a child process with PYTHONPATH set to one checkout of 
 a worktree of an older commit) and "after" (this checkout) see the same models, data and machine. A *pass*
 is one evaluation of every node of the model on every calibration batch: the child counts the nodes of each
 onnxruntime session onnxprune creates (graph nodes as given to onnxruntime) times the batches it runs, and
-divides by nodes x batches of the whole model. The floor is one plain onnxruntime pass over the same
+divides by nodes x batches of the whole (normalised: Constant nodes folded) model. The floor is one plain onnxruntime pass over the same
 batches. Peak RSS is the child's.
 
 Workloads:
@@ -108,7 +108,9 @@ def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
                          validate_result=False)
     wall = time.perf_counter() - start
     del result
-    full = len(model.graph.node) * len(feeds)
+    from onnxprune.graph.normalize import normalize
+
+    full = len(normalize(model).graph.node) * len(feeds)  # the nodes that run (Constant nodes are folded)
     return {"wall_s": wall, "floor_s": floor, "passes": counts["node_runs"] / full, "sessions": counts["sessions"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": len(feeds),
             "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
