@@ -36,6 +36,10 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors reach the caller as exceptions, reported in one line
+    # onnxprune's sessions alternate with numpy's linear algebra and with each other (the pruned and the
+    # original model, batch by batch): threads left spinning after a run take the cores those need. Off, a
+    # data-aware prune of MiniLM took 105 s instead of 162 s (docs/BENCHMARKS.md, "scale engine").
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     if extended_only:
