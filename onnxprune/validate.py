@@ -30,7 +30,7 @@ def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1,
 
 
 def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None,
-            extended_only: bool = False):
+            extended_only: bool = False, prepack: bool = True):
     """An onnxruntime session; `extended_only` leaves out the layout optimisations of ORT_ENABLE_ALL, which
     crash onnxruntime 1.32's CPU provider on some float16 graphs (a converted ViT): checks use it."""
     ort = require_onnxruntime()
@@ -40,6 +40,8 @@ def session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads
     # original model, batch by batch): threads left spinning after a run take the cores those need. Off, a
     # data-aware prune of MiniLM took 105 s instead of 162 s (docs/BENCHMARKS.md, "scale engine").
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:  # a session run once: a packed copy of every MatMul weight would only add its size to RSS
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if extended_only:
@@ -67,7 +69,7 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session(model, extended_only=_half(model)).run(None, feed)
+    return session(model, extended_only=_half(model), prepack=False).run(None, feed)
 
 
 class _ReferenceSession:

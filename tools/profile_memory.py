@@ -97,7 +97,7 @@ def main() -> None:
     prune_args = [a for a in prune_args if a != "--"]
     weights = sum(f.stat().st_size for f in args.model.parent.iterdir()
                   if f.is_file() and f.name.startswith(args.model.name))
-    result = profile(args.model, prune_args, args.code)
+    result = profile(args.model.resolve(), prune_args, args.code)
     result["weights"] = weights
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
