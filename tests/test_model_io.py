@@ -107,7 +107,7 @@ def test_session_through_external_data_keeps_the_model(monkeypatch):
 
     model = onnx.load(DIGITS)
     feed = sample_feed(model)
-    want = run(model, feed)[0]
+    want = validate.session(model).run(None, feed)[0]
     monkeypatch.setattr(validate, "_INLINE_LIMIT", 1)  # force the >2 GB path on a small model
     got = validate.session(model).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)

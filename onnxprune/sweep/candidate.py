@@ -127,6 +127,7 @@ def execute(context: SweepContext, recipe: Recipe | None) -> tuple[dict, bytes |
     except Exception as exc:  # noqa: BLE001 - one candidate's internal error must not stop the sweep
         record, data = _failed(f"internal error ({type(exc).__name__}: {_one_line(exc)})"), None
     record["seconds"] = time.perf_counter() - start
+    worker["ended"] = time.time()  # wall clock, to tell runs in one reused worker process apart
     record["worker"] = worker
     return record, data
 
