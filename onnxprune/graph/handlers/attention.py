@@ -55,6 +55,16 @@ class _HeadsOp(Handler):
         ok = ctx.couple(node, q, k, per_kv, head)
         return ctx.couple(node, q, v, per_kv, head) and ok
 
+    def _projected(self, node, ctx):
+        """The axes of q, k and v (inputs 0-2); None when none has one, or when only some do (then frozen)."""
+        q, k, v = (ctx.axis_of(_input(node, i)) for i in range(3))
+        if q is None and k is None and v is None:
+            return None
+        if q is None or k is None or v is None:
+            self._freeze(node, ctx, q, k, v, "queries, keys and values do not all come from projections")
+            return None
+        return q, k, v
+
     @staticmethod
     def _freeze(node, ctx, q, k, v, reason: str) -> None:
         for layout in (q, k, v):
@@ -98,12 +108,10 @@ class Attention(_HeadsOp):
     qk_matmul_output."""
 
     def analyze(self, node, ctx):
-        q, k, v = (ctx.axis_of(_input(node, i)) for i in range(3))
-        if q is None and k is None and v is None:
+        qkv = self._projected(node, ctx)
+        if qkv is None:
             return
-        if q is None or k is None or v is None:
-            self._freeze(node, ctx, q, k, v, "queries, keys and values do not all come from projections")
-            return
+        q, k, v = qkv
         rank = ctx.view.rank(node.input[0])
         if rank == 4:
             q_heads, kv_heads = ctx.view.dim(node.input[0], 1), ctx.view.dim(node.input[1], 1)
@@ -177,12 +185,10 @@ class GroupQueryAttention(_HeadsOp):
                 return
             q, k, v = parts
         else:
-            q, k, v = (ctx.axis_of(_input(node, i)) for i in range(3))
-            if q is None and k is None and v is None:
+            qkv = self._projected(node, ctx)
+            if qkv is None:
                 return
-            if q is None or k is None or v is None:
-                self._freeze(node, ctx, q, k, v, "queries, keys and values do not all come from projections")
-                return
+            q, k, v = qkv
         if head is None or not all(ax.axis == 2 and _plain(ax, head) for ax in (q, k, v)):
             self._freeze(node, ctx, q, k, v, "features are not [batch, seq, heads·head_size]")
             return
