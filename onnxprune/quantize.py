@@ -117,20 +117,13 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
                 notes.append(f"rewrote {converted} Gemm node(s) as MatMul+Add so dynamic int8 can cover them")
                 src = _write(work, Path(tmp) / "matmul.onnx")
         out = Path(tmp) / "quant.onnx"
-        try:
-            with _quiet_ort_logging():
-                if mode == "static":
-                    if method != "minmax":
-                        feeds = _equal_batches(feeds, notes)
-                    notes.append(_run_static(src, out, feeds, method, per_channel, reduce_range, target, excluded, large))
-                else:
-                    notes.extend(_run_dynamic(src, out, work, per_channel, reduce_range, target, excluded, large))
-        except (InputError, UnsupportedModelError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
-            _blame_input(model)
-            raise UnsupportedModelError(f"onnxruntime could not quantize the model ({mode}): "
-                                        f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        with _onnxruntime_quantizing(model, mode):
+            if mode == "static":
+                if method != "minmax":
+                    feeds = _equal_batches(feeds, notes)
+                notes.append(_run_static(src, out, feeds, method, per_channel, reduce_range, target, excluded, large))
+            else:
+                notes.extend(_run_dynamic(src, out, work, per_channel, reduce_range, target, excluded, large))
         result = onnx.load(str(out))  # reads external data from tmp while it still exists
     counts = _quantized_node_counts(result)
     if not counts:
@@ -281,18 +274,11 @@ def _to_int4(model: onnx.ModelProto, exclude: Sequence[str], block_size: int, sy
     unknown = [e for e in exclude if e not in names and e not in {n.op_type for n in model.graph.node}]
     if unknown:
         raise InputError(f"--exclude {', '.join(unknown)}: no node name or op type in the model matches")
-    try:
-        with _quiet_ort_logging():
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                             accuracy_level=accuracy_level, nodes_to_exclude=excluded)
-            quantizer.process()
+    with _onnxruntime_quantizing(model, "int4"):
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=excluded)
+        quantizer.process()
         result = quantizer.model.model
-    except (InputError, UnsupportedModelError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
-        _blame_input(model)
-        raise UnsupportedModelError(f"onnxruntime could not quantize the model (int4): {type(exc).__name__}: "
-                                    f"{_first_line(exc)}") from exc
     counts = _quantized_node_counts(result)
     if not counts:
         raise UnsupportedModelError("nothing was quantized: int4 weight-only quantization found no MatMul with a "
@@ -533,6 +519,21 @@ def _working_dir(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _onnxruntime_quantizing(model: onnx.ModelProto, mode: str) -> Iterator[None]:
+    """onnxruntime's quantizers, quiet; what they raise becomes one line (after blaming the input if it is
+    the model's fault)."""
+    try:
+        with _quiet_ort_logging():
+            yield
+    except (InputError, UnsupportedModelError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
+        _blame_input(model)
+        raise UnsupportedModelError(f"onnxruntime could not quantize the model ({mode}): "
+                                    f"{type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ solve per layer and lambda.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -570,8 +571,7 @@ class _StagedSource:
         for feed in self.feeds:
             yield feed, next(current), next(original)
         for rest in (current, original):  # run both to their end: the frontier drops what no stage reads again
-            for _ in rest:
-                pass
+            collections.deque(rest, maxlen=0)
 
     def passes(self) -> dict:
         return {"pruned": self.current.passes, "original": self.original.passes,
@@ -614,7 +614,7 @@ class _RerunSource:
         return {}
 
     def close(self) -> None:
-        pass
+        """Nothing to release: each stage's probes go with the stage."""
 
 
 TARGET_CACHE_BYTES = 1 << 30

@@ -15,6 +15,7 @@ The frontier lives in a `FrontierStore`: in memory up to a byte budget, in memor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -83,18 +84,13 @@ class FrontierStore:
     def get(self, name: str, batch: int) -> np.ndarray:
         return self._values[name][batch]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._values
-
     def drop(self, name: str) -> None:
         for value in self._values.pop(name, {}).values():
             if isinstance(value, np.memmap):
                 path = value.filename
                 del value
-                try:
+                with contextlib.suppress(OSError):  # already gone with its folder
                     os.unlink(path)
-                except OSError:
-                    pass
             else:
                 self.in_memory -= value.nbytes
 
