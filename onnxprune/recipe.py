@@ -276,7 +276,7 @@ def _choice(choices: Callable[[], tuple[str, ...]] | tuple[str, ...]):
 
 
 def _criteria() -> tuple[str, ...]:
-    from onnxprune.scoring import all_criteria
+    from onnxprune.pipeline.score import all_criteria
 
     return tuple(all_criteria())
 

@@ -4,7 +4,7 @@ Pick channels in every prunable group and zero the weights that *read* them (eac
 slices). Those channels then contribute nothing, so removing exactly them must leave every output unchanged
 up to float rounding. A wrong index map, a missed consumer or a bad shape fix shows up as a mismatch.
 
-The check is only as strong as the zeroing is visible: a randomly initialised detector head can hardly depend on
+The check is only as the zeroing is visible: a randomly initialised detector head can hardly depend on
 its weights, and then any rewrite passes. `moved` (how far zeroing moved the outputs of the unzeroed model,
 relative to their scale) says so; `informative(tol)` asks that it be far above the tolerance.
 """
@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.kvcache import cache_inputs, follow, sample_cache
-from onnxprune.planning import plan_uniform
-from onnxprune.prune import prepare, prune_model
-from onnxprune.validate import run, sample_feed
-from onnxprune.weights import tensor_array
+from onnxprune.graph.kvcache import cache_inputs, follow, sample_cache
+from onnxprune.pipeline.plan import plan_uniform
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.io.weights import tensor_array
 
 
 @dataclass
@@ -33,7 +33,7 @@ class OracleResult:
     zeroed: onnx.ModelProto
     pruned: onnx.ModelProto
     moved: float = float("nan")  # max |original - zeroed| / max |original|: what the zeroing changed
-    faults: list = field(default_factory=list)  # faults contained while pruning (onnxprune.containment)
+    faults: list = field(default_factory=list)  # faults contained while pruning (onnxprune.pipeline.apply)
 
     def informative(self, tol: float, factor: float = 100.0) -> bool:
         """Whether zeroing moved the outputs `factor` times more than `tol` (else the oracle proves little)."""

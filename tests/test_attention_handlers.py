@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from onnxprune.graph.layout import Segment
-from onnxprune.planning import select
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.plan import select
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channel_oracle
 from tests.onnx_builders import build, init_shape
 
@@ -117,7 +117,7 @@ def test_fused_onnxruntime_ops_freeze_with_a_reason():
 
 def test_head_ratio_removes_whole_heads_rounded_down():
     """--head-ratio: head groups lose that share of their heads (rounded down), neuron groups keep `ratio`."""
-    from onnxprune.planning import plan_global, plan_uniform
+    from onnxprune.pipeline.plan import plan_global, plan_uniform
 
     m = attention()
     prep = prepare(m)
@@ -188,8 +188,8 @@ def test_hybrid_scores_heads_by_the_error_a_refit_leaves():
     """With calibration data, heads are scored by what a least-squares refit of the output projection cannot
     bring back once they are gone: the first head removed scores its refit error, checked here against a
     direct least-squares fit on the same activations."""
-    from onnxprune.activations import Probe, channel_stats
-    from onnxprune.scoring import score_groups
+    from onnxprune.pipeline.activations import Probe, channel_stats
+    from onnxprune.pipeline.score import score_groups
 
     m = attention()
     prep = prepare(m)
@@ -221,7 +221,7 @@ def test_hybrid_scores_heads_by_the_error_a_refit_leaves():
 def test_prune_hidden_follows_a_decomposed_layernorm():
     """LayerNorm as exporters may decompose it (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add): frozen
     by default; with prune_hidden its features prune like the fused op's, with the approximation note."""
-    from onnxprune.prune import HIDDEN_WARNING
+    from onnxprune.pipeline.prune import HIDDEN_WARNING
 
     nodes = [("MatMul", ["x", "w1"], ["h"]), ("ReduceMean", ["h"], ["mu"], {"axes": [-1]}),
              ("Sub", ["h", "mu"], ["d"]), ("Pow", ["d", "two"], ["d2"]),

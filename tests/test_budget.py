@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.data import load_data
-from onnxprune.evaluate import accuracy, run_model
-from onnxprune.model_io import load_model
-from onnxprune.prune import prepare, prune_model
-from onnxprune.stats import count_macs, count_params
+from onnxprune.evaluate.data import load_data
+from onnxprune.evaluate.metrics import accuracy, run_model
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.graph.stats import count_macs, count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -51,8 +51,8 @@ def test_groups_get_different_ratios(resnet):
 
 
 def test_sensitivity_allocation_spares_sensitive_groups():
-    from onnxprune.scoring import score_groups
-    from onnxprune.sensitivity import sensitivity
+    from onnxprune.pipeline.score import score_groups
+    from onnxprune.pipeline.sensitivity import sensitivity
 
     model = load_model(MODELS / "digits_cnn.onnx")
     prep = prepare(model)
@@ -98,9 +98,9 @@ def test_bad_budget_options_are_one_line_errors(cli_error, argv, needle):
 
 
 def test_budget_cost_model_matches_the_rewritten_model(resnet):
-    from onnxprune.budget import CostModel
-    from onnxprune.planning import plan_uniform
-    from onnxprune.rewrite import apply_plan
+    from onnxprune.pipeline.budget import CostModel
+    from onnxprune.pipeline.plan import plan_uniform
+    from onnxprune.pipeline.rewrite import apply_plan
 
     model, prep = resnet
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 from onnxprune.cli import main
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.validate import run, sample_feed
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"

@@ -16,12 +16,12 @@ import onnx
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.containment import bisect_plan
+from onnxprune.pipeline.apply import bisect_plan
 from onnxprune.errors import ValidationError
 from onnxprune.graph.handlers import get_handler
-from onnxprune.prune import prepare, prune_model
-from onnxprune.stats import count_params
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.graph.stats import count_params
+from onnxprune.pipeline.validate import run, sample_feed
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 RELU = "/conv3/conv3.1/Relu"  # carries group 2 (conv3's 64 channels) to the head
@@ -91,7 +91,7 @@ def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
 
 def test_validation_failure_of_one_group_is_bisected(monkeypatch):
     """The validator rejects any model where conv2's group lost channels: bisection freezes that group only."""
-    from onnxprune import validate as validate_module
+    from onnxprune.pipeline import validate as validate_module
 
     real = validate_module.validate
     calls = []
@@ -137,7 +137,7 @@ def test_bisect_finds_every_culprit_and_pairs():
 
 
 def test_every_group_failing_validation_is_an_error(digits, monkeypatch, cli_error, tmp_path):
-    from onnxprune import validate as validate_module
+    from onnxprune.pipeline import validate as validate_module
 
     real = validate_module.validate
 

@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import ValidationError
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import check_as_original, run
+from onnxprune.pipeline.validate import check_as_original, run
 
 E, F, S = 16, 32, 4
 

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.cli_options import dataset_from_options, parse_input_shapes
-from onnxprune.data import ImageOptions, from_arrays, load_data, split_dataset
+from onnxprune.commands.options import dataset_from_options, parse_input_shapes
+from onnxprune.evaluate.data import ImageOptions, from_arrays, load_data, split_dataset
 from onnxprune.errors import InputError
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

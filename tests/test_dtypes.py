@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.prune import prune_model
+from onnxprune.pipeline.prune import prune_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.validate import run, sample_feed
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 # (onnx type, numpy type, opset: bfloat16 Conv needs 22, oracle tolerance: rounding of the dtype)
@@ -114,9 +114,9 @@ def test_mixed_float16_with_float32_io(model_name):
 def test_constants_written_by_rewrites_keep_their_dtype():
     """Slice bounds stored as int32 stay int32; a float32 value written over a float16 constant becomes
     float16 (RewriteContext.set_input_constant)."""
-    from onnxprune.prune import prepare
-    from onnxprune.planning import Plan
-    from onnxprune.rewrite import RewriteContext
+    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.plan import Plan
+    from onnxprune.pipeline.rewrite import RewriteContext
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1], name="conv1"),

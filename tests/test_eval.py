@@ -1,4 +1,4 @@
-"""`onnxprune eval` and onnxprune.evaluate: figures match an independent onnxruntime loop, gates set the exit
+"""`onnxprune eval` and onnxprune.evaluate.metrics: figures match an independent onnxruntime loop, gates set the exit
 code, bad input is one line with exit code 2."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.data import from_arrays, load_data
+from onnxprune.evaluate.data import from_arrays, load_data
 from onnxprune.errors import InputError
-from onnxprune.evaluate import accuracy, compare_outputs, evaluate, measure_latency, run_model
+from onnxprune.evaluate.metrics import accuracy, compare_outputs, evaluate, measure_latency, run_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MODEL = MODELS / "digits_cnn.onnx"
@@ -114,7 +114,7 @@ def test_latency_statistics_and_batch_sizes():
 
 def test_io_binding_path_runs_with_the_cpu_as_its_device():
     """The CUDA timing path (inputs bound once, outputs left in place, synchronised) exercised on the CPU."""
-    from onnxprune.evaluate import _device_resident_call, make_session
+    from onnxprune.evaluate.metrics import _device_resident_call, make_session
 
     session = make_session(str(MODEL))
     x = np.load(HELDOUT)["input"][:3]
@@ -240,7 +240,7 @@ def test_end_to_end_exit_codes_in_a_real_process(tmp_path):
 def test_fidelity_on_real_tokens_only():
     """Token outputs ([batch, seq, features]) with an attention mask in the feed are compared on real tokens:
     garbage at padded positions changes no figure."""
-    from onnxprune.evaluate import compare_outputs
+    from onnxprune.evaluate.metrics import compare_outputs
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((2, 5, 4)).astype(np.float32)

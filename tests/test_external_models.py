@@ -41,7 +41,7 @@ def pruned_array(original: onnx.ModelProto, pruned: onnx.ModelProto, name: str) 
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnxprune.validate import run as ort_run
+    from onnxprune.pipeline.validate import run as ort_run
 
     return ort_run(model, feed)
 
@@ -68,7 +68,7 @@ NHWC_EXPECTED = {
 
 @pytest.mark.parametrize("name", list(zoo_models.NHWC_MODELS))
 def test_nhwc_prune_half(name: str):
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     model = zoo_models.NHWC_MODELS[name]()
     x = zoo_models.nhwc_input()
@@ -84,7 +84,7 @@ def test_nhwc_prune_half(name: str):
 
 
 def test_nhwc_flatten_shape_constant_follows_the_pruned_channels():
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     model = zoo_models.nhwc_transpose_back_flatten()
     res = prune_model(model, ratio=0.5)
@@ -111,7 +111,7 @@ NHWC_PRUNABLE = {
 
 @pytest.mark.parametrize("name", list(zoo_models.NHWC_MODELS))
 def test_nhwc_groups(name: str):
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.prune import prepare
 
     analysis = prepare(zoo_models.NHWC_MODELS[name]()).analysis
     assert sorted(g.size for g in analysis.prunable) == sorted(NHWC_PRUNABLE[name])
@@ -133,7 +133,7 @@ def test_sklearn_mlp_export_ops():
 
 
 def test_sklearn_mlp_prune_half():
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     model, x_test, y_test, _ = _mlp()
     res = prune_model(model, ratio=0.5)
@@ -150,7 +150,7 @@ def test_sklearn_mlp_prune_half():
 
 def test_sklearn_mlp_light_pruning_keeps_accuracy():
     """L1 pruning of a quarter of the hidden units, without retraining, still classifies digits (0.98 -> 0.93)."""
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     model, x_test, y_test, acc = _mlp()
     label = run(prune_model(model, ratio=0.25).model, {"X": x_test})[0]

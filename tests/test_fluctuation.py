@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.activations import Probe, channel_stats
-from onnxprune.prune import prepare, prune_model
-from onnxprune.scoring import score_groups
+from onnxprune.pipeline.activations import Probe, channel_stats
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.score import score_groups
 from tests.onnx_builders import build, init_shape
 
 

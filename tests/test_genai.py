@@ -53,9 +53,9 @@ def generate(folder, prompt, length=24):
 
 
 def test_builder_model_prunes_and_generates(genai_folder, tmp_path):
-    from onnxprune.model_folder import write_folder
-    from onnxprune.planning import plan_uniform
-    from onnxprune.prune import prepare, prune_model
+    from onnxprune.io.model_folder import write_folder
+    from onnxprune.pipeline.plan import plan_uniform
+    from onnxprune.pipeline.prune import prepare, prune_model
     from onnxprune.testing import zero_channels
 
     original = onnx.load(str(genai_folder / "model.onnx"))

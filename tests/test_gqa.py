@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run
+from onnxprune.pipeline.validate import run
 from tests.onnx_builders import build, init_shape
 
 S, E = 5, 16

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.prune import prepare, prune_model
-from onnxprune.stats import count_params
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.graph.stats import count_params
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.validate import run, sample_feed
 from tests.onnx_builders import build, init_shape
 
 X = {"x": [1, 3, 8, 8]}

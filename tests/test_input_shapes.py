@@ -14,8 +14,8 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.feeds import resolve_shapes, validation_feed
-from onnxprune.prune import prune_model
+from onnxprune.runtime.feeds import resolve_shapes, validation_feed
+from onnxprune.pipeline.prune import prune_model
 from tests.onnx_builders import build
 
 # two unpadded 3x3 convs: a 1x1 (or 3x3) image cannot run, so H and W cannot be guessed

@@ -11,11 +11,11 @@ import onnx
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.data import load_data
-from onnxprune.evaluate import perplexity, run_model
-from onnxprune.model_io import model_bytes
-from onnxprune.prune import prune_model
-from onnxprune.quantize import quantize_model
+from onnxprune.evaluate.data import load_data
+from onnxprune.evaluate.metrics import perplexity, run_model
+from onnxprune.io.model_io import model_bytes
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.quantize.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 V = 260

@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.planning import plan_uniform
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.plan import plan_uniform
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channels
-from onnxprune.validate import session
+from onnxprune.pipeline.validate import session
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 LAYERS, KV_HEADS, HEAD = 2, 2, 8
@@ -134,7 +134,7 @@ def test_hugging_face_folder_gets_an_updated_config(tmp_path):
     import stdlib_text as st
 
     from onnxprune.cli import main
-    from onnxprune.model_folder import pruned_sizes
+    from onnxprune.io.model_folder import pruned_sizes
 
     lm = et.llama_lm(hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS, intermediate=64, vocab=st.VOCAB)
     src = st.save_hf_folder(lm, tmp_path / "src")

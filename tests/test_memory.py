@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxprune.model_io import load_model
+from onnxprune.io.model_io import load_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run, sample_feed
-from onnxprune.weights import TensorWriter, is_external, is_lazy, nbytes
+from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.io.weights import TensorWriter, is_external, is_lazy, nbytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path):
 
 def test_a_sweep_takes_a_model_with_external_data(tmp_path):
     from onnxprune.cli import main
-    from onnxprune.model_io import save_model
+    from onnxprune.io.model_io import save_model
 
     model = tmp_path / "ext" / "digits.onnx"
     model.parent.mkdir()

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import model_io
+from onnxprune.io import model_io
 from onnxprune.errors import InputError
-from onnxprune.prune import prepare, prune_model
-from onnxprune.scoring import score_groups
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.score import score_groups
+from onnxprune.pipeline.validate import run, sample_feed
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 
@@ -103,7 +103,7 @@ def test_bn_scale_scores_follow_gamma():
 
 
 def test_session_through_external_data_keeps_the_model(monkeypatch):
-    from onnxprune import validate
+    from onnxprune.pipeline import validate
 
     model = onnx.load(DIGITS)
     feed = sample_feed(model)

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.data import load_data
-from onnxprune.evaluate import evaluate, perplexity, run_model
+from onnxprune.evaluate.data import load_data
+from onnxprune.evaluate.metrics import evaluate, perplexity, run_model
 
 V = 11
 
@@ -130,7 +130,7 @@ def test_shipped_decoder(tmp_path):
     perplexity docs/BENCHMARKS.md reports."""
     from pathlib import Path
 
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.prune import prepare
 
     models = Path(__file__).resolve().parents[1] / "models"
     m = onnx.load(str(models / "stdlib_llama.onnx"))

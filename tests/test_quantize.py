@@ -1,4 +1,4 @@
-"""onnxprune.quantize and the `quantize` command: int8 static/dynamic and fp16 through onnxruntime."""
+"""onnxprune.quantize.quantize and the `quantize` command: int8 static/dynamic and fp16 through onnxruntime."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 
 from onnxprune.errors import InputError, UnsupportedModelError  # noqa: E402
-from onnxprune.quantize import provider_warnings, quantize_model  # noqa: E402
+from onnxprune.quantize.quantize import provider_warnings, quantize_model  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -153,7 +153,7 @@ def test_dynamic_int8_mlp_agrees_with_float32(mlp):
 
 
 def test_gemm_to_matmul_is_exact_in_float():
-    from onnxprune.quantize import _gemm_to_matmul
+    from onnxprune.quantize.quantize import _gemm_to_matmul
 
     model = gemm_model()
     rewritten = onnx.ModelProto()
@@ -344,7 +344,7 @@ def test_cli_fp16_without_data_checks_on_random_inputs(cli, tmp_path):
 
 @needs_digits
 def test_prune_then_quantize_composes(digits):
-    prune = pytest.importorskip("onnxprune.prune")
+    prune = pytest.importorskip("onnxprune.pipeline.prune")
     model, feeds, x, labels = digits
     pruned = prune.prune_model(model, ratio=0.25).model
     result = quantize_model(pruned, "static", calibration=feeds)

@@ -11,8 +11,8 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.model_io import load_model
-from onnxprune.prune import prune_model
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.prune import prune_model
 from onnxprune.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_bad_json_recipes(digits, tmp_path, cli_error):
 
 
 def test_python_api_takes_a_recipe_and_keywords_remain_a_thin_layer():
-    from onnxprune.data import load_data
+    from onnxprune.evaluate.data import load_data
 
     model = load_model(MODELS / "digits_cnn.onnx")
     calib = load_data(CALIB, model, limit=64)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-from onnxprune.data import from_arrays, load_data
-from onnxprune.evaluate import accuracy, run_model
-from onnxprune.model_io import load_model
-from onnxprune.prune import prepare, prune_model
-from onnxprune.recovery import Gram, select_alpha, solve
-from onnxprune.validate import run
+from onnxprune.evaluate.data import from_arrays, load_data
+from onnxprune.evaluate.metrics import accuracy, run_model
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.recover import Gram, select_alpha, solve
+from onnxprune.pipeline.validate import run
 from tests.onnx_builders import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,8 +184,8 @@ def test_hybrid_finds_the_neuron_a_refit_can_replace():
     """Two hidden neurons compute the same thing (equal fc1 columns) and both have the largest fc2 rows:
     magnitude keeps both, but either can go at no cost once fc2 is refit — `hybrid` scores one of them lowest,
     and pruning it with `--recover lstsq` leaves the output unchanged."""
-    from onnxprune.activations import channel_stats
-    from onnxprune.scoring import score_groups
+    from onnxprune.pipeline.activations import channel_stats
+    from onnxprune.pipeline.score import score_groups
 
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((6, 8)).astype(np.float32)

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run, sample_feed
+from onnxprune.pipeline.validate import run, sample_feed
 from tests.onnx_builders import build
 
 ORACLE_TOL = 1e-5

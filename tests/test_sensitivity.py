@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from onnxprune.commands.sensitivity import sensitivity_command
-from onnxprune.data import from_arrays, load_data
-from onnxprune.model_io import load_model
-from onnxprune.prune import prepare
-from onnxprune.scoring import score_groups
-from onnxprune.sensitivity import sensitivity
+from onnxprune.evaluate.data import from_arrays, load_data
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.prune import prepare
+from onnxprune.pipeline.score import score_groups
+from onnxprune.pipeline.sensitivity import sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

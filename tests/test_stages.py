@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.activations import GRAM_ROWS, MAX_GRAM, Probe, channel_stats
-from onnxprune.data import load_data
+from onnxprune.pipeline.activations import GRAM_ROWS, MAX_GRAM, Probe, channel_stats
+from onnxprune.evaluate.data import load_data
 from onnxprune.errors import InputError
-from onnxprune.model_io import load_model
+from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
-from onnxprune.prune import prepare, prune_model
-from onnxprune.scoring import score_groups
+from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.score import score_groups
 from tests.onnx_builders import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_parse_bytes():
 
 
 def _recovered_weights(model, feeds, staged, monkeypatch, ratio=0.5):
-    import onnxprune.recovery as recovery
+    import onnxprune.pipeline.recover as recovery
 
     real = recovery._lstsq
     monkeypatch.setattr(recovery, "_lstsq", lambda *a, **k: real(*a[:8], staged, None))
@@ -160,7 +160,7 @@ def _wide_mlp(width: int, rng):
 
 
 def test_refit_scores_on_an_input_wider_than_max_gram_agree_with_a_direct_least_squares_fit():
-    from onnxprune.scoring import DataInputs, _refit_losses
+    from onnxprune.pipeline.score import DataInputs, _refit_losses
 
     rng = np.random.default_rng(0)
     width = MAX_GRAM + 28

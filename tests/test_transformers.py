@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.prune import prepare, prune_model
+from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.validate import run
+from onnxprune.pipeline.validate import run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -94,7 +94,7 @@ def test_prune_transformer(exported, kind, dynamo):
 
 
 def test_token_rows_follow_the_attention_mask():
-    from onnxprune.activations import token_rows
+    from onnxprune.pipeline.activations import token_rows
 
     mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
     rows = token_rows({"input_ids": np.zeros((2, 3), np.int64), "attention_mask": mask}, (2, 3, 8))
@@ -104,7 +104,7 @@ def test_token_rows_follow_the_attention_mask():
 
 
 def test_solve_path_matches_one_solve_per_alpha():
-    from onnxprune.recovery import ALPHAS, solve, solve_path
+    from onnxprune.pipeline.recover import ALPHAS, solve, solve_path
 
     rng = np.random.default_rng(0)
     x = np.hstack([rng.normal(size=(300, 12)) + 1.0, np.ones((300, 1))])
@@ -116,7 +116,7 @@ def test_solve_path_matches_one_solve_per_alpha():
 
 
 def test_probe_with_only_outputs_runs_the_needed_nodes(exported):
-    from onnxprune.activations import only_outputs
+    from onnxprune.pipeline.activations import only_outputs
 
     model = exported("bert", False)
     name = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
@@ -124,7 +124,7 @@ def test_probe_with_only_outputs_runs_the_needed_nodes(exported):
     assert [o.name for o in small.graph.output] == [name]
     assert len(small.graph.node) < len(model.graph.node) // 3
     feed = feed_for("bert")
-    from onnxprune.activations import Probe
+    from onnxprune.pipeline.activations import Probe
 
     np.testing.assert_array_equal(Probe(model, [name]).run(feed)[name], Probe(model, [name], only=True).run(feed)[name])
 
@@ -159,7 +159,7 @@ def test_lstsq_refits_against_the_residual_stream_and_skips_padding(exported):
 
 def test_activation_statistics_skip_padded_tokens(exported):
     """What the padded positions hold changes no statistic: scores see real tokens only."""
-    from onnxprune.activations import channel_stats
+    from onnxprune.pipeline.activations import channel_stats
 
     model = exported("bert", False)
     prep = prepare(model)
@@ -194,7 +194,7 @@ def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
     writers and readers of all blocks) becomes one prunable group; the result runs, keeps its output shape and
     is reported as approximate. Without the option that group stays frozen with the LayerNorm reason."""
     from onnxprune.cli import main
-    from onnxprune.prune import HIDDEN_WARNING
+    from onnxprune.pipeline.prune import HIDDEN_WARNING
 
     model = exported("vit", False)
     frozen = [g for g in prepare(model).analysis.groups if g.size == 32 and not g.prunable]

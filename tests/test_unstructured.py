@@ -11,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.model_io import load_model
-from onnxprune.unstructured import prune_unstructured
-from onnxprune.validate import run, sample_feed
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.unstructured import prune_unstructured
+from onnxprune.pipeline.validate import run, sample_feed
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -63,7 +63,7 @@ def load(name: str, exporter: str) -> onnx.ModelProto:
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     return run(model, {"input": x})
 
@@ -79,7 +79,7 @@ def test_zoo_lists_the_issue_architectures():
 
 @pytest.mark.parametrize("name, exporter", CASES)
 def test_prune_half(name: str, exporter: str):
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     spec = zoo.ZOO[name]
     model = load(name, exporter)
@@ -112,7 +112,7 @@ def test_prune_half(name: str, exporter: str):
 
 @pytest.mark.parametrize("name, exporter", CASES)
 def test_zero_channel_oracle(name: str, exporter: str):
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.prune import prepare
     from onnxprune.testing import zero_channel_oracle
 
     model = load(name, exporter)
@@ -128,7 +128,7 @@ def test_zero_channel_oracle(name: str, exporter: str):
 def test_preserve_export_keeps_batchnorm_and_prunes_it():
     from onnx import numpy_helper
 
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     model = load("resnet18_bn", "torchscript")
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
@@ -150,7 +150,7 @@ def test_preserve_export_keeps_batchnorm_and_prunes_it():
 
 def test_deduplicated_initializers_do_not_freeze_groups():
     """TorchScript shares identical (zero) conv biases behind Identity nodes; pruning must unshare them."""
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.prune import prepare
 
     plain = load("resnet18_plain", "torchscript")
     inits = {t.name for t in plain.graph.initializer}
@@ -175,7 +175,7 @@ def test_macs_agree_across_exporters(name: str):
 
     A MAC counter that loses shapes (e.g. behind Reshapes whose shape is computed at run time) shows here.
     """
-    from onnxprune.stats import count_macs, count_params
+    from onnxprune.graph.stats import count_macs, count_params
 
     ts, dyn = load(name, "torchscript"), load(name, "dynamo")
     assert count_macs(ts) == pytest.approx(count_macs(dyn), rel=1e-6)

@@ -37,9 +37,9 @@ def load(name: str, seed: int = 0) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("name", _params())
 def test_prune_half_and_oracle(name):
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     spec = zoo_libs.LIBS[name]
     feed = {"input": zoo_libs.example_input(name, batch=2)}
@@ -70,7 +70,7 @@ def test_yolov8_c2f_halves_prune():
     """YOLOv8's C2f cuts each cv1 output in halves (`chunk(2, 1)`, Slices with bounds computed from the shape):
     the halves prune apart, so almost every group of the backbone and neck is prunable."""
     pytest.importorskip("ultralytics")
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.prune import prepare
 
     prep = prepare(load("ultralytics/yolov8n"))
     assert len(prep.analysis.prunable) >= 55 and len(prep.analysis.groups) <= 64

@@ -70,11 +70,11 @@ def build(name: str) -> tuple[Path, Path]:
 def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
     """Runs in the child: prune with counted sessions, print the figures as JSON."""
     import numpy as np
-    import onnxprune.activations as activations
-    import onnxprune.validate as validate
-    from onnxprune.data import load_data
-    from onnxprune.model_io import load_model
-    from onnxprune.prune import prune_model
+    import onnxprune.pipeline.activations as activations
+    import onnxprune.pipeline.validate as validate
+    from onnxprune.evaluate.data import load_data
+    from onnxprune.io.model_io import load_model
+    from onnxprune.pipeline.prune import prune_model
 
     counts = {"node_runs": 0, "sessions": 0}
     real = validate.session

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune.data import load_data
-from onnxprune.evaluate import make_session, measure_latency
-from onnxprune.model_io import load_model
+from onnxprune.evaluate.data import load_data
+from onnxprune.evaluate.metrics import make_session, measure_latency
+from onnxprune.io.model_io import load_model
 from onnxprune.report import cpu_model, environment, print_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -51,7 +51,7 @@ def all_params(model: onnx.ModelProto) -> int:
 
 
 def held_out_perplexity(model, data) -> float:
-    from onnxprune.evaluate import perplexity, run_model
+    from onnxprune.evaluate.metrics import perplexity, run_model
 
     return perplexity(run_model(model, data, threads=2), data.feeds)["perplexity"]
 
@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
 
-    from onnxprune.activations import channel_stats
-    from onnxprune.data import load_data
-    from onnxprune.prune import prepare, prune_model
+    from onnxprune.pipeline.activations import channel_stats
+    from onnxprune.evaluate.data import load_data
+    from onnxprune.pipeline.prune import prepare, prune_model
     from onnxprune.report import environment
 
     model = onnx.load(args.model)

@@ -86,7 +86,7 @@ def feeds(tokenizer, sentences: list[str], batch: int = 16, max_len: int = 64) -
 
 
 def embeddings(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    from onnxprune.validate import session
+    from onnxprune.pipeline.validate import session
 
     sess = session(model)
     embs = []
@@ -117,7 +117,7 @@ def linear_macs_per_token(model: onnx.ModelProto) -> int:
 
 def latency(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int, repeats: int) -> float:
     """Median seconds to run all `batches` once."""
-    from onnxprune.validate import session
+    from onnxprune.pipeline.validate import session
 
     sess = session(model, threads=threads)
     for feed in batches[:2]:
@@ -138,10 +138,10 @@ def mlp_only_plan(model: onnx.ModelProto, ratio: float, criterion: str, calib) -
     V columns, output-projection rows). Every MLP loses the same share, ratio · (attention + MLP) / MLP of
     its neurons, chosen by `criterion`.
     """
-    from onnxprune.activations import channel_stats
-    from onnxprune.planning import select
-    from onnxprune.prune import prepare
-    from onnxprune.scoring import DATA_CRITERIA, score_groups
+    from onnxprune.pipeline.activations import channel_stats
+    from onnxprune.pipeline.plan import select
+    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 
     prep = prepare(model)
     stats = channel_stats(prep, calib) if criterion in DATA_CRITERIA else None
@@ -180,7 +180,7 @@ def main() -> None:
     sys.path.insert(0, "tools")
     from export_minilm import load_tokenizer
 
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     tok = load_tokenizer()
     calib_s, held_s = split_sentences()

@@ -63,7 +63,7 @@ def zoo_cases(names=None):
 
 
 def runs_like(model, original, x) -> bool:
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     name = original.graph.input[0].name
     try:
@@ -76,8 +76,8 @@ def runs_like(model, original, x) -> bool:
 
 def dead_channel_model(model):
     """The model with 30% of every prunable group's channels dead, and those channels by group root."""
-    from onnxprune.planning import plan_uniform
-    from onnxprune.prune import prepare
+    from onnxprune.pipeline.plan import plan_uniform
+    from onnxprune.pipeline.prune import prepare
     from onnxprune.testing import zero_channels
 
     prep = prepare(model)
@@ -116,7 +116,7 @@ def rel_err(a_list, b_list) -> float:
 
 
 def run_onnxprune(model, ratio):
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
 
     return prune_model(model, ratio=ratio).model
 
@@ -140,8 +140,8 @@ TOOLS = {"onnxprune": run_onnxprune, "onnxsim": run_onnxsim}
 
 
 def measure(name, family, load, x):
-    from onnxprune.stats import count_macs, count_params
-    from onnxprune.validate import run
+    from onnxprune.graph.stats import count_macs, count_params
+    from onnxprune.pipeline.validate import run
 
     original = load()
     row = {"model": name, "family": family}
@@ -175,7 +175,7 @@ def torch_pruning_row(name):
     import torch_pruning as tp
 
     import zoo
-    from onnxprune.stats import count_macs, count_params
+    from onnxprune.graph.stats import count_macs, count_params
 
     model = zoo.build(name)
     x = torch.from_numpy(zoo.example_input(name))

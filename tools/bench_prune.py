@@ -78,9 +78,9 @@ def time_torch_pruning(model, size: int) -> dict:
 def time_onnxprune(path: str) -> dict:
     import onnx
 
-    from onnxprune.model_io import load_model
-    from onnxprune.prune import prepare, prune_model
-    from onnxprune.validate import validate
+    from onnxprune.io.model_io import load_model
+    from onnxprune.pipeline.prune import prepare, prune_model
+    from onnxprune.pipeline.validate import validate
 
     t0 = time.perf_counter()
     model = load_model(path)
@@ -173,8 +173,8 @@ def _run_in(tmp: str, size: int, runs: int, repeats: int, threads: int) -> dict:
     import torch
     import torch_pruning as tp
 
-    from onnxprune.stats import count_macs, count_params
-    from onnxprune.validate import run as ort_run
+    from onnxprune.graph.stats import count_macs, count_params
+    from onnxprune.pipeline.validate import run as ort_run
 
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from onnxprune.quantize import quantize_model
+    from onnxprune.quantize.quantize import quantize_model
     from onnxprune.report import environment
 
     rng = np.random.default_rng(0)
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if args.ratio > 0:
         try:
-            from onnxprune.prune import prune_model
+            from onnxprune.pipeline.prune import prune_model
         except ImportError as exc:
-            notes.append(f"pruned rows skipped: onnxprune.prune is not available ({exc})")
+            notes.append(f"pruned rows skipped: onnxprune.pipeline.prune is not available ({exc})")
         else:
             pruned = prune_model(fp32, ratio=args.ratio).model
             models[f"pruned {args.ratio:g}"] = pruned

@@ -30,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.activations import channel_stats  # noqa: E402
-from onnxprune.data import load_data  # noqa: E402
-from onnxprune.evaluate import accuracy, run_model  # noqa: E402
-from onnxprune.model_io import load_model  # noqa: E402
-from onnxprune.prune import prepare, prune_model  # noqa: E402
-from onnxprune.stats import count_macs  # noqa: E402
+from onnxprune.pipeline.activations import channel_stats  # noqa: E402
+from onnxprune.evaluate.data import load_data  # noqa: E402
+from onnxprune.evaluate.metrics import accuracy, run_model  # noqa: E402
+from onnxprune.io.model_io import load_model  # noqa: E402
+from onnxprune.pipeline.prune import prepare, prune_model  # noqa: E402
+from onnxprune.graph.stats import count_macs  # noqa: E402
 
 METHODS = {  # name: (criterion, recovery)
     "l1": ("l1", "none"),

@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--skip-commands", action="store_true")
     args = parser.parse_args()
 
-    from onnxprune.data import load_data
-    from onnxprune.model_io import load_model
+    from onnxprune.evaluate.data import load_data
+    from onnxprune.io.model_io import load_model
     from onnxprune.recipe import Recipe
     from onnxprune.sweep import Measure, run_sweep
     from onnxprune.sweep.candidate import SweepContext, compute_shared, execute

@@ -12,7 +12,7 @@ hidden size stays.
     one is replaced by an equivalent timm-style module (one qkv nn.Linear, `num_heads`; outputs checked equal),
     then `MetaPruner(num_heads=..., prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=...,
     pruning_ratio_dict={fc1: ratio})` + `step()`; the prune time includes dependency tracing, not the export.
-  * MACs: onnxprune.stats.count_macs of each ONNX model (batch 1). Latency: onnxruntime CPU, batch 1, median of
+  * MACs: onnxprune.graph.stats.count_macs of each ONNX model (batch 1). Latency: onnxruntime CPU, batch 1, median of
     `--repeats` runs after a warm-up, `--threads` intra-op threads; each pruned model against the unpruned
     export of the same graph form.
 
@@ -34,7 +34,7 @@ import onnx
 
 
 def latency(model: onnx.ModelProto, feed: dict, threads: int, repeats: int) -> float:
-    from onnxprune.validate import session
+    from onnxprune.pipeline.validate import session
 
     sess = session(model, threads=threads)
     sess.run(None, feed)
@@ -78,8 +78,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import export_transformers as et
 
-    from onnxprune.prune import prune_model
-    from onnxprune.stats import count_macs
+    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.graph.stats import count_macs
 
     size = 32 if args.small else 224
     torch.manual_seed(0)

@@ -558,7 +558,7 @@ _ZOO: dict[str, onnx.ModelProto] | None = None
 
 
 def input_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    from onnxprune.feeds import resolve_shapes
+    from onnxprune.runtime.feeds import resolve_shapes
 
     return resolve_shapes(model)[0]
 
@@ -746,7 +746,7 @@ def make_case(seed: int) -> tuple[onnx.ModelProto, dict, str]:
 
 def _valid(model: onnx.ModelProto, feed: dict) -> bool:
     """Whether the case is a valid model: the full checker passes and it runs on its feed."""
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -759,10 +759,10 @@ def _valid(model: onnx.ModelProto, feed: dict) -> bool:
 def check_case(seed: int, verbose: bool = False) -> Case:
     """Prune case `seed` and collect every way it went wrong (see the module docstring)."""
     from onnxprune.errors import OnnxPruneError
-    from onnxprune.feeds import random_feed
-    from onnxprune.prune import prune_model
+    from onnxprune.runtime.feeds import random_feed
+    from onnxprune.pipeline.prune import prune_model
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     start = time.perf_counter()
     case = Case(seed, "")

@@ -57,9 +57,9 @@ def load_case(name: str, exporter: str) -> tuple[onnx.ModelProto, dict[str, np.n
 
 
 def run_case(name: str, exporter: str, ratio: float = 0.5, oracle: bool = True) -> dict:
-    from onnxprune.prune import prune_model
+    from onnxprune.pipeline.prune import prune_model
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     row = {"model": name, "exporter": exporter}
     model, feed = load_case(name, exporter)

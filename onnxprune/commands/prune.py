@@ -15,16 +15,16 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from onnxprune.cli_options import data_options, dataset_from_options, parse_input_shapes, tracking_option
+from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
 from onnxprune.commands._output import console, groups_table, interface_table, show_faults, summary_table, write_json
-from onnxprune.model_folder import check_targets, has_config, write_folder
+from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.errors import InputError
-from onnxprune.model_folder import check_targets, has_config, write_folder
-from onnxprune.model_io import load_model, save_model
+from onnxprune.io.model_folder import check_targets, has_config, write_folder
+from onnxprune.io.model_io import load_model, save_model
 from onnxprune.recipe import ALLOCATIONS, GQA_MODES, MODES, Recipe, field_names, load_recipe, option_name
 from onnxprune.pipeline.stages import parse_bytes
-from onnxprune.scoring import DATA_CRITERIA, all_criteria
-from onnxprune.weights import Workspace, is_lazy
+from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
+from onnxprune.io.weights import Workspace, is_lazy
 
 RECOVERY = ("none", "bias", "lstsq")
 QUANTIZE = ("int8", "static", "dynamic", "fp16", "int4")
@@ -154,15 +154,15 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     if eval_data is not None:
         if calib is None:
             raise InputError("--eval-data is compared with --data: pass --data too")
-        from onnxprune.data import load_data
+        from onnxprune.evaluate.data import load_data
 
         held = load_data(eval_data, original, batch_size=batch_size)
     elif max_drop is not None:
-        from onnxprune.data import split_dataset
+        from onnxprune.evaluate.data import split_dataset
 
         calib, held = split_dataset(calib, 0.5, recipe.seed)
 
-    from onnxprune.prune import prepare_recipe, prune_model, prune_within_drop
+    from onnxprune.pipeline.prune import prepare_recipe, prune_model, prune_within_drop
 
     prep = prepare_recipe(original, recipe) if recipe.mode == "structured" else None
     if prep is not None and is_lazy(prep.model) and not dry_run:
@@ -246,8 +246,8 @@ def _quality(original, pruned, calib, held) -> dict:
     """
     from rich.table import Table
 
-    from onnxprune.evaluate import run_model
-    from onnxprune.prune import measure
+    from onnxprune.evaluate.metrics import run_model
+    from onnxprune.pipeline.prune import measure
 
     table = Table(title="quality (scores and recovery were fitted on the calibration data; judge by evaluation)",
                   title_justify="left")

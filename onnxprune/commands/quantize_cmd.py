@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from onnxprune.cli_options import (DATA_KEYS, data_options, dataset_from_options, parse_input_shapes, parse_providers,
+from onnxprune.commands.options import (DATA_KEYS, data_options, dataset_from_options, parse_input_shapes, parse_providers,
                                    provider_options)
 from onnxprune.errors import InputError
-from onnxprune.model_io import load_model, model_bytes, save_model
-from onnxprune.quantize import METHODS, MODE_ALIASES, MODES, TARGETS, normalize_mode, provider_warnings, quantize_model
+from onnxprune.io.model_io import load_model, model_bytes, save_model
+from onnxprune.quantize.quantize import METHODS, MODE_ALIASES, MODES, TARGETS, normalize_mode, provider_warnings, quantize_model
 from onnxprune.report import make_console, print_table, write_json
 
 _SUFFIX = {"static": "int8", "dynamic": "int8-dynamic", "fp16": "fp16", "int4": "int4"}
@@ -94,7 +94,7 @@ def quantize_command(model: str, mode: str, output: str | None, overwrite: bool,
         # Evaluate before writing: a model that does not run never reaches the output path.
         check = _check_data(original, dataset, kwargs["eval_data"], data_values, result.notes)
         if check is not None:
-            from onnxprune.evaluate import evaluate
+            from onnxprune.evaluate.metrics import evaluate
 
             report["evaluation"] = evaluate(
                 result.model, check, original, providers, top_k=(1,), latency=not kwargs["no_latency"],
@@ -108,7 +108,7 @@ def quantize_command(model: str, mode: str, output: str | None, overwrite: bool,
 
 def _check_data(model, calibration, eval_data: str | None, data_values: dict, notes: list[str]):
     """The data the result is checked on: --eval-data, else the calibration data, else a few random samples."""
-    from onnxprune.data import load_data
+    from onnxprune.evaluate.data import load_data
 
     shapes = parse_input_shapes(data_values["input_shapes"], model)
     batch = data_values["batch_size"] or 32

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import click
 
-from onnxprune.cli_options import data_options, dataset_from_options
+from onnxprune.commands.options import data_options, dataset_from_options
 from onnxprune.commands._output import console, show_faults, write_json
 from onnxprune.errors import InputError
-from onnxprune.model_io import load_model
-from onnxprune.scoring import DATA_CRITERIA, all_criteria
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 
 
 def _ratios(text: str) -> list[float]:
@@ -46,9 +46,9 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     """Drop in accuracy (or fidelity) of MODEL when each channel group alone is pruned."""
     from rich.table import Table
 
-    from onnxprune.prune import prepare
-    from onnxprune.scoring import score_groups
-    from onnxprune.sensitivity import plot_sensitivity, sensitivity
+    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.score import score_groups
+    from onnxprune.pipeline.sensitivity import plot_sensitivity, sensitivity
 
     values = _ratios(ratios)
     if plot is not None and not Path(plot).parent.exists():
@@ -60,7 +60,7 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     prep = prepare(original, exclude)
     stats = None
     if criterion in DATA_CRITERIA:
-        from onnxprune.activations import channel_stats
+        from onnxprune.pipeline.activations import channel_stats
 
         stats = channel_stats(prep, dataset.feeds, source=dataset.source)
     scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)

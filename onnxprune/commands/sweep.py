@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from onnxprune.cli_options import data_options, dataset_from_options, tracking_option
+from onnxprune.commands.options import data_options, dataset_from_options, tracking_option
 from onnxprune.errors import GateFailed, InputError
-from onnxprune.model_io import load_model
+from onnxprune.io.model_io import load_model
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
 from onnxprune.report import make_console
 
@@ -74,8 +74,8 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
                   csv_path: str | None, mlflow_uri: str | None, mlflow_experiment: str, **params) -> None:
     """Prune MODEL by every recipe of a grid and measure each on --eval-data: table, Pareto front, files."""
     console = make_console()
-    from onnxprune.data import load_data
-    from onnxprune.evaluate import check_providers, provider_name
+    from onnxprune.evaluate.data import load_data
+    from onnxprune.evaluate.metrics import check_providers, provider_name
     from onnxprune.sweep import Measure, run_sweep
     from onnxprune.sweep.grid import Grid, expand, load_grid, parse_list
 

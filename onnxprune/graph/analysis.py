@@ -113,7 +113,7 @@ class AnalysisContext:
 
     def fault(self, node: onnx.NodeProto, stage: str, error: BaseException) -> None:
         """A handler raised on `node`: freeze every channel that reaches or leaves it, with the error as reason."""
-        from onnxprune.containment import Fault, describe
+        from onnxprune.pipeline.apply import Fault, describe
 
         fault = Fault(stage, node.name, node.op_type, describe(error))
         self.faults.append(fault)

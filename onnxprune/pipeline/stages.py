@@ -205,7 +205,7 @@ class StagedRun:
         stage = self._stages[k]
         session = self._session(stage) if stage.nodes else None
         if session is not None:
-            from onnxprune.kvcache import feed_adapter
+            from onnxprune.graph.kvcache import feed_adapter
 
             adapt = feed_adapter(session)  # an empty key/value cache in the shape this model takes
         dropped = set(stage.dropped)
@@ -241,7 +241,7 @@ class StagedRun:
         return self.store.get(self._key(name), batch)
 
     def _session(self, stage: _Stage):
-        from onnxprune.validate import session
+        from onnxprune.pipeline.validate import session
 
         sub = self._submodel(stage)
         self.sessions += 1

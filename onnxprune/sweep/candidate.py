@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.data import Dataset
+from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import OnnxPruneError
 from onnxprune.recipe import Recipe
 
@@ -44,7 +44,7 @@ class Measure:
 class Shared:
     """Work computed once for every candidate with the same graph settings (see graph_key)."""
 
-    prepared: Any                                               # onnxprune.prune.Prepared
+    prepared: Any                                               # onnxprune.pipeline.prune.Prepared
     stats: Any = None                                           # ActivationStats on the calibration data
     scores: dict[tuple[str, int], dict] = field(default_factory=dict)       # (criterion, seed) -> scores
     sensitivity: dict[tuple[str, int], dict] = field(default_factory=dict)  # (criterion, seed) -> curves
@@ -78,8 +78,8 @@ def graph_key(recipe: Recipe) -> str:
 
 def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: Dataset | None) -> dict[str, Shared]:
     """Prepared models, activation statistics, scores and sensitivity curves for `recipes`, each once."""
-    from onnxprune.prune import prepare_recipe, sensitivity_curves
-    from onnxprune.scoring import DATA_CRITERIA, score_groups
+    from onnxprune.pipeline.prune import prepare_recipe, sensitivity_curves
+    from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 
     shared: dict[str, Shared] = {}
     for recipe in recipes:
@@ -91,7 +91,7 @@ def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: D
                 shared[key] = Shared(prepare_recipe(model, recipe))
             entry = shared[key]
             if recipe.criterion in DATA_CRITERIA and entry.stats is None and calibration is not None:
-                from onnxprune.activations import channel_stats
+                from onnxprune.pipeline.activations import channel_stats
 
                 entry.stats = channel_stats(entry.prepared, calibration.feeds, source=calibration.source)
             score_key = (recipe.criterion, recipe.seed)
@@ -142,10 +142,10 @@ def _one_line(exc) -> str:
 
 
 def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list[str], bytes | None]:
-    from onnxprune.evaluate import make_session, measure_latency, quality_metric, run_model
-    from onnxprune.model_io import model_bytes
-    from onnxprune.prune import prune_model
-    from onnxprune.stats import count_macs, count_params
+    from onnxprune.evaluate.metrics import make_session, measure_latency, quality_metric, run_model
+    from onnxprune.io.model_io import model_bytes
+    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.graph.stats import count_macs, count_params
 
     original = context.original()
     if recipe is None:

@@ -17,7 +17,7 @@ LATENCY_TIE = 0.05  # relative
 
 
 def higher_is_better(metric: str) -> bool:
-    from onnxprune.evaluate import LOWER_IS_BETTER
+    from onnxprune.evaluate.metrics import LOWER_IS_BETTER
 
     return metric not in LOWER_IS_BETTER
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxprune.data import Dataset
+from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import InputError
 from onnxprune.recipe import Recipe
 from onnxprune.sweep import output
@@ -51,9 +51,9 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
               report: Callable[[str], None] = lambda line: None) -> SweepResult:
     """Run every recipe not already done in `outdir`, then write sweep.json, sweep.csv and pareto.png."""
     from onnxprune import __version__
-    from onnxprune.evaluate import run_model
-    from onnxprune.model_io import load_model
-    from onnxprune.weights import is_lazy, nbytes
+    from onnxprune.evaluate.metrics import run_model
+    from onnxprune.io.model_io import load_model
+    from onnxprune.io.weights import is_lazy, nbytes
     from onnxprune.report import environment, write_json
 
     measure = measure or Measure()

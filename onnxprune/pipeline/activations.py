@@ -16,8 +16,8 @@ import onnx
 from onnxprune.errors import InputError
 from onnxprune.graph.layout import ChannelAxis
 from onnxprune.report import progress
-from onnxprune.weights import is_lazy
-from onnxprune.validate import session
+from onnxprune.io.weights import is_lazy
+from onnxprune.pipeline.validate import session
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -73,7 +73,7 @@ class Probe:
     """
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str], only: bool = False):
-        from onnxprune.kvcache import feed_adapter
+        from onnxprune.graph.kvcache import feed_adapter
 
         self.names = list(dict.fromkeys(names))
         probed = only_outputs(model, self.names) if only else with_outputs(model, self.names)
@@ -222,7 +222,7 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
         stats.passes = probe.node_runs / max(len(prep.model.graph.node) * len(feeds), 1)
     else:
         from onnxprune.pipeline.stages import FrontierStore, StagedRun
-        from onnxprune.scoring import reduce_grams
+        from onnxprune.pipeline.score import reduce_grams
 
         requests = _stat_requests(prep.model, names, grams)
         store = FrontierStore(budget - max(gram_bytes(axes[n].length) for n in grams),

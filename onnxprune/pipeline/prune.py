@@ -17,19 +17,19 @@ import onnx
 from onnxprune.graph.analysis import GQA_MODES, Analysis, analyze_graph
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
-from onnxprune.kvcache import interface_changes
-from onnxprune.model_io import check_supported
-from onnxprune.containment import ContainedFaultError, is_fault, prune_validated, strict_message
-from onnxprune.feeds import resolve_shapes, validation_feed
-from onnxprune.planning import Plan, plan_global, plan_removal, plan_uniform
+from onnxprune.graph.kvcache import interface_changes
+from onnxprune.io.model_io import check_supported
+from onnxprune.pipeline.apply import ContainedFaultError, is_fault, prune_validated, strict_message
+from onnxprune.runtime.feeds import resolve_shapes, validation_feed
+from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
 from onnxprune.recipe import Recipe, as_recipe, option_name
 from onnxprune.recipe import default as recipe_default
 from onnxprune.errors import InputError
-from onnxprune.scoring import DATA_CRITERIA, score_groups
-from onnxprune.model_io import model_bytes
-from onnxprune.stats import count_macs, count_params
-from onnxprune.validate import validate
-from onnxprune.weights import TensorWriter, Workspace, external_folder, is_lazy
+from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
+from onnxprune.io.model_io import model_bytes
+from onnxprune.graph.stats import count_macs, count_params
+from onnxprune.pipeline.validate import validate
+from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_lazy
 
 
 @dataclass
@@ -60,7 +60,7 @@ class PruneResult:
     plan: Plan
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    recovery: list[dict] = field(default_factory=list)  # per refit layer (see onnxprune.recovery)
+    recovery: list[dict] = field(default_factory=list)  # per refit layer (see onnxprune.pipeline.recover)
     search: list[dict] = field(default_factory=list)    # prune_within_drop: every candidate tried
     recipe: Recipe | None = None                         # the resolved recipe that made `model`
     layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
@@ -68,7 +68,7 @@ class PruneResult:
 
     @property
     def faults(self) -> list[dict]:
-        """Contained faults (onnxprune.containment): listed apart from ordinary frozen groups."""
+        """Contained faults (onnxprune.pipeline.apply): listed apart from ordinary frozen groups."""
         return [f.as_dict() for f in self.analysis.faults] if self.analysis is not None else []
 
     def group_rows(self) -> list[dict]:
@@ -128,16 +128,16 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     the recipe's, or build one when none is given (then the criterion defaults to l1, as before recipes;
     a Recipe's own default is hybrid when calibration data is given). `calibration` (a Dataset or a list of
     feed dicts) feeds data-aware criteria, recovery and int8 calibration. `prepared`, `scores`, `stats`
-    (activation statistics of `calibration`) and `sensitivity` (curves from onnxprune.sensitivity) reuse
+    (activation statistics of `calibration`) and `sensitivity` (curves from onnxprune.pipeline.sensitivity) reuse
     work already done for this model. `result.recipe` is the resolved recipe: replayed, it gives the same
     model.
 
     Run settings, not part of the recipe: `input_shapes` (input name -> shape) fixes dynamic input dims for
     validation and MAC counts (else the calibration data's, else 1); `strict` makes any contained fault an
-    error (onnxprune.containment); `memory_budget` (bytes) caps what calibration keeps in memory
+    error (onnxprune.pipeline.apply); `memory_budget` (bytes) caps what calibration keeps in memory
     (pipeline/stages.py).
     """
-    from onnxprune.recovery import recover as run_recovery
+    from onnxprune.pipeline.recover import recover as run_recovery
 
     feeds = _feeds(calibration)
     recipe = as_recipe(recipe, options).resolved(has_data=bool(feeds))
@@ -158,13 +158,13 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     else:
         if scores is None:
             if criterion in DATA_CRITERIA and stats is None:
-                from onnxprune.activations import channel_stats
+                from onnxprune.pipeline.activations import channel_stats
 
                 stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=seed)
             scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
         target = target_macs if target_macs is not None else target_params
         if target is not None:
-            from onnxprune.budget import plan_for_target
+            from onnxprune.pipeline.budget import plan_for_target
 
             metric = "macs" if target_macs is not None else "params"
             if allocate == "sensitivity" and sensitivity is None:
@@ -248,8 +248,8 @@ def _check_runnable(recipe: Recipe, feeds) -> None:
 
 def sensitivity_curves(prep: Prepared, calibration, scores: dict[int, np.ndarray]) -> dict:
     """Per-group sensitivity curves on the calibration data (labels used when it has them)."""
-    from onnxprune.data import Dataset
-    from onnxprune.sensitivity import sensitivity
+    from onnxprune.evaluate.data import Dataset
+    from onnxprune.pipeline.sensitivity import sensitivity
 
     dataset = calibration if isinstance(calibration, Dataset) else Dataset(_feeds(calibration), None, "calibration")
     if not dataset.feeds:
@@ -260,7 +260,7 @@ def sensitivity_curves(prep: Prepared, calibration, scores: dict[int, np.ndarray
 def quantize_result(result: PruneResult, feeds) -> PruneResult:
     """Quantize the pruned model as the recipe says; MACs and parameters stay those of the float model
     (the same layers, in int8), bytes become the quantized model's."""
-    from onnxprune.quantize import quantize_model
+    from onnxprune.quantize.quantize import quantize_model
 
     q = quantize_model(result.model, result.recipe.quantize, calibration=feeds or None)
     result.stats["bytes_float"] = model_bytes(result.model)  # the pruned model before quantization
@@ -272,8 +272,8 @@ def quantize_result(result: PruneResult, feeds) -> PruneResult:
 
 
 def _prune_unstructured(model: onnx.ModelProto, recipe: Recipe, validate_result: bool) -> PruneResult:
-    from onnxprune.planning import Plan
-    from onnxprune.unstructured import prune_unstructured
+    from onnxprune.pipeline.plan import Plan
+    from onnxprune.pipeline.unstructured import prune_unstructured
 
     check_supported(model)
     out = prune_unstructured(model, ratio=recipe.ratio, threshold=recipe.threshold, exclude=recipe.exclude)
@@ -289,8 +289,8 @@ def _prune_unstructured(model: onnx.ModelProto, recipe: Recipe, validate_result:
 def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None = None,
             reference_outputs: list | None = None) -> dict:
     """Top-1 accuracy (%) on `dataset` when it has labels, else top-1 agreement (%) with `reference`."""
-    from onnxprune.evaluate import run_model
-    from onnxprune.sensitivity import model_metric
+    from onnxprune.evaluate.metrics import run_model
+    from onnxprune.pipeline.sensitivity import model_metric
 
     outputs = run_model(model, dataset)
     if dataset.labels is None and reference_outputs is None:
@@ -298,7 +298,7 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
     metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
     result = {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
     if metric == "perplexity":  # value: 100 · reference perplexity / perplexity
-        from onnxprune.evaluate import perplexity
+        from onnxprune.evaluate.metrics import perplexity
 
         result["perplexity"] = perplexity(outputs, dataset.feeds)["perplexity"]
     return result
@@ -317,7 +317,7 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
     asks for it, is applied to the model found. Every candidate is listed in `result.search`, and
     `result.recipe` holds the target found.
     """
-    from onnxprune.evaluate import run_model
+    from onnxprune.evaluate.metrics import run_model
 
     if max_drop < 0:
         raise InputError(f"--max-drop is in points and must be >= 0, got {max_drop}")
@@ -334,7 +334,7 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
             raise InputError(f"--max-drop for a language model is a perplexity ratio (e.g. 1.15), got {max_drop}")
         ratio, max_drop = max_drop, 100.0 * (1.0 - 1.0 / max_drop)
     if recipe.criterion in DATA_CRITERIA and stats is None:
-        from onnxprune.activations import channel_stats
+        from onnxprune.pipeline.activations import channel_stats
 
         stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=recipe.seed)
     scores = score_groups(prep.analysis, prep.view, recipe.criterion, recipe.seed, stats=stats)

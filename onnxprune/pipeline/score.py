@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from onnxprune.activations import ActivationStats, per_channel
+from onnxprune.pipeline.activations import ActivationStats, per_channel
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.groups import ChannelGroup, Member
 from onnxprune.graph.ir import GraphView
@@ -52,7 +52,7 @@ def _axis_magnitudes(view: GraphView, name: str, p: float, axis: int) -> np.ndar
             arr = arr.astype(np.float32)
         magnitude = np.abs(arr) if p == 1 else np.abs(arr) ** p
         other = tuple(i for i in range(magnitude.ndim) if i != axis)
-        # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as fast as float64
+        # float32 sums are pairwise in numpy: accurate enough for ranking, and twice as float64
         cache[key] = (magnitude.sum(axis=other) if other else magnitude).astype(np.float64)
     return cache[key]
 

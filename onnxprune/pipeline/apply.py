@@ -128,9 +128,9 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
     Returns (pruned model, the plan actually applied). Groups frozen on the way get the fault as a reason and
     the fault is added to `prep.analysis.faults`.
     """
-    from onnxprune.planning import Plan
-    from onnxprune.rewrite import apply_plan
-    from onnxprune.validate import validate
+    from onnxprune.pipeline.plan import Plan
+    from onnxprune.pipeline.rewrite import apply_plan
+    from onnxprune.pipeline.validate import validate
 
     analysis = prep.analysis
     by_root = {g.spaces[0]: g for g in analysis.groups}
@@ -186,7 +186,7 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
     except ValidationError:
         # even the unpruned model fails: when the original cannot run on the feed (its dynamic dims were
         # guessed), that is the user's to fix with --input-shapes, and says so
-        from onnxprune.feeds import check_guess
+        from onnxprune.runtime.feeds import check_guess
 
         if feed is not None:
             check_guess(original, feed)

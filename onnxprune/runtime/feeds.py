@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
-from onnxprune.weights import is_lazy
+from onnxprune.io.weights import is_lazy
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         feed = {k: np.asarray(v)[:1] if shapes[k][:1] == (1,) and np.ndim(v) else np.asarray(v)
                 for k, v in first.items() if k in shapes}
         return feed
-    from onnxprune.kvcache import sample_cache
+    from onnxprune.graph.kvcache import sample_cache
 
     feed = random_feed(model, shapes, seed)
     if input_shapes is None:
@@ -150,14 +150,14 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
 def check_guess(model: onnx.ModelProto, feed: dict[str, np.ndarray], guessed: list[str] | None = None) -> None:
     """InputError naming the input and --input-shapes when the original model cannot run on `feed`, whose
     dynamic dims were guessed (`guessed`: the inputs to name first; default: every input with a dynamic dim)."""
-    from onnxprune.validate import run
+    from onnxprune.pipeline.validate import run
 
     inputs = {i.name: i for i in graph_inputs(model)}
     if guessed is None:
         guessed = [n for n, i in inputs.items() if None in i.dims]
     if not guessed:
         return
-    from onnxprune.validate import declared_output_shapes
+    from onnxprune.pipeline.validate import declared_output_shapes
 
     try:
         got = [np.shape(o) for o in run(model, feed)]

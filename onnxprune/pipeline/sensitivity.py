@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from onnxprune.budget import CostModel
-from onnxprune.containment import contain
+from onnxprune.pipeline.budget import CostModel
+from onnxprune.pipeline.apply import contain
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.planning import Plan, select
-from onnxprune.rewrite import apply_plan
+from onnxprune.pipeline.plan import Plan, select
+from onnxprune.pipeline.rewrite import apply_plan
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -40,7 +40,7 @@ def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.n
     """Top-1 accuracy (%) with labels; for a causal LM (next-token logits, input_ids in the feeds) its perplexity
     relative to the reference's, as 100 · ppl_reference / ppl (%, 100 = as good), so that drops in points work
     as for accuracy; else what evaluate.quality_metric says (agreement, or cosine on real tokens)."""
-    from onnxprune.evaluate import logits_name, perplexity, quality_metric
+    from onnxprune.evaluate.metrics import logits_name, perplexity, quality_metric
 
     if labels is None and feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
         ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
@@ -61,7 +61,7 @@ def single_group_plan(group, scores: np.ndarray, ratio: float) -> Plan:
 def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[float] = DEFAULT_RATIOS,
                 use_labels: bool = True, progress=None) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the drop on `dataset`."""
-    from onnxprune.evaluate import run_model
+    from onnxprune.evaluate.metrics import run_model
 
     ratios = sorted(float(r) for r in ratios)
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
@@ -80,7 +80,7 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
                 outputs = run_model(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset)
             except (MemoryError, KeyboardInterrupt, OnnxPruneError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - contained: this group is left out (onnxprune.containment)
+            except Exception as exc:  # noqa: BLE001 - contained: this group is left out (onnxprune.pipeline.apply)
                 contain(prep.analysis, group, exc)
                 break
             _, value = model_metric(outputs, reference, labels, dataset.feeds)

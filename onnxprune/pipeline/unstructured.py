@@ -19,8 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import InputError
-from onnxprune.model_io import model_bytes
-from onnxprune.weights import tensor_array
+from onnxprune.io.model_io import model_bytes
+from onnxprune.io.weights import tensor_array
 
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 SPEED_NOTE = ("unstructured sparsity keeps every shape: onnxruntime does not run this model faster "

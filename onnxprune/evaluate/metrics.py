@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.data import Dataset
+from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import InputError, require_onnxruntime
 from onnxprune.report import environment, no_progress, progress
-from onnxprune.weights import session_source
+from onnxprune.io.weights import session_source
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -105,7 +105,7 @@ def run_model(model_or_path: ModelLike, dataset: Dataset | Sequence[dict[str, np
               providers: Sequence[str] = ("cpu",), *, threads: int | None = None, opt_level: str = "all",
               show_progress: bool = False) -> list[dict[str, np.ndarray]]:
     """Run every batch on the first provider; returns {output name: array} per batch."""
-    from onnxprune.kvcache import feed_adapter
+    from onnxprune.graph.kvcache import feed_adapter
 
     session = make_session(model_or_path, providers[0], threads, opt_level)
     names = [o.name for o in session.get_outputs()]
@@ -244,7 +244,7 @@ def measure_latency(model_or_path: ModelLike, dataset_or_feed: Dataset | dict[st
                     providers: Sequence[str] = ("cpu",), warmup: int = 10, runs: int = 100,
                     duration: float | None = None, threads: int | None = None, opt_level: str = "all", *,
                     batch_sizes: Sequence[int] | None = None, show_progress: bool = False) -> dict:
-    """Time `session.run` on the first batch: `warmup` untimed runs, then `runs` timed ones (or as many as fit
+    """Time `session.run` on the first batch: `warmup` untimed runs, then `runs` timed ones (or as fit
     in `duration` seconds), per provider and per batch size (the batch is cut or its samples repeated).
 
     On CUDA/TensorRT a second row times I/O binding with inputs and outputs resident on the device and a
@@ -432,7 +432,7 @@ def _gate(name: str, limit, value, passed: bool, reason: str) -> dict:
 
 def _timed(call: Callable[[], Any], warmup: int, runs: int, duration: float | None,
            advance: Callable[[int], None]) -> np.ndarray:
-    """Seconds per call, for `runs` calls or for as many as fit in `duration` seconds.
+    """Seconds per call, for `runs` calls or for as fit in `duration` seconds.
 
     Runs go back to back in chunks; the clock is read once between two runs (one read per run instead of
     two halves the timing overhead, which shows next to a 50 us model) and a run's latency is the difference

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.report import progress
-from onnxprune.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
+from onnxprune.io.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
                                nbytes, numel, read_bytes, set_external, tensor_array, write_payload)
 
 # Beyond this a single protobuf cannot be serialised; weights then go to an external data file.

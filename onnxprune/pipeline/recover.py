@@ -38,11 +38,11 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from onnxprune.activations import Probe, token_rows
+from onnxprune.pipeline.activations import Probe, token_rows
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
 from onnxprune.report import progress
-from onnxprune.weights import tensor_array
+from onnxprune.io.weights import tensor_array
 
 MODES = ("none", "bias", "lstsq")
 # lambda = alpha * mean(diag(A)); inf keeps W0 and refits the bias only

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from onnxprune.graph.ir import GraphView, attr, infer_shapes, infer_symbolic_shapes
-from onnxprune.model_io import model_bytes, weightless
+from onnxprune.io.model_io import model_bytes, weightless
 
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)

@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError, UnsupportedModelError, require_onnxruntime
-from onnxprune.model_io import check_supported, default_opset, model_bytes, save_model
-from onnxprune.weights import is_lazy, session_source
+from onnxprune.io.model_io import check_supported, default_opset, model_bytes, save_model
+from onnxprune.io.weights import is_lazy, session_source
 
 MODES = ("static", "dynamic", "fp16", "int4")
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.

@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import OnnxPruneError, ValidationError, require_onnxruntime
-from onnxprune.model_io import save_model, weightless
+from onnxprune.io.model_io import save_model, weightless
 from onnxprune.report import progress
-from onnxprune.weights import is_external, is_lazy, nbytes, session_source, tensor_array
+from onnxprune.io.weights import is_external, is_lazy, nbytes, session_source, tensor_array
 
 
 def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1,
                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     """One random input per graph input; dynamic dims (symbolic, missing, 0 or -1) become `batch` (first) or 1,
-    unless `input_shapes` gives them (see onnxprune.feeds)."""
-    from onnxprune.feeds import graph_inputs, random_feed, resolve_shapes
+    unless `input_shapes` gives them (see onnxprune.runtime.feeds)."""
+    from onnxprune.runtime.feeds import graph_inputs, random_feed, resolve_shapes
 
     shapes, _ = resolve_shapes(model, input_shapes)
     if batch != 1:
@@ -109,7 +109,7 @@ def validate(candidate: onnx.ModelProto, original: onnx.ModelProto, feed: dict[s
     check_as_original(candidate, original, stage)
     if [(o.name) for o in candidate.graph.output] != [o.name for o in original.graph.output]:
         raise ValidationError(f"{stage}: output names changed")
-    from onnxprune.kvcache import interface_changes, sample_cache
+    from onnxprune.graph.kvcache import interface_changes, sample_cache
 
     changed = {c["name"] for c in interface_changes(original, candidate)}  # key/value cache that followed heads
     if feed is None:  # a decoder's key/value cache starts empty, in each model's own shape

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.errors import InputError
-from onnxprune.planning import Plan, select
-from onnxprune.stats import node_macs, numel
+from onnxprune.pipeline.plan import Plan, select
+from onnxprune.graph.stats import node_macs, numel
 
 METRICS = ("macs", "params")
 PRIORITIES = ("global", "sensitivity", "uniform")

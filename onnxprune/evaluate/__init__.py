@@ -1,0 +1,1 @@
+"""Data loading, metrics (accuracy, fidelity, perplexity), latency and gates."""

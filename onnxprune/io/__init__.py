@@ -1,0 +1,1 @@
+"""Reading and writing models: external data, lazy weights, model folders."""

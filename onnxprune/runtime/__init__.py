@@ -1,0 +1,1 @@
+"""The one place that builds onnxruntime sessions and feeds them batches."""
