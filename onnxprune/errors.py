@@ -19,6 +19,10 @@ class ValidationError(OnnxPruneError):
     """A rewritten model failed a post-condition (checker, shape inference, onnxruntime, output shapes)."""
 
 
+class ContainedFaultError(OnnxPruneError):
+    """--strict: a handler fault or a failed validation was contained (the result would have been written)."""
+
+
 class GateFailed(OnnxPruneError):
     """An evaluation gate (--max-drop, --min-agreement, tolerances) was missed."""
 
@@ -38,3 +42,10 @@ def require_onnxruntime():
             "onnxruntime is not installed: pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' for CUDA)"
         ) from exc
     return onnxruntime
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (onnxruntime and the checker spread the useful part over several), at
+    most `limit` characters; the exception type when it has no text."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

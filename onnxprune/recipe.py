@@ -25,13 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onnxprune.choices import ALLOCATIONS, GQA_MODES, MODES, QUANTIZATIONS, RECOVERIES
 from onnxprune.errors import InputError
-
-MODES = ("structured", "unstructured")
-ALLOCATIONS = ("global", "uniform", "sensitivity")
-RECOVERIES = ("none", "bias", "lstsq")
-QUANTIZATIONS = ("int8", "static", "dynamic", "fp16", "int4")
-GQA_MODES = ("kv-groups", "query-heads")
 
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
 # a threshold. An override that names one budget drops the others it does not name.

@@ -18,10 +18,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.graph.kvcache import cache_inputs, follow, sample_cache
-from onnxprune.pipeline.plan import plan_uniform
-from onnxprune.pipeline.prune import prepare, prune_model
-from onnxprune.pipeline.validate import run, sample_feed
 from onnxprune.io.weights import tensor_array
+from onnxprune.pipeline.plan import plan_uniform
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 
 
 @dataclass
@@ -76,7 +79,7 @@ def zero_channel_oracle(model: onnx.ModelProto, seed: int = 0, fraction: float =
     # validated on the shapes it is run on (a decoder's cache: validated as it starts, empty)
     shapes = {k: tuple(np.shape(v)) for k, v in feed.items()} if feed is not None and not cache_inputs(model) \
         else None
-    result = prune_model(zeroed, removed=removed, input_shapes=shapes, **options)
+    result = prune_model(zeroed, Recipe(**options), RunSettings(removed=removed, input_shapes=shapes))
     feed = feed if feed is not None else sample_cache(model, sample_feed(model, seed))
     # a key/value cache follows its pruned heads: the pruned model reads and writes it without them
     names = [o.name for o in model.graph.output]

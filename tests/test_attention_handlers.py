@@ -8,7 +8,9 @@ import pytest
 
 from onnxprune.graph.layout import Segment
 from onnxprune.pipeline.plan import select
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.recipe import Recipe
 from onnxprune.testing import zero_channel_oracle
 from tests.onnx_builders import build, init_shape
 
@@ -48,7 +50,7 @@ def test_heads_are_one_group_pruned_whole():
     assert oracle.pruned_channels == D
     assert oracle.max_rel_err < 1e-5
     onnx.checker.check_model(oracle.pruned, full_check=True)
-    r = prune_model(m, ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.5))
     assert init_shape(r.model, "wq") == (E, D) and init_shape(r.model, "wo") == (D, E)
     shapes = {t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer}
     assert {tuple(v.tolist()) for k, v in shapes.items() if k.startswith("s_heads")} == {(1, S, 1, D)}
@@ -56,7 +58,7 @@ def test_heads_are_one_group_pruned_whole():
 
 
 def test_head_count_minus_one_needs_no_edit():
-    r = prune_model(attention(head_constant=-1), ratio=0.5)
+    r = prune_model(attention(head_constant=-1), Recipe(ratio=0.5))
     assert init_shape(r.model, "wv") == (E, D)
 
 
@@ -66,7 +68,7 @@ def test_fused_qkv_split_opens_three_spaces():
     assert len(groups) == 1 and groups[0].unit == D and len(groups[0].spaces) == 3
     oracle = zero_channel_oracle(m, fraction=0.5)
     assert oracle.max_rel_err < 1e-5
-    r = prune_model(m, ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.5))
     assert init_shape(r.model, "wqkv") == (E, 3 * D) and init_shape(r.model, "bqkv") == (3 * D,)
 
 
@@ -128,7 +130,7 @@ def test_head_ratio_removes_whole_heads_rounded_down():
     for planner in (plan_uniform, plan_global):
         plan = planner(prep.analysis, scores, 0.0, head_ratio=0.6)
         assert plan.kept[group.spaces[0]].tolist() == list(range(D, E))
-    r = prune_model(m, ratio=0.0, head_ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.0, head_ratio=0.5))
     assert init_shape(r.model, "wq") == (E, D)
 
 
@@ -168,7 +170,7 @@ def test_packed_in_proj_heads_prune_whole():
         assert len(groups) == 1 and groups[0].unit == D and len(groups[0].spaces) == 3
         oracle = zero_channel_oracle(m, fraction=0.5)
         assert oracle.pruned_channels == D and oracle.max_rel_err < 1e-5
-        r = prune_model(m, ratio=0.5)
+        r = prune_model(m, Recipe(ratio=0.5))
         assert init_shape(r.model, "w_in") == (E, 3 * D) and init_shape(r.model, "w_out") == (E, D)
 
 
@@ -181,15 +183,16 @@ def test_class_token_concat_slices_the_token_constant():
     assert len(prepare(m).analysis.prunable) == 1
     oracle = zero_channel_oracle(m, fraction=0.5)
     assert oracle.pruned_channels == 3 and oracle.max_rel_err < 1e-5
-    assert init_shape(prune_model(m, ratio=0.5).model, "cls") == (1, 1, 3)
+    assert init_shape(prune_model(m, Recipe(ratio=0.5)).model, "cls") == (1, 1, 3)
 
 
 def test_hybrid_scores_heads_by_the_error_a_refit_leaves():
     """With calibration data, heads are scored by what a least-squares refit of the output projection cannot
     bring back once they are gone: the first head removed scores its refit error, checked here against a
     direct least-squares fit on the same activations."""
-    from onnxprune.pipeline.activations import Probe, channel_stats
+    from onnxprune.pipeline.activations import Probe
     from onnxprune.pipeline.score import score_groups
+    from onnxprune.pipeline.statistics import channel_stats
 
     m = attention()
     prep = prepare(m)
@@ -234,7 +237,7 @@ def test_prune_hidden_follows_a_decomposed_layernorm():
     assert not prepare(m).analysis.prunable
     (group,) = prepare(m, prune_hidden=True).analysis.prunable
     assert group.size == 6
-    r = prune_model(m, ratio=0.5, prune_hidden=True)
+    r = prune_model(m, Recipe(ratio=0.5, prune_hidden=True))
     assert HIDDEN_WARNING in r.notes and init_shape(r.model, "gamma") == (3,) and init_shape(r.model, "w2") == (3, 3)
 
 
@@ -251,7 +254,7 @@ def test_shared_weights_stay_shared():
         (group,) = prepare(m).analysis.prunable
         assert group.size == 6
         assert zero_channel_oracle(m, fraction=0.5).max_rel_err < 1e-5
-        r = prune_model(m, ratio=0.5)
+        r = prune_model(m, Recipe(ratio=0.5))
         weights = [t for t in r.model.graph.initializer if len(t.dims) == 2]
         assert sorted(tuple(t.dims) for t in weights) == sorted([(E, 3), (3, E)])
         assert r.stats["params_after"] < r.stats["params_before"]

@@ -11,10 +11,13 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.evaluate.data import load_data
-from onnxprune.evaluate.metrics import accuracy, run_model
-from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.evaluate.metrics import accuracy
 from onnxprune.graph.stats import count_macs, count_params
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -30,7 +33,7 @@ def resnet():
 @pytest.mark.parametrize("target", [0.8, 0.5, 0.33])
 def test_mac_target_is_met_within_two_percent(resnet, allocate, target):
     model, prep = resnet
-    result = prune_model(model, prepared=prep, target_macs=target, allocate=allocate)
+    result = prune_model(model, Recipe(target_macs=target, allocate=allocate), RunSettings(reuse=Reuse(prepared=prep)))
     kept = count_macs(result.model) / count_macs(model)
     assert target - 0.02 <= kept <= target + 1e-9, kept
 
@@ -38,14 +41,14 @@ def test_mac_target_is_met_within_two_percent(resnet, allocate, target):
 @pytest.mark.parametrize("target", [0.7, 0.4])
 def test_param_target_is_met_within_two_percent(resnet, target):
     model, prep = resnet
-    result = prune_model(model, prepared=prep, target_params=target)
+    result = prune_model(model, Recipe(target_params=target), RunSettings(reuse=Reuse(prepared=prep)))
     kept = count_params(result.model) / count_params(model)
     assert target - 0.02 <= kept <= target + 1e-9, kept
 
 
 def test_groups_get_different_ratios(resnet):
     model, prep = resnet
-    result = prune_model(model, prepared=prep, target_macs=0.5, allocate="global")
+    result = prune_model(model, Recipe(target_macs=0.5, allocate="global"), RunSettings(reuse=Reuse(prepared=prep)))
     ratios = {r["kept"] / r["channels"] for r in result.group_rows() if r["prunable"]}
     assert len(ratios) > 1
 
@@ -59,7 +62,7 @@ def test_sensitivity_allocation_spares_sensitive_groups():
     data = load_data(MODELS / "digits_calib.npz", model, batch_size=300)
     scores = score_groups(prep.analysis, prep.view, "l1")
     sens = sensitivity(prep, data, scores, (0.25, 0.5, 0.75))
-    result = prune_model(model, prepared=prep, target_macs=0.6, allocate="sensitivity", sensitivity=sens.curves())
+    result = prune_model(model, Recipe(target_macs=0.6, allocate="sensitivity"), RunSettings(reuse=Reuse(prepared=prep, sensitivity=sens)))
     kept = count_macs(result.model) / count_macs(model)
     assert 0.58 <= kept <= 0.6
     drop_at_half = {row["root"]: row["drops"][1] for row in sens.rows}
@@ -76,8 +79,8 @@ def test_max_drop_respects_its_budget_on_held_out_data(tmp_path):
                  "--eval-data", str(MODELS / "digits_heldout.npz"), "--max-drop", "1", "--recover", "lstsq",
                  "--json", str(report)]) == 0
     held = load_data(MODELS / "digits_heldout.npz", load_model(model), batch_size=450)
-    before = 100 * accuracy(run_model(load_model(model), held), held.labels, (1,))["top1"]
-    after = 100 * accuracy(run_model(load_model(out), held), held.labels, (1,))["top1"]
+    before = 100 * accuracy(run_batches(load_model(model), held), held.labels, (1,))["top1"]
+    after = 100 * accuracy(run_batches(load_model(out), held), held.labels, (1,))["top1"]
     assert before - after <= 1.0
     data = json.loads(report.read_text())
     assert data["stats"]["macs_after"] < 0.7 * data["stats"]["macs_before"]

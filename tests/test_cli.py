@@ -12,7 +12,8 @@ import pytest
 from onnx import helper
 
 from onnxprune.cli import main
-from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"

@@ -11,17 +11,19 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.pipeline.apply import bisect_plan
 from onnxprune.errors import ValidationError
 from onnxprune.graph.handlers import get_handler
-from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.graph.stats import count_params
-from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.pipeline.apply import bisect_plan
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 RELU = "/conv3/conv3.1/Relu"  # carries group 2 (conv3's 64 channels) to the head
@@ -55,7 +57,7 @@ def _kept_channels(model):
 
 def test_handler_fault_in_analysis_freezes_its_groups_only(broken_relu):
     model = onnx.load(DIGITS)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert len(res.faults) == 1
     fault = res.faults[0]
     assert fault["stage"] == "analyze" and fault["node"] == RELU and fault["op_type"] == "Relu"
@@ -80,7 +82,7 @@ def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
 
     monkeypatch.setattr(handler, "rewrite", rewrite)
     model = onnx.load(DIGITS)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     [fault] = res.faults
     assert fault["stage"] == "rewrite" and fault["node"] == "/head/head.1/Gemm" and "KeyError" in fault["error"]
     assert sorted(fault["groups"]) == [2, 3]  # fc1 reads conv3's channels and opens its own
@@ -91,7 +93,7 @@ def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
 
 def test_validation_failure_of_one_group_is_bisected(monkeypatch):
     """The validator rejects any model where conv2's group lost channels: bisection freezes that group only."""
-    from onnxprune.pipeline import validate as validate_module
+    from onnxprune.pipeline import apply as validate_module  # apply.py validates each candidate plan
 
     real = validate_module.validate
     calls = []
@@ -104,7 +106,7 @@ def test_validation_failure_of_one_group_is_bisected(monkeypatch):
 
     monkeypatch.setattr(validate_module, "validate", validate)
     model = onnx.load(DIGITS)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     [fault] = res.faults
     assert fault["stage"] == "validate" and fault["groups"] == [1]
     assert fault["reason"] == "pruning it fails validation: prune: output logits has shape (1, 9), expected (1, 10)"
@@ -137,7 +139,7 @@ def test_bisect_finds_every_culprit_and_pairs():
 
 
 def test_every_group_failing_validation_is_an_error(digits, monkeypatch, cli_error, tmp_path):
-    from onnxprune.pipeline import validate as validate_module
+    from onnxprune.pipeline import apply as validate_module  # apply.py validates each candidate plan
 
     real = validate_module.validate
 
@@ -179,7 +181,7 @@ def test_no_faults_on_the_shipped_models():
     for path in sorted(DIGITS.parent.glob("*.onnx")):
         model = onnx.load(path)
         assert not prepare(model).analysis.faults, path
-        assert not prune_model(model, ratio=0.5).faults, path
+        assert not prune_model(model, Recipe(ratio=0.5)).faults, path
 
 
 def test_sensitivity_leaves_out_a_group_whose_rewrite_raises(digits, monkeypatch, capsys):

@@ -10,9 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import ValidationError
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.pipeline.validate import check_as_original
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import check_as_original, run
 
 E, F, S = 16, 32, 4
 
@@ -68,7 +71,7 @@ def test_simplified_norms_and_residual_chain():
     assert oracle.pruned_channels == F and oracle.max_rel_err < 1e-5
     moved = np.abs(run(oracle.zeroed, ids_feed())[0] - run(m, ids_feed())[0]).max()
     assert moved > 1e-2 * np.abs(run(m, ids_feed())[0]).max()
-    r = prune_model(m, ratio=0.5)  # validated as onnxruntime checks it: no refusal for the contrib op
+    r = prune_model(m, Recipe(ratio=0.5))  # validated as onnxruntime checks it: no refusal for the contrib op
     assert r.stats["params_after"] < r.stats["params_before"]
 
 
@@ -78,7 +81,7 @@ def test_prune_hidden_through_the_skip_norms():
     hidden = next(g for g in groups if g.size == E)
     ops = {mem.op_type for mem in hidden.members}
     assert {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Gather"} <= ops
-    r = prune_model(m, ratio=0.25, prune_hidden=True)
+    r = prune_model(m, Recipe(ratio=0.25, prune_hidden=True))
     assert run(r.model, ids_feed())[0].shape == (2, S, 50)
     shapes = {t.name.split("__")[0]: tuple(t.dims) for t in r.model.graph.initializer}
     assert shapes["g1"] == (12,) and shapes["table"] == (50, 12)
@@ -123,7 +126,7 @@ def test_rotary_embedding_keeps_heads_whole():
     oracle = zero_channel_oracle(m, feed=feed, fraction=0.5)
     assert oracle.pruned_channels == 8 and oracle.max_rel_err < 1e-5
     assert np.abs(run(oracle.zeroed, feed)[0] - run(m, feed)[0]).max() > 1e-2
-    r = prune_model(m, ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.5))
     node = next(n for n in r.model.graph.node if n.op_type == "RotaryEmbedding")
     assert {a.name: a.i for a in node.attribute}["num_heads"] == 1
 

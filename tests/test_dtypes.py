@@ -14,9 +14,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.pipeline.prune import prune_model
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run, sample_feed
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 # (onnx type, numpy type, opset: bfloat16 Conv needs 22, oracle tolerance: rounding of the dtype)
@@ -65,7 +67,7 @@ def test_one_dtype_throughout(name):
     assert not r.faults and r.groups == 3
     # zeroing moves the outputs by about 0.5 (relative): 100x bfloat16's rounding would be more than that
     assert r.max_rel_err <= tol and r.informative(tol, factor=10), (r.max_rel_err, r.moved)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults and res.stats["groups_pruned"] == 3
     assert float_types(res.model) == {elem}
     assert res.stats["params_after"] < 0.5 * res.stats["params_before"]
@@ -74,7 +76,7 @@ def test_one_dtype_throughout(name):
     assert feed["x"].dtype == np.dtype(npdt)
     out = run(res.model, feed)[0]
     assert out.dtype == np.dtype(npdt) and out.shape == (1, 5)
-    same = run(prune_model(model, ratio=0.0).model, feed)[0]
+    same = run(prune_model(model, Recipe(ratio=0.0)).model, feed)[0]
     np.testing.assert_array_equal(same.astype(np.float64), run(model, feed)[0].astype(np.float64))
 
 
@@ -85,7 +87,7 @@ def test_data_aware_scores_and_recovery(name):
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal((8, 3, 4, 4)).astype(np.float32).astype(npdt)} for _ in range(3)]
     for criterion, recover in (("hybrid", "lstsq"), ("activation", "bias"), ("apoz", "none")):
-        res = prune_model(model, ratio=0.5, criterion=criterion, calibration=feeds, recover=recover)
+        res = prune_model(model, Recipe(ratio=0.5, criterion=criterion, recover=recover), RunSettings(calibration=feeds))
         assert not res.faults and res.stats["groups_pruned"] == 3, (criterion, recover)
         assert float_types(res.model) == {elem}, (criterion, recover)
         assert run(res.model, feeds[0])[0].dtype == np.dtype(npdt)
@@ -105,7 +107,7 @@ def test_mixed_float16_with_float32_io(model_name):
     r = zero_channel_oracle(model)
     assert not r.faults and r.groups >= 3
     assert r.max_rel_err <= 3e-3 and r.informative(3e-3), (r.max_rel_err, r.moved)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults and float_types(res.model) == float_types(model)
     feed = sample_feed(model)
     assert run(res.model, feed)[0].dtype == np.float32
@@ -114,8 +116,8 @@ def test_mixed_float16_with_float32_io(model_name):
 def test_constants_written_by_rewrites_keep_their_dtype():
     """Slice bounds stored as int32 stay int32; a float32 value written over a float16 constant becomes
     float16 (RewriteContext.set_input_constant)."""
-    from onnxprune.pipeline.prune import prepare
     from onnxprune.pipeline.plan import Plan
+    from onnxprune.pipeline.prepare import prepare
     from onnxprune.pipeline.rewrite import RewriteContext
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
@@ -135,7 +137,7 @@ def test_constants_written_by_rewrites_keep_their_dtype():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert res.stats["groups_pruned"] == 1  # conv0's channels (conv1's are sliced away and read by nobody)
     bounds = {t.name.split("__")[0]: t.data_type for t in res.model.graph.initializer}
     assert bounds["st"] == bounds["en"] == TensorProto.INT32

@@ -15,9 +15,12 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.evaluate.data import from_arrays, load_data
 from onnxprune.errors import InputError
-from onnxprune.evaluate.metrics import accuracy, compare_outputs, evaluate, measure_latency, run_model
+from onnxprune.evaluate.compare import evaluate
+from onnxprune.evaluate.data import from_arrays, load_data
+from onnxprune.evaluate.latency import measure_latency
+from onnxprune.evaluate.metrics import accuracy, compare_outputs
+from onnxprune.runtime.session import run_batches
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MODEL = MODELS / "digits_cnn.onnx"
@@ -114,9 +117,10 @@ def test_latency_statistics_and_batch_sizes():
 
 def test_io_binding_path_runs_with_the_cpu_as_its_device():
     """The CUDA timing path (inputs bound once, outputs left in place, synchronised) exercised on the CPU."""
-    from onnxprune.evaluate.metrics import _device_resident_call, make_session
+    from onnxprune.evaluate.latency import _device_resident_call
+    from onnxprune.runtime.session import open_session
 
-    session = make_session(str(MODEL))
+    session = open_session(str(MODEL))
     x = np.load(HELDOUT)["input"][:3]
     call = _device_resident_call(session, {"input": x}, "cpu")
     call()
@@ -126,7 +130,7 @@ def test_io_binding_path_runs_with_the_cpu_as_its_device():
 def test_onnxruntime_failures_are_one_line_input_errors():
     feeds = from_arrays({"input": np.zeros((2, 1, 9, 9), np.float32)})  # bypasses the loader's checks
     with pytest.raises(InputError, match="onnxruntime failed on batch 0") as info:
-        run_model(str(MODEL), feeds)
+        run_batches(str(MODEL), feeds)
     assert "\n" not in str(info.value)
     fixed = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[4, 2] x) => (float[4, 2] y) '
                                     '{ y = Relu(x) }')

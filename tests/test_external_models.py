@@ -11,9 +11,10 @@ import functools
 import numpy as np
 import onnx
 import pytest
+import zoo_models
 from onnx import numpy_helper
 
-import zoo_models
+from onnxprune.recipe import Recipe
 
 ORACLE_TOL = 1e-5
 
@@ -41,7 +42,7 @@ def pruned_array(original: onnx.ModelProto, pruned: onnx.ModelProto, name: str) 
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnxprune.pipeline.validate import run as ort_run
+    from onnxprune.runtime.session import run as ort_run
 
     return ort_run(model, feed)
 
@@ -72,7 +73,7 @@ def test_nhwc_prune_half(name: str):
 
     model = zoo_models.NHWC_MODELS[name]()
     x = zoo_models.nhwc_input()
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     got = pruned_shapes(model, res.model)
     want = NHWC_EXPECTED[name]
     assert {k: got[k] for k in want} == want
@@ -87,7 +88,7 @@ def test_nhwc_flatten_shape_constant_follows_the_pruned_channels():
     from onnxprune.pipeline.prune import prune_model
 
     model = zoo_models.nhwc_transpose_back_flatten()
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert pruned_array(model, res.model, "flatten.shape").tolist() == [-1, 8 * 8 * 6]
 
 
@@ -111,7 +112,7 @@ NHWC_PRUNABLE = {
 
 @pytest.mark.parametrize("name", list(zoo_models.NHWC_MODELS))
 def test_nhwc_groups(name: str):
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
 
     analysis = prepare(zoo_models.NHWC_MODELS[name]()).analysis
     assert sorted(g.size for g in analysis.prunable) == sorted(NHWC_PRUNABLE[name])
@@ -136,7 +137,7 @@ def test_sklearn_mlp_prune_half():
     from onnxprune.pipeline.prune import prune_model
 
     model, x_test, y_test, _ = _mlp()
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     got = pruned_shapes(model, res.model)
     # hidden layers 64 -> 32 and 32 -> 16; the 64 pixel inputs and 10 classes stay
     assert got["coefficient"] == (64, 32) and got["intercepts"] == (1, 32)
@@ -153,7 +154,7 @@ def test_sklearn_mlp_light_pruning_keeps_accuracy():
     from onnxprune.pipeline.prune import prune_model
 
     model, x_test, y_test, acc = _mlp()
-    label = run(prune_model(model, ratio=0.25).model, {"X": x_test})[0]
+    label = run(prune_model(model, Recipe(ratio=0.25)).model, {"X": x_test})[0]
     assert (label == y_test).mean() > 0.8
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.pipeline.activations import Probe, channel_stats
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.activations import Probe
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
 from onnxprune.pipeline.score import score_groups
+from onnxprune.pipeline.statistics import channel_stats
+from onnxprune.recipe import Recipe
 from tests.onnx_builders import build, init_shape
 
 
@@ -22,5 +25,5 @@ def test_fluctuation_is_variance_times_squared_weight_norm():
     w2 = next(prep.view.array(t) for t in prep.view.initializers if t == "w2").astype(np.float64)
     want = r.var(axis=0) * (w2 ** 2).sum(axis=1)
     np.testing.assert_allclose(got, want / want.mean(), rtol=1e-6)
-    result = prune_model(m, ratio=0.5, criterion="fluctuation", calibration=feeds, recover="bias")
+    result = prune_model(m, Recipe(ratio=0.5, criterion="fluctuation", recover="bias"), RunSettings(calibration=feeds))
     assert init_shape(result.model, "w2") == (6, 5)

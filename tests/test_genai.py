@@ -15,6 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxprune.pipeline.prune import RunSettings
+from onnxprune.recipe import Recipe
+
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
                        reason="needs onnxruntime-genai (pip install 'onnxprune[genai]')"),
@@ -55,7 +58,8 @@ def generate(folder, prompt, length=24):
 def test_builder_model_prunes_and_generates(genai_folder, tmp_path):
     from onnxprune.io.model_folder import write_folder
     from onnxprune.pipeline.plan import plan_uniform
-    from onnxprune.pipeline.prune import prepare, prune_model
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.prune import prune_model
     from onnxprune.testing import zero_channels
 
     original = onnx.load(str(genai_folder / "model.onnx"))
@@ -66,10 +70,10 @@ def test_builder_model_prunes_and_generates(genai_folder, tmp_path):
     plan = plan_uniform(prep.analysis, {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}, 0.5)
     removed = {r: np.setdiff1d(np.arange(plan.sizes[r]), k) for r, k in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed)
+    result = prune_model(zeroed, Recipe(), RunSettings(removed=removed))
 
     folders = {}
-    for name, proto, res in (("zeroed", zeroed, prune_model(zeroed, removed={})), ("pruned", result.model, result)):
+    for name, proto, res in (("zeroed", zeroed, prune_model(zeroed, Recipe(), RunSettings(removed={}))), ("pruned", result.model, result)):
         folder = tmp_path / name
         folder.mkdir()
         onnx.save(proto, str(folder / "model.onnx"))

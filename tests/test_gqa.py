@@ -16,9 +16,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run
 from tests.onnx_builders import build, init_shape
 
 S, E = 5, 16
@@ -75,7 +77,7 @@ def test_repeat_kv_couples_query_heads_with_their_kv_group():
     assert "4 heads of 4 in 2 KV groups (kv-groups)" in str(group)
     oracle = check_oracle(m, x_feed(), "kv-groups")
     assert oracle.pruned_channels == 8
-    r = prune_model(m, ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.5))
     assert init_shape(r.model, "wq") == (E, 8) and init_shape(r.model, "wk") == (E, 4) \
         and init_shape(r.model, "wo") == (8, E)
     c = constants(r.model)
@@ -93,7 +95,7 @@ def test_query_heads_mode_prunes_evenly_inside_every_kv_group():
     assert (queries.blocks, queries.unit) == (2, 4) and "key/value heads stay" in kv.reason
     check_oracle(m, x_feed(), "query-heads")
     # 4 query heads per KV group, half of them go in each: 2 + 2 kept, k/v untouched, the repeat count 4 -> 2
-    r = prune_model(m, ratio=0.5, gqa_mode="query-heads")
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode="query-heads"))
     kept = r.plan.kept[queries.spaces[0]] // 4
     assert sorted(set(kept.tolist())) and [int(np.sum((kept >= b * 4) & (kept < (b + 1) * 4))) // 4
                                            for b in range(2)] == [2, 2]
@@ -108,7 +110,7 @@ def test_head_ratio_counts_kv_groups():
     m = repeat_kv(heads=8, kv_heads=4)
     (group,) = prepare(m).analysis.prunable
     for head_ratio, kept in ((0.3, 3), (0.5, 2), (0.0, 4)):  # of 4 KV groups, floor(4 * ratio) go
-        r = prune_model(m, ratio=0.0, head_ratio=head_ratio)
+        r = prune_model(m, Recipe(ratio=0.0, head_ratio=head_ratio))
         assert len(r.plan.kept.get(group.spaces[0], np.arange(group.size))) // group.unit == kept
 
 
@@ -121,7 +123,7 @@ def test_hybrid_scores_whole_kv_groups():
             w[:8] *= 1e-3  # KV group 0: query heads 0 and 1
             t.CopyFrom(numpy_helper.from_array(w, "wo"))
     feeds = [x_feed() for _ in range(4)]
-    r = prune_model(m, ratio=0.5, criterion="hybrid", calibration=feeds)
+    r = prune_model(m, Recipe(ratio=0.5, criterion="hybrid"), RunSettings(calibration=feeds))
     (root,) = r.plan.kept
     assert r.plan.kept[root].tolist() == list(range(8, 16))
 
@@ -154,7 +156,7 @@ def attention23(heads=4, kv_heads=2, head=4, cache=False):
 def test_onnx_attention_3d(mode):
     m = attention23()
     check_oracle(m, x_feed(), mode)
-    r = prune_model(m, ratio=0.5, gqa_mode=mode)
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode=mode))
     node = next(n for n in r.model.graph.node if n.op_type == "Attention")
     heads = {a.name: a.i for a in node.attribute}
     assert (heads["q_num_heads"], heads["kv_num_heads"]) == ((2, 1) if mode == "kv-groups" else (2, 2))
@@ -168,7 +170,7 @@ def test_onnx_attention_with_a_cache_follows_it(mode):
     rng = np.random.default_rng(2)
     feed = x_feed() | {n: rng.standard_normal((1, 2, 3, 4)).astype(np.float32) for n in ("past_key", "past_value")}
     check_oracle(m, feed, mode)
-    r = prune_model(m, ratio=0.5, gqa_mode=mode)
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode=mode))
     changed = {c["name"]: (c["before"], c["after"]) for c in r.interface}
     if mode == "kv-groups":
         assert changed == {"past_key": ([1, 2, "past", 4], [1, 1, "past", 4]),
@@ -181,7 +183,7 @@ def test_onnx_attention_with_a_cache_follows_it(mode):
     assert not any(g.prunable for g in kept if g.kv_groups)
     assert any("keep_kv_cache" in g.reason for g in kept if g.kv_groups)
     # query heads still prune inside their groups when the cache is kept
-    r = prune_model(m, ratio=0.5, gqa_mode="query-heads", keep_kv_cache=True)
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode="query-heads", keep_kv_cache=True))
     assert r.interface == [] and r.stats["params_after"] < r.stats["params_before"]
 
 
@@ -248,7 +250,7 @@ def test_group_query_attention_contrib_op(packed, mode):
     groups = prepare(m, gqa_mode=mode).analysis.prunable
     assert len(groups) == 1 and groups[0].kv_groups == 2
     check_oracle(m, gqa_feed(), mode)
-    r = prune_model(m, ratio=0.5, gqa_mode=mode)
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode=mode))
     node = next(n for n in r.model.graph.node if n.op_type == "GroupQueryAttention")
     heads = {a.name: a.i for a in node.attribute}
     assert (heads["num_heads"], heads["kv_num_heads"]) == ((2, 1) if mode == "kv-groups" else (2, 2))
@@ -266,7 +268,6 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("transformers") is Non
 def test_sdpa_enable_gqa(tmp_path, opset, mode):
     """torch's sdpa(enable_gqa=True), exported by dynamo (the TorchScript exporter refuses enable_gqa)."""
     import export_transformers as et
-
     import torch
 
     block = et.GQAttention(hidden=32, heads=4, kv_heads=2)
@@ -290,6 +291,6 @@ def test_multi_query_attention_needs_query_heads_mode():
     group = next(g for g in prepare(m).analysis.groups if g.kv_groups)
     assert not group.prunable and "multi-query attention" in group.reason
     check_oracle(m, x_feed(), "query-heads")
-    r = prune_model(m, ratio=0.5, gqa_mode="query-heads")
+    r = prune_model(m, Recipe(ratio=0.5, gqa_mode="query-heads"))
     node = next(n for n in r.model.graph.node if n.op_type == "Attention")
     assert {a.name: a.i for a in node.attribute}["q_num_heads"] == 2

@@ -6,10 +6,13 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.pipeline.prune import prepare, prune_model
 from onnxprune.graph.stats import count_params
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run, sample_feed
 from tests.onnx_builders import build, init_shape
 
 X = {"x": [1, 3, 8, 8]}
@@ -25,10 +28,10 @@ def check(model, min_groups=1, tol=1e-5):
     assert oracle.groups >= min_groups
     assert oracle.max_rel_err < tol, f"zero-channel oracle: rel err {oracle.max_rel_err}"
     onnx.checker.check_model(oracle.pruned, full_check=True)
-    result = prune_model(model, ratio=0.5)
+    result = prune_model(model, Recipe(ratio=0.5))
     onnx.checker.check_model(result.model, full_check=True)
     assert result.stats["params_after"] < result.stats["params_before"]
-    same = prune_model(model, ratio=0.0)
+    same = prune_model(model, Recipe(ratio=0.0))
     feed = sample_feed(model)
     for a, b in zip(run(model, feed), run(same.model, feed)):
         np.testing.assert_array_equal(a, b)
@@ -258,7 +261,7 @@ def test_channel_mixing_and_unknown_ops_freeze(op, extra, reason):
                ("Relu", ["o"], ["y"])],
               X, ["y"], {"w1": (8, 3, 3, 3)})
     assert any(reason in r for r in reasons(m))
-    r = prune_model(m, ratio=0.5)
+    r = prune_model(m, Recipe(ratio=0.5))
     assert r.plan.total_pruned == 0
 
 
@@ -283,7 +286,7 @@ def test_identity_before_shared_initializer():
               X, ["y1", "y2"], {"w": (8, 3, 3, 3), "w2": (4, 8, 3, 3)})
     (group,) = [g for g in prepare(m).analysis.groups if g.size == 8]
     assert not group.prunable and "reaches graph output y2" in group.reason
-    assert prune_model(m, ratio=0.5).stats["params_after"] == count_params(m)
+    assert prune_model(m, Recipe(ratio=0.5)).stats["params_after"] == count_params(m)
 
 
 def test_graph_output_freezes_its_channels():

@@ -14,8 +14,9 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
 from onnxprune.runtime.feeds import resolve_shapes, validation_feed
-from onnxprune.pipeline.prune import prune_model
 from tests.onnx_builders import build
 
 # two unpadded 3x3 convs: a 1x1 (or 3x3) image cannot run, so H and W cannot be guessed
@@ -89,7 +90,7 @@ def test_batch_like_dims_default_to_one():
     assert resolve_shapes(model)[0] == {"x": (1, 3, 8, 8)}
     dims[0].dim_value = 0
     assert resolve_shapes(model)[0] == {"x": (1, 3, 8, 8)}
-    res = prune_model(build(NODES, {"x": [-1, 3, 8, 8]}, ["y"], WEIGHTS), ratio=0.5, input_shapes={"x": (2, 3, 8, 8)})
+    res = prune_model(build(NODES, {"x": [-1, 3, 8, 8]}, ["y"], WEIGHTS), Recipe(ratio=0.5), RunSettings(input_shapes={"x": (2, 3, 8, 8)}))
     assert res.stats["macs_before"] == 2 * macs(8, 8)
 
 

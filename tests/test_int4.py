@@ -12,10 +12,12 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.evaluate.data import load_data
-from onnxprune.evaluate.metrics import perplexity, run_model
+from onnxprune.evaluate.metrics import perplexity
 from onnxprune.io.model_io import model_bytes
 from onnxprune.pipeline.prune import prune_model
 from onnxprune.quantize.quantize import quantize_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run_batches
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 V = 260
@@ -37,15 +39,15 @@ def lm(tmp_path_factory):
 
 def test_int4_of_a_pruned_decoder(lm, tmp_path):
     path, held = lm
-    pruned = prune_model(onnx.load(str(path)), ratio=0.3).model
+    pruned = prune_model(onnx.load(str(path)), Recipe(ratio=0.3)).model
     result = quantize_model(pruned, "int4", block_size=32)
     weights = {t.name for t in result.model.graph.initializer}
     assert any(n.op_type == "MatMulNBits" for n in result.model.graph.node)
     assert not [n.name for n in result.model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert model_bytes(pruned) >= 3 * model_bytes(result.model), (model_bytes(pruned), model_bytes(result.model))
     data = load_data(held, pruned)
-    float_ppl = perplexity(run_model(pruned, data), data.feeds)["perplexity"]
-    int4_ppl = perplexity(run_model(result.model, data), data.feeds)["perplexity"]
+    float_ppl = perplexity(run_batches(pruned, data), data.feeds)["perplexity"]
+    int4_ppl = perplexity(run_batches(result.model, data), data.feeds)["perplexity"]
     assert np.isfinite(int4_ppl) and abs(int4_ppl / float_ppl - 1) < 0.1  # random weights: close, not equal
     assert int4_ppl != float_ppl
 

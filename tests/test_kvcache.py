@@ -15,9 +15,11 @@ import onnx
 import pytest
 
 from onnxprune.pipeline.plan import plan_uniform
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import internal_session
 from onnxprune.testing import zero_channels
-from onnxprune.pipeline.validate import session
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 LAYERS, KV_HEADS, HEAD = 2, 2, 8
@@ -41,7 +43,7 @@ def cache_model(tmp_path_factory):
 
 def generate(model: onnx.ModelProto, prompt: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy decoding: the prompt, then one token per step with the previous present fed back as past."""
-    sess = session(model)
+    sess = internal_session(model)
     inputs = {i.name: i for i in model.graph.input}
     heads = {n: i.type.tensor_type.shape.dim[1].dim_value for n, i in inputs.items() if n.startswith("past")}
     past = {n: np.zeros((1, h, 0, HEAD), np.float32) for n, h in heads.items()}
@@ -71,7 +73,7 @@ def test_generation_with_pruned_cache_matches(cache_model, dynamo, mode):
     plan = plan_uniform(prep.analysis, {g.spaces[0]: rng.random(g.size) for g in prep.analysis.prunable}, 0.5)
     removed = {r: np.setdiff1d(np.arange(plan.sizes[r]), k) for r, k in plan.kept.items()}
     zeroed = zero_channels(prep, removed)
-    result = prune_model(zeroed, removed=removed, gqa_mode=mode)
+    result = prune_model(zeroed, Recipe(gqa_mode=mode), RunSettings(removed=removed))
 
     changed = {c["name"]: (c["before"], c["after"]) for c in result.interface}
     if mode == "query-heads":  # the k/v heads and so the cache stay
@@ -103,7 +105,7 @@ def test_keep_kv_cache_freezes_the_heads(cache_model, tmp_path, capsys):
     heads = [g for g in groups if g.kv_groups]
     assert heads and not any(g.prunable for g in heads)
     assert all("key/value cache" in g.reason and "keep_kv_cache" in g.reason for g in heads)
-    result = prune_model(model, ratio=0.5, keep_kv_cache=True)
+    result = prune_model(model, Recipe(ratio=0.5, keep_kv_cache=True))
     assert result.interface == [] and result.stats["params_after"] < result.stats["params_before"]
 
     path = tmp_path / "lm.onnx"
@@ -155,5 +157,5 @@ def test_hugging_face_folder_gets_an_updated_config(tmp_path):
     model = onnx.load(str(src / "model.onnx"))
     prep = prepare(model)
     neurons = [g for g in prep.analysis.prunable if not g.kv_groups]
-    result = prune_model(model, removed={neurons[0].spaces[0]: np.arange(8)})
+    result = prune_model(model, Recipe(), RunSettings(removed={neurons[0].spaces[0]: np.arange(8)}))
     assert pruned_sizes(result)["intermediate"] == {56, 64}

@@ -14,9 +14,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune.io.model_io import load_model
-from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run, sample_feed
 from onnxprune.io.weights import TensorWriter, is_external, is_lazy, nbytes
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
+from onnxprune.testing import zero_channel_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 

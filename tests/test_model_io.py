@@ -10,11 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.io import model_io
 from onnxprune.errors import InputError
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.io import model_io
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
 from onnxprune.pipeline.score import score_groups
-from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 
@@ -29,7 +32,7 @@ def test_external_data_roundtrip_and_prune(tmp_path):
     loaded = model_io.load_model(src)
     feed = sample_feed(model)
     np.testing.assert_array_equal(run(loaded, feed)[0], run(model, feed)[0])
-    pruned = prune_model(loaded, 0.5).model
+    pruned = prune_model(loaded, Recipe(ratio=0.5)).model
     out = tmp_path / "out" / "p.onnx"
     out.parent.mkdir()
     model_io.save_model(pruned, out, external_data=True)
@@ -88,7 +91,7 @@ def test_save_refuses_existing_and_missing_folder(tmp_path):
 def test_metadata_and_opset_survive(tmp_path):
     model = onnx.load(DIGITS)
     onnx.helper.set_model_props(model, {"author": "test"})
-    pruned = prune_model(model, 0.5).model
+    pruned = prune_model(model, Recipe(ratio=0.5)).model
     assert {p.key: p.value for p in pruned.metadata_props} == {"author": "test"}
     assert pruned.opset_import == model.opset_import
     assert pruned.producer_name == model.producer_name
@@ -103,13 +106,13 @@ def test_bn_scale_scores_follow_gamma():
 
 
 def test_session_through_external_data_keeps_the_model(monkeypatch):
-    from onnxprune.pipeline import validate
+    from onnxprune.runtime import session
 
     model = onnx.load(DIGITS)
     feed = sample_feed(model)
-    want = validate.session(model).run(None, feed)[0]
-    monkeypatch.setattr(validate, "_INLINE_LIMIT", 1)  # force the >2 GB path on a small model
-    got = validate.session(model).run(None, feed)[0]
+    want = session.internal_session(model).run(None, feed)[0]
+    monkeypatch.setattr(session, "_INLINE_LIMIT", 1)  # force the >2 GB path on a small model
+    got = session.internal_session(model).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert all(not t.external_data for t in model.graph.initializer)
 
@@ -122,7 +125,7 @@ def test_initializers_listed_as_inputs_are_pruned_and_the_input_list_follows():
         if t.name not in names:
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     model.ir_version = 3
-    pruned = prune_model(model, 0.5).model
+    pruned = prune_model(model, Recipe(ratio=0.5)).model
     data_inputs = [i.name for i in pruned.graph.input if i.name not in {t.name for t in pruned.graph.initializer}]
     assert data_inputs == ["input"]
     listed = {i.name for i in pruned.graph.input}

@@ -13,8 +13,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
+from onnxprune.evaluate.compare import evaluate
 from onnxprune.evaluate.data import load_data
-from onnxprune.evaluate.metrics import evaluate, perplexity, run_model
+from onnxprune.evaluate.metrics import perplexity
+from onnxprune.runtime.session import run_batches
 
 V = 11
 
@@ -57,7 +59,7 @@ def test_perplexity_equals_numpy(tmp_path):
     ids, mask = windows()
     np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=mask)
     data = load_data(tmp_path / "tokens.npz", m, batch_size=5)
-    outputs = run_model(m, data)
+    outputs = run_batches(m, data)
     logits = np.concatenate([o["logits"] for o in outputs])
     want = numpy_perplexity(logits, ids, mask)
     got = perplexity(outputs, data.feeds)
@@ -66,7 +68,7 @@ def test_perplexity_equals_numpy(tmp_path):
     # padding is left out: the same windows with other tokens in the padded positions give the same value
     np.savez(tmp_path / "other.npz", input_ids=np.where(mask == 1, ids, 7), attention_mask=mask)
     other = load_data(tmp_path / "other.npz", m, batch_size=5)
-    assert perplexity(run_model(m, other), other.feeds)["perplexity"] == pytest.approx(want, rel=1e-9)
+    assert perplexity(run_batches(m, other), other.feeds)["perplexity"] == pytest.approx(want, rel=1e-9)
     # through the CLI: --metric perplexity and automatically (logits + input_ids, no labels), with a ratio gate
     path = tmp_path / "lm.onnx"
     onnx.save(m, str(path))
@@ -100,7 +102,7 @@ def test_cache_inputs_are_fed_empty_and_budgets_are_ratios(cache_lm, tmp_path):
     data = load_data(tmp_path / "held.npz", m, batch_size=6)
     assert data.feeds[0]["past_key_values.0.key"].shape == (6, 2, 0, 8) and "fed empty" in data.source
     result = evaluate(m, data, latency=False)
-    outputs = run_model(m, data)
+    outputs = run_batches(m, data)
     logits = np.concatenate([o["logits"] for o in outputs])
     assert result["candidate"]["perplexity"]["perplexity"] == pytest.approx(
         numpy_perplexity(logits, ids[12:], mask[12:]), rel=1e-6)
@@ -130,11 +132,11 @@ def test_shipped_decoder(tmp_path):
     perplexity docs/BENCHMARKS.md reports."""
     from pathlib import Path
 
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
 
     models = Path(__file__).resolve().parents[1] / "models"
     m = onnx.load(str(models / "stdlib_llama.onnx"))
     heads = [g for g in prepare(m).analysis.prunable if g.kv_groups]
     assert [(g.size // g.head_dim, g.kv_groups) for g in heads] == [(8, 2)] * 4
     held = load_data(models / "stdlib_heldout.npz", m, batch_size=64)
-    assert perplexity(run_model(m, held), held.feeds)["perplexity"] == pytest.approx(5.7150, abs=5e-4)
+    assert perplexity(run_batches(m, held), held.feeds)["perplexity"] == pytest.approx(5.7150, abs=5e-4)

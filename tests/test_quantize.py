@@ -14,6 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnxprune.errors import InputError, UnsupportedModelError  # noqa: E402
 from onnxprune.quantize.quantize import provider_warnings, quantize_model  # noqa: E402
+from onnxprune.recipe import Recipe
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -43,9 +44,9 @@ def digits():
 def mlp():
     """An sklearn MLP on digits exported by skl2onnx: MatMul+Add layers, the dynamic-int8 use case."""
     pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
-    from skl2onnx import to_onnx
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -346,7 +347,7 @@ def test_cli_fp16_without_data_checks_on_random_inputs(cli, tmp_path):
 def test_prune_then_quantize_composes(digits):
     prune = pytest.importorskip("onnxprune.pipeline.prune")
     model, feeds, x, labels = digits
-    pruned = prune.prune_model(model, ratio=0.25).model
+    pruned = prune.prune_model(model, Recipe(ratio=0.25)).model
     result = quantize_model(pruned, "static", calibration=feeds)
     # less than 3x here: with a quarter of the channels gone, Q/DQ nodes and per-channel scales weigh more
     assert result.model.ByteSize() < pruned.ByteSize() / 2

@@ -12,7 +12,7 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.prune import prune_model
+from onnxprune.pipeline.prune import RunSettings, prune_model
 from onnxprune.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,18 +134,18 @@ def test_python_api_takes_a_recipe_and_keywords_remain_a_thin_layer():
     model = load_model(MODELS / "digits_cnn.onnx")
     calib = load_data(CALIB, model, limit=64)
     recipe = Recipe(ratio=0.3, criterion="hybrid", recover="lstsq", round_to=2)
-    by_recipe = prune_model(model, recipe, calibration=calib)
-    by_keywords = prune_model(model, ratio=0.3, criterion="hybrid", recover="lstsq", round_to=2, calibration=calib)
+    by_recipe = prune_model(model, recipe, RunSettings(calibration=calib))
+    by_keywords = prune_model(model, Recipe(ratio=0.3, criterion="hybrid", recover="lstsq", round_to=2), RunSettings(calibration=calib))
     assert by_recipe.model.SerializeToString() == by_keywords.model.SerializeToString()
     assert by_recipe.recipe == by_keywords.recipe == recipe
     # keywords override a recipe's fields; a MAC target replaces its ratio
-    budget = prune_model(model, recipe, target_macs=0.5, calibration=calib)
+    budget = prune_model(model, recipe.replace(target_macs=0.5), RunSettings(calibration=calib))
     assert budget.recipe.ratio is None and budget.recipe.target_macs == 0.5
     assert budget.stats["macs_after"] <= 0.5 * budget.stats["macs_before"]
     # without a recipe the criterion is l1, as before recipes; a Recipe resolves to hybrid with data
-    assert prune_model(model, ratio=0.3, calibration=calib).recipe.criterion == "l1"
-    assert prune_model(model, Recipe(ratio=0.3), calibration=calib).recipe.criterion == "hybrid"
-    assert prune_model(model, 0.3).recipe == Recipe(criterion="l1", ratio=0.3)  # a number is the ratio
+    assert prune_model(model, Recipe(ratio=0.3, criterion="l1"), RunSettings(calibration=calib)).recipe.criterion == "l1"
+    assert prune_model(model, Recipe(ratio=0.3), RunSettings(calibration=calib)).recipe.criterion == "hybrid"
+    assert prune_model(model, Recipe(ratio=0.3)).recipe == Recipe(criterion="l1", ratio=0.3)  # no data: l1
 
 
 def test_recipes_are_values_checked_when_made():

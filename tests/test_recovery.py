@@ -9,11 +9,13 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.evaluate.data import from_arrays, load_data
-from onnxprune.evaluate.metrics import accuracy, run_model
+from onnxprune.evaluate.metrics import accuracy
 from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
 from onnxprune.pipeline.recover import Gram, select_alpha, solve
-from onnxprune.pipeline.validate import run
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run, run_batches
 from tests.onnx_builders import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +54,8 @@ def test_lstsq_recovers_exact_weights_on_a_linear_toy():
     root = prepare(model).analysis.prunable[0].spaces[0]
     removed = {root: np.arange(8, 16)}
     data = calib()
-    plain = prune_model(model, removed=removed)
-    fixed = prune_model(model, removed=removed, calibration=data, recover="lstsq")
+    plain = prune_model(model, Recipe(), RunSettings(removed=removed))
+    fixed = prune_model(model, Recipe(recover="lstsq"), RunSettings(removed=removed, calibration=data))
     got_w, got_b = weights("gemm_1", fixed.model)
     want_w = w2[:, :8].astype(np.float64) + w2[:, 8:] @ m
     want_b = b2 + w2[:, 8:] @ np.full(8, 0.3)
@@ -76,7 +78,7 @@ def test_bias_folds_constant_channels_exactly():
     w2 = rng.standard_normal((4, 16)).astype(np.float32)
     model = two_layer(w1, b1, w2, np.zeros(4, np.float32))
     root = prepare(model).analysis.prunable[0].spaces[0]
-    result = prune_model(model, removed={root: np.arange(8, 16)}, calibration=calib(), recover="bias")
+    result = prune_model(model, Recipe(recover="bias"), RunSettings(removed={root: np.arange(8, 16)}, calibration=calib()))
     feed = {"x": calib(32, seed=3).feeds[0]["x"]}
     np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=1e-4)
     _, bias = weights("gemm_1", result.model)
@@ -127,7 +129,7 @@ def test_grouped_consumer_is_not_refit_and_says_so():
              ("Conv", ["r", "w3"], ["y"], {"kernel_shape": [1, 1]})]
     model = build(nodes, {"x": ["N", 3, 6, 6]}, ["y"], {"w1": (8, 3, 3, 3), "gw": (8, 4, 3, 3), "w3": (4, 8, 1, 1)})
     data = from_arrays({"x": np.random.default_rng(0).standard_normal((16, 3, 6, 6)).astype(np.float32)})
-    result = prune_model(model, ratio=0.5, calibration=data, recover="lstsq")
+    result = prune_model(model, Recipe(ratio=0.5, recover="lstsq", criterion="l1"), RunSettings(calibration=data))
     assert any("conv_1" in note and "not refit" in note for note in result.notes)
     assert "conv_3" in [entry["node"] for entry in result.recovery]
 
@@ -139,11 +141,11 @@ def test_lstsq_restores_accuracy_of_the_shipped_digits_model():
     prep = prepare(model)
 
     def acc(m):
-        return 100 * accuracy(run_model(m, held), held.labels, (1,))["top1"]
+        return 100 * accuracy(run_batches(m, held), held.labels, (1,))["top1"]
 
     base = acc(model)
-    plain = prune_model(model, prepared=prep, target_macs=0.5, allocate="uniform")
-    fixed = prune_model(model, prepared=prep, target_macs=0.5, allocate="uniform", calibration=cal, recover="lstsq")
+    plain = prune_model(model, Recipe(target_macs=0.5, allocate="uniform"), RunSettings(reuse=Reuse(prepared=prep)))
+    fixed = prune_model(model, Recipe(target_macs=0.5, allocate="uniform", recover="lstsq", criterion="l1"), RunSettings(calibration=cal, reuse=Reuse(prepared=prep)))
     assert plain.stats["macs_after"] <= 0.5 * plain.stats["macs_before"]
     assert acc(plain.model) < base - 3
     assert acc(fixed.model) >= base - 2
@@ -155,7 +157,7 @@ def test_data_criteria_need_data(criterion):
 
     model = load_model(ROOT / "models" / "digits_cnn.onnx")
     with pytest.raises(InputError, match="--data"):
-        prune_model(model, criterion=criterion)
+        prune_model(model, Recipe(criterion=criterion))
 
 
 def test_prune_recover_then_quantize_with_the_same_data(tmp_path, capsys):
@@ -184,8 +186,8 @@ def test_hybrid_finds_the_neuron_a_refit_can_replace():
     """Two hidden neurons compute the same thing (equal fc1 columns) and both have the largest fc2 rows:
     magnitude keeps both, but either can go at no cost once fc2 is refit — `hybrid` scores one of them lowest,
     and pruning it with `--recover lstsq` leaves the output unchanged."""
-    from onnxprune.pipeline.activations import channel_stats
     from onnxprune.pipeline.score import score_groups
+    from onnxprune.pipeline.statistics import channel_stats
 
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((6, 8)).astype(np.float32)
@@ -200,6 +202,6 @@ def test_hybrid_finds_the_neuron_a_refit_can_replace():
     hybrid = score_groups(prep.analysis, prep.view, "hybrid", stats=channel_stats(prep, feeds))[group.spaces[0]]
     l1 = score_groups(prep.analysis, prep.view, "l1")[group.spaces[0]]
     assert int(np.argmin(hybrid)) in (0, 1) and int(np.argmin(l1)) not in (0, 1)
-    result = prune_model(m, ratio=1 / 8, criterion="hybrid", calibration=feeds, recover="lstsq")
+    result = prune_model(m, Recipe(ratio=1 / 8, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds))
     test = {"x": rng.standard_normal((4, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(result.model, test)[0], run(m, test)[0], rtol=1e-3, atol=1e-3)

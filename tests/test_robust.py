@@ -16,9 +16,12 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run, sample_feed
 from tests.onnx_builders import build
 
 ORACLE_TOL = 1e-5
@@ -67,7 +70,7 @@ def test_swin_window_partition_prunes_heads_and_mlps():
     heads = [g for g in prep.analysis.prunable if g.unit > 1]
     assert len(heads) == 4 and len(prep.analysis.prunable) == 8, [str(g) for g in prep.analysis.groups]
     r = oracle(model, min_groups=6)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults and res.stats["params_after"] < 0.8 * res.stats["params_before"]
     assert r.pruned_channels > 0
 
@@ -91,7 +94,7 @@ def test_window_partition_reshape_handcrafted():
     model = build(nodes, {"x": ["batch", 3, 8, 8]}, ["y"], weights)
     assert [g.prunable for g in prepare(model).analysis.groups] == [True, False]
     oracle(model)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert [int(v) for t in res.model.graph.initializer if t.name.startswith("sw") for v in
             onnx.numpy_helper.to_array(t)] == [-1, 16, 4]
 
@@ -134,7 +137,7 @@ def test_resize_with_sizes_computed_at_run_time(dynamo):
     assert len(prep.analysis.prunable) == 1 and len(prep.analysis.prunable[0].sources) == 2
     feed = {"input": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
     oracle(model, feed=feed)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults and run(res.model, feed)[0].shape == (2, 4, 16, 16)
 
 
@@ -149,7 +152,7 @@ def test_resize_sizes_from_an_unrelated_tensor_freeze():
     prep = prepare(model)
     assert not prep.analysis.faults
     assert "the channel entry of its sizes is computed at run time" in prep.analysis.groups[0].reason
-    assert not prune_model(model, ratio=0.5).faults
+    assert not prune_model(model, Recipe(ratio=0.5)).faults
 
 
 def _minus_one_model():
@@ -169,7 +172,7 @@ def test_inputs_with_minus_one_dims():
     model = _minus_one_model()
     onnx.checker.check_model(model, full_check=True)
     assert sample_feed(model)["x"].shape == (1, 3, 4, 4)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults
     assert res.stats["macs_before"] == 8 * 27 * 16 + 5 * 128 and res.stats["macs_after"] > 0
     assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # interface kept as it was
@@ -206,7 +209,7 @@ def test_float16_vit(keep_io_types):
     model = _vit_fp16(keep_io_types)
     io_type = model.graph.input[0].type.tensor_type.elem_type
     assert io_type == (onnx.TensorProto.FLOAT if keep_io_types else onnx.TensorProto.FLOAT16)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults
     assert res.stats["groups_pruned"] >= 4
     floats = {t.data_type for t in res.model.graph.initializer if t.data_type in (1, 10, 11, 16)}
@@ -228,7 +231,7 @@ def test_expand_to_a_constant_shape_follows_the_channels():
     model = build(nodes, {"x": [1, 3, 4, 4]}, ["y"], {"w1": (8, 3, 1, 1), "w2": (4, 8, 1, 1),
                                                        "shape": np.array([1, 8, 4, 4], np.int64)})
     oracle(model)
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults and res.stats["groups_pruned"] == 1
     shape = next(t for t in res.model.graph.initializer if t.name.startswith("shape"))
     assert onnx.numpy_helper.to_array(shape).tolist() == [1, 4, 4, 4]

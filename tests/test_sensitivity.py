@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnxprune.commands.sensitivity import sensitivity_command
 from onnxprune.evaluate.data import from_arrays, load_data
 from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.prune import prepare
+from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.score import score_groups
 from onnxprune.pipeline.sensitivity import sensitivity
 

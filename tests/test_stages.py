@@ -9,13 +9,16 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.pipeline.activations import GRAM_ROWS, MAX_GRAM, Probe, channel_stats
-from onnxprune.evaluate.data import load_data
 from onnxprune.errors import InputError
+from onnxprune.evaluate.data import load_data
 from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.activations import GRAM_ROWS, MAX_GRAM, Probe
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
 from onnxprune.pipeline.score import score_groups
+from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
+from onnxprune.pipeline.statistics import channel_stats
+from onnxprune.recipe import Recipe
 from tests.onnx_builders import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +96,7 @@ def _recovered_weights(model, feeds, staged, monkeypatch, ratio=0.5):
 
     real = recovery._lstsq
     monkeypatch.setattr(recovery, "_lstsq", lambda *a, **k: real(*a[:8], staged, None))
-    result = prune_model(model, ratio=ratio, criterion="l1", calibration=feeds, recover="lstsq")
+    result = prune_model(model, Recipe(ratio=ratio, criterion="l1", recover="lstsq"), RunSettings(calibration=feeds))
     monkeypatch.setattr(recovery, "_lstsq", real)
     return result, {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
 
@@ -118,9 +121,9 @@ def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(digits, mo
 
 def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch):
     torch = pytest.importorskip("torch")
-    from export_transformers import bert, export
-
     import tempfile
+
+    from export_transformers import bert, export
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export(bert(), "bert", Path(tmp) / "bert.onnx", dynamo=False)
@@ -140,7 +143,7 @@ def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch
 
 def test_a_data_aware_prune_costs_at_most_four_passes(digits):
     model, feeds = digits
-    result = prune_model(model, ratio=0.5, criterion="hybrid", calibration=feeds, recover="lstsq")
+    result = prune_model(model, Recipe(ratio=0.5, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds))
     passes = result.stats["passes"]
     assert passes["statistics"] == pytest.approx(1.0, abs=0.01)
     assert passes["total"] <= 4.0, passes

@@ -16,9 +16,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.pipeline.prune import prepare, prune_model
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
-from onnxprune.pipeline.validate import run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -79,7 +81,7 @@ def test_prune_transformer(exported, kind, dynamo):
     assert oracle.max_rel_err < 1e-4, f"zero-channel oracle: rel err {oracle.max_rel_err}"
     onnx.checker.check_model(oracle.pruned, full_check=True)
 
-    result = prune_model(model, ratio=0.3)
+    result = prune_model(model, Recipe(ratio=0.3))
     assert result.stats["params_after"] < result.stats["params_before"]
     for want, got in zip(run(model, feed), run(result.model, feed)):
         assert want.shape == got.shape
@@ -147,8 +149,8 @@ def test_lstsq_refits_against_the_residual_stream_and_skips_padding(exported):
     def error(m):
         return float(np.abs(run(m, feed)[0] - want)[real].mean())
 
-    plain = prune_model(model, ratio=0.5, criterion="activation", calibration=calib)
-    fixed = prune_model(model, ratio=0.5, criterion="activation", calibration=calib, recover="lstsq")
+    plain = prune_model(model, Recipe(ratio=0.5, criterion="activation"), RunSettings(calibration=calib))
+    fixed = prune_model(model, Recipe(ratio=0.5, criterion="activation", recover="lstsq"), RunSettings(calibration=calib))
     refit = {entry["node"]: entry for entry in fixed.recovery}
     assert any("attention/output/dense" in n for n in refit) and any("/output/dense" in n for n in refit)
     real_tokens = sum(int(f["attention_mask"].sum()) for f in calib)
@@ -159,7 +161,7 @@ def test_lstsq_refits_against_the_residual_stream_and_skips_padding(exported):
 
 def test_activation_statistics_skip_padded_tokens(exported):
     """What the padded positions hold changes no statistic: scores see real tokens only."""
-    from onnxprune.pipeline.activations import channel_stats
+    from onnxprune.pipeline.statistics import channel_stats
 
     model = exported("bert", False)
     prep = prepare(model)
@@ -202,7 +204,7 @@ def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
     hidden = [g for g in prepare(model, prune_hidden=True).analysis.prunable if g.size == 32 and g.unit == 1]
     assert len(hidden) == 1 and len({m.node for m in hidden[0].members}) > 15
 
-    result = prune_model(model, ratio=0.25, prune_hidden=True)
+    result = prune_model(model, Recipe(ratio=0.25, prune_hidden=True))
     assert HIDDEN_WARNING in result.notes
     shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
     assert {v for k, v in shapes.items() if "ln_1.weight" in k} == {(24,)}
@@ -210,7 +212,7 @@ def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
     feed = feed_for("vit")
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
     # ratio 0 with the option changes nothing
-    same = prune_model(model, ratio=0.0, prune_hidden=True)
+    same = prune_model(model, Recipe(ratio=0.0, prune_hidden=True))
     np.testing.assert_allclose(run(same.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-6)
 
     path = tmp_path / "vit.onnx"
@@ -232,7 +234,7 @@ def test_prune_hidden_from_the_embeddings(tmp_path, dynamo):
     assert not any(g.size == 32 and g.unit == 1 for g in prepare(model).analysis.prunable)
     hidden = [g for g in prepare(model, prune_hidden=True).analysis.prunable if g.size == 32 and g.unit == 1]
     assert len(hidden) == 1 and sum(m.op_type == "Gather" for m in hidden[0].members) == 3
-    result = prune_model(model, ratio=0.25, prune_hidden=True)
+    result = prune_model(model, Recipe(ratio=0.25, prune_hidden=True))
     feed = feed_for("bert")
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape == (2, 32)
     tables = [t for t in result.model.graph.initializer if "_embeddings.weight" in t.name]

@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from onnxprune.cli import main
 from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.unstructured import prune_unstructured
-from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.runtime.session import run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

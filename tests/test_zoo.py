@@ -19,8 +19,9 @@ import functools
 import numpy as np
 import onnx
 import pytest
-
 import zoo
+
+from onnxprune.recipe import Recipe
 
 ORACLE_TOL = 1e-5
 # Uniform 0.5 removes half the channels of each prunable group; a layer with both sides pruned keeps about
@@ -63,7 +64,7 @@ def load(name: str, exporter: str) -> onnx.ModelProto:
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    from onnxprune.pipeline.validate import run
+    from onnxprune.runtime.session import run
 
     return run(model, {"input": x})
 
@@ -86,7 +87,7 @@ def test_prune_half(name: str, exporter: str):
     x = zoo.example_input(name, batch=2)  # batch 2: the dynamic batch axis must survive pruning
     before = ort_run(model, x)
 
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     after = ort_run(res.model, x)
 
     # the interface is unchanged and onnxruntime gives the original output shapes
@@ -112,7 +113,7 @@ def test_prune_half(name: str, exporter: str):
 
 @pytest.mark.parametrize("name, exporter", CASES)
 def test_zero_channel_oracle(name: str, exporter: str):
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
     from onnxprune.testing import zero_channel_oracle
 
     model = load(name, exporter)
@@ -133,7 +134,7 @@ def test_preserve_export_keeps_batchnorm_and_prunes_it():
     model = load("resnet18_bn", "torchscript")
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == 20
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     inits = {t.name: t for t in res.model.graph.initializer}
     pruned_bns = [n for n in res.model.graph.node if n.op_type == "BatchNormalization"]
     assert len(pruned_bns) == 20
@@ -150,7 +151,7 @@ def test_preserve_export_keeps_batchnorm_and_prunes_it():
 
 def test_deduplicated_initializers_do_not_freeze_groups():
     """TorchScript shares identical (zero) conv biases behind Identity nodes; pruning must unshare them."""
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
 
     plain = load("resnet18_plain", "torchscript")
     inits = {t.name for t in plain.graph.initializer}

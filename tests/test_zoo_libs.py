@@ -11,8 +11,9 @@ import functools
 import numpy as np
 import onnx
 import pytest
-
 import zoo_libs
+
+from onnxprune.recipe import Recipe
 
 ORACLE_TOL = 1e-5
 
@@ -38,8 +39,8 @@ def load(name: str, seed: int = 0) -> onnx.ModelProto:
 @pytest.mark.parametrize("name", _params())
 def test_prune_half_and_oracle(name):
     from onnxprune.pipeline.prune import prune_model
+    from onnxprune.runtime.session import run
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.pipeline.validate import run
 
     spec = zoo_libs.LIBS[name]
     feed = {"input": zoo_libs.example_input(name, batch=2)}
@@ -53,7 +54,7 @@ def test_prune_half_and_oracle(name):
     assert r.max_rel_err <= ORACLE_TOL, (r.max_rel_err, r.max_abs_err)
     assert r.groups >= 1 and r.pruned_channels > 0
 
-    res = prune_model(model, ratio=0.5)
+    res = prune_model(model, Recipe(ratio=0.5))
     assert not res.faults, res.faults
     before, after = run(model, feed), run(res.model, feed)
     assert [a.shape for a in after] == [b.shape for b in before]
@@ -61,7 +62,7 @@ def test_prune_half_and_oracle(name):
     allowed = ("reaches graph output", "only one channel", "no layer reads", *spec.frozen)
     unexpected = [g.reason for g in res.analysis.groups if not g.prunable and not any(a in g.reason for a in allowed)]
     assert not unexpected, unexpected
-    same = prune_model(model, ratio=0.0)
+    same = prune_model(model, Recipe(ratio=0.0))
     for a, b in zip(run(same.model, feed), before):
         np.testing.assert_array_equal(a, b)
 
@@ -70,7 +71,7 @@ def test_yolov8_c2f_halves_prune():
     """YOLOv8's C2f cuts each cv1 output in halves (`chunk(2, 1)`, Slices with bounds computed from the shape):
     the halves prune apart, so almost every group of the backbone and neck is prunable."""
     pytest.importorskip("ultralytics")
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
 
     prep = prepare(load("ultralytics/yolov8n"))
     assert len(prep.analysis.prunable) >= 55 and len(prep.analysis.groups) <= 64

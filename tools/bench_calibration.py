@@ -70,11 +70,13 @@ def build(name: str) -> tuple[Path, Path]:
 def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
     """Runs in the child: prune with counted sessions, print the figures as JSON."""
     import numpy as np
+
     import onnxprune.pipeline.activations as activations
     import onnxprune.pipeline.validate as validate
     from onnxprune.evaluate.data import load_data
     from onnxprune.io.model_io import load_model
-    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.pipeline.prune import RunSettings, prune_model
+    from onnxprune.recipe import Recipe
 
     counts = {"node_runs": 0, "sessions": 0}
     real = validate.session
@@ -104,8 +106,7 @@ def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
         sess.run(None, feed)
     floor = time.perf_counter() - start
     start = time.perf_counter()
-    result = prune_model(model, ratio=ratio, criterion="hybrid", calibration=feeds, recover="lstsq",
-                         validate_result=False)
+    result = prune_model(model, Recipe(ratio=ratio, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds, validate=False))
     wall = time.perf_counter() - start
     del result
     from onnxprune.graph.normalize import normalize

@@ -29,9 +29,10 @@ import numpy as np
 import onnx
 
 from onnxprune.evaluate.data import load_data
-from onnxprune.evaluate.metrics import make_session, measure_latency
+from onnxprune.evaluate.latency import measure_latency
 from onnxprune.io.model_io import load_model
 from onnxprune.report import cpu_model, environment, print_table
+from onnxprune.runtime.session import open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,14 +66,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model)
-    session = make_session(str(args.model), "cpu", threads=args.threads)
+    session = open_session(str(args.model), "cpu", threads=args.threads)
     cases = [(args.model.name, size, session, load_data(args.data, model, batch_size=size).feeds[0])
              for size in (int(s) for s in args.batch_sizes.split(","))]
     # a one-element Identity model: session.run costs next to nothing, so the difference between the two
     # loops is the eval loop's own cost per run, in microseconds, whatever model it times
     identity = onnx.parser.parse_model(
         '<ir_version: 8, opset_import: ["" : 17]> g (float[1] x) => (float[1] y) { y = Identity(x) }')
-    cases.append(("Identity", 1, make_session(identity, "cpu", threads=args.threads),
+    cases.append(("Identity", 1, open_session(identity, "cpu", threads=args.threads),
                   {"x": np.zeros(1, np.float32)}))
     rows = []
     for name, size, session, feed in cases:

@@ -51,9 +51,10 @@ def all_params(model: onnx.ModelProto) -> int:
 
 
 def held_out_perplexity(model, data) -> float:
-    from onnxprune.evaluate.metrics import perplexity, run_model
+    from onnxprune.evaluate.metrics import perplexity
+    from onnxprune.runtime.session import run_batches
 
-    return perplexity(run_model(model, data, threads=2), data.feeds)["perplexity"]
+    return perplexity(run_batches(model, data, threads=2), data.feeds)["perplexity"]
 
 
 def main() -> None:
@@ -67,9 +68,10 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
 
-    from onnxprune.pipeline.activations import channel_stats
     from onnxprune.evaluate.data import load_data
-    from onnxprune.pipeline.prune import prepare, prune_model
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.pipeline.statistics import channel_stats
     from onnxprune.report import environment
 
     model = onnx.load(args.model)

@@ -27,6 +27,9 @@ import warnings
 import numpy as np
 import onnx
 
+from onnxprune.pipeline.prune import RunSettings
+from onnxprune.recipe import Recipe
+
 SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "pydoc_data",
         "__main__", "__phello__", "_")
 
@@ -86,9 +89,9 @@ def feeds(tokenizer, sentences: list[str], batch: int = 16, max_len: int = 64) -
 
 
 def embeddings(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    from onnxprune.pipeline.validate import session
+    from onnxprune.runtime.session import internal_session
 
-    sess = session(model)
+    sess = internal_session(model)
     embs = []
     for feed in batches:
         hidden = sess.run(None, feed)[0]
@@ -117,9 +120,9 @@ def linear_macs_per_token(model: onnx.ModelProto) -> int:
 
 def latency(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], threads: int, repeats: int) -> float:
     """Median seconds to run all `batches` once."""
-    from onnxprune.pipeline.validate import session
+    from onnxprune.runtime.session import internal_session
 
-    sess = session(model, threads=threads)
+    sess = internal_session(model, threads=threads)
     for feed in batches[:2]:
         sess.run(None, feed)
     times = []
@@ -138,10 +141,10 @@ def mlp_only_plan(model: onnx.ModelProto, ratio: float, criterion: str, calib) -
     V columns, output-projection rows). Every MLP loses the same share, ratio · (attention + MLP) / MLP of
     its neurons, chosen by `criterion`.
     """
-    from onnxprune.pipeline.activations import channel_stats
     from onnxprune.pipeline.plan import select
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
     from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
+    from onnxprune.pipeline.statistics import channel_stats
 
     prep = prepare(model)
     stats = channel_stats(prep, calib) if criterion in DATA_CRITERIA else None
@@ -202,8 +205,7 @@ def main() -> None:
         removed = None
         if args.allocate == "mlp":
             removed = mlp_only_plan(model, args.ratio, args.criterion, calib)
-        result = prune_model(model, ratio=args.ratio, criterion=args.criterion, calibration=calib,
-                             recover=args.recover, removed=removed)
+        result = prune_model(model, Recipe(ratio=args.ratio, criterion=args.criterion, recover=args.recover), RunSettings(calibration=calib, removed=removed))
         prune_s = time.perf_counter() - t
         pruned, params = result.model, [result.stats["params_before"], result.stats["params_after"]]
         heads = [g for g in result.analysis.prunable if g.unit > 1]

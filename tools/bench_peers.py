@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.recipe import Recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -63,7 +65,7 @@ def zoo_cases(names=None):
 
 
 def runs_like(model, original, x) -> bool:
-    from onnxprune.pipeline.validate import run
+    from onnxprune.runtime.session import run
 
     name = original.graph.input[0].name
     try:
@@ -77,7 +79,7 @@ def runs_like(model, original, x) -> bool:
 def dead_channel_model(model):
     """The model with 30% of every prunable group's channels dead, and those channels by group root."""
     from onnxprune.pipeline.plan import plan_uniform
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
     from onnxprune.testing import zero_channels
 
     prep = prepare(model)
@@ -118,7 +120,7 @@ def rel_err(a_list, b_list) -> float:
 def run_onnxprune(model, ratio):
     from onnxprune.pipeline.prune import prune_model
 
-    return prune_model(model, ratio=ratio).model
+    return prune_model(model, Recipe(ratio=ratio)).model
 
 
 def run_onnxsim(model, ratio):
@@ -141,7 +143,7 @@ TOOLS = {"onnxprune": run_onnxprune, "onnxsim": run_onnxsim}
 
 def measure(name, family, load, x):
     from onnxprune.graph.stats import count_macs, count_params
-    from onnxprune.pipeline.validate import run
+    from onnxprune.runtime.session import run
 
     original = load()
     row = {"model": name, "family": family}
@@ -173,8 +175,8 @@ def torch_pruning_row(name):
     """Torch-Pruning on the torch model of a torchvision zoo entry, exported afterwards."""
     import torch
     import torch_pruning as tp
-
     import zoo
+
     from onnxprune.graph.stats import count_macs, count_params
 
     model = zoo.build(name)

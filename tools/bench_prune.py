@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune.pipeline.prune import Reuse, RunSettings
+from onnxprune.recipe import Recipe
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GOALS = {"time_ratio": 0.5, "macs_diff": 0.02, "latency_ratio": 1.05, "cli_s": 3.0}
@@ -41,7 +44,6 @@ GOALS = {"time_ratio": 0.5, "macs_diff": 0.02, "latency_ratio": 1.05, "cli_s": 3
 def build_resnet50():
     import torch
     import torchvision
-
     import zoo
 
     torch.manual_seed(0)
@@ -79,7 +81,8 @@ def time_onnxprune(path: str) -> dict:
     import onnx
 
     from onnxprune.io.model_io import load_model
-    from onnxprune.pipeline.prune import prepare, prune_model
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.prune import prune_model
     from onnxprune.pipeline.validate import validate
 
     t0 = time.perf_counter()
@@ -87,7 +90,7 @@ def time_onnxprune(path: str) -> dict:
     t1 = time.perf_counter()
     prep = prepare(model)
     t2 = time.perf_counter()
-    res = prune_model(model, ratio=0.5, prepared=prep, validate_result=False)
+    res = prune_model(model, Recipe(ratio=0.5), RunSettings(validate=False, reuse=Reuse(prepared=prep)))
     t3 = time.perf_counter()
     validate(res.model, model)
     t4 = time.perf_counter()
@@ -174,7 +177,7 @@ def _run_in(tmp: str, size: int, runs: int, repeats: int, threads: int) -> dict:
     import torch_pruning as tp
 
     from onnxprune.graph.stats import count_macs, count_params
-    from onnxprune.pipeline.validate import run as ort_run
+    from onnxprune.runtime.session import run as ort_run
 
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.recipe import Recipe
+
 
 def export_cnn(name: str, folder: Path, size: int) -> onnx.ModelProto:
     import torch
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             notes.append(f"pruned rows skipped: onnxprune.pipeline.prune is not available ({exc})")
         else:
-            pruned = prune_model(fp32, ratio=args.ratio).model
+            pruned = prune_model(fp32, Recipe(ratio=args.ratio)).model
             models[f"pruned {args.ratio:g}"] = pruned
             models[f"pruned {args.ratio:g} + int8 static"] = quantize_model(pruned, "static", calibration=calib).model
     rows = []

@@ -26,16 +26,22 @@ import time
 import warnings
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.pipeline.activations import channel_stats  # noqa: E402
 from onnxprune.evaluate.data import load_data  # noqa: E402
-from onnxprune.evaluate.metrics import accuracy, run_model  # noqa: E402
-from onnxprune.io.model_io import load_model  # noqa: E402
-from onnxprune.pipeline.prune import prepare, prune_model  # noqa: E402
+from onnxprune.evaluate.metrics import accuracy
 from onnxprune.graph.stats import count_macs  # noqa: E402
+from onnxprune.io.model_io import load_model  # noqa: E402
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import (
+    Reuse,
+    RunSettings,
+    prune_model,  # noqa: E402
+)
+from onnxprune.pipeline.statistics import channel_stats  # noqa: E402
+from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import run_batches  # noqa: E402
 
 METHODS = {  # name: (criterion, recovery)
     "l1": ("l1", "none"),
@@ -127,7 +133,7 @@ def main() -> None:
         held = load_data(ROOT / "models" / "digits_heldout.npz", model, batch_size=450)
 
         def acc(m, ds=held) -> float:
-            return 100 * accuracy(run_model(m, ds), ds.labels, (1,))["top1"]
+            return 100 * accuracy(run_batches(m, ds), ds.labels, (1,))["top1"]
 
         prep = prepare(model)
         stats = channel_stats(prep, calib.feeds, source=calib.source)
@@ -136,8 +142,7 @@ def main() -> None:
             row = []
             for red in reductions:
                 t0 = time.perf_counter()
-                r = prune_model(model, prepared=prep, criterion=criterion, stats=stats, calibration=calib,
-                                recover=recovery, target_macs=1 / red, allocate=args.allocate)
+                r = prune_model(model, Recipe(criterion=criterion, recover=recovery, target_macs=1 / red, allocate=args.allocate), RunSettings(calibration=calib, reuse=Reuse(prepared=prep, stats=stats)))
                 row.append({"target": red, "reduction": r.stats["macs_before"] / r.stats["macs_after"],
                             "heldout": acc(r.model), "calib": acc(r.model, calib),
                             "seconds": time.perf_counter() - t0})

@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.recipe import Recipe
+
 
 def latency(model: onnx.ModelProto, feed: dict, threads: int, repeats: int) -> float:
-    from onnxprune.pipeline.validate import session
+    from onnxprune.runtime.session import internal_session
 
-    sess = session(model, threads=threads)
+    sess = internal_session(model, threads=threads)
     sess.run(None, feed)
     times = []
     for _ in range(repeats):
@@ -78,8 +80,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import export_transformers as et
 
-    from onnxprune.pipeline.prune import prune_model
     from onnxprune.graph.stats import count_macs
+    from onnxprune.pipeline.prune import prune_model
 
     size = 32 if args.small else 224
     torch.manual_seed(0)
@@ -90,7 +92,7 @@ def main() -> None:
     base = onnx.load(str(et.export(model, "vit", tmp / "vit.onnx", dynamo=False, image_size=size)))
 
     t = time.perf_counter()
-    ours = prune_model(base, ratio=args.ratio, head_ratio=args.head_ratio, criterion="l1")
+    ours = prune_model(base, Recipe(ratio=args.ratio, head_ratio=args.head_ratio, criterion="l1"))
     ours_s = time.perf_counter() - t
 
     split = copy.deepcopy(model)

@@ -746,7 +746,7 @@ def make_case(seed: int) -> tuple[onnx.ModelProto, dict, str]:
 
 def _valid(model: onnx.ModelProto, feed: dict) -> bool:
     """Whether the case is a valid model: the full checker passes and it runs on its feed."""
-    from onnxprune.pipeline.validate import run
+    from onnxprune.runtime.session import run
 
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -759,10 +759,11 @@ def _valid(model: onnx.ModelProto, feed: dict) -> bool:
 def check_case(seed: int, verbose: bool = False) -> Case:
     """Prune case `seed` and collect every way it went wrong (see the module docstring)."""
     from onnxprune.errors import OnnxPruneError
+    from onnxprune.pipeline.prune import RunSettings, prune_model
+    from onnxprune.recipe import Recipe
     from onnxprune.runtime.feeds import random_feed
-    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.runtime.session import run
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.pipeline.validate import run
 
     start = time.perf_counter()
     case = Case(seed, "")
@@ -779,11 +780,10 @@ def check_case(seed: int, verbose: bool = False) -> Case:
     except Exception:  # noqa: BLE001
         pass
     valid = feed is not None and _valid(model, feed)
-    kwargs = dict(ratio=float(rng.choice([0.25, 0.5, 0.7])), criterion=str(rng.choice(["l1", "l2", "random"])),
-                  global_ranking=bool(rng.random() < 0.2), round_to=int(rng.choice([1, 1, 2])), seed=seed,
-                  input_shapes=shapes if give_shapes else None)
+    recipe = Recipe(ratio=float(rng.choice([0.25, 0.5, 0.7])), criterion=str(rng.choice(["l1", "l2", "random"])),
+                    global_ranking=bool(rng.random() < 0.2), round_to=int(rng.choice([1, 1, 2])), seed=seed)
     try:
-        result = prune_model(model, **kwargs)
+        result = prune_model(model, recipe, RunSettings(input_shapes=shapes if give_shapes else None))
     except OnnxPruneError as exc:
         case.outcome = "refused" if valid else "invalid"
         if valid and not _expected_refusal(exc, give_shapes):

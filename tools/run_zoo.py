@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.recipe import Recipe
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -58,13 +60,13 @@ def load_case(name: str, exporter: str) -> tuple[onnx.ModelProto, dict[str, np.n
 
 def run_case(name: str, exporter: str, ratio: float = 0.5, oracle: bool = True) -> dict:
     from onnxprune.pipeline.prune import prune_model
+    from onnxprune.runtime.session import run
     from onnxprune.testing import zero_channel_oracle
-    from onnxprune.pipeline.validate import run
 
     row = {"model": name, "exporter": exporter}
     model, feed = load_case(name, exporter)
     t0 = time.perf_counter()
-    res = prune_model(model, ratio=ratio)
+    res = prune_model(model, Recipe(ratio=ratio))
     row["time_s"] = time.perf_counter() - t0
     s = res.stats
     row["groups"] = f"{s['groups_prunable']}/{s['groups']}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from onnxprune.commands.options import parse_input_shapes
+from onnxprune.choices import GQA_MODES
 from onnxprune.commands._output import console, groups_table, show_faults, write_json
-from onnxprune.graph.analysis import GQA_MODES
+from onnxprune.commands.options import parse_input_shapes
 from onnxprune.io.model_io import load_model
 
 
@@ -25,10 +25,12 @@ from onnxprune.io.model_io import load_model
 def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None,
             input_shapes: str | None, strict: bool, gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""
-    from onnxprune.pipeline.apply import ContainedFaultError, is_fault, strict_message
-    from onnxprune.runtime.feeds import resolve_shapes
-    from onnxprune.pipeline.prune import gqa_fields, prepare
+    from onnxprune.errors import ContainedFaultError
+    from onnxprune.graph.faults import is_fault, strict_message
     from onnxprune.graph.stats import count_macs
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.prune import gqa_fields
+    from onnxprune.runtime.feeds import resolve_shapes
 
     proto = load_model(model)
     shapes = resolve_shapes(proto, parse_input_shapes(input_shapes, proto))[0]

@@ -8,10 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from onnxprune.commands.options import (data_options, dataset_from_options, parse_providers, provider_options,
-                                   tracking_option)
+
+from onnxprune.commands.options import (
+    data_options,
+    dataset_from_options,
+    parse_providers,
+    provider_options,
+    tracking_option,
+)
 from onnxprune.errors import GateFailed, InputError
-from onnxprune.evaluate.metrics import METRICS, check_gates, evaluate, validate_gates
+from onnxprune.evaluate.compare import METRICS, evaluate
+from onnxprune.evaluate.gates import check_gates, validate_gates
 from onnxprune.io.model_io import load_model
 from onnxprune.report import format_value, make_console, print_table, write_json
 

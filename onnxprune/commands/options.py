@@ -17,9 +17,9 @@ from typing import Any
 import click
 import onnx
 
-from onnxprune.evaluate.data import Dataset, ImageOptions, load_data
 from onnxprune.errors import InputError
-from onnxprune.evaluate.metrics import OPT_LEVELS, PROVIDERS
+from onnxprune.evaluate.data import Dataset, ImageOptions, load_data
+from onnxprune.runtime.session import OPT_LEVELS, PROVIDERS
 
 DATA_KEYS = ("data", "labels", "batch_size", "input_shapes", "random", "resize", "crop", "mean", "std", "layout",
              "limit")

@@ -15,16 +15,28 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
-from onnxprune.commands._output import console, groups_table, interface_table, show_faults, summary_table, write_json
-from onnxprune.io.model_folder import check_targets, has_config, write_folder
+from onnxprune.choices import ALLOCATIONS, GQA_MODES, MODES
+from onnxprune.commands._output import (
+    console,
+    groups_table,
+    interface_table,
+    show_faults,
+    summary_table,
+    write_json,
+)
+from onnxprune.commands.options import (
+    data_options,
+    dataset_from_options,
+    parse_input_shapes,
+    tracking_option,
+)
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.io.model_io import load_model, save_model
-from onnxprune.recipe import ALLOCATIONS, GQA_MODES, MODES, Recipe, field_names, load_recipe, option_name
-from onnxprune.pipeline.stages import parse_bytes
-from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 from onnxprune.io.weights import Workspace, is_lazy
+from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
+from onnxprune.pipeline.stages import parse_bytes
+from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
 
 RECOVERY = ("none", "bias", "lstsq")
 QUANTIZE = ("int8", "static", "dynamic", "fp16", "int4")
@@ -162,16 +174,19 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
 
         calib, held = split_dataset(calib, 0.5, recipe.seed)
 
-    from onnxprune.pipeline.prune import prepare_recipe, prune_model, prune_within_drop
+    from onnxprune.pipeline.prepare import prepare_recipe
+    from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
+    from onnxprune.pipeline.search import prune_within_drop
 
     prep = prepare_recipe(original, recipe) if recipe.mode == "structured" else None
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
-    run = dict(calibration=calib, prepared=prep, strict=strict, input_shapes=input_shapes, memory_budget=budget)
+    run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
+                      reuse=Reuse(prepared=prep))
     if max_drop is not None:
-        result = prune_within_drop(original, max_drop, held, recipe, **run)
+        result = prune_within_drop(original, max_drop, held, recipe, run)
     else:
-        result = prune_model(original, recipe, **run)
+        result = prune_model(original, recipe, run)
     recipe = result.recipe
     report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
                     "seed": recipe.seed, "recipe": recipe.to_dict(),
@@ -246,8 +261,8 @@ def _quality(original, pruned, calib, held) -> dict:
     """
     from rich.table import Table
 
-    from onnxprune.evaluate.metrics import run_model
-    from onnxprune.pipeline.prune import measure
+    from onnxprune.pipeline.search import measure
+    from onnxprune.runtime.session import run_batches
 
     table = Table(title="quality (scores and recovery were fitted on the calibration data; judge by evaluation)",
                   title_justify="left")
@@ -257,7 +272,7 @@ def _quality(original, pruned, calib, held) -> dict:
     for role, ds in (("calibration", calib), ("evaluation", held)):
         if ds is None:
             continue
-        ref = run_model(original, ds)
+        ref = run_batches(original, ds)
         before = measure(original, ds, reference_outputs=ref)
         after = measure(pruned, ds, reference_outputs=ref)
         rows[role] = {"source": ds.source, "samples": len(ds), "metric": after["metric"],

@@ -10,11 +10,25 @@ from pathlib import Path
 
 import click
 
-from onnxprune.commands.options import (DATA_KEYS, data_options, dataset_from_options, parse_input_shapes, parse_providers,
-                                   provider_options)
+from onnxprune.commands.options import (
+    DATA_KEYS,
+    data_options,
+    dataset_from_options,
+    parse_input_shapes,
+    parse_providers,
+    provider_options,
+)
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model, model_bytes, save_model
-from onnxprune.quantize.quantize import METHODS, MODE_ALIASES, MODES, TARGETS, normalize_mode, provider_warnings, quantize_model
+from onnxprune.quantize.quantize import (
+    METHODS,
+    MODE_ALIASES,
+    MODES,
+    TARGETS,
+    normalize_mode,
+    provider_warnings,
+    quantize_model,
+)
 from onnxprune.report import make_console, print_table, write_json
 
 _SUFFIX = {"static": "int8", "dynamic": "int8-dynamic", "fp16": "fp16", "int4": "int4"}
@@ -94,7 +108,7 @@ def quantize_command(model: str, mode: str, output: str | None, overwrite: bool,
         # Evaluate before writing: a model that does not run never reaches the output path.
         check = _check_data(original, dataset, kwargs["eval_data"], data_values, result.notes)
         if check is not None:
-            from onnxprune.evaluate.metrics import evaluate
+            from onnxprune.evaluate.compare import evaluate
 
             report["evaluation"] = evaluate(
                 result.model, check, original, providers, top_k=(1,), latency=not kwargs["no_latency"],

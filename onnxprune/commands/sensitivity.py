@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from onnxprune.commands.options import data_options, dataset_from_options
 from onnxprune.commands._output import console, show_faults, write_json
+from onnxprune.commands.options import data_options, dataset_from_options
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
@@ -46,7 +46,7 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     """Drop in accuracy (or fidelity) of MODEL when each channel group alone is pruned."""
     from rich.table import Table
 
-    from onnxprune.pipeline.prune import prepare
+    from onnxprune.pipeline.prepare import prepare
     from onnxprune.pipeline.score import score_groups
     from onnxprune.pipeline.sensitivity import plot_sensitivity, sensitivity
 
@@ -60,7 +60,7 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     prep = prepare(original, exclude)
     stats = None
     if criterion in DATA_CRITERIA:
-        from onnxprune.pipeline.activations import channel_stats
+        from onnxprune.pipeline.statistics import channel_stats
 
         stats = channel_stats(prep, dataset.feeds, source=dataset.source)
     scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
@@ -75,7 +75,7 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
                       *[f"{d:+.2f}" for d in row["drops"]])
     console.print(f"data: {dataset.source} ({len(dataset)} samples)")
     console.print(table)
-    show_faults([f.as_dict() for f in prep.analysis.faults])
+    show_faults([f.as_dict() for f in list(prep.analysis.faults) + result.faults])
     if plot is not None:
         fd, tmp = tempfile.mkstemp(prefix=".sensitivity.", suffix=".png", dir=Path(plot).parent)
         os.close(fd)

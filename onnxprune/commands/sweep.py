@@ -12,7 +12,11 @@ from pathlib import Path
 
 import click
 
-from onnxprune.commands.options import data_options, dataset_from_options, tracking_option
+from onnxprune.commands.options import (
+    data_options,
+    dataset_from_options,
+    tracking_option,
+)
 from onnxprune.errors import GateFailed, InputError
 from onnxprune.io.model_io import load_model
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
@@ -75,7 +79,7 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
     """Prune MODEL by every recipe of a grid and measure each on --eval-data: table, Pareto front, files."""
     console = make_console()
     from onnxprune.evaluate.data import load_data
-    from onnxprune.evaluate.metrics import check_providers, provider_name
+    from onnxprune.runtime.session import check_providers, provider_name
     from onnxprune.sweep import Measure, run_sweep
     from onnxprune.sweep.grid import Grid, expand, load_grid, parse_list
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, replace
 
 import onnx
 
+from onnxprune.graph.faults import Fault, describe
 from onnxprune.graph.groups import ChannelGroup, HeadRepeat, Member, Repeat, SpaceSet
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.layout import ChannelAxis, Segment
-
 
 # onnxruntime's transformer optimizer (onnxruntime.transformers.optimizer) fuses these; their packed weights and
 # head counts are attributes onnxprune does not rewrite
@@ -22,7 +22,6 @@ FUSED_TRANSFORMER_OPS = frozenset({
     "RotaryEmbedding", "GemmFastGelu"})
 
 
-GQA_MODES = ("kv-groups", "query-heads")
 
 
 class AnalysisContext:
@@ -42,7 +41,7 @@ class AnalysisContext:
         self.spaces = SpaceSet()
         self.axes: dict[str, ChannelAxis] = {}
         self.members: list[Member] = []
-        self.faults: list = []  # containment.Fault: handler exceptions, contained (see onnxprune/containment.py)
+        self.faults: list = []  # graph.faults.Fault: handler exceptions met while analysing, contained
 
     # -- reading ------------------------------------------------------------------------------
     def axis_of(self, name: str) -> ChannelAxis | None:
@@ -113,8 +112,6 @@ class AnalysisContext:
 
     def fault(self, node: onnx.NodeProto, stage: str, error: BaseException) -> None:
         """A handler raised on `node`: freeze every channel that reaches or leaves it, with the error as reason."""
-        from onnxprune.pipeline.apply import Fault, describe
-
         fault = Fault(stage, node.name, node.op_type, describe(error))
         self.faults.append(fault)
         for name in list(node.input) + list(node.output):
@@ -190,7 +187,7 @@ class Analysis:
 
     @property
     def faults(self) -> list:
-        """Contained faults (containment.Fault): handler exceptions and groups that failed validation."""
+        """Faults contained while analysing (graph.faults.Fault): handler exceptions. Faults met while a plan is applied are returned by pipeline/apply.py, not kept here."""
         return self.context.faults
 
     def find(self, space: int) -> int:

@@ -16,49 +16,17 @@ unknown op, a graph output) are not.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
 
 from onnxprune.errors import OnnxPruneError, ValidationError
-
-
-@dataclass
-class Fault:
-    stage: str        # "analyze", "rewrite" or "validate"
-    node: str         # node name ("" for a validation failure)
-    op_type: str
-    error: str        # "ValueError: min() arg is an empty sequence", or the validation message
-    groups: list[int] = field(default_factory=list)  # ids of the groups frozen for it
-
-    @property
-    def reason(self) -> str:
-        if self.stage == "validate":
-            return f"pruning it fails validation: {self.error}"
-        return f"handler fault in {self.op_type} {self.node} ({self.stage}): {self.error}"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "reason": self.reason}
-
-
-class RewriteFault(Exception):
-    """A handler's rewrite raised; carries the node so that its groups can be frozen."""
-
-    def __init__(self, node: onnx.NodeProto, error: BaseException):
-        super().__init__(f"{node.op_type} {node.name}: {describe(error)}")
-        self.node_name = node.name
-        self.op_type = node.op_type
-        self.error = describe(error)
-
-
-class ContainedFaultError(OnnxPruneError):
-    """--strict: a handler fault or a failed validation was contained (the result would have been written)."""
-
-
-def describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+from onnxprune.graph.faults import Fault, RewriteFault, describe
+from onnxprune.pipeline.plan import Plan
+from onnxprune.pipeline.rewrite import apply_plan
+from onnxprune.pipeline.validate import validate
+from onnxprune.runtime.feeds import check_guess
 
 
 def bisect_plan(apply: Callable[[list[int]], onnx.ModelProto], validate: Callable[[onnx.ModelProto], str | None],
@@ -122,34 +90,38 @@ def checked(validate: Callable[[onnx.ModelProto], None]) -> Callable[[onnx.Model
     return run
 
 
-def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, check: bool = True):
+@dataclass
+class Applied:
+    """What applying a plan gave: the model, the plan actually applied (groups frozen on the way left out) and
+    the faults met, each naming the groups it froze."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    faults: list[Fault] = field(default_factory=list)
+
+
+def apply_validated(prep, plan: Plan, original: onnx.ModelProto, feed: dict | None, check: bool = True) -> Applied:
     """Apply `plan` to the prepared model, containing rewrite faults and narrowing a plan that fails validation.
 
-    Returns (pruned model, the plan actually applied). Groups frozen on the way get the fault as a reason and
-    the fault is added to `prep.analysis.faults`.
+    A model onnxruntime cannot load or run is a failed validation like any other. `prep` and its analysis are
+    left as they were: the groups frozen here are left out of the returned plan and named by the returned faults.
     """
-    from onnxprune.pipeline.plan import Plan
-    from onnxprune.pipeline.rewrite import apply_plan
-    from onnxprune.pipeline.validate import validate
-
     analysis = prep.analysis
-    by_root = {g.spaces[0]: g for g in analysis.groups}
     nodes = {n.name: n for n in prep.view.nodes}
+    by_root = {g.spaces[0]: g for g in analysis.groups}
     kept = dict(plan.kept)
     skip: set[str] = set()
+    faults: list[Fault] = []
 
     def freeze(roots, fault: Fault) -> None:
         for root in roots:
-            group = by_root[root]
-            if fault.reason not in group.reasons:
-                group.reasons.append(fault.reason)
-            fault.groups.append(group.id)
+            fault.groups.append(by_root[root].id)
             kept.pop(root, None)
         record(fault)
 
     def record(fault: Fault) -> None:
-        if not any((f.stage, f.node, f.error) == (fault.stage, fault.node, fault.error) for f in analysis.faults):
-            analysis.faults.append(fault)
+        if not any((f.stage, f.node, f.error) == (fault.stage, fault.node, fault.error) for f in faults):
+            faults.append(fault)
 
     def apply(roots: list[int]) -> onnx.ModelProto:
         while True:
@@ -174,7 +146,8 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
                 return _Failed(f"the rewrite raised {describe(exc)}")
 
     if not check:
-        return apply(list(kept)), Plan(dict(kept), plan.sizes)
+        model = apply(list(kept))
+        return Applied(model, Plan(dict(kept), plan.sizes), faults)
 
     def valid(model: onnx.ModelProto) -> str | None:
         if isinstance(model, _Failed):
@@ -186,8 +159,6 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
     except ValidationError:
         # even the unpruned model fails: when the original cannot run on the feed (its dynamic dims were
         # guessed), that is the user's to fix with --input-shapes, and says so
-        from onnxprune.runtime.feeds import check_guess
-
         if feed is not None:
             check_guess(original, feed)
         raise
@@ -197,7 +168,15 @@ def prune_validated(prep, plan, original: onnx.ModelProto, feed: dict | None, ch
     if rejected and not kept:
         raise ValidationError(f"{next(iter(rejected.values()))} (and no group can be pruned without such a "
                               "failure)")
-    return model, Plan(dict(kept), plan.sizes)
+    return Applied(model, Plan(dict(kept), plan.sizes), faults)
+
+
+def fault_for(group, error: BaseException) -> Fault:
+    """The fault that freezes `group` for an exception raised while its pruning was applied or run (sensitivity's
+    loop)."""
+    if isinstance(error, RewriteFault):
+        return Fault("rewrite", error.node_name, error.op_type, error.error, [group.id])
+    return Fault("validate", "", "", f"the pruned model cannot be run: {describe(error)}", [group.id])
 
 
 def _roots_at(analysis, node) -> set[int]:
@@ -217,25 +196,3 @@ class _Failed:
     """What `apply` returns when the rewrite itself raised outside a handler."""
 
     error: str
-
-
-def is_fault(group, faults: list[Fault]) -> bool:
-    """Whether `group` is frozen (also) because of a contained fault."""
-    return any(group.id in f.groups for f in faults)
-
-
-def strict_message(faults: list[Fault]) -> str:
-    more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
-    return f"--strict: a fault was contained: {faults[0].reason}{more}"
-
-
-def contain(analysis, group, error: BaseException) -> Fault:
-    """Freeze `group` for an exception raised while its pruning was applied or run (sensitivity's loop)."""
-    if isinstance(error, RewriteFault):
-        fault = Fault("rewrite", error.node_name, error.op_type, error.error, [group.id])
-    else:
-        fault = Fault("validate", "", "", f"the pruned model cannot be run: {describe(error)}", [group.id])
-    if fault.reason not in group.reasons:
-        group.reasons.append(fault.reason)
-    analysis.faults.append(fault)
-    return fault

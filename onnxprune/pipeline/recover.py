@@ -38,13 +38,14 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from onnxprune.pipeline.activations import Probe, token_rows
+from onnxprune.choices import RECOVERIES
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
-from onnxprune.report import progress
 from onnxprune.io.weights import tensor_array
+from onnxprune.pipeline.activations import Probe, token_rows
+from onnxprune.report import progress
 
-MODES = ("none", "bias", "lstsq")
+MODES = RECOVERIES
 # lambda = alpha * mean(diag(A)); inf keeps W0 and refits the bias only
 ALPHAS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
 

@@ -12,16 +12,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.pipeline.apply import RewriteFault
 from onnxprune.graph.analysis import Analysis
+from onnxprune.graph.faults import RewriteFault
 from onnxprune.graph.handlers import get_handler
 from onnxprune.graph.ir import GraphView
-from onnxprune.io.model_io import copy_without_initializers
 from onnxprune.graph.kvcache import update_interface
+from onnxprune.io.model_io import copy_without_initializers
+from onnxprune.io.weights import TensorWriter, tensor_array
 from onnxprune.pipeline.plan import Plan
 from onnxprune.report import progress
-from onnxprune.io.weights import TensorWriter, tensor_array
-
 
 # constants this small stay in the protobuf; larger ones go to the writer's data file when there is one
 INLINE_ELEMENTS = 256

@@ -13,11 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from onnxprune.pipeline.budget import CostModel
-from onnxprune.pipeline.apply import contain
 from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.evaluate.metrics import logits_name, perplexity, quality_metric
+from onnxprune.graph.faults import Fault
+from onnxprune.pipeline.apply import fault_for
+from onnxprune.pipeline.budget import CostModel
 from onnxprune.pipeline.plan import Plan, select
 from onnxprune.pipeline.rewrite import apply_plan
+from onnxprune.runtime.session import run_batches
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -29,6 +32,8 @@ class SensitivityResult:
     baseline: float                   # the unpruned model's metric (percent)
     rows: list[dict] = field(default_factory=list)  # one per prunable group
     data_source: str = ""
+    faults: list[Fault] = field(default_factory=list)  # groups whose pruned model could not be measured
+
 
     def curves(self) -> dict[int, tuple[list[float], list[float]]]:
         """group root space -> (ratios, drops), as budget.removal_order takes them."""
@@ -39,9 +44,10 @@ def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.n
                  feeds: list[dict] | None = None) -> tuple[str, float]:
     """Top-1 accuracy (%) with labels; for a causal LM (next-token logits, input_ids in the feeds) its perplexity
     relative to the reference's, as 100 · ppl_reference / ppl (%, 100 = as good), so that drops in points work
-    as for accuracy; else what evaluate.quality_metric says (agreement, or cosine on real tokens)."""
-    from onnxprune.evaluate.metrics import logits_name, perplexity, quality_metric
+    as for accuracy; else what evaluate.quality_metric says (agreement, or cosine on real tokens).
 
+    This is the perplexity *kept*, in percent (higher is better, as for every metric here); the absolute
+    perplexity (lower is better) is evaluate.metrics.perplexity's."""
     if labels is None and feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
         ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
         return "perplexity", 100.0 * ratio
@@ -60,14 +66,13 @@ def single_group_plan(group, scores: np.ndarray, ratio: float) -> Plan:
 
 def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[float] = DEFAULT_RATIOS,
                 use_labels: bool = True, progress=None) -> SensitivityResult:
-    """Prune each prunable group alone at each ratio and measure the drop on `dataset`."""
-    from onnxprune.evaluate.metrics import run_model
-
+    """Prune each prunable group alone at each ratio and measure the drop on `dataset`. A group whose pruned
+    model cannot be built or run is left out of the rows, with a fault (the analysis is left as it was)."""
     ratios = sorted(float(r) for r in ratios)
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
         raise InputError(f"sensitivity ratios must be in (0, 1), got {', '.join(map(str, ratios))}")
     labels = dataset.labels if use_labels else None
-    reference = run_model(prep.model, dataset)
+    reference = run_batches(prep.model, dataset.batches())
     metric, baseline = model_metric(reference, reference, labels, dataset.feeds)
     result = SensitivityResult(list(ratios), metric, baseline, data_source=dataset.source)
     cost = CostModel(prep)
@@ -77,11 +82,11 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
         for ratio in ratios:
             plan = single_group_plan(group, scores[root], ratio)
             try:
-                outputs = run_model(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset)
+                outputs = run_batches(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset.batches())
             except (MemoryError, KeyboardInterrupt, OnnxPruneError):
                 raise
             except Exception as exc:  # noqa: BLE001 - contained: this group is left out (onnxprune.pipeline.apply)
-                contain(prep.analysis, group, exc)
+                result.faults.append(fault_for(group, exc))
                 break
             _, value = model_metric(outputs, reference, labels, dataset.feeds)
             values.append(value)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.runtime.session import Runner, SessionError, internal_session
 
 _NP_TO_ONNX = {np.dtype(k): v for k, v in (
     (np.float32, onnx.TensorProto.FLOAT), (np.float16, onnx.TensorProto.FLOAT16),
@@ -203,21 +204,13 @@ class StagedRun:
         k = self._next
         self._next += 1
         stage = self._stages[k]
-        session = self._session(stage) if stage.nodes else None
-        if session is not None:
-            from onnxprune.graph.kvcache import feed_adapter
-
-            adapt = feed_adapter(session)  # an empty key/value cache in the shape this model takes
+        runner = self._runner(stage) if stage.nodes else None
         dropped = set(stage.dropped)
         for b in range(len(self.feeds)):
             produced = {}
-            if session is not None:
-                try:
-                    values = session.run(stage.outputs, adapt({x: self._value(x, b) for x in stage.inputs}))
-                except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-                    raise InputError(f"onnxruntime failed on calibration batch {b} of the {self.label}: "
-                                     f"{_first_line(exc)}") from None
-                produced = dict(zip(stage.outputs, values))
+            if runner is not None:
+                runner.what = f"calibration batch {b} of the {self.label}"
+                produced = runner.run({x: self._value(x, b) for x in stage.inputs}, stage.outputs)
                 self.node_runs += len(stage.nodes)
                 size = sum(v.nbytes for v in produced.values())
                 if size > self.store.budget:
@@ -240,16 +233,14 @@ class StagedRun:
             return feed[name]
         return self.store.get(self._key(name), batch)
 
-    def _session(self, stage: _Stage):
-        from onnxprune.pipeline.validate import session
-
+    def _runner(self, stage: _Stage) -> Runner:
         sub = self._submodel(stage)
         self.sessions += 1
         try:
-            return session(sub)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            return Runner(internal_session(sub))
+        except SessionError as exc:
             raise InputError(f"calibration of the {self.label}: onnxruntime cannot run the stage up to "
-                             f"{', '.join(stage.requested[:3])}: {_first_line(exc)}") from None
+                             f"{', '.join(stage.requested[:3])}: {exc.detail}") from None
 
     def _submodel(self, stage: _Stage) -> onnx.ModelProto:
         """The stage's nodes as a model of their own: frontier tensors in, what later stages read out."""
@@ -285,11 +276,6 @@ class StagedRun:
     def close(self) -> None:
         if self._own_store:
             self.store.close()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def format_bytes(n: int) -> str:

@@ -28,14 +28,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.choices import QUANTIZE_ALIASES, QUANTIZE_MODES
 from onnxprune.errors import InputError, UnsupportedModelError, require_onnxruntime
-from onnxprune.io.model_io import check_supported, default_opset, model_bytes, save_model
+from onnxprune.io.model_io import (
+    check_supported,
+    default_opset,
+    model_bytes,
+    save_model,
+)
 from onnxprune.io.weights import is_lazy, session_source
 
-MODES = ("static", "dynamic", "fp16", "int4")
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.
-MODE_ALIASES = {"int8": "static", "int8-static": "static", "int8-dynamic": "dynamic", "float16": "fp16",
-                "int4-weight": "int4"}
+MODES, MODE_ALIASES = QUANTIZE_MODES, QUANTIZE_ALIASES
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "gpu", "tensorrt")
 INT8_MODES = ("static", "dynamic")
@@ -231,7 +235,10 @@ def provider_warnings(mode: str, providers: Sequence[str]) -> list[str]:
 
 
 def _to_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> QuantizeResult:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     if not floats and any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):

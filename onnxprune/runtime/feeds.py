@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, ValidationError, first_line
+from onnxprune.graph.kvcache import sample_cache
 from onnxprune.io.weights import is_lazy
+from onnxprune.runtime.session import run
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,6 @@ def np_dtype(elem_type: int):
 
 def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random data of the given shapes: normal floats, 0/1 integers and booleans."""
-    from onnxprune.errors import ValidationError
-
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in graph_inputs(model):
@@ -122,6 +122,18 @@ def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed
     return feed
 
 
+def sample_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 1,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """One random input per graph input; dynamic dims (symbolic, missing, 0 or -1) become `batch` (first) or 1,
+    unless `input_shapes` gives them (see onnxprune.runtime.feeds)."""
+    shapes, _ = resolve_shapes(model, input_shapes)
+    if batch != 1:
+        for inp in graph_inputs(model):
+            if inp.dims and inp.dims[0] is None and inp.name not in (input_shapes or {}):
+                shapes[inp.name] = (batch,) + shapes[inp.name][1:]
+    return random_feed(model, shapes, seed)
+
+
 def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                     data: list[dict[str, np.ndarray]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """The feed a pruned model is validated on (see the module docstring).
@@ -135,8 +147,6 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
         feed = {k: np.asarray(v)[:1] if shapes[k][:1] == (1,) and np.ndim(v) else np.asarray(v)
                 for k, v in first.items() if k in shapes}
         return feed
-    from onnxprune.graph.kvcache import sample_cache
-
     feed = random_feed(model, shapes, seed)
     if input_shapes is None:
         feed = sample_cache(model, feed)  # a decoder's cache starts empty (unless its shapes were given)
@@ -150,15 +160,11 @@ def validation_feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, .
 def check_guess(model: onnx.ModelProto, feed: dict[str, np.ndarray], guessed: list[str] | None = None) -> None:
     """InputError naming the input and --input-shapes when the original model cannot run on `feed`, whose
     dynamic dims were guessed (`guessed`: the inputs to name first; default: every input with a dynamic dim)."""
-    from onnxprune.pipeline.validate import run
-
     inputs = {i.name: i for i in graph_inputs(model)}
     if guessed is None:
         guessed = [n for n, i in inputs.items() if None in i.dims]
     if not guessed:
         return
-    from onnxprune.pipeline.validate import declared_output_shapes
-
     try:
         got = [np.shape(o) for o in run(model, feed)]
         declared = declared_output_shapes(model, feed)
@@ -174,11 +180,32 @@ def check_guess(model: onnx.ModelProto, feed: dict[str, np.ndarray], guessed: li
             what = "a dynamic batch dim, and the model does not run with batch 1"
         else:
             what = "dynamic dims that cannot be guessed (the model does not run with 1 there"
-            what += f": {_first_line(exc)})"
+            what += f": {first_line(exc)})"
         raise InputError(f"input {name!r} {inputs[name].text()} has {what}; give its shape with "
                          f"--input-shapes {name}:{example}") from None
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
+def declared_output_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[tuple] | None:
+    """Output shapes from the model's declarations, with symbolic dims bound by the feed; None if unknowable."""
+    bound: dict[str, int] = {}
+    for inp in model.graph.input:
+        if inp.name not in feed:
+            continue
+        for d, n in zip(inp.type.tensor_type.shape.dim, np.shape(feed[inp.name])):
+            if d.dim_param:
+                bound[d.dim_param] = n
+    shapes = []
+    for out in model.graph.output:
+        t = out.type.tensor_type
+        if not t.HasField("shape"):
+            return None
+        dims = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif d.dim_param in bound:
+                dims.append(bound[d.dim_param])
+            else:
+                return None
+        shapes.append(tuple(dims))
+    return shapes

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import OnnxPruneError
+from onnxprune.evaluate.data import Dataset
 from onnxprune.recipe import Recipe
 
 
@@ -78,7 +78,8 @@ def graph_key(recipe: Recipe) -> str:
 
 def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: Dataset | None) -> dict[str, Shared]:
     """Prepared models, activation statistics, scores and sensitivity curves for `recipes`, each once."""
-    from onnxprune.pipeline.prune import prepare_recipe, sensitivity_curves
+    from onnxprune.pipeline.prepare import prepare_recipe
+    from onnxprune.pipeline.prune import sensitivity_curves
     from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 
     shared: dict[str, Shared] = {}
@@ -91,7 +92,7 @@ def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: D
                 shared[key] = Shared(prepare_recipe(model, recipe))
             entry = shared[key]
             if recipe.criterion in DATA_CRITERIA and entry.stats is None and calibration is not None:
-                from onnxprune.pipeline.activations import channel_stats
+                from onnxprune.pipeline.statistics import channel_stats
 
                 entry.stats = channel_stats(entry.prepared, calibration.feeds, source=calibration.source)
             score_key = (recipe.criterion, recipe.seed)
@@ -142,10 +143,12 @@ def _one_line(exc) -> str:
 
 
 def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list[str], bytes | None]:
-    from onnxprune.evaluate.metrics import make_session, measure_latency, quality_metric, run_model
-    from onnxprune.io.model_io import model_bytes
-    from onnxprune.pipeline.prune import prune_model
+    from onnxprune.evaluate.latency import measure_latency
+    from onnxprune.evaluate.metrics import quality_metric
     from onnxprune.graph.stats import count_macs, count_params
+    from onnxprune.io.model_io import model_bytes
+    from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
+    from onnxprune.runtime.session import open_session, run_batches
 
     original = context.original()
     if recipe is None:
@@ -156,17 +159,15 @@ def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list
     else:
         shared = context.shared.get(graph_key(recipe)) if recipe.mode == "structured" else None
         score_key = (recipe.criterion, recipe.seed)
-        result = prune_model(original, recipe, calibration=context.calibration,
-                             prepared=shared.prepared if shared else None,
-                             stats=shared.stats if shared else None,
-                             scores=shared.scores.get(score_key) if shared else None,
-                             sensitivity=shared.sensitivity.get(score_key) if shared else None)
+        reuse = Reuse(shared.prepared, shared.stats, shared.scores.get(score_key),
+                      shared.sensitivity.get(score_key)) if shared else Reuse()
+        result = prune_model(original, recipe, RunSettings(calibration=context.calibration, reuse=reuse))
         model, stats, notes = result.model, result.stats, result.notes
         data = model.SerializeToString()
     m = context.measure
-    session = make_session(data if data is not None else context.model, m.provider, m.threads)
+    session = open_session(data if data is not None else context.model, m.provider, m.threads)
     evaluation = context.evaluation
-    outputs = run_model(session, evaluation)
+    outputs = run_batches(session, evaluation)
     reference = context.reference_outputs if context.reference_outputs is not None else outputs
     metric, value = quality_metric(outputs, reference, evaluation.labels, evaluation.feeds)
     latency = None

@@ -20,13 +20,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import InputError
+from onnxprune.evaluate.data import Dataset
 from onnxprune.recipe import Recipe
 from onnxprune.sweep import output
-from onnxprune.sweep.candidate import Measure, SweepContext, candidate_id, compute_shared, execute, fingerprint
+from onnxprune.sweep.candidate import (
+    Measure,
+    SweepContext,
+    candidate_id,
+    compute_shared,
+    execute,
+    fingerprint,
+)
 from onnxprune.sweep.grid import varying_fields
-from onnxprune.sweep.pareto import LATENCY_TIE, drop, front_costs, pareto_flags, select_within
+from onnxprune.sweep.pareto import (
+    LATENCY_TIE,
+    drop,
+    front_costs,
+    pareto_flags,
+    select_within,
+)
 
 
 @dataclass
@@ -51,10 +64,10 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
               report: Callable[[str], None] = lambda line: None) -> SweepResult:
     """Run every recipe not already done in `outdir`, then write sweep.json, sweep.csv and pareto.png."""
     from onnxprune import __version__
-    from onnxprune.evaluate.metrics import run_model
     from onnxprune.io.model_io import load_model
     from onnxprune.io.weights import is_lazy, nbytes
     from onnxprune.report import environment, write_json
+    from onnxprune.runtime.session import run_batches
 
     measure = measure or Measure()
     if not recipes:
@@ -89,7 +102,7 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     if records:
         report(f"resuming: {len(records)} of {len(recipes)} candidates already done in {outdir}")
 
-    reference = None if evaluation.labels is not None else run_model(original, evaluation)
+    reference = None if evaluation.labels is not None else run_batches(original, evaluation)
     context = SweepContext(model_data, calibration, evaluation, reference, measure,
                            compute_shared(original, [r for _, r in pending], calibration))
     baseline: dict = {}

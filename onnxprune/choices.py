@@ -1,0 +1,15 @@
+"""The choices a recipe, the CLI and the pipeline stages accept, declared once.
+
+Criteria are not listed here: they are a registry (pipeline/score.py), so adding one is adding its function.
+"""
+
+MODES = ("structured", "unstructured")
+ALLOCATIONS = ("global", "uniform", "sensitivity")
+RECOVERIES = ("none", "bias", "lstsq")
+GQA_MODES = ("kv-groups", "query-heads")
+
+# quantization: the canonical modes, and the other names the CLI and recipes accept for them
+QUANTIZE_MODES = ("static", "dynamic", "fp16", "int4")
+QUANTIZE_ALIASES = {"int8": "static", "int8-static": "static", "int8-dynamic": "dynamic", "float16": "fp16",
+                    "int4-weight": "int4"}
+QUANTIZATIONS = ("int8", "static", "dynamic", "fp16", "int4")  # what `--quantize` and a recipe take
