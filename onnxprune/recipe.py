@@ -27,6 +27,7 @@ from typing import Any
 
 from onnxprune.choices import ALLOCATIONS, GQA_MODES, MODES, QUANTIZATIONS, RECOVERIES
 from onnxprune.errors import InputError
+from onnxprune.pipeline.score import all_criteria
 
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
 # a threshold. An override that names one budget drops the others it does not name.
@@ -271,8 +272,6 @@ def _choice(choices: Callable[[], tuple[str, ...]] | tuple[str, ...]):
 
 
 def _criteria() -> tuple[str, ...]:
-    from onnxprune.pipeline.score import all_criteria
-
     return tuple(all_criteria())
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.graph.kvcache import cache_inputs, empty_cache
 
 _LABELS = "labels"
 _UNNAMED = "<unnamed .npy files>"
@@ -117,8 +118,6 @@ def load_data(spec: str | os.PathLike | None, model: onnx.ModelProto, *, labels:
             raise InputError("give either --data or --random, not both")
         if random < 1:
             raise InputError(f"--random needs a positive sample count, got {random}")
-        from onnxprune.graph.kvcache import cache_inputs
-
         state = set(cache_inputs(model))
         live = [s for s in inputs if s.name not in state]
         pieces, label_pieces = {s.name: [a] for s, a in zip(live, _random_arrays(live, random, seed))}, []
@@ -134,8 +133,6 @@ def load_data(spec: str | os.PathLike | None, model: onnx.ModelProto, *, labels:
     if labels is not None:
         label_pieces = [_read_labels_file(Path(labels))]
     # a decoder's key/value cache inputs are state: data without them starts every batch with an empty past
-    from onnxprune.graph.kvcache import cache_inputs, empty_cache
-
     empty = [n for n in cache_inputs(model) if n not in pieces]
     inputs = [s for s in inputs if s.name not in empty]
     arrays = _assign(pieces, inputs, source)

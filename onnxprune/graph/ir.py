@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.io.model_io import weightless
 from onnxprune.io.weights import is_external, tensor_array
 
 Shape = tuple  # of int | None (None: unknown or symbolic)
@@ -130,8 +131,6 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes of every tensor onnx's shape inference can reach (symbolic dims become None)."""
-    from onnxprune.io.model_io import weightless
-
     try:
         # on a weightless copy: inference needs shapes and small shape constants, not megabytes of weights
         inferred = onnx.shape_inference.infer_shapes(_dynamic_as_symbols(weightless(model)), data_prop=True)
@@ -196,8 +195,6 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     of symbols (4*batch, seq + 1) is evaluated with them, so equal expressions give equal ints and products
     line up across a Reshape. onnxruntime's symbolic shape inference follows the Shape→Gather→Concat arithmetic
     exporters put around attention; without it (or where it fails) onnx's own dim_param names are used."""
-    from onnxprune.io.model_io import weightless
-
     light = _dynamic_as_symbols(weightless(model))
     del light.graph.value_info[:]
     _fold_shape_constants(light)

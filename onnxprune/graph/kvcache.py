@@ -15,6 +15,8 @@ import re
 import numpy as np
 import onnx
 
+from onnxprune.graph.ir import attr, infer_shapes
+
 _PAST = re.compile(r"past", re.IGNORECASE)
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
        onnx.TensorProto.BFLOAT16: np.float32}
@@ -68,8 +70,6 @@ def _width(model: onnx.ModelProto, name: str, shapes: dict) -> int | None:
     producer = next((n for n in model.graph.node if name in n.output), None)
     weights = {t.name: t for t in model.graph.initializer}
     if producer is not None and producer.op_type in ("MatMul", "Gemm") and producer.input[1] in weights:
-        from onnxprune.graph.ir import attr
-
         dims = weights[producer.input[1]].dims
         return dims[0] if producer.op_type == "Gemm" and attr(producer, "transB", 0) else dims[-1]
     return None
@@ -77,8 +77,6 @@ def _width(model: onnx.ModelProto, name: str, shapes: dict) -> int | None:
 
 def _head_size(model: onnx.ModelProto, name: str, shapes: dict) -> int | None:
     """head_size of cache input `name` when its declaration leaves it symbolic: from the op reading it."""
-    from onnxprune.graph.ir import attr
-
     for node in model.graph.node:
         if name not in node.input:
             continue
@@ -115,8 +113,6 @@ def empty_cache(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if dims[3] is None:
             if shapes is None:
-                from onnxprune.graph.ir import infer_shapes
-
                 shapes = infer_shapes(model)
             dims[3] = _head_size(model, name, shapes)
         if dims[3] is None and name in feed and np.ndim(feed[name]) == 4:

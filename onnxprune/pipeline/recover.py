@@ -43,6 +43,7 @@ from onnxprune.errors import InputError
 from onnxprune.graph.ir import attr
 from onnxprune.io.weights import tensor_array
 from onnxprune.pipeline.activations import Probe, token_rows
+from onnxprune.pipeline.stages import FrontierStore, StagedRun
 from onnxprune.report import progress
 
 MODES = RECOVERIES
@@ -550,8 +551,6 @@ class _StagedSource:
     """X and Y of every stage from two staged runs (pruned and original), each node of each run once."""
 
     def __init__(self, prep, params, layers, feeds, budget):
-        from onnxprune.pipeline.stages import FrontierStore, StagedRun
-
         self.feeds = feeds
         self.store = FrontierStore(budget, prep.workspace.path if prep.workspace is not None else None)
         while True:

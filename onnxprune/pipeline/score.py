@@ -22,10 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-from onnxprune.pipeline.activations import ActivationStats, per_channel
+from onnxprune.errors import InputError
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.groups import ChannelGroup, Member
 from onnxprune.graph.ir import GraphView
+from onnxprune.pipeline.activations import ActivationStats, per_channel
 
 Criterion = Callable[[ChannelGroup, GraphView, Callable[[int], int], np.random.Generator], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
@@ -314,8 +315,6 @@ def fluctuation_score(group, data):
 def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0,
                  stats: ActivationStats | None = None) -> dict[int, np.ndarray]:
     """Scores of every prunable group; data criteria need `stats` from `activations.channel_stats`."""
-    from onnxprune.errors import InputError
-
     if name in DATA_CRITERIA:
         if stats is None:
             raise InputError(f"criterion {name!r} scores channels from activations: pass calibration data (--data)")

@@ -29,14 +29,15 @@ import numpy as np
 import onnx
 
 from onnxprune.choices import QUANTIZE_ALIASES, QUANTIZE_MODES
-from onnxprune.errors import InputError, UnsupportedModelError, require_onnxruntime
+from onnxprune.errors import InputError, UnsupportedModelError, first_line, require_onnxruntime
+from onnxprune.runtime.session import load_error
 from onnxprune.io.model_io import (
     check_supported,
     default_opset,
     model_bytes,
     save_model,
 )
-from onnxprune.io.weights import is_lazy, session_source
+from onnxprune.io.weights import is_lazy
 
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.
 MODES, MODE_ALIASES = QUANTIZE_MODES, QUANTIZE_ALIASES
@@ -142,7 +143,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
 
 def _check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """Post-condition: onnxruntime (CPU) can load the result. Blames the input when it cannot load either."""
-    error = _load_error(result)
+    error = load_error(result)
     if error is not None:
         _blame_input(original)
         raise UnsupportedModelError(f"the quantized model does not load in onnxruntime: {error}; "
@@ -151,21 +152,10 @@ def _check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 def _blame_input(original: onnx.ModelProto) -> None:
     """Raise a clear error when the input model itself does not load in onnxruntime (custom ops, ...)."""
-    error = _load_error(original)
+    error = load_error(original)
     if error is not None:
         raise UnsupportedModelError(f"onnxruntime cannot run the input model, so it cannot be quantized and "
                                     f"checked: {error}")
-
-
-def _load_error(model: onnx.ModelProto) -> str | None:
-    ort = require_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        ort.InferenceSession(session_source(model, options), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-        return _first_line(exc)
-    return None
 
 
 def _run_static(src: Path, out: Path, feeds: list[dict[str, np.ndarray]], method: str, per_channel: bool,
@@ -258,7 +248,7 @@ def _to_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> QuantizeResult:
                                           op_block_list=list(DEFAULT_OP_BLOCK_LIST) + op_block,
                                           node_block_list=node_block or None)
     except Exception as exc:  # noqa: BLE001 - converter errors vary; one line for the user
-        raise UnsupportedModelError(f"fp16 conversion failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise UnsupportedModelError(f"fp16 conversion failed: {type(exc).__name__}: {first_line(exc)}") from exc
     _check_loads(result, model)
     notes.append("fp16 weights and activations; model inputs and outputs stay float32")
     if node_block or op_block:
@@ -397,7 +387,7 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
         upgraded = onnx.version_converter.convert_version(model, 13)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         raise UnsupportedModelError(f"int8 needs opset >= 13 and converting from opset {opset} failed: "
-                                    f"{_first_line(exc)}; re-export the model with opset 13 or later") from exc
+                                    f"{first_line(exc)}; re-export the model with opset 13 or later") from exc
     notes.append(f"converted opset {opset} -> 13 (needed for QDQ per-channel scales)")
     return upgraded
 
@@ -417,7 +407,7 @@ def _preprocess(src: Path, dst: Path, large: bool, notes: list[str]) -> Path:
         onnx.load(str(dst), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - pre-processing is best effort by design
         notes.append(f"pre-processing (quant_pre_process) failed, quantized without it: "
-                     f"{type(exc).__name__}: {_first_line(exc)}")
+                     f"{type(exc).__name__}: {first_line(exc)}")
         return src
     notes.append("pre-processed with quant_pre_process (shape inference, graph optimization)")
     return dst
@@ -540,7 +530,7 @@ def _onnxruntime_quantizing(model: onnx.ModelProto, mode: str) -> Iterator[None]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
         _blame_input(model)
         raise UnsupportedModelError(f"onnxruntime could not quantize the model ({mode}): "
-                                    f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                                    f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -558,8 +548,3 @@ def _quiet_ort_logging() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

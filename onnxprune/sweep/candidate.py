@@ -22,7 +22,16 @@ import onnx
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.evaluate.data import Dataset
+from onnxprune.evaluate.latency import measure_latency
+from onnxprune.evaluate.metrics import quality_metric
+from onnxprune.graph.stats import count_macs, count_params
+from onnxprune.io.model_io import model_bytes
+from onnxprune.pipeline.prepare import prepare_recipe
+from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model, sensitivity_curves
+from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
+from onnxprune.pipeline.statistics import channel_stats
 from onnxprune.recipe import Recipe
+from onnxprune.runtime.session import open_session, run_batches
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,6 @@ def graph_key(recipe: Recipe) -> str:
 
 def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: Dataset | None) -> dict[str, Shared]:
     """Prepared models, activation statistics, scores and sensitivity curves for `recipes`, each once."""
-    from onnxprune.pipeline.prepare import prepare_recipe
-    from onnxprune.pipeline.prune import sensitivity_curves
-    from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
-
     shared: dict[str, Shared] = {}
     for recipe in recipes:
         if recipe.mode != "structured":
@@ -92,8 +97,6 @@ def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: D
                 shared[key] = Shared(prepare_recipe(model, recipe))
             entry = shared[key]
             if recipe.criterion in DATA_CRITERIA and entry.stats is None and calibration is not None:
-                from onnxprune.pipeline.statistics import channel_stats
-
                 entry.stats = channel_stats(entry.prepared, calibration.feeds, source=calibration.source)
             score_key = (recipe.criterion, recipe.seed)
             if score_key not in entry.scores and (recipe.criterion not in DATA_CRITERIA or entry.stats is not None):
@@ -143,13 +146,6 @@ def _one_line(exc) -> str:
 
 
 def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list[str], bytes | None]:
-    from onnxprune.evaluate.latency import measure_latency
-    from onnxprune.evaluate.metrics import quality_metric
-    from onnxprune.graph.stats import count_macs, count_params
-    from onnxprune.io.model_io import model_bytes
-    from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
-    from onnxprune.runtime.session import open_session, run_batches
-
     original = context.original()
     if recipe is None:
         model, data = original, None

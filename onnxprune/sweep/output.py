@@ -10,6 +10,7 @@ from pathlib import Path
 
 from onnxprune.recipe import field_names
 from onnxprune.report import format_value, make_console
+from onnxprune.sweep.pareto import drop, higher_is_better
 
 METRIC_KEYS = ("metric", "value", "macs", "params", "bytes", "latency_ms")
 
@@ -39,8 +40,6 @@ def print_table(baseline: dict, candidates: list[dict], labels: dict[str, str], 
 
 
 def _cells(m: dict, base: dict) -> list[str]:
-    from onnxprune.sweep.pareto import drop
-
     def rel(key: str) -> str:
         return f"{m[key] / base[key]:.3f}" if base[key] else f"{m[key]:,}"
 
@@ -96,8 +95,6 @@ def plot_pareto(path: str | os.PathLike, baseline: dict, candidates: list[dict],
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from onnxprune.sweep.pareto import higher_is_better
 
     number = {c["id"]: k for k, c in enumerate(candidates, 1)}
     ok = [c for c in candidates if c["status"] == "ok"]

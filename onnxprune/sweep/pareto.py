@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from onnxprune.evaluate.metrics import LOWER_IS_BETTER
+
 COSTS = ("macs", "bytes", "latency_ms")
 LATENCY_TIE = 0.05  # relative
 
 
 def higher_is_better(metric: str) -> bool:
-    from onnxprune.evaluate.metrics import LOWER_IS_BETTER
-
     return metric not in LOWER_IS_BETTER
 
 

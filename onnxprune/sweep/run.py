@@ -22,7 +22,11 @@ from pathlib import Path
 
 from onnxprune.errors import InputError
 from onnxprune.evaluate.data import Dataset
+from onnxprune.io.model_io import load_model
+from onnxprune.io.weights import is_lazy, nbytes
 from onnxprune.recipe import Recipe
+from onnxprune.report import environment, write_json
+from onnxprune.runtime.session import run_batches
 from onnxprune.sweep import output
 from onnxprune.sweep.candidate import (
     Measure,
@@ -32,6 +36,7 @@ from onnxprune.sweep.candidate import (
     execute,
     fingerprint,
 )
+from onnxprune.sweep.executors import run_local, run_ray
 from onnxprune.sweep.grid import varying_fields
 from onnxprune.sweep.pareto import (
     LATENCY_TIE,
@@ -64,11 +69,6 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
               report: Callable[[str], None] = lambda line: None) -> SweepResult:
     """Run every recipe not already done in `outdir`, then write sweep.json, sweep.csv and pareto.png."""
     from onnxprune import __version__
-    from onnxprune.io.model_io import load_model
-    from onnxprune.io.weights import is_lazy, nbytes
-    from onnxprune.report import environment, write_json
-    from onnxprune.runtime.session import run_batches
-
     measure = measure or Measure()
     if not recipes:
         raise InputError("the sweep has no candidates (every combination was skipped)" if skipped
@@ -128,12 +128,8 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
 
     tasks = [("baseline", None), *pending]
     if executor == "ray":
-        from onnxprune.sweep.executors import run_ray
-
         run_ray(context, tasks, done, address or "", retries)
     elif executor == "local":
-        from onnxprune.sweep.executors import run_local
-
         run_local(context, tasks, done, jobs, retries)
     else:
         raise InputError(f"unknown --executor {executor!r} (choose from local, ray)")

@@ -22,7 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import InputError, MissingDependency
+from onnxprune.errors import InputError, MissingDependency, first_line
+from onnxprune.report import to_jsonable
+from onnxprune.sweep.pareto import drop
 
 MAX_PARAM = 500  # MLflow caps param values (6000 characters in recent versions, 500 in old ones)
 
@@ -42,7 +44,7 @@ def client(uri: str):
     try:
         return MlflowClient(tracking_uri=uri)
     except Exception as exc:  # noqa: BLE001 - MlflowException and friends: the user needs one line
-        raise InputError(f"--mlflow {uri}: {_first_line(exc)}") from None
+        raise InputError(f"--mlflow {uri}: {first_line(exc)}") from None
 
 
 def _experiment_id(mlflow_client, name: str) -> str:
@@ -89,7 +91,7 @@ def _guarded(fn):
         except (InputError, MissingDependency):
             raise
         except Exception as exc:  # noqa: BLE001 - a tracking failure is reported on one line
-            raise InputError(f"logging to MLflow at {uri} failed: {_first_line(exc)}") from None
+            raise InputError(f"logging to MLflow at {uri} failed: {first_line(exc)}") from None
     wrapper.__doc__ = fn.__doc__
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -98,8 +100,6 @@ def _guarded(fn):
 @_guarded
 def log_sweep(uri: str, result, outdir: Path, experiment: str = "onnxprune") -> str:
     """One parent run for the sweep and one nested run per candidate; returns the parent's run id."""
-    from onnxprune.sweep.pareto import drop
-
     mlflow_client = client(uri)
     experiment_id = _experiment_id(mlflow_client, experiment)
     payload = result.payload
@@ -178,8 +178,6 @@ class _report_file:
     def __enter__(self) -> Path:
         if self.json_path:
             return Path(self.json_path)
-        from onnxprune.report import to_jsonable
-
         self.tmp = tempfile.TemporaryDirectory(prefix="onnxprune-mlflow-")
         path = Path(self.tmp.name) / "report.json"
         path.write_text(json.dumps(to_jsonable(self.report), indent=2) + "\n")
@@ -188,8 +186,3 @@ class _report_file:
     def __exit__(self, *exc) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
-
-
-def _first_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

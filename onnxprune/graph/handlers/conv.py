@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from onnxprune.graph.handlers import Handler, register
+from onnxprune.graph.handlers.concat import _slice_params, _split_sizes
 from onnxprune.graph.ir import attr, set_attr
 
 
@@ -110,8 +111,6 @@ def output_parts(ctx, name: str, channels: int) -> list[int]:
 
 
 def _cut_sizes(ctx, name, uses, channels):
-    from onnxprune.graph.handlers.concat import _slice_params, _split_sizes
-
     rank = ctx.view.rank(name)
     if rank is None or rank < 2:
         return [channels]
