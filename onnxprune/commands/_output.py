@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+
 from rich.console import Console
 from rich.table import Table
 
+from onnxprune.io.paths import check_folder, check_output, make_folder, make_parent, output_folders
 from onnxprune.report import write_json  # noqa: F401 - re-exported for the commands
 
 console = Console(highlight=False)
+
+
+def creates_output_folders(folders: dict[str, str] | None = None, **files: str):
+    """Decorator for a command's callback (put it right above the function): the outputs it writes, named by
+    its parameters (`files`: parameter -> option, e.g. json_path="--json"; `folders` likewise for an output
+    folder), are checked before any work (onnxprune.io.paths), their missing folders made, and when the
+    command fails the folders it made are removed again (when empty). With `dry_run` set, `output` (the
+    model) is not written, so its folder is not made."""
+    folders = folders or {}
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            paths = {option: kwargs.get(name) for name, option in files.items()
+                     if kwargs.get(name) and not (name == "output" and kwargs.get("dry_run"))}
+            dirs = {option: kwargs.get(name) for name, option in folders.items() if kwargs.get(name)}
+            for option, path in paths.items():
+                check_output(path, what=option)
+            for option, folder in dirs.items():
+                check_folder(folder, what=option)
+            with output_folders(*paths.values(), folders=tuple(dirs.values())):
+                for option, path in paths.items():
+                    make_parent(path, option)
+                for option, folder in dirs.items():
+                    make_folder(folder, option)
+                return command(**kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: int | None = None) -> Table:

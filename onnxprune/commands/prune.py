@@ -16,7 +16,8 @@ import click
 from click.core import ParameterSource
 
 from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
-from onnxprune.commands._output import console, groups_table, interface_table, show_faults, summary_table, write_json
+from onnxprune.commands._output import (console, creates_output_folders, groups_table, interface_table, show_faults,
+                                        summary_table, write_json)
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
@@ -115,6 +116,7 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
               help="Most memory calibration keeps (e.g. 8G, 512M); past it, activations spill to disk beside "
                    "the output. [default: a quarter of the machine's memory]")
 @tracking_option
+@creates_output_folders(output="-o", json_path="--json")
 def prune(model: str, output: str | None, overwrite: bool, max_drop: float | None, eval_data: str | None,
           dry_run: bool, json_path: str | None, show_all: bool, mlflow_uri: str | None, strict: bool,
           memory_budget: str | None, **params) -> None:

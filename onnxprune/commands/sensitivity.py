@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from onnxprune.commands.options import data_options, dataset_from_options
-from onnxprune.commands._output import console, show_faults, write_json
+from onnxprune.commands._output import console, creates_output_folders, show_faults, write_json
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
@@ -41,6 +41,7 @@ def _ratios(text: str) -> list[float]:
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@creates_output_folders(plot="--plot", json_path="--json")
 def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool, exclude: tuple[str, ...],
                         plot: str | None, json_path: str | None, seed: int, **data_kwargs) -> None:
     """Drop in accuracy (or fidelity) of MODEL when each channel group alone is pruned."""
@@ -51,8 +52,6 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     from onnxprune.pipeline.sensitivity import plot_sensitivity, sensitivity
 
     values = _ratios(ratios)
-    if plot is not None and not Path(plot).parent.exists():
-        raise InputError(f"folder for --plot does not exist: {Path(plot).parent}")
     original = load_model(model)
     dataset = dataset_from_options(original, data_kwargs)
     if dataset is None:
