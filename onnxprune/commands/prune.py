@@ -26,6 +26,7 @@ from onnxprune.recipe import ALLOCATIONS, GQA_MODES, MODES, Recipe, field_names,
 from onnxprune.pipeline.stages import parse_bytes
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 from onnxprune.io.weights import Workspace, is_lazy
+from onnxprune.names import ShortNames
 
 RECOVERY = ("none", "bias", "lstsq")
 QUANTIZE = ("int8", "static", "dynamic", "fp16", "int4")
@@ -188,7 +189,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
         console.print(summary_table(result.stats))
         console.print(groups_table(shown, f"{len(result.plan.kept)} of {len(groups_rows)} groups pruned"
-                                          f" ({result.stats['channels_removed']} channels)"))
+                                          f" ({result.stats['channels_removed']} channels)",
+                                   names=ShortNames(s for r in groups_rows for s in r["sources"])))
         report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
                        "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
                        "target_macs": recipe.target_macs, "target_params": recipe.target_params,
@@ -232,8 +234,9 @@ def _show_unstructured(result) -> None:
                   title_justify="left")
     for col in ("layer", "op", "weights", "zeros", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    names = ShortNames(r["node"] for r in result.layers)
     for r in result.layers:
-        table.add_row(r["node"], r["op_type"], f"{r['size']:,}", f"{r['zeros']:,}", f"{100 * r['sparsity']:.1f}%")
+        table.add_row(names(r["node"]), r["op_type"], f"{r['size']:,}", f"{r['zeros']:,}", f"{100 * r['sparsity']:.1f}%")
     console.print(table)
     console.print(f"file size {s['bytes_before']:,} -> {s['bytes_after']:,} bytes; gzip {s['gzip_before']:,} -> "
                   f"{s['gzip_after']:,} bytes ({s['gzip_after'] / max(s['gzip_before'], 1):.3f}x)")

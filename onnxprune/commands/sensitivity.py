@@ -16,6 +16,7 @@ from onnxprune.commands.options import data_options, dataset_from_options
 from onnxprune.commands._output import console, creates_output_folders, show_faults, write_json
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
+from onnxprune.names import ShortNames
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 
 
@@ -69,8 +70,9 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
                   title_justify="left")
     for col in ("group", "channels", "opened by", *[f"{int(100 * r)}%" for r in result.ratios]):
         table.add_column(col, justify="left" if col == "opened by" else "right")
+    names = ShortNames(s for row in result.rows for s in row["sources"])
     for row in result.rows:
-        table.add_row(str(row["group"]), str(row["channels"]), ", ".join(row["sources"][:2]),
+        table.add_row(str(row["group"]), str(row["channels"]), names.listing(row["sources"]),
                       *[f"{d:+.2f}" for d in row["drops"]])
     console.print(f"data: {dataset.source} ({len(dataset)} samples)")
     console.print(table)
