@@ -23,6 +23,7 @@ from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.io.model_io import load_model, save_model
 from onnxprune.recipe import ALLOCATIONS, GQA_MODES, MODES, Recipe, field_names, load_recipe, option_name
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.stages import parse_bytes
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 from onnxprune.io.weights import Workspace, is_lazy
@@ -168,6 +169,9 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     from onnxprune.pipeline.prune import prepare_recipe, prune_model, prune_within_drop
 
     prep = prepare_recipe(original, recipe) if recipe.mode == "structured" else None
+    warnings = data_free_warnings(original, recipe, calib is not None, prep.analysis if prep else None)
+    for warning in warnings:  # before the prune, which they are about
+        click.echo(f"warning: {warning}", err=True)
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
     run = dict(calibration=calib, prepared=prep, strict=strict, input_shapes=input_shapes, memory_budget=budget)
@@ -179,7 +183,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
                     "seed": recipe.seed, "recipe": recipe.to_dict(),
                     "calibration": None if calib is None else {"source": calib.source, "samples": len(calib)},
-                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)}}
+                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)},
+                    "warnings": warnings}
     if recipe.mode == "unstructured":
         _show_unstructured(result)
         report.update({"ratio": recipe.ratio, "threshold": recipe.threshold, "stats": result.stats,

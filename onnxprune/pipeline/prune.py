@@ -22,6 +22,7 @@ from onnxprune.io.model_io import check_supported
 from onnxprune.pipeline.apply import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.runtime.feeds import resolve_shapes, validation_feed
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.recipe import Recipe, as_recipe, option_name
 from onnxprune.recipe import default as recipe_default
 from onnxprune.errors import InputError
@@ -65,6 +66,7 @@ class PruneResult:
     recipe: Recipe | None = None                         # the resolved recipe that made `model`
     layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
     interface: list[dict] = field(default_factory=list)  # inputs/outputs whose shape changed (key/value cache)
+    warnings: list[str] = field(default_factory=list)   # known risks of this prune (onnxprune.pipeline.risks)
 
     @property
     def faults(self) -> list[dict]:
@@ -153,6 +155,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     _check_runnable(recipe, feeds)
     prep = prepared or prepare_recipe(model, recipe)
     notes: list[str] = []
+    warnings = data_free_warnings(model, recipe, bool(feeds), prep.analysis) if removed is None else []
     if removed is not None:
         plan = plan_removal(prep.analysis, removed)
     else:
@@ -214,7 +217,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
                      "shape (the only interface change; see the interface table)")
     result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe,
-                         interface=interface)
+                         interface=interface, warnings=warnings)
     return quantize_result(result, feeds) if recipe.quantize else result
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from onnxprune.evaluate.data import Dataset
 from onnxprune.errors import InputError
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.recipe import Recipe
 from onnxprune.sweep import output
 from onnxprune.sweep.candidate import Measure, SweepContext, candidate_id, compute_shared, execute, fingerprint
@@ -39,6 +40,7 @@ class SweepResult:
     ran: int = 0                         # candidates run now (the rest were resumed)
     notes: list[str] = field(default_factory=list)
     payload: dict = field(default_factory=dict)  # what sweep.json holds
+    warnings: list[str] = field(default_factory=list)  # known risks of its prunes (onnxprune.pipeline.risks)
 
 
 SWEEP_LIMIT = 2**31 - 256 * 2**20  # serialised candidates must stay under protobuf's 2 GB
@@ -64,6 +66,10 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     for folder in (outdir, outdir / "candidates", outdir / "models"):
         folder.mkdir(parents=True, exist_ok=True)
     original = load_model(model_path)
+    # said before the candidates run (the graph's own signs: candidates are analysed in the workers)
+    warnings = sorted({w for r in recipes for w in data_free_warnings(original, r, calibration is not None)})
+    for warning in warnings:
+        report(f"warning: {warning}")
     if is_lazy(original):
         # candidates travel as serialised models (to worker processes and Ray nodes): read the weights in
         if sum(nbytes(t) for t in original.graph.initializer) > SWEEP_LIMIT:
@@ -85,7 +91,7 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
             if record.get("status") == "ok" and record.get("fingerprint") == print_:
                 records[i] = {**record, "resumed": True}
     pending = [(i, r) for i, r in zip(ids, recipes) if i not in records]
-    result = SweepResult({}, [], labels, ran=len(pending))
+    result = SweepResult({}, [], labels, ran=len(pending), warnings=warnings)
     if records:
         report(f"resuming: {len(records)} of {len(recipes)} candidates already done in {outdir}")
 
@@ -163,7 +169,8 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
                   "latency_tie": LATENCY_TIE},
         "calibration": None if calibration is None else {"source": calibration.source, "samples": len(calibration)},
         "evaluation": {"source": evaluation.source, "samples": len(evaluation)},
-        "measure": measure.to_dict(), "executor": executor, "notes": result.notes, **environment(),
+        "measure": measure.to_dict(), "executor": executor, "notes": result.notes, "warnings": warnings,
+        **environment(),
     }
     write_json(outdir / "sweep.json", result.payload)
     with_status = [{**c, "selected": c["id"] == chosen, "resumed": c["id"] in result.resumed} for c in candidates]
