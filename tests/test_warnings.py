@@ -39,9 +39,9 @@ def test_decoder_without_data_is_warned_once_with_the_remedy(capsys, tmp_path):
 
 
 def test_decoder_with_data_is_not_warned(capsys, tmp_path):
-    lines, report = prune_cli(capsys, tmp_path, DECODER, "--data", str(MODELS / "stdlib_calib.npz"), "--limit", "2")
+    lines, report = prune_cli(capsys, tmp_path, DECODER, "--data", str(MODELS / "stdlib_calib.npz"), "--limit", "1")
     assert lines == [] and report["warnings"] == []
-    assert report["calibration"]["samples"] == 2 and report["criterion"] == "hybrid"
+    assert report["calibration"]["samples"] == 1 and report["criterion"] == "hybrid"
 
 
 def test_digits_cnn_is_not_warned(capsys, tmp_path):
