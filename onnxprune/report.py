@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.errors import InputError
+from onnxprune.io.paths import make_parent
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]] | None = None, *,
@@ -88,8 +88,7 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write `payload` as indented JSON to `path`, atomically (temporary file beside it, then os.replace)."""
     path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"folder for the JSON report does not exist: {path.parent}")
+    make_parent(path, "JSON report")
     text = json.dumps(to_jsonable(payload), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -2,30 +2,70 @@
 
 from __future__ import annotations
 
+import functools
+
 from rich.console import Console
 from rich.table import Table
 
+from onnxprune.io.paths import check_folder, check_output, make_folder, make_parent, output_folders
+from onnxprune.names import ShortNames
 from onnxprune.report import write_json  # noqa: F401 - re-exported for the commands
 
 console = Console(highlight=False)
 
 
-def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: int | None = None) -> Table:
+def creates_output_folders(folders: dict[str, str] | None = None, **files: str):
+    """Decorator for a command's callback (put it right above the function): the outputs it writes, named by
+    its parameters (`files`: parameter -> option, e.g. json_path="--json"; `folders` likewise for an output
+    folder), are checked before any work (onnxprune.io.paths), their missing folders made, and when the
+    command fails the folders it made are removed again (when empty). With `dry_run` set, `output` (the
+    model) is not written, so its folder is not made."""
+    folders = folders or {}
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            paths = {option: kwargs.get(name) for name, option in files.items()
+                     if kwargs.get(name) and not (name == "output" and kwargs.get("dry_run"))}
+            dirs = {option: kwargs.get(name) for name, option in folders.items() if kwargs.get(name)}
+            for option, path in paths.items():
+                check_output(path, what=option)
+            for option, folder in dirs.items():
+                check_folder(folder, what=option)
+            with output_folders(*paths.values(), folders=tuple(dirs.values())):
+                for option, path in paths.items():
+                    make_parent(path, option)
+                for option, folder in dirs.items():
+                    make_folder(folder, option)
+                return command(**kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def groups_table(rows: list[dict], title: str, show_kept: bool = True, limit: int | None = None,
+                 names: ShortNames | None = None) -> Table:
+    """One row per group. Node names are shortened to what tells them apart (onnxprune/names.py), over `names`
+    (default: the names of `rows`; give all the model's groups' when `rows` is a selection)."""
+    names = names or ShortNames(s for r in rows for s in r["sources"])
     table = Table(title=title, title_justify="left")
     table.add_column("group", justify="right")
-    table.add_column("channels", justify="right")
+    # counts of heads wrap ("8 heads x 16," / "2 KV groups") to leave the names room
+    table.add_column("channels", justify="right", max_width=14)
     if show_kept:
-        table.add_column("kept", justify="right")
+        table.add_column("kept", justify="right", max_width=14)
     table.add_column("layers", justify="right")
-    table.add_column("opened by")
-    table.add_column("status")
     shown = rows if limit is None else rows[:limit]
+    opened = {r["group"]: names.listing(r["sources"]) for r in shown}
+    table.add_column("opened by", overflow="fold")  # folded where narrow, never cut: the layer index must stay
+    table.add_column("status", overflow="fold")
     for r in shown:
         cells = [str(r["group"]), _count(r, r["channels"])]
         if show_kept:
             cells.append(_count(r, r["kept"]))
-        sources = ", ".join(r["sources"][:2]) + (f" +{len(r['sources']) - 2}" if len(r["sources"]) > 2 else "")
-        status = "prunable" if r["prunable"] else f"frozen: {r['reason']}"
+        sources = opened[r["group"]]
+        status = "prunable" if r["prunable"] else f"frozen: {names.text(r['reason'])}"
         if r.get("gqa_mode"):
             status += (" (gqa-mode kv-groups: whole KV groups)" if r["gqa_mode"] == "kv-groups"
                        else " (gqa-mode query-heads: query heads evenly inside KV groups)")

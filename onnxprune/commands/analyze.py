@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from onnxprune.choices import GQA_MODES
-from onnxprune.commands._output import console, groups_table, show_faults, write_json
+from onnxprune.commands._output import console, creates_output_folders, groups_table, show_faults, write_json
 from onnxprune.commands.options import parse_input_shapes
 from onnxprune.io.model_io import load_model
 
@@ -22,6 +22,7 @@ from onnxprune.io.model_io import load_model
 @click.option("--input-shapes", default=None, metavar="NAME:1x3x224x224[,...]",
               help="Fix dynamic input dims for the MAC count; a single-input model may omit NAME:.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) when a handler fault had to be contained.")
+@creates_output_folders(json_path="--json")
 def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None,
             input_shapes: str | None, strict: bool, gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""

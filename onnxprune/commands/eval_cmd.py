@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from onnxprune.commands._output import creates_output_folders
 from onnxprune.commands.options import (
     data_options,
     dataset_from_options,
@@ -49,6 +50,7 @@ from onnxprune.report import format_value, make_console, print_table, write_json
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @tracking_option
+@creates_output_folders(json_path="--json")
 def eval_command(model: str, reference: str | None, mlflow_uri: str | None, **kwargs) -> None:
     """Evaluate MODEL on data: accuracy, agreement with --reference, latency per execution provider."""
     if mlflow_uri:

@@ -18,22 +18,20 @@ from click.core import ParameterSource
 from onnxprune.choices import ALLOCATIONS, GQA_MODES, MODES
 from onnxprune.commands._output import (
     console,
+    creates_output_folders,
     groups_table,
     interface_table,
     show_faults,
     summary_table,
     write_json,
 )
-from onnxprune.commands.options import (
-    data_options,
-    dataset_from_options,
-    parse_input_shapes,
-    tracking_option,
-)
+from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.io.model_io import load_model, save_model
 from onnxprune.io.weights import Workspace, is_lazy
+from onnxprune.names import ShortNames
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 from onnxprune.pipeline.stages import parse_bytes
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
@@ -127,6 +125,7 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
               help="Most memory calibration keeps (e.g. 8G, 512M); past it, activations spill to disk beside "
                    "the output. [default: a quarter of the machine's memory]")
 @tracking_option
+@creates_output_folders(output="-o", json_path="--json")
 def prune(model: str, output: str | None, overwrite: bool, max_drop: float | None, eval_data: str | None,
           dry_run: bool, json_path: str | None, show_all: bool, mlflow_uri: str | None, strict: bool,
           memory_budget: str | None, **params) -> None:
@@ -179,6 +178,9 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     from onnxprune.pipeline.search import prune_within_drop
 
     prep = prepare_recipe(original, recipe) if recipe.mode == "structured" else None
+    warnings = data_free_warnings(original, recipe, calib is not None, prep.analysis if prep else None)
+    for warning in warnings:  # before the prune, which they are about
+        click.echo(f"warning: {warning}", err=True)
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
@@ -191,7 +193,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
                     "seed": recipe.seed, "recipe": recipe.to_dict(),
                     "calibration": None if calib is None else {"source": calib.source, "samples": len(calib)},
-                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)}}
+                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)},
+                    "warnings": warnings}
     if recipe.mode == "unstructured":
         _show_unstructured(result)
         report.update({"ratio": recipe.ratio, "threshold": recipe.threshold, "stats": result.stats,
@@ -201,7 +204,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
         console.print(summary_table(result.stats))
         console.print(groups_table(shown, f"{len(result.plan.kept)} of {len(groups_rows)} groups pruned"
-                                          f" ({result.stats['channels_removed']} channels)"))
+                                          f" ({result.stats['channels_removed']} channels)",
+                                   names=ShortNames(s for r in groups_rows for s in r["sources"])))
         report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
                        "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
                        "target_macs": recipe.target_macs, "target_params": recipe.target_params,
@@ -245,8 +249,9 @@ def _show_unstructured(result) -> None:
                   title_justify="left")
     for col in ("layer", "op", "weights", "zeros", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    names = ShortNames(r["node"] for r in result.layers)
     for r in result.layers:
-        table.add_row(r["node"], r["op_type"], f"{r['size']:,}", f"{r['zeros']:,}", f"{100 * r['sparsity']:.1f}%")
+        table.add_row(names(r["node"]), r["op_type"], f"{r['size']:,}", f"{r['zeros']:,}", f"{100 * r['sparsity']:.1f}%")
     console.print(table)
     console.print(f"file size {s['bytes_before']:,} -> {s['bytes_after']:,} bytes; gzip {s['gzip_before']:,} -> "
                   f"{s['gzip_after']:,} bytes ({s['gzip_after'] / max(s['gzip_before'], 1):.3f}x)")

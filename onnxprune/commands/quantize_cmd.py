@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from onnxprune.commands._output import creates_output_folders
 from onnxprune.commands.options import (
     DATA_KEYS,
     data_options,
@@ -79,6 +80,7 @@ def split_exclude(values: tuple[str, ...]) -> list[str]:
 @click.option("--no-eval", is_flag=True, help="Write the model without checking it against the input.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@creates_output_folders(output="-o", json_path="--json")
 def quantize_command(model: str, mode: str, output: str | None, overwrite: bool, **kwargs) -> None:
     """Quantize MODEL to int8 (static or dynamic) or convert it to fp16, then compare it with MODEL."""
     mode = normalize_mode(mode)
@@ -87,8 +89,6 @@ def quantize_command(model: str, mode: str, output: str | None, overwrite: bool,
         raise InputError(f"refusing to overwrite the input model {model} (pass --overwrite to replace it)")
     if out_path.exists() and not overwrite:
         raise InputError(f"output exists: {out_path} (pass --overwrite to replace it)")
-    if not out_path.parent.exists():
-        raise InputError(f"output folder does not exist: {out_path.parent}")
     providers = parse_providers(kwargs.pop("providers"))
     original = load_model(model)
     data_values = {key: kwargs.get(key) for key in DATA_KEYS}

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import click
 
-from onnxprune.commands._output import console, show_faults, write_json
+from onnxprune.commands._output import console, creates_output_folders, show_faults, write_json
 from onnxprune.commands.options import data_options, dataset_from_options
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
+from onnxprune.names import ShortNames
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
 
 
@@ -41,6 +42,7 @@ def _ratios(text: str) -> list[float]:
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@creates_output_folders(plot="--plot", json_path="--json")
 def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool, exclude: tuple[str, ...],
                         plot: str | None, json_path: str | None, seed: int, **data_kwargs) -> None:
     """Drop in accuracy (or fidelity) of MODEL when each channel group alone is pruned."""
@@ -51,8 +53,6 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     from onnxprune.pipeline.sensitivity import plot_sensitivity, sensitivity
 
     values = _ratios(ratios)
-    if plot is not None and not Path(plot).parent.exists():
-        raise InputError(f"folder for --plot does not exist: {Path(plot).parent}")
     original = load_model(model)
     dataset = dataset_from_options(original, data_kwargs)
     if dataset is None:
@@ -70,8 +70,9 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
                   title_justify="left")
     for col in ("group", "channels", "opened by", *[f"{int(100 * r)}%" for r in result.ratios]):
         table.add_column(col, justify="left" if col == "opened by" else "right")
+    names = ShortNames(s for row in result.rows for s in row["sources"])
     for row in result.rows:
-        table.add_row(str(row["group"]), str(row["channels"]), ", ".join(row["sources"][:2]),
+        table.add_row(str(row["group"]), str(row["channels"]), names.listing(row["sources"]),
                       *[f"{d:+.2f}" for d in row["drops"]])
     console.print(f"data: {dataset.source} ({len(dataset)} samples)")
     console.print(table)

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import click
 
-from onnxprune.commands.options import (
-    data_options,
-    dataset_from_options,
-    tracking_option,
-)
+from onnxprune.commands._output import creates_output_folders
+from onnxprune.commands.options import data_options, dataset_from_options, tracking_option
 from onnxprune.errors import GateFailed, InputError
 from onnxprune.io.model_io import load_model
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
@@ -71,6 +68,7 @@ def list_options(f):
               help="Also write the table as CSV here (it is always in OUTDIR/sweep.csv).")
 @tracking_option
 @click.option("--mlflow-experiment", default="onnxprune", show_default=True, help="MLflow experiment name.")
+@creates_output_folders(folders={"outdir": "-o"}, json_path="--json", csv_path="--csv")
 def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | None, grid_path: str | None,
                   exclude: tuple[str, ...], max_drop: float | None, executor: str, jobs: int, address: str | None,
                   retries: int, provider: str, threads: int | None, warmup: int, runs: int,
@@ -101,9 +99,6 @@ def sweep_command(model: str, outdir: str, eval_data: str, recipe_path: str | No
         check_providers([provider])  # a Ray cluster's nodes may have providers this machine lacks
     else:
         provider_name(provider)
-    for path in (json_path, csv_path):
-        if path and not Path(path).resolve().parent.exists():
-            raise InputError(f"folder does not exist: {Path(path).parent}")
     lists = {name: parse_list(name, params.pop(name)) for name in LIST_FIELDS if params.get(name) is not None}
     for name in LIST_FIELDS:
         params.pop(name, None)

@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.io.paths import make_parent
 from onnxprune.report import progress
 from onnxprune.io.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
                                nbytes, numel, read_bytes, set_external, tensor_array, write_payload)
@@ -119,8 +120,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"output exists: {path} (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise InputError(f"output folder does not exist: {path.parent}")
+    make_parent(path)
     if external_data is None:
         external_data = is_lazy(model) or model_bytes(model) > _PROTOBUF_LIMIT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -154,6 +154,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
             onnx.save_model(out, tmp)
         else:
             onnx.save_model(model, tmp)
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         for leftover in (Path(tmp), tmp_data):
@@ -161,6 +162,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
                 leftover.unlink()
         raise
     return path
+
+
+def _readable(tmp: str) -> None:
+    """mkstemp makes the file 0600; a model gets a new file's usual permissions (as its .data file has)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
 
 
 def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -28,6 +28,7 @@ from onnxprune.pipeline.budget import plan_for_target
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
 from onnxprune.pipeline.prepare import Prepared, prepare_recipe
 from onnxprune.pipeline.recover import recover as run_recovery
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 from onnxprune.pipeline.sensitivity import SensitivityResult, sensitivity
 from onnxprune.pipeline.stages import format_bytes
@@ -99,6 +100,7 @@ class PruneResult:
     def all_faults(self) -> list[Fault]:
         """Faults of the analysis (handler exceptions) and of this run (rewrites, validation, sensitivity)."""
         return (list(self.analysis.faults) if self.analysis is not None else []) + self.contained
+    warnings: list[str] = field(default_factory=list)   # known risks of this prune (onnxprune.pipeline.risks)
 
     @property
     def faults(self) -> list[dict]:
@@ -152,6 +154,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     stats = run.reuse.stats
     if recipe.criterion in DATA_CRITERIA and stats is None and run.removed is None:
         stats = channel_stats(prep, feeds, memory_budget=run.memory_budget, seed=recipe.seed)
+    warnings = data_free_warnings(model, recipe, bool(feeds), prep.analysis) if run.removed is None else []
     plan, notes, contained = make_plan(prep, recipe, run, stats)
     feed = validation_feed(model, run.input_shapes, feeds, recipe.seed) if run.validate else None
     applied = apply_validated(prep, plan, model, feed, check=run.validate)
@@ -190,7 +193,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
         notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
                      "shape (the only interface change; see the interface table)")
     result = PruneResult(pruned, prep.analysis, plan, figures, notes, recovery, recipe=recipe, interface=interface,
-                         contained=contained)
+                         contained=contained, warnings=warnings)
     return quantize_result(result, feeds) if recipe.quantize else result
 
 

@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from onnxprune.io.paths import make_parent
 from onnxprune.recipe import field_names
 from onnxprune.report import format_value, make_console
 from onnxprune.sweep.pareto import drop, higher_is_better
@@ -74,6 +75,7 @@ def readable(tmp: str) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
@@ -143,7 +145,7 @@ def plot_pareto(path: str | os.PathLike, baseline: dict, candidates: list[dict],
                  + (" and latency" if len(panels) > 1 else ""), fontsize=9)
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom", color="tab:red")
     fig.tight_layout(rect=(0, text_height / (4.2 + text_height), 1, 1))
-    path = Path(path)
+    path = make_parent(path, "plot")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:

@@ -24,6 +24,7 @@ from onnxprune.errors import InputError
 from onnxprune.evaluate.data import Dataset
 from onnxprune.io.model_io import load_model
 from onnxprune.io.weights import is_lazy, nbytes
+from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.recipe import Recipe
 from onnxprune.report import environment, write_json
 from onnxprune.runtime.session import run_batches
@@ -57,6 +58,7 @@ class SweepResult:
     ran: int = 0                         # candidates run now (the rest were resumed)
     notes: list[str] = field(default_factory=list)
     payload: dict = field(default_factory=dict)  # what sweep.json holds
+    warnings: list[str] = field(default_factory=list)  # known risks of its prunes (onnxprune.pipeline.risks)
 
 
 SWEEP_LIMIT = 2**31 - 256 * 2**20  # serialised candidates must stay under protobuf's 2 GB
@@ -77,6 +79,10 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     for folder in (outdir, outdir / "candidates", outdir / "models"):
         folder.mkdir(parents=True, exist_ok=True)
     original = load_model(model_path)
+    # said before the candidates run (the graph's own signs: candidates are analysed in the workers)
+    warnings = sorted({w for r in recipes for w in data_free_warnings(original, r, calibration is not None)})
+    for warning in warnings:
+        report(f"warning: {warning}")
     if is_lazy(original):
         # candidates travel as serialised models (to worker processes and Ray nodes): read the weights in
         if sum(nbytes(t) for t in original.graph.initializer) > SWEEP_LIMIT:
@@ -98,7 +104,7 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
             if record.get("status") == "ok" and record.get("fingerprint") == print_:
                 records[i] = {**record, "resumed": True}
     pending = [(i, r) for i, r in zip(ids, recipes) if i not in records]
-    result = SweepResult({}, [], labels, ran=len(pending))
+    result = SweepResult({}, [], labels, ran=len(pending), warnings=warnings)
     if records:
         report(f"resuming: {len(records)} of {len(recipes)} candidates already done in {outdir}")
 
@@ -172,7 +178,8 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
                   "latency_tie": LATENCY_TIE},
         "calibration": None if calibration is None else {"source": calibration.source, "samples": len(calibration)},
         "evaluation": {"source": evaluation.source, "samples": len(evaluation)},
-        "measure": measure.to_dict(), "executor": executor, "notes": result.notes, **environment(),
+        "measure": measure.to_dict(), "executor": executor, "notes": result.notes, "warnings": warnings,
+        **environment(),
     }
     write_json(outdir / "sweep.json", result.payload)
     with_status = [{**c, "selected": c["id"] == chosen, "resumed": c["id"] in result.resumed} for c in candidates]
