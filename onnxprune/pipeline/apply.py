@@ -21,12 +21,13 @@ from typing import Callable
 
 import onnx
 
-from onnxprune.errors import OnnxPruneError, ValidationError
+from onnxprune.errors import InputError, OnnxPruneError, ValidationError
 from onnxprune.graph.faults import Fault, RewriteFault, describe
 from onnxprune.pipeline.plan import Plan
 from onnxprune.pipeline.rewrite import apply_plan
 from onnxprune.pipeline.validate import validate
 from onnxprune.runtime.feeds import check_guess
+from onnxprune.runtime.session import load_error
 
 
 def bisect_plan(apply: Callable[[list[int]], onnx.ModelProto], validate: Callable[[onnx.ModelProto], str | None],
@@ -159,6 +160,11 @@ def apply_validated(prep, plan: Plan, original: onnx.ModelProto, feed: dict | No
     except ValidationError:
         # even the unpruned model fails: when the original cannot run on the feed (its dynamic dims were
         # guessed), that is the user's to fix with --input-shapes, and says so
+        error = load_error(original)
+        if error is not None:  # the input itself does not load: no rewrite of it can be checked
+            raise InputError(f"onnxruntime cannot load the input model either, so its rewrites cannot be checked: "
+                             f"{error}; hint: check the model with `onnxprune eval MODEL` (converters such as "
+                             "onnxconverter-common's float16 can write graphs onnxruntime refuses)") from None
         if feed is not None:
             check_guess(original, feed)
         raise

@@ -19,8 +19,8 @@ ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "Pack
                  "PackedMultiHeadAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention"}
 
 DATA_FREE_LANGUAGE_MODEL = (
-    "pruning a language model ({signs}) without calibration data scores channels by weight magnitude alone, which "
-    "can collapse it (perplexity up by orders of magnitude); pass --data FILE with --recover lstsq, and check the "
+    "pruning a {what} ({signs}) without calibration data scores channels by weight magnitude alone, which "
+    "can collapse it ({harm}); pass --data FILE with --recover lstsq, and check the "
     "result with `onnxprune eval --reference`")
 
 
@@ -59,7 +59,10 @@ def data_free_warnings(model: onnx.ModelProto, recipe: Recipe, has_data: bool, a
     signs = language_model_signs(model, analysis)
     if not signs:
         return []
-    return [DATA_FREE_LANGUAGE_MODEL.format(signs=", ".join(signs))]
+    causal = any(sign.startswith("causal-LM") for sign in signs)
+    return [DATA_FREE_LANGUAGE_MODEL.format(
+        what="language model" if causal else "transformer", signs=", ".join(signs),
+        harm="perplexity up by orders of magnitude" if causal else "its outputs far from the original's")]
 
 
 def _removes_something(recipe: Recipe) -> bool:
