@@ -13,7 +13,7 @@ from onnxprune.evaluate.metrics import accuracy
 from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
-from onnxprune.pipeline.recover import Gram, select_alpha, solve
+from onnxprune.pipeline.recover.ridge import Gram, select_alpha, solve
 from onnxprune.recipe import Recipe
 from onnxprune.runtime.session import run, run_batches
 from tests.onnx_builders import build

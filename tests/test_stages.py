@@ -94,10 +94,10 @@ def test_parse_bytes():
 def _recovered_weights(model, feeds, staged, monkeypatch, ratio=0.5):
     import onnxprune.pipeline.recover as recovery
 
-    real = recovery._lstsq
-    monkeypatch.setattr(recovery, "_lstsq", lambda *a, **k: real(*a[:8], staged, None))
+    real = recovery.fit_lstsq
+    monkeypatch.setattr(recovery, "fit_lstsq", lambda *a, **k: real(*a[:8], staged, None))
     result = prune_model(model, Recipe(ratio=ratio, criterion="l1", recover="lstsq"), RunSettings(calibration=feeds))
-    monkeypatch.setattr(recovery, "_lstsq", real)
+    monkeypatch.setattr(recovery, "fit_lstsq", real)
     return result, {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
 
 

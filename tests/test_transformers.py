@@ -106,7 +106,7 @@ def test_token_rows_follow_the_attention_mask():
 
 
 def test_solve_path_matches_one_solve_per_alpha():
-    from onnxprune.pipeline.recover import ALPHAS, solve, solve_path
+    from onnxprune.pipeline.recover.ridge import ALPHAS, solve, solve_path
 
     rng = np.random.default_rng(0)
     x = np.hstack([rng.normal(size=(300, 12)) + 1.0, np.ones((300, 1))])

@@ -1,0 +1,95 @@
+"""The ridge maths, pure numpy: Gram matrices accumulated batch by batch, the regularised solve towards the
+pruned weights W0, a path of strengths from one eigendecomposition, and the strength chosen on held-out rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+# lambda = alpha * mean(diag(A)); inf keeps W0 and refits the bias only
+
+ALPHAS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
+
+
+@dataclass
+
+class Gram:
+    a: np.ndarray
+    b: np.ndarray
+    yy: float = 0.0
+    rows: int = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.a += x.T @ x
+        self.b += x.T @ y
+        self.yy += float((y * y).sum())
+        self.rows += len(x)
+
+    def error(self, theta: np.ndarray) -> float:
+        """||X theta - Y||^2 from the accumulated sums."""
+        return float(((self.a @ theta) * theta).sum() - 2 * (self.b * theta).sum() + self.yy)
+
+
+def solve(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alpha: float, intercept: bool) -> np.ndarray:
+    """argmin ||X t - Y||^2 + lam ||t_w - t0_w||^2, lam = alpha * mean diag(A); the intercept row is free."""
+    d = a.shape[0]
+    nw = d - 1 if intercept else d
+    if np.isinf(alpha):
+        theta = theta0.copy()
+        if intercept:  # weights fixed: the best bias for them
+            n = a[-1, -1]
+            theta[-1] = (b[-1] - a[-1, :nw] @ theta0[:nw]) / max(n, 1e-12)
+        return theta
+    lam = alpha * max(float(np.trace(a[:nw, :nw])) / max(nw, 1), 1e-12)
+    reg = np.zeros(d)
+    reg[:nw] = lam
+    lhs = a + np.diag(reg)
+    rhs = b + reg[:, None] * theta0
+    try:
+        return np.linalg.solve(lhs, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+
+
+def solve_path(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float],
+               intercept: bool) -> list[np.ndarray]:
+    """`solve` for every alpha from one eigendecomposition.
+
+    The free intercept is eliminated by centring: with n rows, column sums s_x, s_y,
+    A_c = A_ww - s_x s_x^T / n and B_c = B_w - s_x s_y^T / n, the weights solve (A_c + lam I) W = B_c + lam W0
+    and the intercept is (s_y - s_x^T W) / n. With A_c = V diag(e) V^T, W = V diag(1 / (e + lam)) V^T
+    (B_c + lam W0): a matrix product per alpha instead of a factorisation.
+    """
+    d = a.shape[0]
+    nw = d - 1 if intercept else d
+    scale = max(float(np.trace(a[:nw, :nw])) / max(nw, 1), 1e-12)
+    if intercept:
+        n = max(a[-1, -1], 1e-12)
+        sx, sy = a[:nw, -1], b[-1]
+        ac = a[:nw, :nw] - np.outer(sx, sx) / n
+        bc = b[:nw] - np.outer(sx, sy) / n
+    else:
+        ac, bc = a, b
+    e, v = np.linalg.eigh(ac)
+    e = np.maximum(e, 0.0)
+    p, q = v.T @ bc, v.T @ theta0[:nw]
+    thetas = []
+    for alpha in alphas:
+        if np.isinf(alpha):
+            w = theta0[:nw]
+        else:
+            lam = alpha * scale
+            w = v @ ((p + lam * q) / np.maximum(e + lam, 1e-300)[:, None])
+        thetas.append(np.vstack([w, ((sy - sx @ w) / n)[None, :]]) if intercept else w)
+    return thetas
+
+
+def select_alpha(fit: Gram, held: Gram, theta0: np.ndarray, intercept: bool,
+                 alphas: Sequence[float] = ALPHAS) -> tuple[float, list[float]]:
+    """The alpha whose fit on `fit` has the smallest error on `held` (ties go to the larger alpha)."""
+    errors = [held.error(t) for t in solve_path(fit.a, fit.b, theta0, alphas, intercept)]
+    lowest = min(errors)
+    best = max(i for i, e in enumerate(errors) if e <= lowest + 1e-9 * abs(lowest))
+    return alphas[best], errors
