@@ -1,15 +1,9 @@
-"""Shared pytest setup: the `--runslow` option for the long zoo cases, and `tools/` on the import path."""
+"""Shared pytest setup: the `--runslow` option for the long zoo cases. The checkout's root is on the import path
+(pyproject.toml's `pythonpath`), so tests import the generators as `from tools import fuzz`."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

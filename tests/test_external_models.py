@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import zoo_models
+from tests import zoo_models
 
 ORACLE_TOL = 1e-5
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-import fuzz
+from tools import fuzz
 
 SEEDS = range(360)
 

@@ -265,7 +265,7 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("transformers") is Non
 @pytest.mark.parametrize("mode", MODES)
 def test_sdpa_enable_gqa(tmp_path, opset, mode):
     """torch's sdpa(enable_gqa=True), exported by dynamo (the TorchScript exporter refuses enable_gqa)."""
-    import export_transformers as et
+    from tools import export_transformers as et
 
     import torch
 

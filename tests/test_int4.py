@@ -23,7 +23,7 @@ V = 260
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    import export_transformers as et
+    from tools import export_transformers as et
 
     root = tmp_path_factory.mktemp("int4")
     # the shape of tools/train_llm.py's decoder (8 query heads of 16 sharing 2 k/v heads, SwiGLU of 384), 2 layers

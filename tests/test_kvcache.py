@@ -25,7 +25,7 @@ LAYERS, KV_HEADS, HEAD = 2, 2, 8
 
 @pytest.fixture(scope="module")
 def cache_model(tmp_path_factory):
-    import export_transformers as et
+    from tools import export_transformers as et
 
     cache = {}
 
@@ -130,8 +130,8 @@ def test_keep_kv_cache_freezes_the_heads(cache_model, tmp_path, capsys):
 def test_hugging_face_folder_gets_an_updated_config(tmp_path):
     """A model beside config.json (and a tokenizer): the output folder gets config.json with the pruned head, KV-head
     and MLP sizes, and the other files; layers pruned unevenly are reported, not written as one wrong value."""
-    import export_transformers as et
-    import stdlib_text as st
+    from tools import export_transformers as et
+    from tools import stdlib_text as st
 
     from onnxprune.cli import main
     from onnxprune.io.model_folder import pruned_sizes

@@ -85,7 +85,7 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("transformers") is Non
 @pytest.fixture(scope="module")
 def cache_lm(tmp_path_factory):
     """A small random LLaMA-like causal LM with grouped-query attention and explicit past/present cache."""
-    import export_transformers as et
+    from tools import export_transformers as et
 
     path = tmp_path_factory.mktemp("lm") / "lm.onnx"
     return et.export_cache(et.llama_lm(hidden=32, heads=4, kv_heads=2, layers=2, vocab=V), path, dynamo=False)

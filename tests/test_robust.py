@@ -143,13 +143,9 @@ def _vit_fp16(keep_io_types: bool):
     shape-arithmetic Casts at to=FLOAT while marking their outputs float16, which neither the checker nor
     onnxruntime accept; those Casts are set to float16, as a user fixing the converted model would."""
     pytest.importorskip("onnxconverter_common")
-    import sys
-    from pathlib import Path
-
     from onnxconverter_common import float16
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    import export_transformers as et
+    from tools import export_transformers as et
 
     model = torch_export(et.vit(), __import__("torch").randn(2, 3, 32, 32))
     half = float16.convert_float_to_float16(model, keep_io_types=keep_io_types)

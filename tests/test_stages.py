@@ -118,7 +118,7 @@ def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(digits, mo
 
 def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch):
     torch = pytest.importorskip("torch")
-    from export_transformers import bert, export
+    from tools.export_transformers import bert, export
 
     import tempfile
 

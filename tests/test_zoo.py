@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-import zoo
+from tools import zoo
 
 ORACLE_TOL = 1e-5
 # Uniform 0.5 removes half the channels of each prunable group; a layer with both sides pruned keeps about

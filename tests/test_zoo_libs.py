@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-import zoo_libs
+from tools import zoo_libs
 
 ORACLE_TOL = 1e-5
 

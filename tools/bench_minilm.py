@@ -23,9 +23,13 @@ import pkgutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
+
+if __package__ in (None, ""):  # run as `python tools/bench_minilm.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "pydoc_data",
         "__main__", "__phello__", "_")
@@ -177,8 +181,7 @@ def main() -> None:
                                          "instead of pruning here")
     args = parser.parse_args()
 
-    sys.path.insert(0, "tools")
-    from export_minilm import load_tokenizer
+    from tools.export_minilm import load_tokenizer
 
     from onnxprune.pipeline.prune import prune_model
 

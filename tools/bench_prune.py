@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as `python tools/bench_prune.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GOALS = {"time_ratio": 0.5, "macs_diff": 0.02, "latency_ratio": 1.05, "cli_s": 3.0}
 
@@ -42,7 +43,7 @@ def build_resnet50():
     import torch
     import torchvision
 
-    import zoo
+    from tools import zoo
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)

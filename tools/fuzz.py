@@ -32,8 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as `python tools/fuzz.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLOAT_TYPES = {  # onnx type: (numpy type, oracle tolerance, weight)
     TensorProto.FLOAT: (np.float32, 1e-4, 0.7),
@@ -547,8 +547,7 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, dict[str, tuple]]:
 def zoo_models() -> dict[str, onnx.ModelProto]:
     """Small real models to mutate: the shipped digits CNNs and the NHWC graphs of tests/zoo_models.py."""
     out = {p.stem: onnx.load(p) for p in sorted((ROOT / "models").glob("*.onnx"))}
-    sys.path.insert(0, str(ROOT / "tests"))
-    import zoo_models as zm
+    from tests import zoo_models as zm
 
     out.update({name: build() for name, build in zm.NHWC_MODELS.items()})
     return out

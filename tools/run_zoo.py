@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+if __package__ in (None, ""):  # run as `python tools/run_zoo.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import zoo  # noqa: E402
+from tools import zoo  # noqa: E402
 
 ORACLE_TOL = 1e-5
 
 
 def external_cases() -> dict[str, callable]:
     """The non-PyTorch models: name -> () -> (model, feed)."""
-    import zoo_models
+    from tests import zoo_models
 
     cases = {}
     for name, build in zoo_models.NHWC_MODELS.items():
