@@ -18,10 +18,10 @@ from onnxprune.cli import main
 from onnxprune.evaluate.data import from_arrays, load_data
 from onnxprune.errors import InputError
 from onnxprune.evaluate.metrics import accuracy, compare_outputs, evaluate, measure_latency, run_model
+from tests.shipped_models import DIGITS
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-MODEL = MODELS / "digits_cnn.onnx"
-HELDOUT = MODELS / "digits_heldout.npz"
+MODEL = DIGITS.cnn_path
+HELDOUT = DIGITS.heldout_path
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 FAST = ["--no-latency", "--quiet"]
 

@@ -24,17 +24,9 @@ LAYERS, KV_HEADS, HEAD = 2, 2, 8
 
 
 @pytest.fixture(scope="module")
-def cache_model(tmp_path_factory):
-    from tools import export_transformers as et
-
-    cache = {}
-
+def cache_model(tiny_decoder):
     def get(dynamo: bool) -> onnx.ModelProto:
-        if dynamo not in cache:
-            path = tmp_path_factory.mktemp("kv") / f"llama_cache_{'dyn' if dynamo else 'ts'}.onnx"
-            et.export_cache(et.llama_lm(hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS), path, dynamo)
-            cache[dynamo] = onnx.load(str(path))
-        return cache[dynamo]
+        return onnx.load(str(tiny_decoder(dynamo, hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS)))
 
     return get
 
