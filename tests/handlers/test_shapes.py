@@ -39,3 +39,23 @@ def test_expand_with_an_untraceable_shape_freezes():
     assert "Expand" in prep.analysis.groups[0].reason
     check_frozen(model, "Expand")
 
+
+
+def test_expand_to_a_shape_built_by_concat_rewrites_its_constant_piece():
+    """TorchScript's form: the target is a Concat of 1-D pieces, constant ([1], [C]) or read at run time
+    (Shape(x)[2:]). The constant channel piece follows the pruned channels; the run-time piece needs nothing."""
+    nodes = [("Conv", ["x", "w1"], ["c1"], {"kernel_shape": [1, 1]}),
+             ("ReduceMean", ["c1"], ["m"], {"axes": [3], "keepdims": 1}),
+             ("Shape", ["x"], ["sx"]),
+             ("Slice", ["sx", "two", "four"], ["hw"]),
+             ("Concat", ["one", "channels", "hw"], ["target"], {"axis": 0}),
+             ("Expand", ["m", "target"], ["e"]),
+             ("Add", ["c1", "e"], ["a"]),
+             ("Conv", ["a", "w2"], ["y"], {"kernel_shape": [1, 1]})]
+    weights = {"w1": (8, 3, 1, 1), "w2": (4, 8, 1, 1), "one": np.array([1], np.int64),
+               "channels": np.array([8], np.int64), "two": np.array([2], np.int64), "four": np.array([4], np.int64)}
+    model = build(nodes, {"x": [1, 3, "h", "w"]}, ["y"], weights)  # symbolic: the Concat is not folded
+    _, res = check(model)
+    assert [n.op_type for n in res.model.graph.node if n.op_type == "Concat"] == ["Concat"]
+    piece = next(t for t in res.model.graph.initializer if t.name.startswith("channels"))
+    assert onnx.numpy_helper.to_array(piece).tolist() == [4]
