@@ -1,15 +1,16 @@
-"""Shared pytest setup: the `--runslow` option for the long zoo cases, and `tools/` on the import path."""
+"""Shared pytest setup: the `--runslow` option for the long zoo cases, and the shared models, each built or
+loaded once per session: `digits` (the shipped digits CNN and ResNet with their calibration and held-out
+data), `stdlib_llama` (the shipped trained decoder) and `tiny_decoder` (small random LLaMA-style decoders with
+a key/value cache, exported by tools/export_transformers.py). The checkout's root is on the import path
+(pyproject.toml's `pythonpath`), so tests import the generators as `from tools import fuzz`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
+from tests.shipped_models import DIGITS, STDLIB_LLAMA, Digits, StdlibLlama
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,3 +39,43 @@ def cli_error(capsys):
         return err
 
     return check
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    """The shipped digits models and data (tests/shipped_models.py), loaded once per session."""
+    return DIGITS
+
+
+@pytest.fixture()
+def digits_file(tmp_path, digits) -> Path:
+    """A copy of the shipped digits CNN's file in the test's tmp_path (commands write beside their input)."""
+    return digits.cnn_file(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """`tiny_decoder(dynamo=False, **config)`: the path of a small random LLaMA-style causal LM with grouped-query
+    attention and its key/value cache as explicit inputs and outputs (tools/export_transformers.py llama_lm and
+    export_cache; config: hidden, heads, kv_heads, layers, intermediate, vocab), exported once per session and
+    configuration. Tests load it (`onnx.load`), so each gets its own copy."""
+    pytest.importorskip("transformers")
+    from tools import export_transformers as et
+
+    built: dict[tuple, Path] = {}
+
+    def get(dynamo: bool = False, **config) -> Path:
+        key = (dynamo, *sorted(config.items()))
+        if key not in built:
+            name = "_".join(f"{k}{v}" for k, v in sorted(config.items())) or "default"
+            path = tmp_path_factory.mktemp("decoder") / f"llama_{name}_{'dyn' if dynamo else 'ts'}.onnx"
+            built[key] = et.export_cache(et.llama_lm(**config), path, dynamo=dynamo)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def stdlib_llama() -> StdlibLlama:
+    """The shipped tiny trained decoder (tests/shipped_models.py), loaded once per session."""
+    return STDLIB_LLAMA

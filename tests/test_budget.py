@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,20 +11,19 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.evaluate.data import load_data
 from onnxprune.evaluate.metrics import accuracy
-from onnxprune.graph.stats import count_macs, count_params
+from onnxprune.runtime.session import run_batches
 from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.prepare import prepare
-from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.recipe import Recipe
-from onnxprune.runtime.session import run_batches
+from onnxprune.pipeline.prune import Reuse, RunSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
 
 
 @pytest.fixture(scope="module")
-def resnet():
-    model = load_model(MODELS / "digits_resnet.onnx")
+def resnet(digits):
+    model = digits.resnet()
     return model, prepare(model)
 
 
@@ -53,13 +51,13 @@ def test_groups_get_different_ratios(resnet):
     assert len(ratios) > 1
 
 
-def test_sensitivity_allocation_spares_sensitive_groups():
+def test_sensitivity_allocation_spares_sensitive_groups(digits):
     from onnxprune.pipeline.score import score_groups
     from onnxprune.pipeline.sensitivity import sensitivity
 
-    model = load_model(MODELS / "digits_cnn.onnx")
+    model = digits.cnn()
     prep = prepare(model)
-    data = load_data(MODELS / "digits_calib.npz", model, batch_size=300)
+    data = load_data(digits.calib_path, model, batch_size=300)
     scores = score_groups(prep.analysis, prep.view, "l1")
     sens = sensitivity(prep, data, scores, (0.25, 0.5, 0.75))
     result = prune_model(model, Recipe(target_macs=0.6, allocate="sensitivity"), RunSettings(reuse=Reuse(prepared=prep, sensitivity=sens)))
@@ -71,14 +69,14 @@ def test_sensitivity_allocation_spares_sensitive_groups():
     assert frac.get(most, 1.0) > frac.get(least, 1.0)
 
 
-def test_max_drop_respects_its_budget_on_held_out_data(tmp_path):
+def test_max_drop_respects_its_budget_on_held_out_data(tmp_path, digits):
     model = tmp_path / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
-    assert main(["prune", str(model), "-o", str(out), "--data", str(MODELS / "digits_calib.npz"),
-                 "--eval-data", str(MODELS / "digits_heldout.npz"), "--max-drop", "1", "--recover", "lstsq",
+    assert main(["prune", str(model), "-o", str(out), "--data", str(digits.calib_path),
+                 "--eval-data", str(digits.heldout_path), "--max-drop", "1", "--recover", "lstsq",
                  "--json", str(report)]) == 0
-    held = load_data(MODELS / "digits_heldout.npz", load_model(model), batch_size=450)
+    held = load_data(digits.heldout_path, load_model(model), batch_size=450)
     before = 100 * accuracy(run_batches(load_model(model), held), held.labels, (1,))["top1"]
     after = 100 * accuracy(run_batches(load_model(out), held), held.labels, (1,))["top1"]
     assert before - after <= 1.0
@@ -96,8 +94,8 @@ def test_max_drop_respects_its_budget_on_held_out_data(tmp_path):
     (["--criterion", "activation"], "--data"),
     (["--ratio", "0.3", "--target-macs", "0.5"], "give one of"),
 ])
-def test_bad_budget_options_are_one_line_errors(cli_error, argv, needle):
-    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--dry-run", *argv], needle)
+def test_bad_budget_options_are_one_line_errors(cli_error, argv, needle, digits):
+    cli_error(["prune", str(digits.cnn_path), "--dry-run", *argv], needle)
 
 
 def test_budget_cost_model_matches_the_rewritten_model(resnet):

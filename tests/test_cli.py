@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,22 +13,11 @@ from onnxprune.cli import main
 from onnxprune.runtime.feeds import sample_feed
 from onnxprune.runtime.session import run
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "models" / "digits_cnn.onnx"
-
-
-@pytest.fixture()
-def digits(tmp_path):
-    path = tmp_path / "digits.onnx"
-    shutil.copy(DIGITS, path)
-    return path
-
-
-def test_prune_writes_a_smaller_model_with_the_same_interface(digits, tmp_path, capsys):
+def test_prune_writes_a_smaller_model_with_the_same_interface(digits_file, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     report = tmp_path / "report.json"
-    assert main(["prune", str(digits), "--ratio", "0.5", "-o", str(out), "--json", str(report)]) == 0
-    original, pruned = onnx.load(digits), onnx.load(out)
+    assert main(["prune", str(digits_file), "--ratio", "0.5", "-o", str(out), "--json", str(report)]) == 0
+    original, pruned = onnx.load(digits_file), onnx.load(out)
     assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
     assert [o.name for o in pruned.graph.output] == [o.name for o in original.graph.output]
     assert pruned.opset_import == original.opset_import and pruned.ir_version == original.ir_version
@@ -42,55 +29,55 @@ def test_prune_writes_a_smaller_model_with_the_same_interface(digits, tmp_path, 
     assert "wrote" in capsys.readouterr().out
 
 
-def test_default_output_name_and_no_silent_overwrite(digits, cli_error):
-    assert main(["prune", str(digits)]) == 0
-    out = digits.with_name("digits.pruned.onnx")
+def test_default_output_name_and_no_silent_overwrite(digits_file, cli_error):
+    assert main(["prune", str(digits_file)]) == 0
+    out = digits_file.with_name("digits.pruned.onnx")
     assert out.exists()
     before = out.read_bytes()
-    cli_error(["prune", str(digits), "--ratio", "0.3"], "output exists")
+    cli_error(["prune", str(digits_file), "--ratio", "0.3"], "output exists")
     assert out.read_bytes() == before
-    assert main(["prune", str(digits), "--ratio", "0.3", "--overwrite"]) == 0
+    assert main(["prune", str(digits_file), "--ratio", "0.3", "--overwrite"]) == 0
     assert out.read_bytes() != before
 
 
-def test_refuses_to_overwrite_the_input(digits, cli_error):
-    before = digits.read_bytes()
-    cli_error(["prune", str(digits), "-o", str(digits)], "refusing to overwrite the input")
-    assert digits.read_bytes() == before
+def test_refuses_to_overwrite_the_input(digits_file, cli_error):
+    before = digits_file.read_bytes()
+    cli_error(["prune", str(digits_file), "-o", str(digits_file)], "refusing to overwrite the input")
+    assert digits_file.read_bytes() == before
 
 
-def test_dry_run_writes_nothing(digits, tmp_path):
+def test_dry_run_writes_nothing(digits_file, tmp_path):
     out = tmp_path / "never.onnx"
-    assert main(["prune", str(digits), "--dry-run", "-o", str(out)]) == 0
+    assert main(["prune", str(digits_file), "--dry-run", "-o", str(out)]) == 0
     assert not out.exists()
 
 
-def test_ratio_zero_changes_no_output(digits, tmp_path):
+def test_ratio_zero_changes_no_output(digits_file, tmp_path):
     out = tmp_path / "same.onnx"
-    assert main(["prune", str(digits), "--ratio", "0", "-o", str(out)]) == 0
-    feed = sample_feed(onnx.load(digits), batch=4)
-    np.testing.assert_array_equal(run(onnx.load(out), feed)[0], run(onnx.load(digits), feed)[0])
+    assert main(["prune", str(digits_file), "--ratio", "0", "-o", str(out)]) == 0
+    feed = sample_feed(onnx.load(digits_file), batch=4)
+    np.testing.assert_array_equal(run(onnx.load(out), feed)[0], run(onnx.load(digits_file), feed)[0])
 
 
-def test_round_to_global_and_exclude(digits, tmp_path):
+def test_round_to_global_and_exclude(digits_file, tmp_path):
     report = tmp_path / "r.json"
-    assert main(["prune", str(digits), "--round-to", "8", "--dry-run", "--json", str(report)]) == 0
+    assert main(["prune", str(digits_file), "--round-to", "8", "--dry-run", "--json", str(report)]) == 0
     groups = json.loads(report.read_text())["groups"]
     assert all(g["kept"] % 8 == 0 for g in groups if g["kept"] != g["channels"])
-    assert main(["prune", str(digits), "--global", "--ratio", "0.4", "--dry-run", "--json", str(report)]) == 0
+    assert main(["prune", str(digits_file), "--global", "--ratio", "0.4", "--dry-run", "--json", str(report)]) == 0
     payload = json.loads(report.read_text())
     prunable = [g for g in payload["groups"] if g["prunable"]]
     removed = sum(g["channels"] - g["kept"] for g in prunable)
     assert abs(removed - 0.4 * sum(g["channels"] for g in prunable)) <= len(prunable)
-    first_conv = next(n.name for n in onnx.load(digits).graph.node if n.op_type == "Conv")
-    assert main(["prune", str(digits), "--exclude", first_conv, "--dry-run", "--json", str(report)]) == 0
+    first_conv = next(n.name for n in onnx.load(digits_file).graph.node if n.op_type == "Conv")
+    assert main(["prune", str(digits_file), "--exclude", first_conv, "--dry-run", "--json", str(report)]) == 0
     excluded = [g for g in json.loads(report.read_text())["groups"] if first_conv in g["sources"]]
     assert excluded and all(g["kept"] == g["channels"] and "excluded" in g["reason"] for g in excluded)
 
 
-def test_analyze_lists_groups(digits, tmp_path, capsys):
+def test_analyze_lists_groups(digits_file, tmp_path, capsys):
     report = tmp_path / "a.json"
-    assert main(["analyze", str(digits), "--json", str(report)]) == 0
+    assert main(["analyze", str(digits_file), "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "channel groups prunable" in out
     groups = json.loads(report.read_text())["groups"]
@@ -99,23 +86,25 @@ def test_analyze_lists_groups(digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
-def test_ratio_out_of_range(digits, cli_error, ratio):
-    cli_error(["prune", str(digits), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
+def test_ratio_out_of_range(digits_file, cli_error, ratio):
+    cli_error(["prune", str(digits_file), "--ratio", ratio, "--dry-run"], "--ratio must be in [0, 1)")
 
 
-def test_head_ratio_errors(digits, cli_error):
-    cli_error(["prune", str(digits), "--head-ratio", "1.0"], "--head-ratio must be in [0, 1)")
-    cli_error(["prune", str(digits), "--head-ratio", "0.2", "--target-macs", "0.5"], "--head-ratio goes with --ratio")
-    cli_error(["prune", str(digits), "--head-ratio", "0.2", "--mode", "unstructured"], "--head-ratio goes with")
+def test_head_ratio_errors(digits_file, cli_error):
+    cli_error(["prune", str(digits_file), "--head-ratio", "1.0"], "--head-ratio must be in [0, 1)")
+    cli_error(["prune", str(digits_file), "--head-ratio", "0.2", "--target-macs", "0.5"],
+              "--head-ratio goes with --ratio")
+    cli_error(["prune", str(digits_file), "--head-ratio", "0.2", "--mode", "unstructured"], "--head-ratio goes with")
 
 
-def test_missing_corrupt_and_truncated_files(tmp_path, cli_error):
+def test_missing_corrupt_and_truncated_files(tmp_path, cli_error, digits):
     cli_error(["prune", str(tmp_path / "nope.onnx")], "not found")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\xffnot an onnx model at all" * 10)
     cli_error(["prune", str(garbage)], "garbage.onnx")
     truncated = tmp_path / "truncated.onnx"
-    truncated.write_bytes(DIGITS.read_bytes()[: DIGITS.stat().st_size // 2])
+    whole = digits.cnn_path.read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
     cli_error(["analyze", str(truncated)], "truncated.onnx")
     assert not (tmp_path / "truncated.pruned.onnx").exists()
 
@@ -145,20 +134,20 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "prune", str(tmp_path / "missing.onnx")])
 
 
-def test_every_criterion_removes_the_same_count(digits, tmp_path):
+def test_every_criterion_removes_the_same_count(digits_file, tmp_path):
     kept = {}
     for crit in ("l1", "l2", "bn-scale", "random"):
         report = tmp_path / f"{crit}.json"
-        assert main(["prune", str(digits), "--criterion", crit, "--dry-run", "--json", str(report)]) == 0
+        assert main(["prune", str(digits_file), "--criterion", crit, "--dry-run", "--json", str(report)]) == 0
         kept[crit] = json.loads(report.read_text())["stats"]["params_after"]
     # same ratio, same counts: every criterion removes the same number of channels
     assert len(set(kept.values())) == 1
 
 
-def test_default_criterion_is_data_aware_with_data(digits, tmp_path):
-    calib = ROOT / "models" / "digits_calib.npz"
+def test_default_criterion_is_data_aware_with_data(digits_file, digits, tmp_path):
+    calib = digits.calib_path
     for extra, want in (([], "l1"), (["--data", str(calib), "--limit", "64"], "hybrid"),
                         (["--data", str(calib), "--limit", "64", "--criterion", "l2"], "l2")):
         report = tmp_path / "r.json"
-        assert main(["prune", str(digits), "--ratio", "0.3", "--dry-run", "--json", str(report), *extra]) == 0
+        assert main(["prune", str(digits_file), "--ratio", "0.3", "--dry-run", "--json", str(report), *extra]) == 0
         assert json.loads(report.read_text())["criterion"] == want

@@ -8,32 +8,24 @@ prune completes, the groups at fault are frozen with the fault as their reason, 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from onnxprune.cli import main
+from onnxprune.pipeline.apply import bisect_plan
 from onnxprune.errors import ValidationError
 from onnxprune.graph.handlers import get_handler
-from onnxprune.graph.stats import count_params
-from onnxprune.pipeline.apply import bisect_plan
 from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.prune import prune_model
-from onnxprune.recipe import Recipe
-from onnxprune.runtime.feeds import sample_feed
+from onnxprune.graph.stats import count_params
 from onnxprune.runtime.session import run
+from onnxprune.runtime.feeds import sample_feed
+from onnxprune.recipe import Recipe
+from tests.shipped_models import MODELS
 
-DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 RELU = "/conv3/conv3.1/Relu"  # carries group 2 (conv3's 64 channels) to the head
-
-
-@pytest.fixture()
-def digits(tmp_path):
-    path = tmp_path / "digits.onnx"
-    shutil.copy(DIGITS, path)
-    return path
 
 
 @pytest.fixture()
@@ -55,8 +47,8 @@ def _kept_channels(model):
     return {n.name: inits[n.input[1]].dims[0] for n in model.graph.node if n.op_type == "Conv"}
 
 
-def test_handler_fault_in_analysis_freezes_its_groups_only(broken_relu):
-    model = onnx.load(DIGITS)
+def test_handler_fault_in_analysis_freezes_its_groups_only(broken_relu, digits):
+    model = digits.cnn()
     res = prune_model(model, Recipe(ratio=0.5))
     assert len(res.faults) == 1
     fault = res.faults[0]
@@ -73,7 +65,7 @@ def test_handler_fault_in_analysis_freezes_its_groups_only(broken_relu):
     assert [o.shape for o in run(res.model, feed)] == [o.shape for o in run(model, feed)]
 
 
-def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
+def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch, digits):
     handler = get_handler("Gemm")  # Gemm has no rewrite of its own: give it one that raises on the head's fc1
 
     def rewrite(node, ctx):
@@ -81,7 +73,7 @@ def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
             raise KeyError("boom")
 
     monkeypatch.setattr(handler, "rewrite", rewrite)
-    model = onnx.load(DIGITS)
+    model = digits.cnn()
     res = prune_model(model, Recipe(ratio=0.5))
     [fault] = res.faults
     assert fault["stage"] == "rewrite" and fault["node"] == "/head/head.1/Gemm" and "KeyError" in fault["error"]
@@ -91,7 +83,7 @@ def test_handler_fault_in_rewrite_freezes_the_node_groups(monkeypatch):
     run(res.model, sample_feed(model))
 
 
-def test_validation_failure_of_one_group_is_bisected(monkeypatch):
+def test_validation_failure_of_one_group_is_bisected(monkeypatch, digits):
     """The validator rejects any model where conv2's group lost channels: bisection freezes that group only."""
     from onnxprune.pipeline import apply as validate_module  # apply.py validates each candidate plan
 
@@ -105,7 +97,7 @@ def test_validation_failure_of_one_group_is_bisected(monkeypatch):
             raise ValidationError("prune: output logits has shape (1, 9), expected (1, 10)")
 
     monkeypatch.setattr(validate_module, "validate", validate)
-    model = onnx.load(DIGITS)
+    model = digits.cnn()
     res = prune_model(model, Recipe(ratio=0.5))
     [fault] = res.faults
     assert fault["stage"] == "validate" and fault["groups"] == [1]
@@ -138,7 +130,7 @@ def test_bisect_finds_every_culprit_and_pairs():
         bisect_plan(apply, validate, [0, 1])
 
 
-def test_every_group_failing_validation_is_an_error(digits, monkeypatch, cli_error, tmp_path):
+def test_every_group_failing_validation_is_an_error(digits_file, monkeypatch, cli_error, tmp_path):
     from onnxprune.pipeline import apply as validate_module  # apply.py validates each candidate plan
 
     real = validate_module.validate
@@ -150,41 +142,41 @@ def test_every_group_failing_validation_is_an_error(digits, monkeypatch, cli_err
 
     monkeypatch.setattr(validate_module, "validate", validate)
     out = tmp_path / "out.onnx"
-    cli_error(["prune", str(digits), "-o", str(out), "--ratio", "0.5"], "no group can be pruned")
+    cli_error(["prune", str(digits_file), "-o", str(out), "--ratio", "0.5"], "no group can be pruned")
     assert not out.exists()
 
 
-def test_cli_reports_contained_faults_and_strict_fails(digits, broken_relu, tmp_path, capsys, cli_error):
+def test_cli_reports_contained_faults_and_strict_fails(digits_file, broken_relu, tmp_path, capsys, cli_error):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    assert main(["prune", str(digits), "-o", str(out), "--json", str(report)]) == 0
+    assert main(["prune", str(digits_file), "-o", str(out), "--json", str(report)]) == 0
     captured = capsys.readouterr()
     assert "1 fault(s) contained" in captured.err and f"handler fault in Relu {RELU}" in captured.err
     data = json.loads(report.read_text())
     assert [f["node"] for f in data["faults"]] == [RELU]
     assert [g["group"] for g in data["groups"] if g["fault"]] == [2]
-    run(onnx.load(out), sample_feed(onnx.load(digits)))
+    run(onnx.load(out), sample_feed(onnx.load(digits_file)))
 
     strict_out = tmp_path / "strict.onnx"
-    cli_error(["prune", str(digits), "-o", str(strict_out), "--strict"], "--strict: a fault was contained")
+    cli_error(["prune", str(digits_file), "-o", str(strict_out), "--strict"], "--strict: a fault was contained")
     assert not strict_out.exists()
 
     analysis = tmp_path / "analysis.json"
-    assert main(["analyze", str(digits), "--json", str(analysis)]) == 0
+    assert main(["analyze", str(digits_file), "--json", str(analysis)]) == 0
     data = json.loads(analysis.read_text())
     assert data["faults"][0]["groups"] == [2] and data["groups"][2]["fault"]
     assert [g["fault"] for g in data["groups"]].count(True) == 1
     capsys.readouterr()
-    cli_error(["analyze", str(digits), "--strict"], "handler fault in Relu")
+    cli_error(["analyze", str(digits_file), "--strict"], "handler fault in Relu")
 
 
 def test_no_faults_on_the_shipped_models():
-    for path in sorted(DIGITS.parent.glob("*.onnx")):
+    for path in sorted(MODELS.glob("*.onnx")):
         model = onnx.load(path)
         assert not prepare(model).analysis.faults, path
         assert not prune_model(model, Recipe(ratio=0.5)).faults, path
 
 
-def test_sensitivity_leaves_out_a_group_whose_rewrite_raises(digits, monkeypatch, capsys):
+def test_sensitivity_leaves_out_a_group_whose_rewrite_raises(digits_file, digits, monkeypatch, capsys):
     handler = get_handler("Gemm")
 
     def rewrite(node, ctx):
@@ -192,7 +184,7 @@ def test_sensitivity_leaves_out_a_group_whose_rewrite_raises(digits, monkeypatch
             raise KeyError("boom")
 
     monkeypatch.setattr(handler, "rewrite", rewrite)
-    data = DIGITS.parent / "digits_calib.npz"
-    assert main(["sensitivity", str(digits), "--data", str(data), "--ratios", "0.5", "--limit", "32"]) == 0
+    data = digits.calib_path
+    assert main(["sensitivity", str(digits_file), "--data", str(data), "--ratios", "0.5", "--limit", "32"]) == 0
     err = capsys.readouterr().err
     assert "fault(s) contained" in err and "KeyError" in err

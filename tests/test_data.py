@@ -14,9 +14,9 @@ import pytest
 from onnxprune.commands.options import dataset_from_options, parse_input_shapes
 from onnxprune.evaluate.data import ImageOptions, from_arrays, load_data, split_dataset
 from onnxprune.errors import InputError
+from tests.shipped_models import DIGITS
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-DIGITS = onnx.load(str(MODELS / "digits_cnn.onnx"))
+CNN = DIGITS.cnn()  # read-only here: module-level, for the parametrize lists
 
 TWO_INPUTS = onnx.parser.parse_model("""
 <ir_version: 8, opset_import: ["" : 17]>
@@ -46,9 +46,9 @@ def polygraphy_array(array: np.ndarray) -> dict:
     return {"array": base64.b64encode(buffer.getvalue()).decode(), "polygraphy_class": "ndarray"}
 
 
-def test_npz_with_labels_batches_in_order():
-    ds = load_data(MODELS / "digits_heldout.npz", DIGITS, batch_size=64)
-    raw = np.load(MODELS / "digits_heldout.npz")
+def test_npz_with_labels_batches_in_order(digits):
+    ds = load_data(digits.heldout_path, CNN, batch_size=64)
+    raw = np.load(digits.heldout_path)
     assert len(ds) == 450 and ds.labels.dtype == np.int64
     assert [f["input"].shape[0] for f in ds.feeds] == [64] * 7 + [2]
     np.testing.assert_array_equal(np.concatenate([f["input"] for f in ds.feeds]), raw["input"])
@@ -58,13 +58,13 @@ def test_npz_with_labels_batches_in_order():
 def test_single_input_model_takes_any_array_name(tmp_path):
     x = np.random.default_rng(0).random((5, 1, 8, 8))  # float64: cast to the model's float32
     np.savez(tmp_path / "d.npz", pixels=x)
-    ds = load_data(tmp_path / "d.npz", DIGITS, batch_size=2)
+    ds = load_data(tmp_path / "d.npz", CNN, batch_size=2)
     assert ds.feeds[0]["input"].dtype == np.float32 and len(ds) == 5 and ds.labels is None
 
 
 def test_npy_file_and_limit(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((10, 1, 8, 8), np.float32))
-    ds = load_data(tmp_path / "x.npy", DIGITS, batch_size=4, limit=7)
+    ds = load_data(tmp_path / "x.npy", CNN, batch_size=4, limit=7)
     assert [f["input"].shape[0] for f in ds.feeds] == [4, 3]
 
 
@@ -72,7 +72,7 @@ def test_folder_of_npy_samples_with_labels(tmp_path):
     for i in range(3):  # one sample per file, without a batch axis
         np.save(tmp_path / f"sample_{i}.npy", np.full((1, 8, 8), i, np.float32))
     np.save(tmp_path / "labels.npy", np.array([2, 1, 0]))
-    ds = load_data(tmp_path, DIGITS, batch_size=2)
+    ds = load_data(tmp_path, CNN, batch_size=2)
     assert len(ds) == 3 and ds.labels.tolist() == [2, 1, 0]
     assert ds.feeds[1]["input"][0, 0, 0, 0] == 2
 
@@ -125,7 +125,7 @@ def _write_images(root: Path, mode: str = "L") -> None:
 
 def test_image_folder_resizes_to_the_model_and_labels_by_class(tmp_path):
     _write_images(tmp_path)
-    ds = load_data(tmp_path, DIGITS, batch_size=4, image=ImageOptions(mean=(0.5,), std=(0.25,)))
+    ds = load_data(tmp_path, CNN, batch_size=4, image=ImageOptions(mean=(0.5,), std=(0.25,)))
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.feeds[0]["input"].shape == (4, 1, 8, 8)
     x = np.concatenate([f["input"] for f in ds.feeds])
     np.testing.assert_allclose(x[0], -2.0)  # (0 - 0.5) / 0.25
@@ -156,7 +156,7 @@ def test_fixed_batch_wins_and_remainder_is_dropped(tmp_path):
 def test_labels_file(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((3, 1, 8, 8), np.float32))
     np.save(tmp_path / "y.npy", np.array([[1.0], [2.0], [3.0]]))  # integral floats, [N,1]: accepted
-    ds = load_data(tmp_path / "x.npy", DIGITS, labels=str(tmp_path / "y.npy"))
+    ds = load_data(tmp_path / "x.npy", CNN, labels=str(tmp_path / "y.npy"))
     assert ds.labels.tolist() == [1, 2, 3] and ds.labels.dtype == np.int64
 
 
@@ -170,10 +170,10 @@ def test_labels_file(tmp_path):
      r"input 'x' expects shape \[N,4\] but the data has \[2,5\]"),
     ({"x": np.zeros((2, 4), np.float32), "ids": np.zeros((3, 3), np.int64)}, TWO_INPUTS,
      "different sample counts"),
-    ({"input": np.zeros((2, 64), np.float32)}, DIGITS, r"expects shape \[batch,1,8,8\] but the data has \[2,64\]"),
-    ({"input": np.zeros((2, 1, 8, 8)), "labels": np.array([0.5, 1])}, DIGITS, "labels must be integer"),
-    ({"input": np.zeros((2, 1, 8, 8)), "labels": np.array([0, 1, 2])}, DIGITS, "3 labels for 2 samples"),
-    ({"input": np.full((2, 1, 8, 8), "a")}, DIGITS, "expects float32 but the data has <U1"),
+    ({"input": np.zeros((2, 64), np.float32)}, CNN, r"expects shape \[batch,1,8,8\] but the data has \[2,64\]"),
+    ({"input": np.zeros((2, 1, 8, 8)), "labels": np.array([0.5, 1])}, CNN, "labels must be integer"),
+    ({"input": np.zeros((2, 1, 8, 8)), "labels": np.array([0, 1, 2])}, CNN, "3 labels for 2 samples"),
+    ({"input": np.full((2, 1, 8, 8), "a")}, CNN, "expects float32 but the data has <U1"),
 ])
 def test_mismatches_are_one_line_input_errors(tmp_path, arrays, model, message):
     np.savez(tmp_path / "bad.npz", **arrays)
@@ -185,7 +185,7 @@ def test_mismatches_are_one_line_input_errors(tmp_path, arrays, model, message):
 def test_pickled_data_is_never_loaded(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(InputError, match="pickled Python objects.*allow_pickle=False"):
-        load_data(tmp_path / "obj.npy", DIGITS)
+        load_data(tmp_path / "obj.npy", CNN)
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -199,16 +199,16 @@ def test_pickled_data_is_never_loaded(tmp_path):
 def test_unreadable_files(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(InputError, match=message):
-        load_data(tmp_path / name, DIGITS)
+        load_data(tmp_path / name, CNN)
 
 
-def test_no_data_and_both_sources_are_errors(tmp_path):
+def test_no_data_and_both_sources_are_errors(tmp_path, digits):
     with pytest.raises(InputError, match="no data given"):
-        load_data(None, DIGITS)
+        load_data(None, CNN)
     with pytest.raises(InputError, match="either --data or --random"):
-        load_data(MODELS / "digits_calib.npz", DIGITS, random=3)
+        load_data(digits.calib_path, CNN, random=3)
     with pytest.raises(InputError, match="data not found"):
-        load_data(tmp_path / "missing.npz", DIGITS)
+        load_data(tmp_path / "missing.npz", CNN)
 
 
 def test_split_dataset_parts_do_not_overlap():
@@ -224,21 +224,21 @@ def test_split_dataset_parts_do_not_overlap():
         split_dataset(ds, 1.0)
 
 
-def test_dataset_from_options_pops_its_keys():
-    kwargs = {"data": str(MODELS / "digits_calib.npz"), "labels": None, "batch_size": 100, "input_shapes": None,
+def test_dataset_from_options_pops_its_keys(digits):
+    kwargs = {"data": str(digits.calib_path), "labels": None, "batch_size": 100, "input_shapes": None,
               "random": None, "resize": None, "crop": None, "mean": None, "std": None, "layout": "NCHW",
               "limit": 250, "json_path": "x.json"}
-    ds = dataset_from_options(DIGITS, kwargs)
+    ds = dataset_from_options(CNN, kwargs)
     assert len(ds) == 250 and len(ds.feeds) == 3 and kwargs == {"json_path": "x.json"}
-    assert dataset_from_options(DIGITS, data=None, random=None, other=1) is None
+    assert dataset_from_options(CNN, data=None, random=None, other=1) is None
 
 
 def test_parse_input_shapes():
     assert parse_input_shapes("x:1x4,ids:1x3") == {"x": (1, 4), "ids": (1, 3)}
-    assert parse_input_shapes("2x1x8x8", DIGITS) == {"input": (2, 1, 8, 8)}
+    assert parse_input_shapes("2x1x8x8", CNN) == {"input": (2, 1, 8, 8)}
     with pytest.raises(InputError, match="NAME:DxDxD"):
         parse_input_shapes("x:1xq")
     with pytest.raises(InputError, match="not a model input"):
-        load_data(None, DIGITS, random=2, input_shapes={"nope": (1,)})
+        load_data(None, CNN, random=2, input_shapes={"nope": (1,)})
     with pytest.raises(InputError, match="contradicts"):
-        load_data(None, DIGITS, random=2, input_shapes={"input": (1, 3, 8, 8)})
+        load_data(None, CNN, random=2, input_shapes={"input": (1, 3, 8, 8)})

@@ -3,7 +3,7 @@
 Weights and activations in one dtype (a Conv-BN-ReLU-Conv-Flatten-MatMul-Gemm chain), mixed float16 models with
 float32 inputs and outputs (onnxconverter-common's keep_io_types), and the dtype of every constant a rewrite
 writes. onnxruntime's CPU provider has no bfloat16 kernels and no float64 Conv: those models run on onnx's
-reference evaluator (validate.session falls back to it).
+reference evaluator (runtime.session falls back to it).
 """
 
 from __future__ import annotations
@@ -94,14 +94,12 @@ def test_data_aware_scores_and_recovery(name):
 
 
 @pytest.mark.parametrize("model_name", ["digits_cnn", "digits_resnet"])
-def test_mixed_float16_with_float32_io(model_name):
+def test_mixed_float16_with_float32_io(model_name, digits):
     pytest.importorskip("onnxconverter_common")
-    from pathlib import Path
-
     from onnxconverter_common import float16
 
-    path = Path(__file__).resolve().parents[1] / "models" / f"{model_name}.onnx"
-    model = float16.convert_float_to_float16(onnx.load(path), keep_io_types=True)
+    shipped = getattr(digits, model_name.removeprefix("digits_"))()  # digits.cnn() or digits.resnet()
+    model = float16.convert_float_to_float16(shipped, keep_io_types=True)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert TensorProto.FLOAT16 in float_types(model)
     r = zero_channel_oracle(model)

@@ -15,16 +15,16 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.errors import InputError
-from onnxprune.evaluate.compare import evaluate
 from onnxprune.evaluate.data import from_arrays, load_data
-from onnxprune.evaluate.latency import measure_latency
+from onnxprune.errors import InputError
 from onnxprune.evaluate.metrics import accuracy, compare_outputs
+from onnxprune.evaluate.compare import evaluate
+from onnxprune.evaluate.latency import measure_latency
 from onnxprune.runtime.session import run_batches
+from tests.shipped_models import DIGITS
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-MODEL = MODELS / "digits_cnn.onnx"
-HELDOUT = MODELS / "digits_heldout.npz"
+MODEL = DIGITS.cnn_path
+HELDOUT = DIGITS.heldout_path
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 FAST = ["--no-latency", "--quiet"]
 
@@ -197,11 +197,6 @@ def _pickled(tmp_path: Path) -> Path:
     return tmp_path / "p.npy"
 
 
-def _file(tmp_path):
-    (tmp_path / "a_file").write_text("")
-    return tmp_path / "a_file"
-
-
 @pytest.mark.parametrize("make_args, message", [
     (lambda t: [MODEL, "--data", _bad_npz(t)], "expects shape [batch,1,8,8] but the data has [4,64]"),
     (lambda t: [MODEL, "--data", _pickled(t)], "pickled"),
@@ -213,7 +208,7 @@ def _file(tmp_path):
     (lambda t: [MODEL, "--reference", MODEL, "--data", HELDOUT, "--min-agreement", "99"], "fraction"),
     (lambda t: [MODEL, "--random", "4", "--input-shapes", "input:1x3x8x8"], "contradicts"),
     (lambda t: [MODEL, "--random", "4", "--providers", "tpu"], "unknown execution provider"),
-    (lambda t: [MODEL, "--data", HELDOUT, "--json", _file(t) / "r.json"], "is a file, not a folder"),
+    (lambda t: [MODEL, "--data", HELDOUT, "--json", t / "no" / "r.json"], "does not exist"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, make_args, message):
     code, _, err = run_cli(capsys, *make_args(tmp_path), *FAST)

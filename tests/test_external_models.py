@@ -6,15 +6,16 @@ tests/test_zoo.py for the tolerance.
 
 from __future__ import annotations
 
+from onnxprune.recipe import Recipe
+
 import functools
 
 import numpy as np
 import onnx
 import pytest
-import zoo_models
 from onnx import numpy_helper
 
-from onnxprune.recipe import Recipe
+from tests import zoo_models
 
 ORACLE_TOL = 1e-5
 

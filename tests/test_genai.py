@@ -29,8 +29,8 @@ pytestmark = [
 def genai_folder(tmp_path_factory):
     """Hugging Face folder of a random LlamaForCausalLM (8 query heads of 16 sharing 2 k/v heads) with a byte-level
     WordLevel tokenizer, built by `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`."""
-    import export_transformers as et
-    import stdlib_text as st
+    from tools import export_transformers as et
+    from tools import stdlib_text as st
 
     root = tmp_path_factory.mktemp("genai")
     model = et.llama_lm(hidden=128, heads=8, kv_heads=2, layers=2, intermediate=96, vocab=st.VOCAB,

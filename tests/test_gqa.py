@@ -17,10 +17,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.pipeline.prepare import prepare
-from onnxprune.pipeline.prune import RunSettings, prune_model
-from onnxprune.recipe import Recipe
-from onnxprune.runtime.session import run
+from onnxprune.pipeline.prune import prune_model
 from onnxprune.testing import zero_channel_oracle
+from onnxprune.runtime.session import run
+from onnxprune.recipe import Recipe
+from onnxprune.pipeline.prune import RunSettings
 from tests.onnx_builders import build, init_shape
 
 S, E = 5, 16
@@ -267,7 +268,8 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("transformers") is Non
 @pytest.mark.parametrize("mode", MODES)
 def test_sdpa_enable_gqa(tmp_path, opset, mode):
     """torch's sdpa(enable_gqa=True), exported by dynamo (the TorchScript exporter refuses enable_gqa)."""
-    import export_transformers as et
+    from tools import export_transformers as et
+
     import torch
 
     block = et.GQAttention(hidden=32, heads=4, kv_heads=2)

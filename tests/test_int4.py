@@ -24,13 +24,10 @@ V = 260
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    import export_transformers as et
-
+def lm(tmp_path_factory, tiny_decoder):
     root = tmp_path_factory.mktemp("int4")
     # the shape of tools/train_llm.py's decoder (8 query heads of 16 sharing 2 k/v heads, SwiGLU of 384), 2 layers
-    path = et.export_cache(et.llama_lm(hidden=128, heads=8, kv_heads=2, layers=2, intermediate=384, vocab=V),
-                           root / "lm.onnx", dynamo=False)
+    path = tiny_decoder(hidden=128, heads=8, kv_heads=2, layers=2, intermediate=384, vocab=V)
     rng = np.random.default_rng(0)
     np.savez(root / "held.npz", input_ids=rng.integers(0, V, (8, 16)).astype(np.int64),
              attention_mask=np.ones((8, 16), np.int64))

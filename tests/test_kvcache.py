@@ -26,17 +26,9 @@ LAYERS, KV_HEADS, HEAD = 2, 2, 8
 
 
 @pytest.fixture(scope="module")
-def cache_model(tmp_path_factory):
-    import export_transformers as et
-
-    cache = {}
-
+def cache_model(tiny_decoder):
     def get(dynamo: bool) -> onnx.ModelProto:
-        if dynamo not in cache:
-            path = tmp_path_factory.mktemp("kv") / f"llama_cache_{'dyn' if dynamo else 'ts'}.onnx"
-            et.export_cache(et.llama_lm(hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS), path, dynamo)
-            cache[dynamo] = onnx.load(str(path))
-        return cache[dynamo]
+        return onnx.load(str(tiny_decoder(dynamo, hidden=32, heads=4, kv_heads=KV_HEADS, layers=LAYERS)))
 
     return get
 
@@ -132,8 +124,8 @@ def test_keep_kv_cache_freezes_the_heads(cache_model, tmp_path, capsys):
 def test_hugging_face_folder_gets_an_updated_config(tmp_path):
     """A model beside config.json (and a tokenizer): the output folder gets config.json with the pruned head, KV-head
     and MLP sizes, and the other files; layers pruned unevenly are reported, not written as one wrong value."""
-    import export_transformers as et
-    import stdlib_text as st
+    from tools import export_transformers as et
+    from tools import stdlib_text as st
 
     from onnxprune.cli import main
     from onnxprune.io.model_folder import pruned_sizes

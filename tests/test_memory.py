@@ -115,10 +115,10 @@ def test_the_report_of_a_lazy_prune_counts_bytes_of_external_weights(tmp_path):
     assert 0.2 < stats["bytes_after"] / stats["bytes_before"] < 0.6
 
 
-def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path):
-    model = ROOT / "models" / "digits_cnn.onnx"
+def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path, digits):
+    model = digits.cnn_path
     cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "--ratio", "0.5", "--data",
-           str(ROOT / "models" / "digits_calib.npz"), "--recover", "lstsq"]
+           str(digits.calib_path), "--recover", "lstsq"]
     outputs = []
     for budget in (None, "1200K"):  # the default keeps everything in memory; 1.2 MB spills the frontier
         out = tmp_path / f"p{budget}.onnx"
@@ -134,15 +134,15 @@ def test_a_small_memory_budget_spills_and_gives_the_same_model(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # spill files and workspace are gone
 
 
-def test_a_sweep_takes_a_model_with_external_data(tmp_path):
+def test_a_sweep_takes_a_model_with_external_data(tmp_path, digits):
     from onnxprune.cli import main
     from onnxprune.io.model_io import save_model
 
     model = tmp_path / "ext" / "digits.onnx"
     model.parent.mkdir()
-    save_model(onnx.load(ROOT / "models" / "digits_cnn.onnx"), model, external_data=True)
+    save_model(digits.cnn(), model, external_data=True)
     out = tmp_path / "sweep"
-    assert main(["sweep", str(model), "--eval-data", str(ROOT / "models" / "digits_heldout.npz"), "-o", str(out),
+    assert main(["sweep", str(model), "--eval-data", str(digits.heldout_path), "-o", str(out),
                  "--ratio", "0.25,0.5", "--no-latency"]) == 0
     report = json.loads((out / "sweep.json").read_text())
     assert [c["status"] for c in report["candidates"]] == ["ok", "ok"]

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.evaluate.compare import evaluate
 from onnxprune.evaluate.data import load_data
+from onnxprune.evaluate.compare import evaluate
 from onnxprune.evaluate.metrics import perplexity
 from onnxprune.runtime.session import run_batches
 
@@ -85,12 +85,9 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("transformers") is Non
 
 
 @pytest.fixture(scope="module")
-def cache_lm(tmp_path_factory):
+def cache_lm(tiny_decoder):
     """A small random LLaMA-like causal LM with grouped-query attention and explicit past/present cache."""
-    import export_transformers as et
-
-    path = tmp_path_factory.mktemp("lm") / "lm.onnx"
-    return et.export_cache(et.llama_lm(hidden=32, heads=4, kv_heads=2, layers=2, vocab=V), path, dynamo=False)
+    return tiny_decoder(hidden=32, heads=4, kv_heads=2, layers=2, vocab=V)
 
 
 @needs_torch
@@ -127,16 +124,13 @@ def test_cache_inputs_are_fed_empty_and_budgets_are_ratios(cache_lm, tmp_path):
                  str(tmp_path / "held.npz"), "--max-drop", "0.5", "-o", str(tmp_path / "q.onnx")]) == 2
 
 
-def test_shipped_decoder(tmp_path):
+def test_shipped_decoder(stdlib_llama):
     """models/stdlib_llama.onnx (tools/train_llm.py): 4 layers of 8 query heads in 2 KV groups, and the held-out
     perplexity docs/BENCHMARKS.md reports."""
-    from pathlib import Path
-
     from onnxprune.pipeline.prepare import prepare
 
-    models = Path(__file__).resolve().parents[1] / "models"
-    m = onnx.load(str(models / "stdlib_llama.onnx"))
+    m = stdlib_llama.model()
     heads = [g for g in prepare(m).analysis.prunable if g.kv_groups]
     assert [(g.size // g.head_dim, g.kv_groups) for g in heads] == [(8, 2)] * 4
-    held = load_data(models / "stdlib_heldout.npz", m, batch_size=64)
+    held = load_data(stdlib_llama.heldout_path, m, batch_size=64)
     assert perplexity(run_batches(m, held), held.feeds)["perplexity"] == pytest.approx(5.7150, abs=5e-4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,10 +14,9 @@ ort = pytest.importorskip("onnxruntime")
 from onnxprune.errors import InputError, UnsupportedModelError  # noqa: E402
 from onnxprune.quantize.quantize import provider_warnings, quantize_model  # noqa: E402
 from onnxprune.recipe import Recipe
+from tests.shipped_models import DIGITS  # noqa: E402
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-DIGITS = MODELS / "digits_cnn.onnx"
-needs_digits = pytest.mark.skipif(not DIGITS.exists(), reason="models/digits_cnn.onnx not built yet")
+needs_digits = pytest.mark.skipif(not DIGITS.cnn_path.exists(), reason="models/digits_cnn.onnx not built yet")
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -31,10 +29,8 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    model = onnx.load(str(DIGITS))
-    calib = np.load(MODELS / "digits_calib.npz")
-    held = np.load(MODELS / "digits_heldout.npz")
+def cnn_data(digits):
+    model, calib, held = digits.cnn(), digits.calib, digits.heldout
     # batches of 32 leave a short last batch (300 = 9*32 + 12), which the histogram methods must survive
     feeds = [{"input": calib["input"][i:i + 32]} for i in range(0, len(calib["input"]), 32)]
     return model, feeds, held["input"], held["labels"]
@@ -44,9 +40,9 @@ def digits():
 def mlp():
     """An sklearn MLP on digits exported by skl2onnx: MatMul+Add layers, the dynamic-int8 use case."""
     pytest.importorskip("skl2onnx")
-    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
+    from skl2onnx import to_onnx
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -75,8 +71,8 @@ def gemm_model() -> onnx.ModelProto:
 
 
 @needs_digits
-def test_static_int8_digits_keeps_accuracy_and_is_3x_smaller(digits):
-    model, feeds, x, labels = digits
+def test_static_int8_digits_keeps_accuracy_and_is_3x_smaller(cnn_data):
+    model, feeds, x, labels = cnn_data
     result = quantize_model(model, "static", calibration=feeds)
     onnx.checker.check_model(result.model, full_check=True)
     ops = op_types(result.model)
@@ -93,8 +89,8 @@ def test_static_int8_digits_keeps_accuracy_and_is_3x_smaller(digits):
 
 @needs_digits
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_histogram_calibration_survives_a_short_last_batch(digits, method):
-    model, feeds, x, labels = digits
+def test_histogram_calibration_survives_a_short_last_batch(cnn_data, method):
+    model, feeds, x, labels = cnn_data
     result = quantize_model(model, "static", calibration=feeds, method=method, per_channel=False)
     int8 = (run(result.model, {"input": x})[0].argmax(1) == labels).mean()
     assert int8 >= 0.97
@@ -102,8 +98,8 @@ def test_histogram_calibration_survives_a_short_last_batch(digits, method):
 
 
 @needs_digits
-def test_target_tensorrt_uses_symmetric_activations(digits):
-    model, feeds, _, _ = digits
+def test_target_tensorrt_uses_symmetric_activations(cnn_data):
+    model, feeds, _, _ = cnn_data
     result = quantize_model(model, "static", calibration=feeds, target="tensorrt")
     zero_points = [t for t in result.model.graph.initializer if t.name.endswith("_zero_point")]
     assert zero_points
@@ -119,8 +115,8 @@ def test_target_tensorrt_uses_symmetric_activations(digits):
 
 
 @needs_digits
-def test_exclude_op_type_keeps_it_float(digits):
-    model, feeds, _, _ = digits
+def test_exclude_op_type_keeps_it_float(cnn_data):
+    model, feeds, _, _ = cnn_data
     result = quantize_model(model, "static", calibration=feeds, exclude=["Gemm"])
     producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     for node in result.model.graph.node:
@@ -130,14 +126,14 @@ def test_exclude_op_type_keeps_it_float(digits):
 
 
 @needs_digits
-def test_failed_preprocessing_is_reported_not_fatal(digits, monkeypatch):
+def test_failed_preprocessing_is_reported_not_fatal(cnn_data, monkeypatch):
     import onnxruntime.quantization.shape_inference as shape_inference
 
     def broken(*args, **kwargs):
         raise RuntimeError("symbolic shape inference exploded")
 
     monkeypatch.setattr(shape_inference, "quant_pre_process", broken)
-    model, feeds, _, _ = digits
+    model, feeds, _, _ = cnn_data
     result = quantize_model(model, "static", calibration=feeds)
     assert "QuantizeLinear" in op_types(result.model)
     assert any("pre-processing" in n and "failed" in n and "exploded" in n for n in result.notes)
@@ -177,8 +173,8 @@ def test_dynamic_int8_covers_gemm_through_matmul():
 
 
 @needs_digits
-def test_fp16_keeps_float32_inputs_and_outputs(digits):
-    model, _, x, _ = digits
+def test_fp16_keeps_float32_inputs_and_outputs(cnn_data):
+    model, _, x, _ = cnn_data
     result = quantize_model(model, "fp16")
     float32 = onnx.TensorProto.FLOAT
     assert [i.type.tensor_type.elem_type for i in result.model.graph.input] == [float32]
@@ -286,12 +282,12 @@ FAST = ("--runs", "3", "--warmup", "0", "--quiet")
 
 
 @needs_digits
-def test_cli_static_reports_accuracy_size_and_writes_the_model(cli, tmp_path):
+def test_cli_static_reports_accuracy_size_and_writes_the_model(cli, tmp_path, digits):
     import json
 
     out, report = tmp_path / "digits.int8.onnx", tmp_path / "report.json"
-    code, stdout, err = cli("quantize", DIGITS, "--data", MODELS / "digits_calib.npz",
-                            "--eval-data", MODELS / "digits_heldout.npz", "-o", out, "--json", report, *FAST)
+    code, stdout, err = cli("quantize", digits.cnn_path, "--data", digits.calib_path,
+                            "--eval-data", digits.heldout_path, "-o", out, "--json", report, *FAST)
     assert code == 0, err
     assert "smaller by" in stdout and "top1 accuracy" in stdout and "latency" in stdout
     data = json.loads(report.read_text())
@@ -304,18 +300,18 @@ def test_cli_static_reports_accuracy_size_and_writes_the_model(cli, tmp_path):
 
 
 @needs_digits
-def test_cli_static_without_data_fails_in_one_line_and_writes_nothing(cli, tmp_path):
-    code, _, err = cli("quantize", DIGITS, "-o", tmp_path / "q.onnx", *FAST)
+def test_cli_static_without_data_fails_in_one_line_and_writes_nothing(cli, tmp_path, digits):
+    code, _, err = cli("quantize", digits.cnn_path, "-o", tmp_path / "q.onnx", *FAST)
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("error: ") and "calibration data" in err
     assert list(tmp_path.iterdir()) == []
 
 
 @needs_digits
-def test_cli_refuses_to_overwrite_without_flag(cli, tmp_path):
+def test_cli_refuses_to_overwrite_without_flag(cli, tmp_path, digits):
     out = tmp_path / "q.onnx"
     out.write_bytes(b"keep me")
-    args = ("quantize", DIGITS, "--mode", "dynamic", "-o", out, "--no-eval")
+    args = ("quantize", digits.cnn_path, "--mode", "dynamic", "-o", out, "--no-eval")
     code, _, err = cli(*args)
     assert code == 2 and "--overwrite" in err
     assert out.read_bytes() == b"keep me"
@@ -333,9 +329,9 @@ def test_cli_refuses_an_already_quantized_model(cli, tmp_path):
 
 
 @needs_digits
-def test_cli_fp16_without_data_checks_on_random_inputs(cli, tmp_path):
+def test_cli_fp16_without_data_checks_on_random_inputs(cli, tmp_path, digits):
     out = tmp_path / "digits.fp16.onnx"
-    code, stdout, err = cli("quantize", DIGITS, "--mode", "fp16", "-o", out, *FAST)
+    code, stdout, err = cli("quantize", digits.cnn_path, "--mode", "fp16", "-o", out, *FAST)
     assert code == 0, err
     assert "random samples" in stdout and "top-1 agreement" in stdout
     model = onnx.load(str(out))
@@ -344,9 +340,9 @@ def test_cli_fp16_without_data_checks_on_random_inputs(cli, tmp_path):
 
 
 @needs_digits
-def test_prune_then_quantize_composes(digits):
+def test_prune_then_quantize_composes(cnn_data):
     prune = pytest.importorskip("onnxprune.pipeline.prune")
-    model, feeds, x, labels = digits
+    model, feeds, x, labels = cnn_data
     pruned = prune.prune_model(model, Recipe(ratio=0.25)).model
     result = quantize_model(pruned, "static", calibration=feeds)
     # less than 3x here: with a quarter of the channels gone, Q/DQ nodes and per-channel scales weigh more
@@ -358,15 +354,15 @@ def test_prune_then_quantize_composes(digits):
 
 
 @needs_digits
-def test_cli_prune_with_quantize_int8(cli, tmp_path):
+def test_cli_prune_with_quantize_int8(cli, tmp_path, digits):
     from onnxprune.cli import cli as group
 
     if not any(p.name == "quantize" for p in group.commands["prune"].params):
         pytest.skip("prune --quantize is not wired yet")
     out = tmp_path / "digits.pruned.int8.onnx"
-    code, stdout, err = cli("prune", DIGITS, "--ratio", "0.25", "--quantize", "int8",
-                            "--data", MODELS / "digits_calib.npz", "-o", out)
+    code, stdout, err = cli("prune", digits.cnn_path, "--ratio", "0.25", "--quantize", "int8",
+                            "--data", digits.calib_path, "-o", out)
     assert code == 0, err
     model = onnx.load(str(out))
     assert "QuantizeLinear" in op_types(model)
-    assert model.ByteSize() < onnx.load(str(DIGITS)).ByteSize() / 3
+    assert model.ByteSize() < digits.cnn().ByteSize() / 3

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.prune import RunSettings, prune_model
+from onnxprune.pipeline.prune import prune_model
 from onnxprune.recipe import Recipe, load_recipe
+from onnxprune.pipeline.prune import RunSettings
+from tests.shipped_models import DIGITS
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
-CALIB = MODELS / "digits_calib.npz"
-HELDOUT = MODELS / "digits_heldout.npz"
-
-
-@pytest.fixture()
-def digits(tmp_path):
-    path = tmp_path / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", path)
-    return path
+CALIB, HELDOUT = DIGITS.calib_path, DIGITS.heldout_path
 
 
 def _prune(*argv) -> int:
@@ -39,29 +28,29 @@ def _prune(*argv) -> int:
     ["--ratio", "0.3", "--quantize", "int8"],
     ["--mode", "unstructured", "--ratio", "0.6"],
 ])
-def test_a_reports_recipe_replays_to_a_byte_identical_model(digits, tmp_path, options):
+def test_a_reports_recipe_replays_to_a_byte_identical_model(digits_file, tmp_path, options):
     first, second, report = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "a.json"
-    assert _prune(digits, "--data", CALIB, "--limit", "120", "-o", first, "--json", report, *options) == 0
+    assert _prune(digits_file, "--data", CALIB, "--limit", "120", "-o", first, "--json", report, *options) == 0
     recipe = json.loads(report.read_text())["recipe"]
     assert set(recipe) == {f.name for f in dataclasses.fields(Recipe)}
     assert recipe["criterion"] is not None  # defaults are resolved in the report
     if "--max-drop" in options:
         assert recipe["target_macs"] is not None and recipe["ratio"] is None
-    assert _prune(digits, "--recipe", report, "--data", CALIB, "--limit", "120", "-o", second) == 0
+    assert _prune(digits_file, "--recipe", report, "--data", CALIB, "--limit", "120", "-o", second) == 0
     assert first.read_bytes() == second.read_bytes()
     # the original run's options differ from the defaults, so replaying defaults would not match
-    assert _prune(digits, "--data", CALIB, "--limit", "120", "-o", tmp_path / "c.onnx") == 0
+    assert _prune(digits_file, "--data", CALIB, "--limit", "120", "-o", tmp_path / "c.onnx") == 0
     assert (tmp_path / "c.onnx").read_bytes() != first.read_bytes()
 
 
-def test_command_line_options_override_a_recipe_file(digits, tmp_path):
+def test_command_line_options_override_a_recipe_file(digits_file, tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('# hand-written\nratio = 0.5\nround_to = 8\nrecover = "bias"\ncriterion = "l2"\n'
                     'exclude = ["nothing*"]\n')
     report = tmp_path / "r.json"
 
     def run(*extra) -> dict:
-        assert _prune(digits, "--recipe", path, "--data", CALIB, "--limit", "64", "--dry-run", "--json", report,
+        assert _prune(digits_file, "--recipe", path, "--data", CALIB, "--limit", "64", "--dry-run", "--json", report,
                       *extra) == 0
         return json.loads(report.read_text())["recipe"]
 
@@ -109,29 +98,29 @@ def test_toml_and_json_recipes_are_the_same_recipe(tmp_path):
     ("ratio = 0.5\n[more]\n", "unknown key 'more'"),
     ("ratio = \n", "not valid TOML"),
 ])
-def test_bad_recipe_files_are_one_line_errors_naming_the_key(digits, tmp_path, cli_error, text, needle):
+def test_bad_recipe_files_are_one_line_errors_naming_the_key(digits_file, tmp_path, cli_error, text, needle):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    err = cli_error(["prune", str(digits), "--recipe", str(path), "--dry-run"], needle)
+    err = cli_error(["prune", str(digits_file), "--recipe", str(path), "--dry-run"], needle)
     assert "bad.toml" in err
-    assert not digits.with_name("digits.pruned.onnx").exists()
+    assert not digits_file.with_name("digits.pruned.onnx").exists()
 
 
-def test_bad_json_recipes(digits, tmp_path, cli_error):
+def test_bad_json_recipes(digits_file, tmp_path, cli_error):
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"recipe": {"ratio": None, "seed": -1}}))
-    cli_error(["prune", str(digits), "--recipe", str(report), "--dry-run"], "'seed' must be >= 0")
+    cli_error(["prune", str(digits_file), "--recipe", str(report), "--dry-run"], "'seed' must be >= 0")
     report.write_text("[1, 2]")
-    cli_error(["prune", str(digits), "--recipe", str(report), "--dry-run"], "expected a table of keys")
+    cli_error(["prune", str(digits_file), "--recipe", str(report), "--dry-run"], "expected a table of keys")
     report.write_text("{ratio: 0.5}")
-    cli_error(["prune", str(digits), "--recipe", str(report), "--dry-run"], "not valid JSON")
-    cli_error(["prune", str(digits), "--recipe", str(tmp_path / "none.toml")], "recipe file not found")
+    cli_error(["prune", str(digits_file), "--recipe", str(report), "--dry-run"], "not valid JSON")
+    cli_error(["prune", str(digits_file), "--recipe", str(tmp_path / "none.toml")], "recipe file not found")
 
 
-def test_python_api_takes_a_recipe_and_keywords_remain_a_thin_layer():
+def test_python_api_takes_a_recipe_and_keywords_remain_a_thin_layer(digits):
     from onnxprune.evaluate.data import load_data
 
-    model = load_model(MODELS / "digits_cnn.onnx")
+    model = digits.cnn()
     calib = load_data(CALIB, model, limit=64)
     recipe = Recipe(ratio=0.3, criterion="hybrid", recover="lstsq", round_to=2)
     by_recipe = prune_model(model, recipe, RunSettings(calibration=calib))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from onnxprune.recipe import Recipe
 from onnxprune.runtime.session import run, run_batches
 from tests.onnx_builders import build
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def two_layer(w1, b1, w2, b2):
@@ -134,10 +132,10 @@ def test_grouped_consumer_is_not_refit_and_says_so():
     assert "conv_3" in [entry["node"] for entry in result.recovery]
 
 
-def test_lstsq_restores_accuracy_of_the_shipped_digits_model():
-    model = load_model(ROOT / "models" / "digits_cnn.onnx")
-    cal = load_data(ROOT / "models" / "digits_calib.npz", model, batch_size=100)
-    held = load_data(ROOT / "models" / "digits_heldout.npz", model, batch_size=450)
+def test_lstsq_restores_accuracy_of_the_shipped_digits_model(digits):
+    model = digits.cnn()
+    cal = load_data(digits.calib_path, model, batch_size=100)
+    held = load_data(digits.heldout_path, model, batch_size=450)
     prep = prepare(model)
 
     def acc(m):
@@ -152,27 +150,27 @@ def test_lstsq_restores_accuracy_of_the_shipped_digits_model():
 
 
 @pytest.mark.parametrize("criterion", ["activation", "apoz", "hybrid"])
-def test_data_criteria_need_data(criterion):
+def test_data_criteria_need_data(criterion, digits):
     from onnxprune.errors import InputError
 
-    model = load_model(ROOT / "models" / "digits_cnn.onnx")
+    model = digits.cnn()
     with pytest.raises(InputError, match="--data"):
         prune_model(model, Recipe(criterion=criterion))
 
 
-def test_prune_recover_then_quantize_with_the_same_data(tmp_path, capsys):
+def test_prune_recover_then_quantize_with_the_same_data(tmp_path, capsys, digits):
     import json
     import shutil
 
     from onnxprune.cli import main
 
     model = tmp_path / "digits.onnx"
-    shutil.copy(ROOT / "models" / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     assert main(["prune", str(model), "--quantize", "int8", "--dry-run"]) == 2  # int8 needs calibration data
     assert "--data" in capsys.readouterr().err
     assert main(["prune", str(model), "-o", str(out), "--ratio", "0.3", "--data",
-                 str(ROOT / "models" / "digits_calib.npz"), "--recover", "lstsq", "--quantize", "int8",
+                 str(digits.calib_path), "--recover", "lstsq", "--quantize", "int8",
                  "--json", str(report)]) == 0
     ops = {n.op_type for n in load_model(out).graph.node}
     assert "QuantizeLinear" in ops

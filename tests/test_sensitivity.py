@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -16,19 +15,17 @@ from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.score import score_groups
 from onnxprune.pipeline.sensitivity import sensitivity
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
 
 
 @pytest.fixture(scope="module")
-def digits():
-    model = load_model(MODELS / "digits_cnn.onnx")
+def cnn_prepared(digits):
+    model = digits.cnn()
     return model, prepare(model)
 
 
-def test_one_row_per_prunable_group(digits):
-    model, prep = digits
-    data = load_data(MODELS / "digits_calib.npz", model, batch_size=300)
+def test_one_row_per_prunable_group(cnn_prepared, digits):
+    model, prep = cnn_prepared
+    data = load_data(digits.calib_path, model, batch_size=300)
     result = sensitivity(prep, data, score_groups(prep.analysis, prep.view, "l1"), (0.25, 0.75))
     assert result.metric == "accuracy"
     assert [r["group"] for r in result.rows] == [g.id for g in prep.analysis.prunable]
@@ -38,21 +35,21 @@ def test_one_row_per_prunable_group(digits):
     assert all(r["macs_kept"][1] < r["macs_kept"][0] < 1 for r in result.rows)
 
 
-def test_without_labels_measures_agreement(digits):
-    model, prep = digits
-    x = load_data(MODELS / "digits_calib.npz", model).feeds[0]["input"]
+def test_without_labels_measures_agreement(cnn_prepared, digits):
+    model, prep = cnn_prepared
+    x = load_data(digits.calib_path, model).feeds[0]["input"]
     data = from_arrays({"input": x})
     result = sensitivity(prep, data, score_groups(prep.analysis, prep.view, "l1"), (0.5,))
     assert result.metric == "agreement" and result.baseline == 100.0
     assert all(0 <= r["drops"][0] <= 100 for r in result.rows)
 
 
-def test_command_writes_table_json_and_png(tmp_path):
+def test_command_writes_table_json_and_png(tmp_path, digits):
     model = tmp_path / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     plot, report = tmp_path / "sens.png", tmp_path / "sens.json"
     result = CliRunner().invoke(sensitivity_command, [
-        str(model), "--data", str(MODELS / "digits_calib.npz"), "--ratios", "0.3,0.6",
+        str(model), "--data", str(digits.calib_path), "--ratios", "0.3,0.6",
         "--plot", str(plot), "--json", str(report)])
     assert result.exit_code == 0, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,10 +60,10 @@ def test_command_writes_table_json_and_png(tmp_path):
     assert not list(tmp_path.glob(".sensitivity.*"))
 
 
-def test_bad_ratios_are_input_errors(tmp_path):
+def test_bad_ratios_are_input_errors(tmp_path, digits):
     from onnxprune.errors import InputError
 
-    result = CliRunner().invoke(sensitivity_command, [str(MODELS / "digits_cnn.onnx"), "--data",
-                                                      str(MODELS / "digits_calib.npz"), "--ratios", "0.5,1.2"])
+    result = CliRunner().invoke(sensitivity_command, [str(digits.cnn_path), "--data",
+                                                      str(digits.calib_path), "--ratios", "0.5,1.2"])
     assert isinstance(result.exception, InputError)
     assert "--ratios" in str(result.exception)

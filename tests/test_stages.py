@@ -9,33 +9,33 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.errors import InputError
-from onnxprune.evaluate.data import load_data
-from onnxprune.io.model_io import load_model
 from onnxprune.pipeline.activations import GRAM_ROWS, MAX_GRAM, Probe
-from onnxprune.pipeline.prepare import prepare
-from onnxprune.pipeline.prune import RunSettings, prune_model
-from onnxprune.pipeline.score import score_groups
-from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
 from onnxprune.pipeline.statistics import channel_stats
+from onnxprune.evaluate.data import load_data
+from onnxprune.errors import InputError
+from onnxprune.io.model_io import load_model
+from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.pipeline.score import score_groups
 from onnxprune.recipe import Recipe
+from onnxprune.pipeline.prune import RunSettings
 from tests.onnx_builders import build
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def digits():
-    model = load_model(ROOT / "models" / "digits_cnn.onnx")
-    return model, list(load_data(ROOT / "models" / "digits_calib.npz", model, batch_size=64).feeds)
+def cnn_feeds(digits):
+    model = digits.cnn()
+    return model, list(load_data(digits.calib_path, model, batch_size=64).feeds)
 
 
 def _conv_inputs(model):
     return [n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
 
 
-def test_staged_run_equals_a_whole_run_and_runs_every_node_once(digits):
-    model, feeds = digits
+def test_staged_run_equals_a_whole_run_and_runs_every_node_once(cnn_feeds):
+    model, feeds = cnn_feeds
     prep = prepare(model)
     names = _conv_inputs(prep.model) + [prep.model.graph.output[0].name]
     run = StagedRun(prep.model, feeds, [[n] for n in names])
@@ -49,8 +49,8 @@ def test_staged_run_equals_a_whole_run_and_runs_every_node_once(digits):
     run.close()
 
 
-def test_frontier_spills_past_its_budget_and_gives_the_same_values(digits, tmp_path):
-    model, feeds = digits
+def test_frontier_spills_past_its_budget_and_gives_the_same_values(cnn_feeds, tmp_path):
+    model, feeds = cnn_feeds
     prep = prepare(model)
     names = _conv_inputs(prep.model)
     store = FrontierStore(budget=600_000, folder=tmp_path)  # one batch fits, the five do not
@@ -64,8 +64,8 @@ def test_frontier_spills_past_its_budget_and_gives_the_same_values(digits, tmp_p
     assert not list(tmp_path.iterdir())  # the spill folder is gone
 
 
-def test_a_stage_that_cannot_fit_is_a_one_line_error(digits):
-    model, feeds = digits
+def test_a_stage_that_cannot_fit_is_a_one_line_error(cnn_feeds):
+    model, feeds = cnn_feeds
     prep = prepare(model)
     run = StagedRun(prep.model, feeds, [[_conv_inputs(prep.model)[-1]]], FrontierStore(budget=100))
     with pytest.raises(InputError, match="--memory-budget .* too small"):
@@ -108,8 +108,8 @@ def _assert_same_weights(a, b):
         np.testing.assert_allclose(b[name], a[name], atol=2e-5 * scale, err_msg=name)
 
 
-def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(digits, monkeypatch):
-    model, feeds = digits
+def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(cnn_feeds, monkeypatch):
+    model, feeds = cnn_feeds
     rerun, want = _recovered_weights(model, feeds, False, monkeypatch)
     staged, got = _recovered_weights(model, feeds, True, monkeypatch)
     _assert_same_weights(want, got)
@@ -121,9 +121,9 @@ def test_stagewise_recovery_equals_per_stage_reruns_on_the_digits_cnn(digits, mo
 
 def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch):
     torch = pytest.importorskip("torch")
-    import tempfile
+    from tools.export_transformers import bert, export
 
-    from export_transformers import bert, export
+    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export(bert(), "bert", Path(tmp) / "bert.onnx", dynamo=False)
@@ -141,8 +141,8 @@ def test_stagewise_recovery_equals_per_stage_reruns_on_a_transformer(monkeypatch
     del torch
 
 
-def test_a_data_aware_prune_costs_at_most_four_passes(digits):
-    model, feeds = digits
+def test_a_data_aware_prune_costs_at_most_four_passes(cnn_feeds):
+    model, feeds = cnn_feeds
     result = prune_model(model, Recipe(ratio=0.5, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds))
     passes = result.stats["passes"]
     assert passes["statistics"] == pytest.approx(1.0, abs=0.01)

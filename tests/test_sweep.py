@@ -15,10 +15,9 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.recipe import Recipe
+from tests.shipped_models import DIGITS
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
-CALIB, HELDOUT = MODELS / "digits_calib.npz", MODELS / "digits_heldout.npz"
+CALIB, HELDOUT = DIGITS.calib_path, DIGITS.heldout_path
 FAST = ["--runs", "20", "--warmup", "2"]
 GRID = ["--ratio", "0.25,0.5,0.75", "--criterion", "l1,hybrid", "--recover", "none,lstsq"]
 
@@ -29,11 +28,11 @@ def sweep_args(model, outdir, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, digits):
     """One sweep of 12 candidates (3 ratios x 2 criteria x 2 recoveries) with --max-drop 1."""
     tmp = tmp_path_factory.mktemp("sweep")
     model = tmp / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     out = tmp / "out"
     buffer = io.StringIO()  # capsys is per test; the command's rich console writes to sys.stdout
     with pytest.MonkeyPatch.context() as patch:
@@ -50,13 +49,13 @@ def independent_accuracy(path: Path) -> float:
     return 100.0 * float((session.run(None, {"input": data["input"]})[0].argmax(axis=1) == data["labels"]).mean())
 
 
-def test_json_has_the_issue_schema(swept):
+def test_json_has_the_issue_schema(swept, digits):
     assert swept["code"] == 0
     data = swept["json"]
     assert json.loads((swept["out"] / "sweep.json").read_text())["candidates"] == data["candidates"]
     metric_keys = {"metric", "value", "macs", "params", "bytes", "latency_ms"}
     assert set(data["baseline"]) == metric_keys
-    assert data["baseline"]["value"] == pytest.approx(independent_accuracy(MODELS / "digits_cnn.onnx"))
+    assert data["baseline"]["value"] == pytest.approx(independent_accuracy(digits.cnn_path))
     candidates = data["candidates"]
     assert len(candidates) == 12
     for c in candidates:
@@ -162,10 +161,10 @@ def test_resume_skips_candidates_already_done(swept, capsys):
     assert len(json.loads((out / "sweep.json").read_text())["candidates"]) == 16
 
 
-def test_a_failing_candidate_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+def test_a_failing_candidate_is_reported_and_the_sweep_goes_on(tmp_path, capsys, digits):
     out = tmp_path / "out"
     # without --data, least-squares recovery cannot run: those candidates fail, the others are measured
-    assert main(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o", str(out),
+    assert main(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o", str(out),
                  "--ratio", "0.3,0.6", "--recover", "none,lstsq", "--no-latency"]) == 0
     data = json.loads((out / "sweep.json").read_text())
     status = {(c["recipe"]["ratio"], c["recipe"]["recover"]): c for c in data["candidates"]}
@@ -177,18 +176,18 @@ def test_a_failing_candidate_is_reported_and_the_sweep_goes_on(tmp_path, capsys)
         assert status[(ratio, "none")]["metrics"]["latency_ms"] is None
     assert "failed: --recover lstsq needs calibration data" in " ".join(capsys.readouterr().out.split())
     # a rerun tries failed candidates again (and skips the rest)
-    assert main(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o", str(out),
+    assert main(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o", str(out),
                  "--ratio", "0.3,0.6", "--recover", "none,lstsq", "--no-latency"]) == 0
     assert "resuming: 2 of 4" in capsys.readouterr().out
 
 
-def test_grid_file_budgets_are_alternatives_and_invalid_combinations_are_skipped(tmp_path, capsys):
+def test_grid_file_budgets_are_alternatives_and_invalid_combinations_are_skipped(tmp_path, capsys, digits):
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\nrecover = "bias"\n\n[grid]\nratio = [0.3, 0.5]\ntarget_macs = [0.4]\n'
                     'mode = ["structured", "unstructured"]\n\n[[candidate]]\ntarget_params = 0.5\n'
                     'allocate = "uniform"\n')
     out = tmp_path / "out"
-    assert main(["sweep", str(MODELS / "digits_cnn.onnx"), "--data", str(CALIB), "--limit", "100",
+    assert main(["sweep", str(digits.cnn_path), "--data", str(CALIB), "--limit", "100",
                  "--eval-data", str(HELDOUT), "-o", str(out), "--grid", str(grid), "--no-latency"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     recipes = [c["recipe"] for c in json.loads((out / "sweep.json").read_text())["candidates"]]
@@ -200,11 +199,11 @@ def test_grid_file_budgets_are_alternatives_and_invalid_combinations_are_skipped
     assert json.loads((out / "sweep.json").read_text())["skipped"]
 
 
-def test_local_process_pool_gives_the_same_results(tmp_path):
+def test_local_process_pool_gives_the_same_results(tmp_path, digits):
     one, two = tmp_path / "one", tmp_path / "two"
     grid = ["--ratio", "0.3,0.6", "--recover", "none,lstsq", "--no-latency"]
-    assert main(sweep_args(MODELS / "digits_cnn.onnx", one, *grid)) == 0
-    assert main(sweep_args(MODELS / "digits_cnn.onnx", two, *grid, "--jobs", "2")) == 0
+    assert main(sweep_args(digits.cnn_path, one, *grid)) == 0
+    assert main(sweep_args(digits.cnn_path, two, *grid, "--jobs", "2")) == 0
     first, second = (json.loads((d / "sweep.json").read_text())["candidates"] for d in (one, two))
     assert [(c["id"], c["metrics"]) for c in first] == [(c["id"], c["metrics"]) for c in second]
 
@@ -218,12 +217,12 @@ def test_local_process_pool_gives_the_same_results(tmp_path):
     (["--max-drop", "-1"], "--max-drop is in points"),
     (["--grid", "missing.toml"], "grid file not found"),
 ])
-def test_bad_sweep_options_are_one_line_errors(tmp_path, cli_error, argv, needle):
-    cli_error(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o", str(tmp_path / "o"),
+def test_bad_sweep_options_are_one_line_errors(tmp_path, cli_error, argv, needle, digits):
+    cli_error(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o", str(tmp_path / "o"),
                *argv], needle)
 
 
-def test_bad_grid_files(tmp_path, cli_error):
+def test_bad_grid_files(tmp_path, cli_error, digits):
     grid = tmp_path / "g.toml"
     for text, needle in (("[grid]\nratio = 0.5\n", "'ratio' must be a non-empty list"),
                          ("[grid]\nratoi = [0.5]\n", "unknown key 'ratoi'"),
@@ -231,12 +230,12 @@ def test_bad_grid_files(tmp_path, cli_error):
                          ("[grids]\n", "unknown section 'grids'"),
                          ("[base]\nround_to = 'x'\n", "'round_to' must be an integer")):
         grid.write_text(text)
-        err = cli_error(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o",
+        err = cli_error(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o",
                          str(tmp_path / "o"), "--grid", str(grid)], needle)
         assert "g.toml" in err
 
 
-def test_ray_executor_without_ray_is_an_install_hint(tmp_path, cli_error, monkeypatch):
+def test_ray_executor_without_ray_is_an_install_hint(tmp_path, cli_error, monkeypatch, digits):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError, as without the extra
-    cli_error(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o", str(tmp_path / "o"),
+    cli_error(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o", str(tmp_path / "o"),
                "--executor", "ray", "--address", "127.0.0.1:1"], "pip install 'onnxprune[ray]'")

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from onnxprune.cli import main
+from tests.shipped_models import DIGITS
 
 mlflow = pytest.importorskip("mlflow", reason="tracking is tested with onnxprune[mlflow] installed (the test extras)")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
-CALIB, HELDOUT = MODELS / "digits_calib.npz", MODELS / "digits_heldout.npz"
+CALIB, HELDOUT = DIGITS.calib_path, DIGITS.heldout_path
 
 
 @pytest.fixture()
@@ -42,11 +40,11 @@ def _artifacts(client, run) -> set[str]:
     return {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_sweep_logs_a_parent_run_and_one_nested_run_per_candidate(tmp_path, store):
+def test_sweep_logs_a_parent_run_and_one_nested_run_per_candidate(tmp_path, store, digits):
     uri, make_client = store
     out = tmp_path / "out"
     # without --data the lstsq candidates fail: they are logged as failed runs with their error
-    assert main(["sweep", str(MODELS / "digits_cnn.onnx"), "--eval-data", str(HELDOUT), "-o", str(out),
+    assert main(["sweep", str(digits.cnn_path), "--eval-data", str(HELDOUT), "-o", str(out),
                  "--ratio", "0.3,0.6", "--recover", "none,lstsq", "--runs", "5", "--warmup", "1",
                  "--mlflow", uri]) == 0
     sweep = json.loads((out / "sweep.json").read_text())
@@ -78,10 +76,10 @@ def test_sweep_logs_a_parent_run_and_one_nested_run_per_candidate(tmp_path, stor
             assert "value" not in run.data.metrics
 
 
-def test_prune_and_eval_log_one_run_each(tmp_path, store):
+def test_prune_and_eval_log_one_run_each(tmp_path, store, digits):
     uri, make_client = store
     model = tmp_path / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     pruned = tmp_path / "pruned.onnx"
     assert main(["prune", str(model), "--ratio", "0.4", "--data", str(CALIB), "--limit", "64", "--recover",
                  "lstsq", "-o", str(pruned), "--mlflow", uri]) == 0
@@ -103,10 +101,10 @@ def test_prune_and_eval_log_one_run_each(tmp_path, store):
     assert _artifacts(client, eval_run) == {"e.json"}
 
 
-def test_without_mlflow_installed_the_option_is_an_install_hint(tmp_path, cli_error, monkeypatch):
+def test_without_mlflow_installed_the_option_is_an_install_hint(tmp_path, cli_error, monkeypatch, digits):
     import sys
 
     monkeypatch.setitem(sys.modules, "mlflow", None)
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
-    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--dry-run", "--mlflow", f"file:{tmp_path}"],
+    cli_error(["prune", str(digits.cnn_path), "--dry-run", "--mlflow", f"file:{tmp_path}"],
               "pip install 'onnxprune[mlflow]'")

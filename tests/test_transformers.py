@@ -9,8 +9,6 @@ leaves outputs unchanged), and the expected head and neuron groups are prunable.
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +21,6 @@ from onnxprune.runtime.session import run
 from onnxprune.testing import zero_channel_oracle
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # (kind, exporter) -> (head groups, neuron groups) expected prunable (ViT: torch's packed in_proj, heads folded
 # into the batch axis; vit_split: timm-style qkv viewed as [B, N, 3, H, D], unbound by Split or Slice; ALBERT: its
@@ -39,7 +36,7 @@ EXPORT_KIND = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "llama_gqa": "gp
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    import export_transformers as et
+    from tools import export_transformers as et
 
     cache: dict = {}
 
@@ -179,7 +176,7 @@ def test_activation_statistics_skip_padded_tokens(exported):
 def test_vit_b_16_heads_and_neurons(tmp_path, dynamo):
     """torchvision's ViT-B/16 itself: 12 head groups (packed in_proj) and 12 MLP neuron groups are prunable, and
     removing zeroed heads and neurons leaves the logits unchanged."""
-    import export_transformers as et
+    from tools import export_transformers as et
 
     path = et.export(et.vit(small=False), "vit", tmp_path / "vit_b_16.onnx", dynamo, image_size=224)
     model = onnx.load(str(path))
@@ -227,7 +224,7 @@ def test_hidden_size_prunes_only_when_asked(exported, tmp_path, capsys):
 def test_prune_hidden_from_the_embeddings(tmp_path, dynamo):
     """BERT that outputs its pooled [CLS] vector: with --prune-hidden the hidden size is one group from the word,
     position and token-type embedding tables through every LayerNorm and residual Add to the pooler's input."""
-    import export_transformers as et
+    from tools import export_transformers as et
 
     path = et.export(et.bert(pooled=True), "bert", tmp_path / "bert_pooled.onnx", dynamo)
     model = onnx.load(str(path))

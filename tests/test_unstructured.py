@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,33 +15,31 @@ from onnxprune.pipeline.unstructured import prune_unstructured
 from onnxprune.runtime.feeds import sample_feed
 from onnxprune.runtime.session import run
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_model(MODELS / "digits_cnn.onnx")
+def cnn(digits):
+    return digits.cnn()
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
-def test_ratio_reaches_the_requested_sparsity_per_layer(digits, ratio):
-    result = prune_unstructured(digits, ratio=ratio)
+def test_ratio_reaches_the_requested_sparsity_per_layer(cnn, ratio):
+    result = prune_unstructured(cnn, ratio=ratio)
     assert len(result.layers) == 6  # 4 Conv + 2 Gemm weights
     for layer in result.layers:
         assert layer["sparsity"] == pytest.approx(ratio, abs=1.0 / layer["size"] + 1e-9)
     assert result.stats["sparsity"] == pytest.approx(ratio, abs=0.01)
-    before = {t.name: tuple(t.dims) for t in digits.graph.initializer}
+    before = {t.name: tuple(t.dims) for t in cnn.graph.initializer}
     after = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
     assert before == after
     assert result.stats["gzip_after"] < result.stats["gzip_before"]
-    feed = sample_feed(digits)
-    assert run(result.model, feed)[0].shape == run(digits, feed)[0].shape
+    feed = sample_feed(cnn)
+    assert run(result.model, feed)[0].shape == run(cnn, feed)[0].shape
 
 
-def test_threshold_zeroes_exactly_the_small_weights(digits):
-    result = prune_unstructured(digits, threshold=0.05)
-    inits = {t.name: numpy_helper.to_array(t) for t in digits.graph.initializer}
+def test_threshold_zeroes_exactly_the_small_weights(cnn):
+    result = prune_unstructured(cnn, threshold=0.05)
+    inits = {t.name: numpy_helper.to_array(t) for t in cnn.graph.initializer}
     for layer in result.layers:
         assert layer["zeros"] == int((np.abs(inits[layer["tensor"]]) < 0.05).sum())
     biases = [t for t in result.model.graph.initializer if t.name.endswith("bias")]
@@ -50,9 +47,9 @@ def test_threshold_zeroes_exactly_the_small_weights(digits):
         np.testing.assert_array_equal(numpy_helper.to_array(t), inits[t.name])
 
 
-def test_cli_reports_sparsity_and_says_it_is_not_faster(tmp_path, capsys):
+def test_cli_reports_sparsity_and_says_it_is_not_faster(tmp_path, capsys, digits):
     model = tmp_path / "digits.onnx"
-    shutil.copy(MODELS / "digits_cnn.onnx", model)
+    shutil.copy(digits.cnn_path, model)
     out, report = tmp_path / "sparse.onnx", tmp_path / "r.json"
     assert main(["prune", str(model), "--mode", "unstructured", "--ratio", "0.7", "-o", str(out),
                  "--json", str(report)]) == 0
@@ -69,5 +66,5 @@ def test_cli_reports_sparsity_and_says_it_is_not_faster(tmp_path, capsys):
     (["--threshold", "0.1"], "--mode unstructured"),
     (["--mode", "unstructured", "--threshold", "-1"], "--threshold"),
 ])
-def test_bad_unstructured_options(cli_error, argv, needle):
-    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--dry-run", *argv], needle)
+def test_bad_unstructured_options(cli_error, argv, needle, digits):
+    cli_error(["prune", str(digits.cnn_path), "--dry-run", *argv], needle)

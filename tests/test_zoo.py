@@ -19,8 +19,8 @@ import functools
 import numpy as np
 import onnx
 import pytest
-import zoo
 
+from tools import zoo
 from onnxprune.recipe import Recipe
 
 ORACLE_TOL = 1e-5

@@ -11,8 +11,8 @@ import functools
 import numpy as np
 import onnx
 import pytest
-import zoo_libs
 
+from tools import zoo_libs
 from onnxprune.recipe import Recipe
 
 ORACLE_TOL = 1e-5
@@ -39,8 +39,8 @@ def load(name: str, seed: int = 0) -> onnx.ModelProto:
 @pytest.mark.parametrize("name", _params())
 def test_prune_half_and_oracle(name):
     from onnxprune.pipeline.prune import prune_model
-    from onnxprune.runtime.session import run
     from onnxprune.testing import zero_channel_oracle
+    from onnxprune.runtime.session import run
 
     spec = zoo_libs.LIBS[name]
     feed = {"input": zoo_libs.example_input(name, batch=2)}

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python tools/bench_calibration.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CACHE = ROOT / ".cache" / "bench_calibration"
 
 
@@ -53,9 +55,8 @@ def build(name: str) -> tuple[Path, Path]:
         images = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
         np.savez(data, input=images)
     elif name == "minilm":
-        sys.path.insert(0, str(ROOT / "tools"))
-        from bench_minilm import split_sentences
-        from export_minilm import export, load_tokenizer
+        from tools.bench_minilm import split_sentences
+        from tools.export_minilm import export, load_tokenizer
 
         export(model)
         calib, _ = split_sentences()

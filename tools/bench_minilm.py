@@ -23,12 +23,15 @@ import pkgutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
-
-from onnxprune.pipeline.prune import RunSettings
 from onnxprune.recipe import Recipe
+from onnxprune.pipeline.prune import RunSettings
+
+if __package__ in (None, ""):  # run as `python tools/bench_minilm.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "pydoc_data",
         "__main__", "__phello__", "_")
@@ -141,10 +144,10 @@ def mlp_only_plan(model: onnx.ModelProto, ratio: float, criterion: str, calib) -
     V columns, output-projection rows). Every MLP loses the same share, ratio · (attention + MLP) / MLP of
     its neurons, chosen by `criterion`.
     """
+    from onnxprune.pipeline.statistics import channel_stats
     from onnxprune.pipeline.plan import select
     from onnxprune.pipeline.prepare import prepare
     from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
-    from onnxprune.pipeline.statistics import channel_stats
 
     prep = prepare(model)
     stats = channel_stats(prep, calib) if criterion in DATA_CRITERIA else None
@@ -180,8 +183,7 @@ def main() -> None:
                                          "instead of pruning here")
     args = parser.parse_args()
 
-    sys.path.insert(0, "tools")
-    from export_minilm import load_tokenizer
+    from tools.export_minilm import load_tokenizer
 
     from onnxprune.pipeline.prune import prune_model
 

@@ -31,13 +31,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 from onnxprune.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "tests"))
+if __package__ in (None, ""):  # run as `python tools/bench_peers.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
                "shufflenet_v2", "squeezenet", "googlenet", "resnext50", "regnet_y_400mf", "vgg11", "convnext_tiny")
@@ -45,9 +43,8 @@ TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "ef
 
 def zoo_cases(names=None):
     """(name, family, loader, input array) for every zoo model."""
-    import zoo
-    import zoo_libs
-    import zoo_models
+    from tests import zoo_models
+    from tools import zoo, zoo_libs
 
     cases = []
     for name in TORCHVISION:
@@ -175,9 +172,9 @@ def torch_pruning_row(name):
     """Torch-Pruning on the torch model of a torchvision zoo entry, exported afterwards."""
     import torch
     import torch_pruning as tp
-    import zoo
 
     from onnxprune.graph.stats import count_macs, count_params
+    from tools import zoo
 
     model = zoo.build(name)
     x = torch.from_numpy(zoo.example_input(name))

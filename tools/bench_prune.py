@@ -32,11 +32,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-from onnxprune.pipeline.prune import Reuse, RunSettings
 from onnxprune.recipe import Recipe
+from onnxprune.pipeline.prune import Reuse, RunSettings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as `python tools/bench_prune.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GOALS = {"time_ratio": 0.5, "macs_diff": 0.02, "latency_ratio": 1.05, "cli_s": 3.0}
 
@@ -44,7 +44,8 @@ GOALS = {"time_ratio": 0.5, "macs_diff": 0.02, "latency_ratio": 1.05, "cli_s": 3
 def build_resnet50():
     import torch
     import torchvision
-    import zoo
+
+    from tools import zoo
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)

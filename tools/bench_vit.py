@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from onnxprune.recipe import Recipe
+
+if __package__ in (None, ""):  # run as `python tools/bench_vit.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def latency(model: onnx.ModelProto, feed: dict, threads: int, repeats: int) -> float:
@@ -77,11 +79,10 @@ def main() -> None:
     import torchvision
     from torchvision.models.vision_transformer import EncoderBlock
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import export_transformers as et
+    from tools import export_transformers as et
 
-    from onnxprune.graph.stats import count_macs
     from onnxprune.pipeline.prune import prune_model
+    from onnxprune.graph.stats import count_macs
 
     size = 32 if args.small else 224
     torch.manual_seed(0)

@@ -10,8 +10,10 @@ target computed at run time.
 
 `check_case(seed)` prunes the case and returns a Case whose `problems` must be empty: no exception other than
 onnxprune's own (exit 2), no contained fault (a contained fault is a bug, only hidden), the written model
-passes the full checker and runs with the original's interface and output shapes, and the zero-channel oracle
-holds on every model that prunes.
+passes the full checker and runs with the original's interface and output shapes, the zero-channel oracle
+holds on every model that prunes, and ratio 0 leaves the outputs exactly as they were. The Case also keeps the
+facts behind those verdicts (the refusal, output shapes, oracle error and tolerance, the ratio-0 difference)
+for tests/test_fuzz.py to assert on directly.
 
     python tools/fuzz.py --cases 5000            # the count in docs/BENCHMARKS.md
     python tools/fuzz.py --seed 1234 --verbose   # one case again, with the traceback
@@ -32,8 +34,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as `python tools/fuzz.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLOAT_TYPES = {  # onnx type: (numpy type, oracle tolerance, weight)
     TensorProto.FLOAT: (np.float32, 1e-4, 0.7),
@@ -547,8 +549,7 @@ def random_model(seed: int) -> tuple[onnx.ModelProto, dict[str, tuple]]:
 def zoo_models() -> dict[str, onnx.ModelProto]:
     """Small real models to mutate: the shipped digits CNNs and the NHWC graphs of tests/zoo_models.py."""
     out = {p.stem: onnx.load(p) for p in sorted((ROOT / "models").glob("*.onnx"))}
-    sys.path.insert(0, str(ROOT / "tests"))
-    import zoo_models as zm
+    from tests import zoo_models as zm
 
     out.update({name: build() for name, build in zm.NHWC_MODELS.items()})
     return out
@@ -719,10 +720,15 @@ def _computed_reshape(m: onnx.ModelProto, rng) -> bool:
 class Case:
     seed: int
     source: str
-    outcome: str = ""  # "pruned", "unchanged" (nothing prunable), "refused" (exit 2), "invalid" (generated)
+    outcome: str = ""  # "pruned", "unchanged" (nothing prunable), "refused" (exit 2), "invalid" (generated),
+    # "mended" (an invalid model that onnxprune wrote out valid)
     problems: list[str] = field(default_factory=list)
-    oracle: float | None = None
+    oracle: float | None = None  # the zero-channel oracle's relative error, on pruned cases
+    tol: float = 0.0  # the oracle's tolerance for the case's float type
     vacuous: bool = False
+    error: Exception | None = None  # what prune_model raised: an OnnxPruneError on a refusal
+    shapes: tuple[list, list] | None = None  # output shapes of the original and the pruned model, on the feed
+    ratio0_err: float | None = None  # max |original - prune at ratio 0| over all outputs, on valid cases
     seconds: float = 0.0
 
 
@@ -786,11 +792,13 @@ def check_case(seed: int, verbose: bool = False) -> Case:
         result = prune_model(model, recipe, RunSettings(input_shapes=shapes if give_shapes else None))
     except OnnxPruneError as exc:
         case.outcome = "refused" if valid else "invalid"
+        case.error = exc
         if valid and not _expected_refusal(exc, give_shapes):
             case.problems.append(f"valid model refused: {exc}")
         case.seconds = time.perf_counter() - start
         return case
     except Exception as exc:  # noqa: BLE001 - an internal error: exit 3 in the CLI
+        case.error = exc
         case.problems.append(f"internal error {type(exc).__name__}: {exc}"
                              + ("\n" + traceback.format_exc() if verbose else ""))
         case.seconds = time.perf_counter() - start
@@ -811,17 +819,28 @@ def check_case(seed: int, verbose: bool = False) -> Case:
     try:
         onnx.checker.check_model(result.model, full_check=True)
         got, want = run(result.model, feed), run(model, feed)
-        if [np.shape(a) for a in got] != [np.shape(a) for a in want]:
+        case.shapes = ([np.shape(a) for a in want], [np.shape(a) for a in got])
+        if case.shapes[0] != case.shapes[1]:
             case.problems.append("output shapes changed")
         if [(i.name, i.type.tensor_type.elem_type) for i in result.model.graph.input] != \
                 [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]:
             case.problems.append("inputs changed")
     except Exception as exc:  # noqa: BLE001
         case.problems.append(f"written model is invalid: {type(exc).__name__}: {str(exc)[:300]}")
+    try:  # ratio 0 changes nothing (round_to 1: rounding kept counts to a multiple prunes by itself; not
+        # validated again: the comparison here is the validation)
+        same = prune_model(model, recipe.replace(ratio=0.0, round_to=1),
+                           RunSettings(input_shapes=shapes if give_shapes else None, validate=False))
+        case.ratio0_err = max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                               for a, b in zip(run(model, feed), run(same.model, feed)) if np.size(a)), default=0.0)
+        if case.ratio0_err != 0:
+            case.problems.append(f"ratio 0 changed the outputs by {case.ratio0_err:.3g}")
+    except Exception as exc:  # noqa: BLE001
+        case.problems.append(f"ratio 0 failed: {type(exc).__name__}: {str(exc)[:300]}")
     if case.outcome == "pruned":
         try:
             r = zero_channel_oracle(model, seed=seed, feed=feed)
-            tol = FLOAT_TYPES.get(model.graph.input[0].type.tensor_type.elem_type, (None, 1e-4))[1]
+            tol = case.tol = FLOAT_TYPES.get(model.graph.input[0].type.tensor_type.elem_type, (None, 1e-4))[1]
             case.oracle, case.vacuous = r.max_rel_err, not r.informative(tol, factor=10)
             if r.max_rel_err > tol:
                 case.problems.append(f"zero-channel oracle: relative error {r.max_rel_err:.3g} > {tol:g}")

@@ -26,19 +26,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+if __package__ in (None, ""):  # run as `python tools/run_zoo.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools import zoo  # noqa: E402
 from onnxprune.recipe import Recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import zoo  # noqa: E402
 
 ORACLE_TOL = 1e-5
 
 
 def external_cases() -> dict[str, callable]:
     """The non-PyTorch models: name -> () -> (model, feed)."""
-    import zoo_models
+    from tests import zoo_models
 
     cases = {}
     for name, build in zoo_models.NHWC_MODELS.items():
@@ -60,8 +59,8 @@ def load_case(name: str, exporter: str) -> tuple[onnx.ModelProto, dict[str, np.n
 
 def run_case(name: str, exporter: str, ratio: float = 0.5, oracle: bool = True) -> dict:
     from onnxprune.pipeline.prune import prune_model
-    from onnxprune.runtime.session import run
     from onnxprune.testing import zero_channel_oracle
+    from onnxprune.runtime.session import run
 
     row = {"model": name, "exporter": exporter}
     model, feed = load_case(name, exporter)

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import export_transformers as et
-import stdlib_text as st
+if __package__ in (None, ""):  # run as `python tools/train_llm.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools import export_transformers as et  # noqa: E402
+from tools import stdlib_text as st  # noqa: E402
 
 CONFIG = {"hidden": 128, "heads": 8, "kv_heads": 2, "layers": 4, "intermediate": 384}
 

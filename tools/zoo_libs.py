@@ -25,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zoo  # noqa: E402
+if __package__ in (None, ""):  # run as `python tools/zoo_libs.py`: the checkout's root, for `tools.*` and onnxprune
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools import zoo  # noqa: E402
 
 REVISION = 1
 

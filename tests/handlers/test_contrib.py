@@ -1,6 +1,8 @@
 """onnxruntime's contrib ops as onnxruntime-genai writes them, and validation that is never stricter than the
 original: SimplifiedLayerNormalization (in the ONNX domain, as onnxruntime registers it; onnx.checker knows no
-such op), SkipSimplifiedLayerNormalization residual chains, RotaryEmbedding, MatMulNBits."""
+such op), SkipSimplifiedLayerNormalization residual chains, RotaryEmbedding, MatMulNBits, fused onnxruntime ops
+(onnxprune/graph/handlers/contrib.py, attention.py). Each asserts what was pruned, the zero-channel oracle and
+onnx.checker (or, where the original itself fails onnx.checker, what the original passes)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import ValidationError
-from onnxprune.pipeline.prepare import prepare
-from onnxprune.pipeline.prune import prune_model
-from onnxprune.pipeline.validate import check_as_original
 from onnxprune.recipe import Recipe
-from onnxprune.runtime.session import run
-from onnxprune.testing import zero_channel_oracle
+from tests.onnx_builders import (
+    check,
+    check_as_original,
+    check_frozen,
+    checked,
+    prepare,
+    prune_model,
+    run,
+)
 
 E, F, S = 16, 32, 4
 
@@ -67,12 +73,12 @@ def test_simplified_norms_and_residual_chain():
     assert sorted(g.size for g in mlp) == [F, F]
     hidden = next(g for g in groups if g.size == E)
     assert not hidden.prunable and "residual stream through SkipSimplifiedLayerNormalization" in hidden.reason
-    oracle = zero_channel_oracle(m, feed=ids_feed(), fraction=0.5)
-    assert oracle.pruned_channels == F and oracle.max_rel_err < 1e-5
+    # validated as onnxruntime checks it: no refusal for the contrib op
+    oracle, r = check(m, feed=ids_feed(), fraction=0.5, checker="as_original")
+    assert oracle.pruned_channels == F
     moved = np.abs(run(oracle.zeroed, ids_feed())[0] - run(m, ids_feed())[0]).max()
     assert moved > 1e-2 * np.abs(run(m, ids_feed())[0]).max()
-    r = prune_model(m, Recipe(ratio=0.5))  # validated as onnxruntime checks it: no refusal for the contrib op
-    assert r.stats["params_after"] < r.stats["params_before"]
+    assert sorted(t.dims[1] for t in r.model.graph.initializer if t.name.startswith("up")) == [F // 2, F // 2]
 
 
 def test_prune_hidden_through_the_skip_norms():
@@ -85,6 +91,8 @@ def test_prune_hidden_through_the_skip_norms():
     assert run(r.model, ids_feed())[0].shape == (2, S, 50)
     shapes = {t.name.split("__")[0]: tuple(t.dims) for t in r.model.graph.initializer}
     assert shapes["g1"] == (12,) and shapes["table"] == (50, 12)
+    # no zero-channel oracle: removing hidden features changes the RMS statistics (the prune_hidden approximation)
+    checked(r.model, m, "as_original")
 
 
 def test_validation_is_never_stricter_than_the_original():
@@ -123,10 +131,9 @@ def test_rotary_embedding_keeps_heads_whole():
     (group,) = prepare(m).analysis.prunable
     assert group.unit == 8  # rotation pairs features inside a head: whole heads only
     feed = {"x": rand(1, S, E, seed=5)}
-    oracle = zero_channel_oracle(m, feed=feed, fraction=0.5)
-    assert oracle.pruned_channels == 8 and oracle.max_rel_err < 1e-5
+    oracle, r = check(m, feed=feed, fraction=0.5)
+    assert oracle.pruned_channels == 8
     assert np.abs(run(oracle.zeroed, feed)[0] - run(m, feed)[0]).max() > 1e-2
-    r = prune_model(m, Recipe(ratio=0.5))
     node = next(n for n in r.model.graph.node if n.op_type == "RotaryEmbedding")
     assert {a.name: a.i for a in node.attribute}["num_heads"] == 1
 
@@ -140,3 +147,27 @@ def test_matmul_nbits_freezes_with_a_reason():
               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, E])])
     (group,) = [g for g in prepare(m).analysis.groups if g.size == F]
     assert not group.prunable and "MatMulNBits" in group.reason and "quantize --mode int4" in group.reason
+    check_frozen(m, "quantize --mode int4")
+
+
+def test_fused_onnxruntime_ops_freeze_with_a_reason():
+    """A com.microsoft FastGelu between two layers (what onnxruntime's transformer optimizer writes) freezes the
+    neurons with a reason that says how to get a prunable model."""
+    graph = onnx.parser.parse_graph("""
+        g (float[2, 8] x) => (float[2, 8] y) <float[8, 16] w1, float[16, 8] w2> {
+            h = MatMul(x, w1)
+            a = com.microsoft.FastGelu(h)
+            y = MatMul(a, w2)
+        }""")
+    rng = np.random.default_rng(0)
+    graph.initializer.extend(onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                             for n, s in (("w1", (8, 16)), ("w2", (16, 8))))
+    graph.node[1].domain = "com.microsoft"
+    graph.node[1].op_type = "FastGelu"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    group = next(g for g in prepare(model).analysis.groups if g.size == 16)
+    assert not group.prunable
+    assert "fused by onnxruntime's transformer optimizer; prune the unfused export" in group.reason
+    check_frozen(model, "fused by onnxruntime's transformer optimizer")
+
