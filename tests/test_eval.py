@@ -197,6 +197,11 @@ def _pickled(tmp_path: Path) -> Path:
     return tmp_path / "p.npy"
 
 
+def _file(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    return tmp_path / "a_file"
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda t: [MODEL, "--data", _bad_npz(t)], "expects shape [batch,1,8,8] but the data has [4,64]"),
     (lambda t: [MODEL, "--data", _pickled(t)], "pickled"),
@@ -208,7 +213,7 @@ def _pickled(tmp_path: Path) -> Path:
     (lambda t: [MODEL, "--reference", MODEL, "--data", HELDOUT, "--min-agreement", "99"], "fraction"),
     (lambda t: [MODEL, "--random", "4", "--input-shapes", "input:1x3x8x8"], "contradicts"),
     (lambda t: [MODEL, "--random", "4", "--providers", "tpu"], "unknown execution provider"),
-    (lambda t: [MODEL, "--data", HELDOUT, "--json", t / "no" / "r.json"], "does not exist"),
+    (lambda t: [MODEL, "--data", HELDOUT, "--json", _file(t) / "r.json"], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, make_args, message):
     code, _, err = run_cli(capsys, *make_args(tmp_path), *FAST)

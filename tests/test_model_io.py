@@ -78,13 +78,15 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch, digits):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
 
 
-def test_save_refuses_existing_and_missing_folder(tmp_path, digits):
+def test_save_refuses_existing_and_makes_missing_folders(tmp_path, digits):
     model = digits.cnn()
     model_io.save_model(model, tmp_path / "a.onnx")
     with pytest.raises(InputError, match="output exists"):
         model_io.save_model(model, tmp_path / "a.onnx")
-    with pytest.raises(InputError, match="does not exist"):
-        model_io.save_model(model, tmp_path / "no" / "a.onnx")
+    model_io.save_model(model, tmp_path / "no" / "a.onnx")
+    assert onnx.load(tmp_path / "no" / "a.onnx") == model
+    with pytest.raises(InputError, match="a file is in the way"):
+        model_io.save_model(model, tmp_path / "a.onnx" / "b.onnx")
 
 
 def test_metadata_and_opset_survive(tmp_path, digits):
