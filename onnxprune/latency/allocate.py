@@ -151,7 +151,7 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
         plan = kept_plan(prep.analysis, scores, counts)
         predicted = table.predict({r: len(k) for r, k in plan.kept.items()})
         pruned, plan = prune_validated(prep, plan, model, None, check=False)
-        timed = measure.time_models({"original": model, "pruned": pruned}, feed, settings, reference="original")
+        timed = measure.time_models({"original": prep.model, "pruned": pruned}, feed, settings, reference="original")
         measured, noise = timed["ratio"]["pruned"], timed["noise"]["pruned"]
         if isinstance(target, str):  # absolute: against the least disturbed time of the original seen so far
             table.base_ms = min(table.base_ms, timed["ms"]["original"])

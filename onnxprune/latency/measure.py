@@ -8,12 +8,11 @@ design, not from long runs:
   * each round gives a median per model, and a model's time is the minimum of its round medians (the least
     disturbed round);
   * comparisons are made as ratios to a reference timed in the same rounds, and the ratio's spread over the
-    rounds is the measurement noise the closed loop allows for.
+    rounds gives the measurement noise the closed loop allows for.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,8 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.evaluate.metrics import check_providers, make_session, measure_latency
+from onnxprune.recipe import latency_ms
 from onnxprune.runtime.feeds import graph_inputs, validation_feed
-
-_MS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*ms\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,10 @@ class LatencySettings:
 def parse_target(value: float | str, base_ms: float) -> float:
     """A latency target as a fraction of `base_ms`: 0.5 keeps half the time, '12ms' is absolute."""
     if isinstance(value, str):
-        match = _MS.match(value)
-        if not match:
+        ms = latency_ms(value)
+        if ms is None:
             raise InputError(f"--target-latency takes a fraction (0.5) or milliseconds (12ms), got {value!r}")
-        return float(match.group(1)) / base_ms
+        return ms / base_ms
     return float(value)
 
 
@@ -75,7 +73,7 @@ def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: L
     """Milliseconds per run of each model (min of the round medians), timed in interleaved rounds.
 
     With `reference` (a key of `models`), also each model's time as a ratio to the reference's (the median of
-    the per-round ratios) and its `noise` (half the spread of those ratios, relative). Models may be
+    the per-round ratios) and its `noise` (the relative standard error of that median). Models may be
     ModelProtos or paths; sessions use `settings.threads` intra-op threads.
     """
     sessions = {k: make_session(m, settings.provider, settings.threads) for k, m in models.items()}
@@ -96,6 +94,9 @@ def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: L
         for k in keys:
             per_round = np.asarray(medians[k]) / ref
             ratios[k] = float(np.median(per_round))
-            noise[k] = float((per_round.max() - per_round.min()) / 2 / max(ratios[k], 1e-12))
+            # the standard error of the median ratio, from the rounds' median absolute deviation (one disturbed
+            # round does not inflate it)
+            mad = float(np.median(np.abs(per_round - ratios[k])))
+            noise[k] = 1.4826 * mad / np.sqrt(len(per_round)) / max(ratios[k], 1e-12)
         out["ratio"], out["noise"] = ratios, noise
     return out

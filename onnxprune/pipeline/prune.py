@@ -121,7 +121,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
                 validate_result: bool = True, removed: dict[int, np.ndarray] | None = None,
                 prepared: Prepared | None = None, scores: dict[int, np.ndarray] | None = None,
                 sensitivity: dict | None = None, stats=None, strict: bool = False, input_shapes: dict | None = None,
-                memory_budget: int | None = None, **options) -> PruneResult:
+                memory_budget: int | None = None, latency_cache=None, **options) -> PruneResult:
     """Prune `model` as `recipe` says; `removed` (group root space -> channels) overrides scoring and planning.
 
     Keyword `options` are recipe fields (`prune_model(model, ratio=0.5, criterion="l1")`): they override
@@ -135,7 +135,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     Run settings, not part of the recipe: `input_shapes` (input name -> shape) fixes dynamic input dims for
     validation and MAC counts (else the calibration data's, else 1); `strict` makes any contained fault an
     error (onnxprune.pipeline.apply); `memory_budget` (bytes) caps what calibration keeps in memory
-    (pipeline/stages.py).
+    (pipeline/stages.py); `latency_cache` is the folder of latency tables (onnxprune/latency/table.py).
     """
     from onnxprune.pipeline.recover import recover as run_recovery
 
@@ -153,6 +153,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     _check_runnable(recipe, feeds)
     prep = prepared or prepare_recipe(model, recipe)
     notes: list[str] = []
+    latency_report = None
     if removed is not None:
         plan = plan_removal(prep.analysis, removed)
     else:
@@ -163,7 +164,10 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
                 stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=seed)
             scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
         target = target_macs if target_macs is not None else target_params
-        if target is not None:
+        if recipe.target_latency is not None:
+            plan, latency_report = _plan_for_latency(prep, model, scores, recipe, input_shapes, feeds, latency_cache,
+                                                     notes)
+        elif target is not None:
             from onnxprune.pipeline.budget import plan_for_target
 
             metric = "macs" if target_macs is not None else "params"
@@ -207,6 +211,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
         "faults": len(prep.analysis.faults),
     }
+    if latency_report is not None:
+        stats_out["latency"] = latency_report
     if passes:
         stats_out["passes"] = {**passes, "total": sum(passes.values())}
     interface = interface_changes(model, pruned)
@@ -236,8 +242,32 @@ def _decoder_options(recipe: Recipe) -> dict:
     return options
 
 
+def _plan_for_latency(prep: Prepared, model: onnx.ModelProto, scores: dict[int, np.ndarray], recipe: Recipe,
+                      input_shapes: dict | None, feeds, cache, notes: list[str]) -> tuple[Plan, dict]:
+    """The plan meeting the recipe's latency target, measured (onnxprune/latency), and its report."""
+    from onnxprune.latency.allocate import plan_for_latency
+    from onnxprune.latency.measure import latency_feed
+
+    settings = latency_settings(recipe)
+    feed = latency_feed(prep.model, settings.batch, input_shapes, feeds, recipe.seed)
+    result = plan_for_latency(prep, model, scores, recipe.target_latency, settings, feed, cache)
+    if not result.met:
+        notes.append(f"the latency target {recipe.target_latency} was not met: the fastest plan tried measured "
+                     f"{result.measured:.3f} of the original's latency (target {result.target_ratio:.3f})")
+    return result.plan, result.as_dict()
+
+
+def latency_settings(recipe: Recipe):
+    """Where the recipe's latency target is measured: its provider, batch and threads."""
+    from onnxprune.latency.measure import LatencySettings
+
+    return LatencySettings(recipe.latency_provider, recipe.latency_batch, recipe.latency_threads, seed=recipe.seed)
+
+
 def _check_runnable(recipe: Recipe, feeds) -> None:
     """Rules that need to know the data, checked before any work."""
+    if recipe.target_latency is not None:
+        latency_settings(recipe).check()  # a provider this onnxruntime lacks: one line, before any work
     if recipe.quantize in ("int8", "static") and not feeds:
         raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")
     if recipe.allocate == "sensitivity":
