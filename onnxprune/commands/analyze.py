@@ -1,5 +1,5 @@
 """`onnxprune analyze`: list the channel groups and why each is prunable or frozen; with --latency, each
-group's share of the measured latency beside its share of the MACs (and --plot, a bar chart)."""
+group's saving of the measured latency beside its saving of MACs (and --plot, a bar chart)."""
 
 from __future__ import annotations
 
@@ -98,17 +98,18 @@ def _latency(prep, proto, settings, input_shapes, cache, plot: str | None, model
     table = build_table(prep, proto, feed, settings, cache, show_progress=True)
     rows = group_shares(table, prep.analysis)
     where = f"{settings.provider} batch {settings.batch}, {settings.threads} threads"
-    title = (f"{model}: {table.base_ms:.3f} ms on {where}; share of the time per group beside its share of the MACs "
+    title = (f"{model}: {table.base_ms:.3f} ms on {where}; latency and MACs saved by each group alone at "
+             f"its fewest measured channels "
              f"({'cached table' if table.cached else f'measured in {table.seconds:.1f} s'})")
     out = Table(title=title, title_justify="left")
-    for col in ("group", "channels", "opened by", "time", "MACs", "time/MACs"):
+    for col in ("group", "channels", "kept", "opened by", "time saved", "MACs saved", "time/MACs"):
         out.add_column(col, justify="left" if col == "opened by" else "right")
     for r in rows:
         if r["time_share"] is None:
-            out.add_row(str(r["group"]), str(r["channels"]), ", ".join(r["sources"][:2]), "-", "-", r["reason"])
+            out.add_row(str(r["group"]), str(r["channels"]), "-", ", ".join(r["sources"][:2]), "-", "-", r["reason"])
             continue
         rel = r["time_share"] / r["mac_share"] if r["mac_share"] > 1e-9 else float("inf")
-        out.add_row(str(r["group"]), str(r["channels"]), ", ".join(r["sources"][:2]),
+        out.add_row(str(r["group"]), str(r["channels"]), str(r["kept"]), ", ".join(r["sources"][:2]),
                     f"{100 * r['time_share']:.1f}%", f"{100 * r['mac_share']:.1f}%", f"{rel:.2f}")
     console.print(out)
     if plot is not None:

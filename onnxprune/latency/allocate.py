@@ -152,12 +152,12 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
         predicted = table.predict({r: len(k) for r, k in plan.kept.items()})
         pruned, plan = prune_validated(prep, plan, model, None, check=False)
         timed = measure.time_models({"original": prep.model, "pruned": pruned}, feed, settings, reference="original")
-        measured, noise = timed["ratio"]["pruned"], timed["noise"]["pruned"]
+        measured, noise = float(timed["ratio"]["pruned"]), float(timed["noise"]["pruned"])
         if isinstance(target, str):  # absolute: against the least disturbed time of the original seen so far
             table.base_ms = min(table.base_ms, timed["ms"]["original"])
             target_ratio = parse_target(target, table.base_ms)
         tol = max(noise, table.noise, 0.02)
-        ok = measured <= target_ratio * (1 + tol)
+        ok = bool(measured <= target_ratio * (1 + tol))
         tried.append({"iteration": it + 1, "budget_ratio": internal, "predicted_ratio": predicted,
                       "measured_ratio": measured, "noise": noise, "channels_removed": plan.total_pruned,
                       "within_target": ok})

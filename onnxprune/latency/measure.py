@@ -68,6 +68,21 @@ def latency_feed(model: onnx.ModelProto, batch: int, input_shapes: dict | None =
     return out
 
 
+def fit_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` with each input's static dims made the session's: a decoder whose key/value heads were pruned
+    reads a smaller cache. Unlike kvcache.feed_adapter (which keeps the values, so only reshapes an empty
+    past), a non-empty past becomes zeros of the new shape too: timing does not depend on the values."""
+    out = dict(feed)
+    for inp in session.get_inputs():
+        if inp.name not in feed:
+            continue
+        array = np.asarray(feed[inp.name])
+        shape = tuple(d if isinstance(d, int) and d > 0 else s for d, s in zip(inp.shape, array.shape))
+        if len(inp.shape) == array.ndim and shape != array.shape:
+            out[inp.name] = np.zeros(shape, dtype=array.dtype)
+    return out
+
+
 def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: LatencySettings,
                 reference: str | None = None) -> dict[str, Any]:
     """Milliseconds per run of each model (min of the round medians), timed in interleaved rounds.
@@ -77,15 +92,16 @@ def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: L
     ModelProtos or paths; sessions use `settings.threads` intra-op threads.
     """
     sessions = {k: make_session(m, settings.provider, settings.threads) for k, m in models.items()}
+    feeds = {k: fit_feed(session, feed) for k, session in sessions.items()}
     keys = list(sessions)
     medians: dict[str, list[float]] = {k: [] for k in keys}
     runs: dict[str, int] = {}
     for k in keys:  # a first call sizes the runs and warms the session up
-        first = measure_latency(sessions[k], feed, warmup=1, runs=2)["results"][0]["p50_ms"]
+        first = measure_latency(sessions[k], feeds[k], warmup=1, runs=2)["results"][0]["p50_ms"]
         runs[k] = int(min(50, max(3, settings.seconds * 1e3 / max(first, 1e-3))))
     for r in range(settings.rounds):
         for k in keys if r % 2 == 0 else keys[::-1]:
-            row = measure_latency(sessions[k], feed, warmup=1, runs=runs[k])["results"][0]
+            row = measure_latency(sessions[k], feeds[k], warmup=1, runs=runs[k])["results"][0]
             medians[k].append(row["p50_ms"])
     out: dict[str, Any] = {"ms": {k: float(min(v)) for k, v in medians.items()}, "rounds": medians}
     if reference is not None:
@@ -97,6 +113,6 @@ def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: L
             # the standard error of the median ratio, from the rounds' median absolute deviation (one disturbed
             # round does not inflate it)
             mad = float(np.median(np.abs(per_round - ratios[k])))
-            noise[k] = 1.4826 * mad / np.sqrt(len(per_round)) / max(ratios[k], 1e-12)
+            noise[k] = float(1.4826 * mad / np.sqrt(len(per_round)) / max(ratios[k], 1e-12))
         out["ratio"], out["noise"] = ratios, noise
     return out
