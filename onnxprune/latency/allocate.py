@@ -4,10 +4,10 @@ Allocation is a multiple-choice knapsack: each group picks one kept count among 
 measured (or stays whole); a count costs the importance of the channels it drops (the group's scores over
 their mean, summed over the lowest-scored channels removed: the same normalisation as `--global`) and saves
 -log of its latency ratio, and the savings add up to -log of the plan's predicted ratio (table.py's
-multiplicative model). Per group only the lower convex hull of (saving, loss) is kept, so a count that is no
+multiplicative model). Per group only options that no other beats (more saving for less loss) are kept, so a count that is no
 faster than a larger one (a step of the measured curve not taken) is never chosen; the greedy takes the
-cheapest importance per unit of saving until the budget is met (optimal for the relaxed problem), then gives
-back steps that are no longer needed, largest loss first.
+cheapest importance per unit of saving until the budget is met (optimal for the relaxed problem), then a
+local search moves single groups to cheaper counts while the budget holds.
 
 The table's model is a prediction; the result is measured end to end against the original (interleaved, as
 ratios). When it misses the target by more than the measurement noise (too slow, or faster than needed), the
@@ -34,36 +34,47 @@ Option = tuple[int, float, float]  # (kept count, saving = -log ratio, importanc
 
 
 def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray) -> list[Option]:
-    """The lower convex hull of a group's (saving, loss) options, from the whole group (0, 0) up."""
+    """A group's options that no other beats (more saving for less loss), from the whole group (0, 0) up, in
+    order of saving; a count no faster than a larger one is dropped here."""
     normed = np.sort(np.asarray(scores, dtype=np.float64))
     normed = normed / max(float(normed.mean()), 1e-12)
     lost = np.concatenate([[0.0], np.cumsum(normed)])
     points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
-    frontier: list[tuple[float, float, int]] = []  # not dominated: no other option saves more for less
+    frontier: list[Option] = []
     for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
-        if not frontier or loss < frontier[-1][1]:
-            frontier.append((saving, loss, k))
-    hull: list[Option] = [(size, 0.0, 0.0)]
-    for saving, loss, k in reversed(frontier):
+        if not frontier or loss < frontier[-1][2]:
+            frontier.append((k, saving, loss))
+    return [(size, 0.0, 0.0), *reversed(frontier)]
+
+
+def lower_hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (saving, loss): those the greedy steps through."""
+    hull: list[Option] = []
+    for option in options:
         while len(hull) >= 2:  # drop the last point while it lies on or above the segment to the new one
             (_, s1, l1), (_, s2, l2) = hull[-2], hull[-1]
-            if (l2 - l1) * (saving - s1) >= (loss - l1) * (s2 - s1):
+            if (l2 - l1) * (option[1] - s1) >= (option[2] - l1) * (s2 - s1):
                 hull.pop()
             else:
                 break
-        hull.append((k, saving, loss))
+        hull.append(option)
     return hull
 
 
 def allocate(options: dict[int, list[Option]], target_ratio: float) -> dict[int, int]:
     """Kept count per group (only groups that lose channels) whose summed saving reaches -log(target_ratio)
-    with little importance lost; the largest saving possible when the target cannot be reached."""
+    with little importance lost; the largest saving possible when the target cannot be reached.
+
+    The greedy walks each group's convex hull, cheapest loss per saving first, until the budget is met; then a
+    local search moves single groups to any of their options (hull or not: the hull skips counts a budget
+    between two steps needs) while the budget holds and the loss falls."""
     need = -math.log(max(target_ratio, 1e-12))
+    hulls = {root: lower_hull(opts) for root, opts in options.items()}
     at = {root: 0 for root in options}
     heap: list[tuple[float, int, int]] = []
 
     def push(root: int) -> None:
-        hull, i = options[root], at[root]
+        hull, i = hulls[root], at[root]
         if i + 1 < len(hull):
             ds, dl = hull[i + 1][1] - hull[i][1], hull[i + 1][2] - hull[i][2]
             heapq.heappush(heap, (dl / max(ds, 1e-12), root, i))
@@ -75,23 +86,25 @@ def allocate(options: dict[int, list[Option]], target_ratio: float) -> dict[int,
         _, root, i = heapq.heappop(heap)
         if at[root] != i:
             continue
-        saved += options[root][i + 1][1] - options[root][i][1]
+        saved += hulls[root][i + 1][1] - hulls[root][i][1]
         at[root] = i + 1
         push(root)
-    while True:  # give back the step whose loss is largest among those the budget no longer needs
+    chosen = {root: hulls[root][i] for root, i in at.items()}
+    if saved < need - 1e-12:  # out of reach: everything the hulls allow
+        return {root: o[0] for root, o in chosen.items() if o[1] > 0}
+    for _ in range(100 * len(options)):  # local search: the single move that loses least, while any helps
         best = None
-        for root, i in at.items():
-            if i == 0:
-                continue
-            ds = options[root][i][1] - options[root][i - 1][1]
-            dl = options[root][i][2] - options[root][i - 1][2]
-            if saved - ds >= need - 1e-12 and (best is None or dl > best[0]):
-                best = (dl, ds, root)
+        for root, current in chosen.items():
+            for option in options[root]:
+                gain = current[2] - option[2]
+                if gain > 1e-12 and saved - current[1] + option[1] >= need - 1e-12 and (best is None or gain > best[0]):
+                    best = (gain, root, option)
         if best is None:
             break
-        saved -= best[1]
-        at[best[2]] -= 1
-    return {root: options[root][i][0] for root, i in at.items() if i > 0}
+        _, root, option = best
+        saved += option[1] - chosen[root][1]
+        chosen[root] = option
+    return {root: o[0] for root, o in chosen.items() if o[1] > 0}
 
 
 @dataclass
@@ -142,6 +155,7 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
     best: tuple[Plan, float, float, float] | None = None  # plan, predicted, measured, noise
     fastest = None
     seen: set[tuple] = set()
+    tight, loose = 0.0, 1.0  # budgets known to give plans faster than needed / slower than the target
     for it in range(max_iterations):
         counts = allocate(options, internal)
         signature = tuple(sorted(counts.items()))
@@ -167,7 +181,14 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
             best = (plan, predicted, measured, noise)
         if ok and measured >= target_ratio * (1 - tol):
             break
-        internal = min(1.0, max(1e-3, internal * target_ratio / max(measured, 1e-9)))
+        # the next budget: scaled by target/measured (the table's error carried over), kept inside the bracket
+        # of budgets already seen too fast and too slow (their geometric mean once the scaling leaves it)
+        if ok:
+            tight = max(tight, internal)
+        else:
+            loose = min(loose, internal)
+        step = internal * target_ratio / max(measured, 1e-9)
+        internal = step if tight < step < loose else math.sqrt(max(tight, 1e-3) * loose)
     plan, predicted, measured, noise = best or fastest
     return LatencyResult(plan, target, target_ratio, table.base_ms, predicted, measured, noise, best is not None,
                          tried, table)
