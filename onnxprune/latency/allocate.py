@@ -11,8 +11,8 @@ local search moves single groups to cheaper counts while the budget holds.
 
 The table's model is a prediction; the result is measured end to end against the original (interleaved, as
 ratios). When it misses the target by more than the measurement noise (too slow, or faster than needed), the
-budget handed to the allocation is scaled by target/measured and the plan made again, at most
-`max_iterations` times; the best measured plan within the target is kept.
+budget handed to the allocation is corrected by the measured error (`next_budget`) and the plan made again, at
+most `max_iterations` times; the best measured plan within the target is kept.
 """
 
 from __future__ import annotations
@@ -141,8 +141,22 @@ def kept_plan(analysis, scores: dict[int, np.ndarray], counts: dict[int, int]) -
     return plan
 
 
+def next_budget(budget: float, predicted: float, measured: float, target: float, tight: float, loose: float) -> float:
+    """The budget for the next plan. Savings add up in log space, so the table's error is taken as a factor
+    on the log saving: measured = predicted ** a, and the budget that should measure `target` is
+    target ** (1 / a) (a plan's predicted ratio is close to its budget). Kept strictly between the budgets
+    seen too fast (`tight`) and too slow (`loose`); their geometric mean when the estimate leaves them."""
+    if 0 < predicted < 1 and 0 < measured < 1 and 0 < target < 1:
+        step = target ** (math.log(predicted) / math.log(measured))
+    else:
+        step = budget * target / max(measured, 1e-9)
+    if tight < step < loose:
+        return step
+    return math.sqrt(max(tight, 1e-3) * loose)
+
+
 def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray], target: float | str,
-                     settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 4,
+                     settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 5,
                      show_progress: bool = False) -> LatencyResult:
     """The plan keeping the most importance whose measured latency is within `target` (a fraction of the
     original's, or "12ms"), on `settings`' provider, batch and threads."""
@@ -158,6 +172,11 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
     tight, loose = 0.0, 1.0  # budgets known to give plans faster than needed / slower than the target
     for it in range(max_iterations):
         counts = allocate(options, internal)
+        for _ in range(20):  # a budget too close to the last to change the plan: move on in the same direction
+            if tuple(sorted(counts.items())) not in seen or not tried:
+                break
+            internal = internal ** (1.25 if tried[-1]["measured_ratio"] > target_ratio else 0.8)
+            counts = allocate(options, internal)
         signature = tuple(sorted(counts.items()))
         if signature in seen:
             break
@@ -181,14 +200,11 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
             best = (plan, predicted, measured, noise)
         if ok and measured >= target_ratio * (1 - tol):
             break
-        # the next budget: scaled by target/measured (the table's error carried over), kept inside the bracket
-        # of budgets already seen too fast and too slow (their geometric mean once the scaling leaves it)
         if ok:
             tight = max(tight, internal)
         else:
             loose = min(loose, internal)
-        step = internal * target_ratio / max(measured, 1e-9)
-        internal = step if tight < step < loose else math.sqrt(max(tight, 1e-3) * loose)
+        internal = next_budget(internal, predicted, measured, target_ratio, tight, loose)
     plan, predicted, measured, noise = best or fastest
     return LatencyResult(plan, target, target_ratio, table.base_ms, predicted, measured, noise, best is not None,
                          tried, table)
