@@ -144,7 +144,7 @@ def test_target_latency_plan_on_the_digits_cnn(tmp_path, cli_error):
     data = json.loads(report.read_text())
     lat = data["latency"]
     assert data["recipe"]["target_latency"] == 0.6 and data["recipe"]["latency_provider"] == "cpu"
-    assert lat["target_ratio"] == 0.6 and 1 <= len(lat["iterations"]) <= 4
+    assert lat["target_ratio"] == 0.6 and 1 <= len(lat["iterations"]) <= 5
     assert lat["met"] and lat["measured_ratio"] <= 0.6 * (1 + max(lat["noise"], lat["table"]["noise"], 0.02))
     assert data["stats"]["channels_removed"] > 0
     model = load_model(MODELS / "digits_cnn.onnx")
@@ -161,7 +161,7 @@ def test_target_latency_plan_on_the_decoder(tmp_path):
     build_table(prep, model, feed, FAST, tmp_path)  # a short table first; the prune reads it
     result = prune_model(model, prepared=prep, target_latency=0.7, latency_cache=tmp_path)
     lat = result.stats["latency"]
-    assert lat["table"]["cached"] and result.plan.kept and 1 <= len(lat["iterations"]) <= 4
+    assert lat["table"]["cached"] and result.plan.kept and 1 <= len(lat["iterations"]) <= 5
     heads = [g for g in prep.analysis.prunable if g.unit > 1]
     assert heads and all(len(result.plan.kept.get(g.spaces[0], range(g.size))) % g.unit == 0 for g in heads)
     oracle(model, result, feed)
