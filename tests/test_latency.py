@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from onnxprune.cli import main
 from onnxprune.graph.kvcache import follow
 from onnxprune.io.model_io import load_model
 from onnxprune.latency import measure
-from onnxprune.latency.allocate import allocate, group_options, kept_plan
+from onnxprune.latency.allocate import allocate, group_options
 from onnxprune.latency.measure import LatencySettings, latency_feed
 from onnxprune.latency.table import GroupCurve, LatencyTable, build_table, probe_counts
 from onnxprune.pipeline.prune import prepare, prune_model

@@ -44,7 +44,6 @@ def model_path(name: str) -> Path:
     path = CACHE / f"{name}_224.onnx"
     if not path.is_file():
         import torch
-
         import zoo
 
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -88,6 +87,7 @@ def model_shapes(model, feed) -> dict:
 
 
 def bench(name: str, batch: int, target: float, samples: int, rounds: int, match_steps: int = 6) -> dict:
+    from onnxprune.evaluate.metrics import run_model
     from onnxprune.graph.stats import count_macs
     from onnxprune.io.model_io import load_model
     from onnxprune.latency import measure as lat_measure
@@ -96,7 +96,6 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
     from onnxprune.pipeline.budget import plan_for_target
     from onnxprune.pipeline.prune import prepare, prune_model
     from onnxprune.pipeline.score import score_groups
-    from onnxprune.evaluate.metrics import run_model
 
     path = model_path(name)
     model = load_model(path)
@@ -164,8 +163,9 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | base ms | table s | plan | latency / original | latency / target | MACs / original "
-             "| latency ratio / MAC ratio | fidelity |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | batch | base ms | table s | plan | latency / original | latency / target | MACs / original "
+              "| latency ratio / MAC ratio | fidelity |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for key in ("latency", "macs"):
             x = r[key]

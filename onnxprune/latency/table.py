@@ -95,11 +95,11 @@ def probe_counts(group, fractions=FRACTIONS, max_group_ratio: float = 0.9) -> li
     size = group.size
     step = group.unit * max(group.blocks, 1) if group.unit > 1 else max(group.blocks, 1)
     align = step * (16 if size >= 128 else 8 if size >= 32 else 1) if step == 1 else step
-    floor_keep = max(1, size - int(math.floor(size * max_group_ratio)))
+    floor_keep = max(1, size - math.floor(size * max_group_ratio))
     counts = set()
     for f in fractions:
-        k = int(round(size * f / align)) * align
-        k = max(k, int(math.ceil(floor_keep / align)) * align, step)
+        k = round(size * f / align) * align
+        k = max(k, math.ceil(floor_keep / align) * align, step)
         if k < size:
             counts.add(k)
     dummy = np.arange(size, 0, -1, dtype=np.float64)
