@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from onnxprune.pipeline.score import all_criteria
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
 # a threshold. An override that names one budget drops the others it does not name.
 BUDGETS = {"ratio": ("ratio", "head_ratio"), "target_macs": ("target_macs",),
-           "target_params": ("target_params",), "threshold": ("threshold",)}
+           "target_params": ("target_params",), "target_latency": ("target_latency",), "threshold": ("threshold",)}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class Recipe:
     seed: int = 0                     # random scores, sample choices in recovery
     gqa_mode: str = "kv-groups"       # grouped-query attention: prune whole kv groups, or query heads in them
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)
+    # keep this fraction of the measured latency (0.5), or a time ("12ms"), measured on this provider, batch
+    # and threads: they are recipe fields because the plan depends on where the model was timed
+    target_latency: float | str | None = None
+    latency_provider: str = "cpu"
+    latency_batch: int = 1
+    latency_threads: int = 1
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -118,7 +125,8 @@ class Recipe:
         changes: dict[str, Any] = {}
         if self.criterion is None:
             changes["criterion"] = "hybrid" if has_data and self.mode == "structured" else "l1"
-        no_budget = self.target_macs is None and self.target_params is None and self.threshold is None
+        no_budget = (self.target_macs is None and self.target_params is None and self.threshold is None
+                     and self.target_latency is None)
         if self.ratio is None and no_budget:
             changes["ratio"] = 0.5
         return dataclasses.replace(self, **changes) if changes else self
@@ -275,6 +283,40 @@ def _criteria() -> tuple[str, ...]:
     return tuple(all_criteria())
 
 
+_MS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*ms\s*$", re.IGNORECASE)
+
+
+def latency_ms(value) -> float | None:
+    """'12ms' -> 12.0; None for anything that is not a time in milliseconds."""
+    match = _MS.match(value) if isinstance(value, str) else None
+    return float(match.group(1)) if match else None
+
+
+def _latency_target(value, label: str, strict: bool) -> float | str:
+    """A fraction of the measured latency in (0, 1] (a number, or its text), or milliseconds as "12ms"."""
+    if isinstance(value, str):
+        ms = latency_ms(value)
+        if ms is not None:
+            if ms <= 0:
+                raise InputError(f"{label} must be a positive time, got {value!r}")
+            return f"{ms:g}ms"
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{label} takes a fraction of the latency (0.5) or a time (12ms), got {value!r}") \
+                from None
+    value = _number(value, label, strict)
+    _fraction_kept(value, label)
+    return value
+
+
+def _provider(value: str, label: str) -> None:
+    from onnxprune.runtime.session import PROVIDERS
+
+    if value.strip().lower() not in PROVIDERS and value not in PROVIDERS.values():
+        raise InputError(f"{label} must be one of {', '.join(PROVIDERS)}; got {value!r}")
+
+
 def _fraction_open(value: float, label: str) -> None:   # [0, 1)
     if not 0.0 <= value < 1.0:
         raise InputError(f"{label} must be in [0, 1), got {value}")
@@ -311,6 +353,10 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
     "seed": (_integer, _at_least(0), False),
     "gqa_mode": (_string, _choice(GQA_MODES), False),
     "keep_kv_cache": (_boolean, None, False),
+    "target_latency": (_latency_target, None, True),
+    "latency_provider": (_string, _provider, False),
+    "latency_batch": (_integer, _at_least(1), False),
+    "latency_threads": (_integer, _at_least(1), False),
 }
 
 
@@ -340,13 +386,17 @@ def check_values(values: dict[str, Any], label: Callable[[str], str], strict_typ
 
 def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
     if r["mode"] == "structured":
-        budgets = [k for k in ("ratio", "target_macs", "target_params") if r[k] is not None]
+        budgets = [k for k in ("ratio", "target_macs", "target_params", "target_latency") if r[k] is not None]
         if len(budgets) > 1:
-            raise InputError(f"give one of {label('ratio')}, {label('target_macs')}, {label('target_params')} "
-                             f"(got {', '.join(label(k) for k in budgets)})")
-        if r["head_ratio"] is not None and (r["target_macs"] is not None or r["target_params"] is not None):
+            raise InputError(f"give one of {label('ratio')}, {label('target_macs')}, {label('target_params')}, "
+                             f"{label('target_latency')} (got {', '.join(label(k) for k in budgets)})")
+        if r["head_ratio"] is not None and (r["target_macs"] is not None or r["target_params"] is not None
+                                            or r["target_latency"] is not None):
             raise InputError(f"{label('head_ratio')} goes with {label('ratio')}, not with "
-                             f"{label('target_macs')}/{label('target_params')}")
+                             f"{label('target_macs')}/{label('target_params')}/{label('target_latency')}")
+        if r["target_latency"] is not None and r["allocate"] != "global":
+            raise InputError(f"{label('allocate')} spreads a MAC or parameter target; {label('target_latency')} "
+                             "allocates by measured latency (drop the allocate setting)")
         if r["threshold"] is not None:
             raise InputError(f"{label('threshold')} is for {label('mode')} unstructured")
         return
@@ -357,6 +407,7 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
         raise InputError(f"{label('prune_hidden')} is for structured pruning")
     extra = [k for k, bad in (("recover", r["recover"] != "none"), ("target_macs", r["target_macs"] is not None),
                               ("target_params", r["target_params"] is not None),
+                              ("target_latency", r["target_latency"] is not None),
                               ("criterion", r["criterion"] not in (None, "l1")),
                               ("allocate", r["allocate"] != "global"), ("global_ranking", r["global_ranking"]),
                               ("round_to", r["round_to"] != 1)) if bad]

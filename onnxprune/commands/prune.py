@@ -73,6 +73,15 @@ def recipe_options(f):
         click.option("--target-macs", type=float, default=None, metavar="F", help="Keep this fraction of the MACs."),
         click.option("--target-params", type=float, default=None, metavar="F",
                      help="Keep this fraction of the parameters."),
+        click.option("--target-latency", default=None, metavar="F|Nms",
+                     help="Keep this fraction of the latency measured on --provider at --batch with --threads "
+                          "(0.5), or a time (12ms); channels are chosen by a measured latency table."),
+        click.option("--provider", "--latency-provider", "latency_provider", default="cpu", show_default=True,
+                     help="Execution provider --target-latency is measured on (cpu, cuda, ...)."),
+        click.option("--batch", "--latency-batch", "latency_batch", type=click.IntRange(min=1), default=1,
+                     show_default=True, help="Batch size --target-latency is measured at."),
+        click.option("--threads", "--latency-threads", "latency_threads", type=click.IntRange(min=1), default=1,
+                     show_default=True, help="onnxruntime intra-op threads --target-latency is measured with."),
         click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True,
                      help="How a budget is spread over groups (sensitivity measures each group on --data)."),
         click.option("--mode", type=click.Choice(list(MODES)), default="structured", show_default=True,
@@ -121,6 +130,8 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
 @click.option("--all", "show_all", is_flag=True, help="List every group, not only the pruned ones.")
 @click.option("--strict", is_flag=True,
               help="Fail (exit 2) when a handler fault or a failed validation had to be contained.")
+@click.option("--latency-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Folder of measured latency tables (--target-latency). [default: ~/.cache/onnxprune/latency]")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Most memory calibration keeps (e.g. 8G, 512M); past it, activations spill to disk beside "
                    "the output. [default: a quarter of the machine's memory]")
@@ -128,7 +139,7 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
 @creates_output_folders(output="-o", json_path="--json")
 def prune(model: str, output: str | None, overwrite: bool, max_drop: float | None, eval_data: str | None,
           dry_run: bool, json_path: str | None, show_all: bool, mlflow_uri: str | None, strict: bool,
-          memory_budget: str | None, **params) -> None:
+          memory_budget: str | None, latency_cache: str | None, **params) -> None:
     """Prune MODEL structurally: remove RATIO of the channels of every prunable group."""
     out_path = Path(output) if output else default_output(model)
     if not dry_run:
@@ -144,9 +155,10 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     recipe, given = recipe_from_options(params)
     data_kwargs = params
     if max_drop is not None:
-        budgets = [option_name(k) for k in ("ratio", "target_macs", "target_params") if given.get(k) is not None]
+        budgets = [option_name(k) for k in ("ratio", "target_macs", "target_params", "target_latency")
+                   if given.get(k) is not None]
         if budgets:
-            raise InputError(f"give one of --ratio, --target-macs, --target-params, --max-drop "
+            raise InputError(f"give one of --ratio, --target-macs, --target-params, --target-latency, --max-drop "
                              f"(got {', '.join(budgets)}, --max-drop)")
         if recipe.mode == "unstructured" or given.get("head_ratio") is not None:
             raise InputError("--head-ratio goes with --ratio (structured), not with --max-drop or --mode unstructured"
@@ -184,7 +196,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
-                      reuse=Reuse(prepared=prep))
+                      reuse=Reuse(prepared=prep), latency_cache=latency_cache)
     if max_drop is not None:
         result = prune_within_drop(original, max_drop, held, recipe, run)
     else:
@@ -209,10 +221,13 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
                        "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
                        "target_macs": recipe.target_macs, "target_params": recipe.target_params,
+                       "target_latency": recipe.target_latency, "latency": result.stats.get("latency"),
                        "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
                        "groups": groups_rows, "recovery": result.recovery, "search": result.search,
                        "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
                        "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+        if "latency" in result.stats:
+            console.print(latency_line(result.stats["latency"]))
         if result.interface:
             console.print(interface_table(result.interface))
         for note in result.notes:
@@ -239,6 +254,16 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         from onnxprune.sweep.tracking import log_prune
 
         log_prune(mlflow_uri, report, json_path)
+
+
+def latency_line(r: dict) -> str:
+    """The latency target, what the table predicted and what was measured, in one line."""
+    t = r["table"]
+    source = "from the cache" if t["cached"] else f"measured in {t['seconds']:.1f} s"
+    return (f"latency on {t['provider']} (batch {t['batch']}, {t['threads']} threads): target {r['target_ms']:.3f} ms "
+            f"({r['target_ratio']:.3f} of {r['base_ms']:.3f} ms); predicted {r['predicted_ms']:.3f} ms "
+            f"({r['predicted_ratio']:.3f}), measured {r['measured_ms']:.3f} ms ({r['measured_ratio']:.3f}, "
+            f"noise {100 * r['noise']:.1f}%) after {len(r['iterations'])} iteration(s); table {source}")
 
 
 def _show_unstructured(result) -> None:

@@ -22,6 +22,8 @@ from onnxprune.graph.faults import Fault, strict_message
 from onnxprune.graph.kvcache import interface_changes
 from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.io.model_io import check_supported, model_bytes
+from onnxprune.latency.allocate import plan_for_latency
+from onnxprune.latency.measure import LatencySettings, latency_feed
 from onnxprune.pipeline.activations import ActivationStats
 from onnxprune.pipeline.apply import apply_validated
 from onnxprune.pipeline.budget import plan_for_target
@@ -61,7 +63,8 @@ class RunSettings:
     (else the calibration data's, else 1); `strict` makes any contained fault an error; `memory_budget`
     (bytes) caps what calibration keeps in memory (pipeline/stages.py); `validate=False` skips the
     post-conditions (benchmarks); `removed` (group root space -> channels) replaces scoring and planning (the
-    zero-channel oracle prunes exactly the channels it zeroed); `reuse` holds work already done.
+    zero-channel oracle prunes exactly the channels it zeroed); `reuse` holds work already done;
+    `latency_cache` is where `target_latency` keeps its measured tables.
     """
 
     calibration: object = None
@@ -71,6 +74,7 @@ class RunSettings:
     validate: bool = True
     removed: dict[int, np.ndarray] | None = None
     reuse: Reuse = Reuse()
+    latency_cache: str | None = None  # folder of measured latency tables (latency/table.py; default ~/.cache)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         data = self.calibration
@@ -155,7 +159,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     if recipe.criterion in DATA_CRITERIA and stats is None and run.removed is None:
         stats = channel_stats(prep, feeds, memory_budget=run.memory_budget, seed=recipe.seed)
     warnings = data_free_warnings(model, recipe, bool(feeds), prep.analysis) if run.removed is None else []
-    plan, notes, contained = make_plan(prep, recipe, run, stats)
+    plan, notes, contained, latency = make_plan(model, prep, recipe, run, stats)
     feed = validation_feed(model, run.input_shapes, feeds, recipe.seed) if run.validate else None
     applied = apply_validated(prep, plan, model, feed, check=run.validate)
     pruned, plan = applied.model, applied.plan
@@ -186,6 +190,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
         "groups_pruned": len(plan.kept), "channels_removed": plan.total_pruned,
         "faults": len(faults),
     }
+    if latency is not None:
+        figures["latency"] = latency
     if passes:
         figures["passes"] = {**passes, "total": sum(passes.values())}
     interface = interface_changes(model, pruned)
@@ -197,18 +203,22 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     return quantize_result(result, feeds) if recipe.quantize else result
 
 
-def make_plan(prep: Prepared, recipe: Recipe, run: RunSettings,
-              stats: ActivationStats | None) -> tuple[Plan, list[str], list[Fault]]:
-    """Score and plan: the channels to keep per group, notes for the report, and faults met by sensitivity."""
+def make_plan(model: onnx.ModelProto, prep: Prepared, recipe: Recipe, run: RunSettings,
+              stats: ActivationStats | None) -> tuple[Plan, list[str], list[Fault], dict | None]:
+    """Score and plan: the channels to keep per group, notes for the report, faults met by sensitivity, and the
+    latency report of a latency target."""
     if run.removed is not None:
-        return plan_removal(prep.analysis, run.removed), [], []
+        return plan_removal(prep.analysis, run.removed), [], [], None
     notes: list[str] = []
     faults: list[Fault] = []
+    latency = None
     scores = run.reuse.scores
     if scores is None:
         scores = score_groups(prep.analysis, prep.view, recipe.criterion, recipe.seed, stats=stats)
     target = recipe.target_macs if recipe.target_macs is not None else recipe.target_params
-    if target is not None:
+    if recipe.target_latency is not None:
+        plan, latency = _plan_for_latency(prep, model, scores, recipe, run, notes)
+    elif target is not None:
         metric = "macs" if recipe.target_macs is not None else "params"
         curves = None
         if recipe.allocate == "sensitivity":
@@ -224,7 +234,24 @@ def make_plan(prep: Prepared, recipe: Recipe, run: RunSettings,
         plan = planner(prep.analysis, scores, recipe.ratio, recipe.round_to, head_ratio=recipe.head_ratio)
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
-    return plan, notes, faults
+    return plan, notes, faults, latency
+
+
+def _plan_for_latency(prep: Prepared, model: onnx.ModelProto, scores: dict[int, np.ndarray], recipe: Recipe,
+                      run: RunSettings, notes: list[str]) -> tuple[Plan, dict]:
+    """The plan meeting the recipe's latency target, measured (onnxprune/latency), and its report."""
+    settings = latency_settings(recipe)
+    feed = latency_feed(prep.model, settings.batch, run.input_shapes, run.feeds(), recipe.seed)
+    result = plan_for_latency(prep, model, scores, recipe.target_latency, settings, feed, run.latency_cache)
+    if not result.met:
+        notes.append(f"the latency target {recipe.target_latency} was not met: the fastest plan tried measured "
+                     f"{result.measured:.3f} of the original's latency (target {result.target_ratio:.3f})")
+    return result.plan, result.as_dict()
+
+
+def latency_settings(recipe: Recipe) -> LatencySettings:
+    """Where the recipe's latency target is measured: its provider, batch and threads."""
+    return LatencySettings(recipe.latency_provider, recipe.latency_batch, recipe.latency_threads, seed=recipe.seed)
 
 
 def check_runnable(recipe: Recipe, feeds: Feeds, explicit: bool = False) -> None:
@@ -235,6 +262,8 @@ def check_runnable(recipe: Recipe, feeds: Feeds, explicit: bool = False) -> None
         raise InputError(f"{what} needs calibration data: pass --data FILE")
     if recipe.quantize in ("int8", "static") and not feeds:
         raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")
+    if recipe.target_latency is not None:
+        latency_settings(recipe).check()  # a provider this onnxruntime lacks: one line, before any work
     if recipe.allocate == "sensitivity" and recipe.target is None:
         raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params or "
                          "--max-drop")

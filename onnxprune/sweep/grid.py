@@ -2,8 +2,8 @@
 
 Every combination of the listed values is a candidate, except that budgets are alternatives: `--ratio
 0.25,0.5 --target-macs 0.4` gives three budgets (two ratios and one MAC target), not their product, since a
-recipe has one budget. Combinations that are not valid recipes (`--mode unstructured` with `--recover
-lstsq`) are skipped with their reason; recipes that resolve to the same one are tried once.
+recipe has one budget (`--target-latency 0.8,0.6,0.4` or `12ms,8ms` is a budget axis too). Combinations
+that are not valid recipes (`--mode unstructured` with `--recover lstsq`) are skipped with their reason; recipes that resolve to the same one are tried once.
 
 A grid file (TOML, or JSON with the same keys):
 
@@ -29,7 +29,7 @@ from typing import Any
 from onnxprune.errors import InputError
 from onnxprune.recipe import Recipe, check_key, check_values, field_names, option_name, read_table
 
-BUDGET_KEYS = ("ratio", "target_macs", "target_params", "threshold")
+BUDGET_KEYS = ("ratio", "target_macs", "target_params", "target_latency", "threshold")
 
 
 @dataclass
@@ -49,7 +49,7 @@ def parse_list(key: str, text: str) -> list[Any]:
         value: Any = item
         if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold"):
             value = _convert(float, item, key)
-        elif key in ("round_to", "seed"):
+        elif kind is int:
             value = _convert(int, item, key)
         elif kind is bool:
             if item.lower() not in ("true", "false", "yes", "no", "on", "off"):

@@ -1,0 +1,1 @@
+"""Latency-aware pruning: measured latency tables per channel group, and the plan that meets a latency budget."""

@@ -1,0 +1,211 @@
+"""Allocation under a latency budget, and the closed loop that checks it by measurement.
+
+Allocation is a multiple-choice knapsack: each group picks one kept count among those its latency table
+measured (or stays whole); a count costs the importance of the channels it drops (the group's scores over
+their mean, summed over the lowest-scored channels removed: the same normalisation as `--global`) and saves
+-log of its latency ratio, and the savings add up to -log of the plan's predicted ratio (table.py's
+multiplicative model). Per group only options that no other beats (more saving for less loss) are kept, so a count that is no
+faster than a larger one (a step of the measured curve not taken) is never chosen; the greedy takes the
+cheapest importance per unit of saving until the budget is met (optimal for the relaxed problem), then a
+local search moves single groups to cheaper counts while the budget holds.
+
+The table's model is a prediction; the result is measured end to end against the original (interleaved, as
+ratios). When it misses the target by more than the measurement noise (too slow, or faster than needed), the
+budget handed to the allocation is corrected by the measured error (`next_budget`) and the plan made again, at
+most `max_iterations` times; the best measured plan within the target is kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.latency import measure
+from onnxprune.latency.measure import LatencySettings, parse_target
+from onnxprune.latency.table import LatencyTable, build_table
+from onnxprune.pipeline.apply import apply_validated
+from onnxprune.pipeline.plan import Plan, select
+
+Option = tuple[int, float, float]  # (kept count, saving = -log ratio, importance lost)
+
+
+def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray) -> list[Option]:
+    """A group's options that no other beats (more saving for less loss), from the whole group (0, 0) up, in
+    order of saving; a count no faster than a larger one is dropped here."""
+    normed = np.sort(np.asarray(scores, dtype=np.float64))
+    normed = normed / max(float(normed.mean()), 1e-12)
+    lost = np.concatenate([[0.0], np.cumsum(normed)])
+    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
+    frontier: list[Option] = []
+    for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not frontier or loss < frontier[-1][2]:
+            frontier.append((k, saving, loss))
+    return [(size, 0.0, 0.0), *reversed(frontier)]
+
+
+def lower_hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (saving, loss): those the greedy steps through."""
+    hull: list[Option] = []
+    for option in options:
+        while len(hull) >= 2:  # drop the last point while it lies on or above the segment to the new one
+            (_, s1, l1), (_, s2, l2) = hull[-2], hull[-1]
+            if (l2 - l1) * (option[1] - s1) >= (option[2] - l1) * (s2 - s1):
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def allocate(options: dict[int, list[Option]], target_ratio: float) -> dict[int, int]:
+    """Kept count per group (only groups that lose channels) whose summed saving reaches -log(target_ratio)
+    with little importance lost; the largest saving possible when the target cannot be reached.
+
+    The greedy walks each group's convex hull, cheapest loss per saving first, until the budget is met; then a
+    local search moves single groups to any of their options (hull or not: the hull skips counts a budget
+    between two steps needs) while the budget holds and the loss falls."""
+    need = -math.log(max(target_ratio, 1e-12))
+    hulls = {root: lower_hull(opts) for root, opts in options.items()}
+    at = {root: 0 for root in options}
+    heap: list[tuple[float, int, int]] = []
+
+    def push(root: int) -> None:
+        hull, i = hulls[root], at[root]
+        if i + 1 < len(hull):
+            ds, dl = hull[i + 1][1] - hull[i][1], hull[i + 1][2] - hull[i][2]
+            heapq.heappush(heap, (dl / max(ds, 1e-12), root, i))
+
+    for root in options:
+        push(root)
+    saved = 0.0
+    while saved < need - 1e-12 and heap:
+        _, root, i = heapq.heappop(heap)
+        if at[root] != i:
+            continue
+        saved += hulls[root][i + 1][1] - hulls[root][i][1]
+        at[root] = i + 1
+        push(root)
+    chosen = {root: hulls[root][i] for root, i in at.items()}
+    if saved < need - 1e-12:  # out of reach: everything the hulls allow
+        return {root: o[0] for root, o in chosen.items() if o[1] > 0}
+    for _ in range(100 * len(options)):  # local search: the single move that loses least, while any helps
+        best = None
+        for root, current in chosen.items():
+            for option in options[root]:
+                gain = current[2] - option[2]
+                if gain > 1e-12 and saved - current[1] + option[1] >= need - 1e-12 and (best is None or gain > best[0]):
+                    best = (gain, root, option)
+        if best is None:
+            break
+        _, root, option = best
+        saved += option[1] - chosen[root][1]
+        chosen[root] = option
+    return {root: o[0] for root, o in chosen.items() if o[1] > 0}
+
+
+@dataclass
+class LatencyResult:
+    plan: Plan
+    target: float | str        # as given: a fraction, or "12ms"
+    target_ratio: float        # the target as a fraction of the original's latency
+    base_ms: float             # the original model
+    predicted: float           # the table's predicted ratio for the plan
+    measured: float            # the measured ratio (end to end, against the original)
+    noise: float               # relative spread of that measurement
+    met: bool
+    iterations: list[dict] = field(default_factory=list)
+    table: LatencyTable | None = None
+
+    def as_dict(self) -> dict:
+        t = self.table
+        return {"target": self.target, "target_ratio": self.target_ratio, "target_ms": self.target_ratio * self.base_ms,
+                "base_ms": self.base_ms, "predicted_ratio": self.predicted, "predicted_ms": self.predicted * self.base_ms,
+                "measured_ratio": self.measured, "measured_ms": self.measured * self.base_ms, "noise": self.noise,
+                "met": self.met, "iterations": self.iterations,
+                "table": None if t is None else {"provider": t.provider, "batch": t.batch, "threads": t.threads,
+                                                 "groups": len(t.curves), "cached": t.cached,
+                                                 "seconds": round(t.seconds, 2), "noise": t.noise}}
+
+
+def kept_plan(analysis, scores: dict[int, np.ndarray], counts: dict[int, int]) -> Plan:
+    plan = Plan()
+    for g in analysis.prunable:
+        root = g.spaces[0]
+        plan.sizes[root] = g.size
+        if root in counts and counts[root] < g.size:
+            plan.kept[root] = select(g, scores[root], counts[root])
+    return plan
+
+
+def next_budget(budget: float, predicted: float, measured: float, target: float, tight: float, loose: float) -> float:
+    """The budget for the next plan. Savings add up in log space, so the table's error is taken as a factor
+    on the log saving: measured = predicted ** a, and the budget that should measure `target` is
+    target ** (1 / a) (a plan's predicted ratio is close to its budget). Kept strictly between the budgets
+    seen too fast (`tight`) and too slow (`loose`); their geometric mean when the estimate leaves them."""
+    if 0 < predicted < 1 and 0 < measured < 1 and 0 < target < 1:
+        step = target ** (math.log(predicted) / math.log(measured))
+    else:
+        step = budget * target / max(measured, 1e-9)
+    if tight < step < loose:
+        return step
+    return math.sqrt(max(tight, 1e-3) * loose)
+
+
+def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray], target: float | str,
+                     settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 5,
+                     show_progress: bool = False) -> LatencyResult:
+    """The plan keeping the most importance whose measured latency is within `target` (a fraction of the
+    original's, or "12ms"), on `settings`' provider, batch and threads."""
+    table = build_table(prep, model, feed, settings, cache, show_progress)
+    target_ratio = parse_target(target, table.base_ms)
+    options = {root: group_options(c.size, c.counts, c.ratios, scores[root])
+               for root, c in table.curves.items() if c.counts}
+    internal = min(target_ratio, 1.0)
+    tried: list[dict] = []
+    best: tuple[Plan, float, float, float] | None = None  # plan, predicted, measured, noise
+    fastest = None
+    seen: set[tuple] = set()
+    tight, loose = 0.0, 1.0  # budgets known to give plans faster than needed / slower than the target
+    for it in range(max_iterations):
+        counts = allocate(options, internal)
+        for _ in range(20):  # a budget too close to the last to change the plan: move on in the same direction
+            if tuple(sorted(counts.items())) not in seen or not tried:
+                break
+            internal = internal ** (1.25 if tried[-1]["measured_ratio"] > target_ratio else 0.8)
+            counts = allocate(options, internal)
+        signature = tuple(sorted(counts.items()))
+        if signature in seen:
+            break
+        seen.add(signature)
+        plan = kept_plan(prep.analysis, scores, counts)
+        predicted = table.predict({r: len(k) for r, k in plan.kept.items()})
+        applied = apply_validated(prep, plan, model, None, check=False)
+        pruned, plan = applied.model, applied.plan
+        timed = measure.time_models({"original": prep.model, "pruned": pruned}, feed, settings, reference="original")
+        measured, noise = float(timed["ratio"]["pruned"]), float(timed["noise"]["pruned"])
+        if isinstance(target, str):  # absolute: against the least disturbed time of the original seen so far
+            table.base_ms = min(table.base_ms, timed["ms"]["original"])
+            target_ratio = parse_target(target, table.base_ms)
+        tol = max(noise, table.noise, 0.02)
+        ok = bool(measured <= target_ratio * (1 + tol))
+        tried.append({"iteration": it + 1, "budget_ratio": internal, "predicted_ratio": predicted,
+                      "measured_ratio": measured, "noise": noise, "channels_removed": plan.total_pruned,
+                      "within_target": ok})
+        if fastest is None or measured < fastest[2]:
+            fastest = (plan, predicted, measured, noise)
+        if ok and (best is None or measured > best[2]):
+            best = (plan, predicted, measured, noise)
+        if ok and measured >= target_ratio * (1 - tol):
+            break
+        if ok:
+            tight = max(tight, internal)
+        else:
+            loose = min(loose, internal)
+        internal = next_budget(internal, predicted, measured, target_ratio, tight, loose)
+    plan, predicted, measured, noise = best or fastest
+    return LatencyResult(plan, target, target_ratio, table.base_ms, predicted, measured, noise, best is not None,
+                         tried, table)

@@ -1,0 +1,228 @@
+"""Latency-aware pruning (issue 20): measured tables (cached), the knapsack, --target-latency plans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.graph.kvcache import follow
+from onnxprune.io.model_io import load_model
+from onnxprune.latency import measure
+from onnxprune.latency.allocate import allocate, group_options
+from onnxprune.latency.measure import LatencySettings, latency_feed
+from onnxprune.latency.table import GroupCurve, LatencyTable, build_table, probe_counts
+from onnxprune.pipeline.prepare import prepare
+from onnxprune.pipeline.prune import prune_model
+from onnxprune.runtime.session import run
+from onnxprune.recipe import Recipe
+from onnxprune.testing import zero_channels
+from onnxprune.pipeline.prune import Reuse, RunSettings
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+FAST = LatencySettings(rounds=2, seconds=0.003)  # tiny models, few runs: the tests check mechanics, not speed
+
+
+def absent_provider() -> str:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    full = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider"}
+    return next(short for short, name in full.items() if name not in available)
+
+
+@pytest.fixture()
+def timer_calls(monkeypatch):
+    """Counts calls of the one timing function the latency package uses."""
+    calls = []
+    real = measure.time_models
+
+    def counted(*args, **kwargs):
+        calls.append(sorted(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "time_models", counted)
+    return calls
+
+
+def test_table_is_built_cached_and_reused(tmp_path, timer_calls):
+    model = load_model(MODELS / "digits_cnn.onnx")
+    prep = prepare(model)
+    feed = latency_feed(prep.model, FAST.batch)
+    table = build_table(prep, model, feed, FAST, tmp_path)
+    assert not table.cached and len(timer_calls) == len(prep.analysis.prunable) == len(table.curves)
+    for group in prep.analysis.prunable:
+        curve = table.curves[group.spaces[0]]
+        assert curve.counts == probe_counts(group) and len(curve.ratios) == len(curve.counts) > 0
+        assert all(r > 0 for r in curve.ratios) and all(0 < m < 1 for m in curve.macs)
+        if group.size >= 32:  # wide groups are probed at multiples of 8
+            assert all(k % 8 == 0 for k in curve.counts), curve.counts
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"] == table.key
+
+    again = build_table(prepare(model), model, feed, FAST, tmp_path)  # a new run: read, not timed
+    assert again.cached and len(timer_calls) == len(table.curves)
+    assert {r: c.ratios for r, c in again.curves.items()} == {r: c.ratios for r, c in table.curves.items()}
+
+    other = LatencySettings(batch=2, rounds=2, seconds=0.003)  # another batch is another table
+    build_table(prep, model, latency_feed(prep.model, 2), other, tmp_path)
+    assert len(timer_calls) == 2 * len(table.curves) and len(list(tmp_path.glob("*.json"))) == 2
+
+    files[0].write_text("{not json")  # a damaged cache file is measured again, not trusted
+    assert not build_table(prep, model, feed, FAST, tmp_path).cached
+
+
+def synthetic(seed: int = 0):
+    """Options of six groups with measured curves (ratios falling with the kept count) and random scores."""
+    rng = np.random.default_rng(seed)
+    options, curves = {}, {}
+    for root in range(6):
+        size = int(rng.choice([16, 32, 64]))
+        counts = [size // 4, size // 2, 3 * size // 4]
+        share = float(rng.uniform(0.02, 0.3))
+        ratios = [1 - share * (1 - k / size) + float(rng.normal(0, 0.005)) for k in counts]
+        curves[root] = GroupCurve(root, root, size, counts, ratios)
+        options[root] = group_options(size, counts, ratios, rng.random(size))
+    return options, LatencyTable(10.0, 0.01, "cpu", 1, 1, curves)
+
+
+@pytest.mark.parametrize("target", [0.95, 0.8, 0.6])
+def test_knapsack_honours_the_budget(target):
+    options, table = synthetic()
+    counts = allocate(options, target)
+    assert counts and table.predict(counts) <= target + 1e-9
+    # no group could give a step back and stay within the budget (nothing is removed needlessly)
+    for root, k in counts.items():
+        hull = options[root]
+        i = [o[0] for o in hull].index(k)
+        relaxed = {**counts, root: hull[i - 1][0]}
+        assert table.predict(relaxed) > target - 1e-9
+    lost = sum(next(o[2] for o in options[r] if o[0] == k) for r, k in counts.items())
+    tighter = allocate(options, target - 0.1)
+    assert sum(next(o[2] for o in options[r] if o[0] == k) for r, k in tighter.items()) >= lost
+
+
+def test_knapsack_takes_everything_when_the_target_is_out_of_reach():
+    options, table = synthetic(1)
+    counts = allocate(options, 0.01)
+    assert counts == {root: hull[-1][0] for root, hull in options.items() if len(hull) > 1}
+    assert table.predict(counts) > 0.01
+
+
+def test_counts_that_are_not_faster_are_never_chosen():
+    # 8 channels run no faster than 16: the curve's step is at 16, so 8 only loses importance
+    hull = group_options(32, [8, 16, 24], [0.80, 0.80, 0.90], np.arange(1.0, 33.0))
+    assert [o[0] for o in hull] == [32, 24, 16]
+    assert 8 not in allocate({0: hull}, 0.5).values()
+
+
+def oracle(model: onnx.ModelProto, result, feed) -> None:
+    """The latency plan's channels, zeroed in the original and pruned: outputs match; shapes are kept (a
+    decoder's key/value cache follows its pruned heads, kvcache.follow)."""
+    prep = prepare(model)
+    removed = {root: np.setdiff1d(np.arange(result.plan.sizes[root]), kept) for root, kept in result.plan.kept.items()}
+    assert removed
+    zeroed = zero_channels(prep, removed)
+    pruned = prune_model(zeroed, Recipe(), RunSettings(removed=removed))
+    names = [o.name for o in model.graph.output]
+    want = follow(pruned, dict(zip(names, run(zeroed, feed))))
+    got = run(pruned.model, follow(pruned, feed))
+    for w, g in zip(want.values(), got):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+    original = follow(result, dict(zip(names, run(model, feed))))
+    assert [o.shape for o in run(result.model, follow(result, feed))] == [o.shape for o in original.values()]
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_target_latency_plan_on_the_digits_cnn(tmp_path, cli_error):
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(MODELS / "digits_cnn.onnx"), "--target-latency", "0.6", "-o", str(out),
+                 "--json", str(report), "--latency-cache", str(tmp_path / "cache")]) == 0
+    data = json.loads(report.read_text())
+    lat = data["latency"]
+    assert data["recipe"]["target_latency"] == 0.6 and data["recipe"]["latency_provider"] == "cpu"
+    assert lat["target_ratio"] == 0.6 and 1 <= len(lat["iterations"]) <= 5
+    assert lat["met"] and lat["measured_ratio"] <= 0.6 * (1 + max(lat["noise"], lat["table"]["noise"], 0.02))
+    assert data["stats"]["channels_removed"] > 0
+    model = load_model(MODELS / "digits_cnn.onnx")
+    result = prune_model(model, Recipe(target_latency=0.6), latency_cache=tmp_path / "cache")
+    assert result.stats["latency"]["table"]["cached"]  # the CLI's table, reused
+    oracle(model, result, latency_feed(model, 3))
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores: three analyses of the decoder (prune, oracle, zeroed model)
+def test_target_latency_plan_on_the_decoder(tmp_path):
+    model = load_model(MODELS / "stdlib_llama.onnx")
+    prep = prepare(model)
+    feed = latency_feed(prep.model, 1)
+    build_table(prep, model, feed, FAST, tmp_path)  # a short table first; the prune reads it
+    result = prune_model(model, Recipe(target_latency=0.7), RunSettings(reuse=Reuse(prepared=prep)), latency_cache=tmp_path)
+    lat = result.stats["latency"]
+    assert lat["table"]["cached"] and result.plan.kept and 1 <= len(lat["iterations"]) <= 5
+    heads = [g for g in prep.analysis.prunable if g.unit > 1]
+    assert heads and all(len(result.plan.kept.get(g.spaces[0], range(g.size))) % g.unit == 0 for g in heads)
+    oracle(model, result, feed)
+
+
+def test_target_latency_plan_on_a_small_transformer(tmp_path, monkeypatch):
+    """Attention heads and an MLP, built inline; the timer is replaced by one proportional to the MACs of the
+    model timed, so which groups the plan prunes does not depend on the machine."""
+    from onnxprune.graph.stats import count_macs
+    from tests.test_attention_handlers import attention
+
+    base = attention()
+    calls = []
+
+    def mac_timer(models, feed, settings, reference=None):
+        calls.append(len(models))
+        ms = {k: 1e-3 * count_macs(m) for k, m in models.items()}
+        out = {"ms": ms, "rounds": {k: [v] for k, v in ms.items()}}
+        if reference is not None:
+            out["ratio"] = {k: v / ms[reference] for k, v in ms.items()}
+            out["noise"] = {k: 0.0 for k in ms}
+        return out
+
+    monkeypatch.setattr(measure, "time_models", mac_timer)
+    result = prune_model(base, Recipe(target_latency=0.8), latency_cache=tmp_path)
+    lat = result.stats["latency"]
+    assert calls and lat["met"] and lat["measured_ratio"] <= 0.8 * 1.02
+    assert abs(lat["predicted_ratio"] - lat["measured_ratio"]) < 0.2
+    groups = {g.spaces[0]: g for g in result.analysis.groups}
+    assert any(groups[r].unit > 1 for r in result.plan.kept)  # a head went
+    assert all(len(k) % groups[r].unit == 0 for r, k in result.plan.kept.items())
+    oracle(base, result, {"x": np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)})
+
+
+def test_absolute_targets_and_sweep_axes_parse():
+    from onnxprune.sweep.grid import parse_list
+
+    assert Recipe(target_latency="12 MS").target_latency == "12ms"
+    assert Recipe(target_latency="0.5").target_latency == 0.5
+    assert parse_list("target_latency", "0.8,0.6,3ms") == [0.8, 0.6, "3ms"]
+    assert measure.parse_target("3ms", 12.0) == 0.25
+
+
+def test_missing_provider_is_one_line(tmp_path, cli_error):
+    provider = absent_provider()
+    out = tmp_path / "p.onnx"
+    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--target-latency", "0.5", "--provider", provider,
+               "-o", str(out)], "is not available in this onnxruntime")
+    assert not out.exists()
+    cli_error(["analyze", str(MODELS / "digits_cnn.onnx"), "--latency", "--provider", provider], "not available")
+    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--target-latency", "fast"], "--target-latency")
+    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--target-latency", "0.5", "--ratio", "0.3"], "give one of")
+
+
+def test_analyze_latency_plot(tmp_path):
+    plot, report = tmp_path / "t.png", tmp_path / "a.json"
+    assert main(["analyze", str(MODELS / "digits_cnn.onnx"), "--latency", "--plot", str(plot), "--json", str(report),
+                 "--latency-cache", str(tmp_path / "cache")]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    groups = json.loads(report.read_text())["latency"]["groups"]
+    assert groups and all(0 < g["mac_share"] < 1 and g["kept"] < g["channels"] for g in groups)
+    shares = [g["time_share"] for g in groups]
+    assert shares == sorted(shares, reverse=True)
