@@ -149,7 +149,7 @@ def test_target_latency_plan_on_the_digits_cnn(tmp_path, cli_error):
     assert lat["met"] and lat["measured_ratio"] <= 0.6 * (1 + max(lat["noise"], lat["table"]["noise"], 0.02))
     assert data["stats"]["channels_removed"] > 0
     model = load_model(MODELS / "digits_cnn.onnx")
-    result = prune_model(model, Recipe(target_latency=0.6), latency_cache=tmp_path / "cache")
+    result = prune_model(model, Recipe(target_latency=0.6), RunSettings(latency_cache=tmp_path / "cache"))
     assert result.stats["latency"]["table"]["cached"]  # the CLI's table, reused
     oracle(model, result, latency_feed(model, 3))
 
@@ -160,7 +160,7 @@ def test_target_latency_plan_on_the_decoder(tmp_path):
     prep = prepare(model)
     feed = latency_feed(prep.model, 1)
     build_table(prep, model, feed, FAST, tmp_path)  # a short table first; the prune reads it
-    result = prune_model(model, Recipe(target_latency=0.7), RunSettings(reuse=Reuse(prepared=prep)), latency_cache=tmp_path)
+    result = prune_model(model, Recipe(target_latency=0.7), RunSettings(reuse=Reuse(prepared=prep), latency_cache=tmp_path))
     lat = result.stats["latency"]
     assert lat["table"]["cached"] and result.plan.kept and 1 <= len(lat["iterations"]) <= 5
     heads = [g for g in prep.analysis.prunable if g.unit > 1]
@@ -172,7 +172,7 @@ def test_target_latency_plan_on_a_small_transformer(tmp_path, monkeypatch):
     """Attention heads and an MLP, built inline; the timer is replaced by one proportional to the MACs of the
     model timed, so which groups the plan prunes does not depend on the machine."""
     from onnxprune.graph.stats import count_macs
-    from tests.test_attention_handlers import attention
+    from tests.handlers.test_attention import attention
 
     base = attention()
     calls = []
@@ -187,7 +187,7 @@ def test_target_latency_plan_on_a_small_transformer(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(measure, "time_models", mac_timer)
-    result = prune_model(base, Recipe(target_latency=0.8), latency_cache=tmp_path)
+    result = prune_model(base, Recipe(target_latency=0.8), RunSettings(latency_cache=tmp_path))
     lat = result.stats["latency"]
     assert calls and lat["met"] and lat["measured_ratio"] <= 0.8 * 1.02
     assert abs(lat["predicted_ratio"] - lat["measured_ratio"]) < 0.2

@@ -116,7 +116,8 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
     macs0 = count_macs(prep.model, prep.view, model_shapes(prep.model, feed))
 
     t0 = time.perf_counter()
-    lat = prune_model(model, Recipe(target_latency=target, latency_batch=batch, criterion="l1"), RunSettings(input_shapes=None, calibration=feeds, reuse=Reuse(prepared=prep, scores=scores)), latency_cache=cache)
+    lat = prune_model(model, Recipe(target_latency=target, latency_batch=batch, criterion="l1"), RunSettings(calibration=feeds, reuse=Reuse(prepared=prep, scores=scores),
+                                    latency_cache=cache))
     lat_s = time.perf_counter() - t0
     achieved = lat.stats["latency"]["measured_ratio"]
 
