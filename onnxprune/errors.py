@@ -38,3 +38,7 @@ def require_onnxruntime():
             "onnxruntime is not installed: pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' for CUDA)"
         ) from exc
     return onnxruntime
+
+
+class UnsupportedOpError(UnsupportedModelError):
+    """An op the training bridge (onnxprune/train) cannot run in torch: raised when the module is built."""

