@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -79,9 +80,12 @@ def hard_sigmoid(node, x):
     return torch.clamp(x * node.get("alpha", 0.2) + node.get("beta", 0.5), 0, 1)
 
 
+_SIXTH = 0.1666666716337204  # alpha = 1/6 as a float32 attribute, as onnxruntime holds it (float64 models see it)
+
+
 @register("HardSwish")
 def hard_swish(node, x):
-    return x * torch.clamp(x * (1 / 6) + 0.5, 0, 1)
+    return x * torch.clamp(x * _SIXTH + 0.5, 0, 1)
 
 
 @register("Gelu")
@@ -191,9 +195,16 @@ def where(node, cond, a, b):
     return torch.where(cond, a, b)
 
 
+_ROUND = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+
 @register("Cast")
 def cast(node, x):
-    return x.to(torch_dtype(node.get("to")))
+    to = node.get("to")
+    if to in _ROUND and x.dtype.is_floating_point:
+        # the values are rounded as the graph says, and stay float32 for training (the gradient passes through)
+        return x.to(_ROUND[to]).to(torch.float32)
+    return x.to(torch_dtype(to))
 
 
 @register("CastLike")
