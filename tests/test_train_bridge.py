@@ -192,3 +192,90 @@ def test_gradients_reach_every_trainable_parameter():
     module({"input": x})["logits"].square().mean().backward()
     # BatchNorm running statistics are parameters too (initializers); every one gets a gradient
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.params.values())
+
+
+# -- every handler test model: the models the handler tests build, captured where they hand them to onnxprune
+class _Captured(Exception):
+    pass
+
+
+_ENTRY_POINTS = ("check", "reasons", "prepare", "prune_model", "zero_channel_oracle", "check_oracle", "run",
+                 "check_as_original", "select")
+
+
+def _call_variants(fn):
+    """Arguments for each parametrized variant of a test function (none: one call without arguments)."""
+    import inspect
+    import itertools
+
+    params = list(inspect.signature(fn).parameters)
+    if not params:
+        return [{}]
+    marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+    axes = []
+    for mark in marks:
+        names = [n.strip() for n in (mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0])]
+        rows = []
+        for value in mark.args[1]:
+            value = value.values if hasattr(value, "values") else value
+            value = value if len(names) > 1 else (value,)
+            rows.append(dict(zip(names, value)))
+        axes.append(rows)
+    if sorted(n for rows in axes for n in rows[0]) != sorted(params):
+        return []  # needs a fixture (tmp_path, an exported model): not a handler-built graph
+    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*axes)]
+
+
+def handler_models():
+    """(label, model, feed or None) for every graph the handler test modules build."""
+    import importlib
+    from unittest import mock
+
+    found = []
+    for module_name in ("tests.test_handlers", "tests.test_attention_handlers", "tests.test_contrib",
+                        "tests.test_gqa"):
+        module = importlib.import_module(module_name)
+
+        def record(*args, **kwargs):
+            model = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, onnx.ModelProto)), None)
+            if model is None:
+                raise _Captured(None)
+            feed = kwargs.get("feed") or next((a for a in args if isinstance(a, dict)), None)
+            raise _Captured((model, feed))
+
+        patches = [mock.patch.object(module, name, record) for name in _ENTRY_POINTS if hasattr(module, name)]
+        for p in patches:
+            p.start()
+        try:
+            for name in sorted(dir(module)):
+                fn = getattr(module, name)
+                if not name.startswith("test_") or not callable(fn):
+                    continue
+                for i, kwargs in enumerate(_call_variants(fn)):
+                    try:
+                        fn(**kwargs)
+                    except _Captured as got:
+                        if got.args[0] is not None:
+                            found.append((f"{module_name.split('.')[-1]}::{name}[{i}]", *got.args[0]))
+                    except Exception:  # noqa: BLE001 - a test that builds nothing before failing here
+                        continue
+        finally:
+            for p in patches:
+                p.stop()
+    return found
+
+
+def test_every_handler_test_model_is_exact():
+    models = handler_models()
+    assert len(models) >= 40, len(models)
+    failures = []
+    from tests.test_gqa import gqa_feed
+
+    for label, model, feed in models:
+        if feed is None and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
+            feed = gqa_feed()  # past, new tokens, attention mask and total length that agree with each other
+        try:
+            assert_exact(model, feed if feed is not None else sample_feed(model))
+        except Exception as exc:  # noqa: BLE001 - collected, so one run names every failing model
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
+    assert not failures, "\n".join(failures)

@@ -171,8 +171,17 @@ def group_query_attention(node, query, key=None, value=None, past_key=None, past
         q = _rotary(q, cos, sin, interleaved, rotary_dim)
         k = _rotary(k, cos, sin, interleaved, rotary_dim)
     if past_key is not None:
-        k = torch.cat([past_key, k], 2)
-        v = torch.cat([past_value, v], 2)
+        # onnxruntime keeps the cache right-padded: row b holds its start_b valid past entries, then the new ones,
+        # then zeros (a left-padded mask shortens the valid past)
+        length = max(past_len + s, total)
+        j = torch.arange(length, device=q.device).reshape(1, length)
+        st = start.reshape(b, 1)
+        index = torch.where(j < st, j, torch.where(j < st + s, past_len + j - st, past_len + s))
+        index = index.reshape(b, 1, length, 1).expand(b, k.shape[1], length, head)
+        zero = torch.zeros_like(k[:, :, :1])
+        k = torch.gather(torch.cat([past_key, k, zero], 2), 2, index)
+        v = torch.gather(torch.cat([past_value, v, torch.zeros_like(v[:, :, :1])], 2), 2,
+                         index[..., :1].expand(b, v.shape[1], length, v.shape[-1]))
     present_k, present_v = k, v
     kv_len = k.shape[2]
     keys = torch.arange(kv_len, device=q.device).reshape(1, 1, kv_len)

@@ -343,3 +343,32 @@ def dropout(node, x, ratio=None, training=None):
     if node.n_outputs > 1:
         return x, torch.ones_like(x, dtype=torch.bool)
     return x
+
+
+def _unpack(q, bits: int):
+    """uint8 bytes -> their `bits`-bit values, low bits first (MatMulNBits' packing)."""
+    if bits == 8:
+        return q.to(torch.int32)
+    q = q.to(torch.int32)
+    return torch.stack([q & 0xF, q >> 4], -1).flatten(-2)
+
+
+@register("MatMulNBits", domain="com.microsoft", static=(1, 3, 4),
+          check=lambda n: None if n.get("bits", 4) in (4, 8) else f"bits={n.get('bits')} is not implemented")
+def matmul_nbits(node, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """Y = A W^T with W [N, K] dequantized block-wise from int4/int8 (a frozen weight: B is not trained)."""
+    if g_idx is not None:
+        raise NotImplementedError("MatMulNBits g_idx")
+    bits, block, k, n = node.get("bits", 4), node.get("block_size"), node.get("K"), node.get("N")
+    blocks = -(-k // block)
+    q = _unpack(b.reshape(n, blocks, -1), bits)[..., :block]  # [N, blocks, block]
+    scales = scales.reshape(n, blocks, 1)
+    if zero_points is None:
+        zp = torch.full((), 2 ** (bits - 1), dtype=scales.dtype, device=a.device)
+    elif zero_points.dtype == torch.uint8:
+        zp = _unpack(zero_points.reshape(n, -1), bits)[:, :blocks].reshape(n, blocks, 1).to(scales.dtype)
+    else:
+        zp = zero_points.reshape(n, blocks, 1)
+    w = ((q.to(scales.dtype) - zp) * scales).reshape(n, blocks * block)[:, :k]
+    y = torch.matmul(a, w.T)
+    return y if bias is None else y + bias
