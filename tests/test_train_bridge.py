@@ -279,3 +279,30 @@ def test_every_handler_test_model_is_exact():
         except Exception as exc:  # noqa: BLE001 - collected, so one run names every failing model
             failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def test_lazy_external_data_model_streams_its_changed_weights(tmp_path):
+    """A model with external data (loaded lazily) writes back only the tensors that changed, to a data file of
+    their own; the unchanged ones keep pointing at the original bytes; the saved result runs as the module."""
+    from onnxprune.io.model_io import load_model, save_model
+    from onnxprune.io.weights import TensorWriter, external_info, is_external
+
+    src = tmp_path / "cnn.onnx"
+    onnx.save_model(onnx.load(MODELS / "digits_cnn.onnx"), src, save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="cnn.onnx.data", size_threshold=0)
+    lazy = load_model(src)
+    module = to_torch(lazy)
+    key = max(module.params, key=lambda k: module.params[k].numel())
+    with torch.no_grad():
+        module.params[key].mul_(-1.0)
+    writer = TensorWriter(tmp_path / "trained.data")
+    back = write_back(lazy, module, writer)
+    writer.close()
+    changed = module.param_names[key]
+    for t in back.graph.initializer:
+        assert is_external(t)
+        location = external_info(t)[0]
+        assert location.endswith("trained.data" if t.name == changed else "cnn.onnx.data"), (t.name, location)
+    out = save_model(back, tmp_path / "out.onnx")
+    feed = sample_feed(lazy)
+    np.testing.assert_allclose(run(onnx.load(out), feed)[0], module.run(feed)["logits"], rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import InputError, UnsupportedOpError
+from onnxprune.io.model_io import copy_without_initializers
 from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_external, is_lazy, tensor_array
 from onnxprune.train import require_torch
 from onnxprune.train.ops import Node, get_op
@@ -327,26 +328,6 @@ def to_torch(model: onnx.ModelProto, *, trainable: str = "float", inputs: Sequen
     return GraphModule(graph, steps, feeds, outs, params, names, dtypes, consts)
 
 
-def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` without its initializers (their bytes are never copied)."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
-    return out
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
@@ -366,7 +347,7 @@ def write_back(model: onnx.ModelProto, module: GraphModule, writer: TensorWriter
         raise InputError(f"the module holds {unknown[0]!r}, which is not an initializer of this model")
     if writer is None and is_lazy(model):
         writer = Workspace(near=external_folder(model)).writer()
-    out = _shell(model)
+    out = copy_without_initializers(model)
     for t in model.graph.initializer:
         param = values.get(t.name)
         if param is None:
