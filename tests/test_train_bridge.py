@@ -153,13 +153,13 @@ def test_float16_model_trains_in_float32_and_writes_float16():
 
 
 def test_unsupported_op_is_one_line_error():
-    m = build([("Relu", ["x"], ["r"]), ("Celu", ["r"], ["c"]), ("LpPool", ["c"], ["y"], {"kernel_shape": [2, 2]})],
-              {"x": [1, 3, 8, 8]}, ["y"], {})
+    m = build([("Relu", ["x"], ["r"]), ("Celu", ["r"], ["c"]), ("MaxRoiPool", ["c", "rois"], ["y"], {"pooled_shape": [2, 2]})],
+              {"x": [1, 3, 8, 8]}, ["y"], {"rois": np.array([[0, 0, 0, 4, 4]], np.float32)})
     with pytest.raises(UnsupportedOpError) as err:
         to_torch(m)
     message = str(err.value)
     assert isinstance(err.value, OnnxPruneError) and "\n" not in message
-    assert "LpPool" in message and "lppool_2" in message
+    assert "MaxRoiPool" in message and "maxroipool_2" in message
 
 
 def test_subgraph_module_shares_parameters_and_matches():
@@ -306,3 +306,73 @@ def test_lazy_external_data_model_streams_its_changed_weights(tmp_path):
     out = save_model(back, tmp_path / "out.onnx")
     feed = sample_feed(lazy)
     np.testing.assert_allclose(run(onnx.load(out), feed)[0], module.run(feed)["logits"], rtol=1e-5, atol=1e-5)
+
+
+# -- one-node models for the forms where ONNX and torch differ (padding, coordinate modes, opset changes)
+def _w(*shape, seed=1):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+_NO_ROI = ("roi", np.array([], np.float32))
+ONE_NODE = [
+    ("LpPool", {"kernel_shape": [2, 2], "p": 1, "pads": [0, 0, 1, 1], "strides": [2, 2]}, [], 17),
+    ("GlobalLpPool", {"p": 3}, [], 17),
+    ("LRN", {"size": 3, "alpha": 0.01}, [], 17),
+    ("MeanVarianceNormalization", {}, [], 17),
+    ("Shrink", {"lambd": 0.3, "bias": 0.1}, [], 17),
+    ("Resize", {"mode": "linear"}, [_NO_ROI, ("scales", np.array([1, 1, 2, 1.5], np.float32))], 17),
+    ("Resize", {"mode": "cubic", "coordinate_transformation_mode": "align_corners"},
+     [_NO_ROI, ("scales", np.array([1, 1, 1.7, 0.6], np.float32))], 17),
+    ("Resize", {"mode": "cubic", "exclude_outside": 1}, [_NO_ROI, ("scales", np.array([1, 1, 2, 2], np.float32))], 17),
+    ("Resize", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+     [_NO_ROI, ("scales", np.array([1, 1, 0.5, 3], np.float32))], 17),
+    ("Resize", {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+     [_NO_ROI, ("scales", np.array([], np.float32)), ("sizes", np.array([2, 6, 5, 11], np.int64))], 17),
+    ("Resize", {"mode": "nearest", "coordinate_transformation_mode": "half_pixel_symmetric"},
+     [_NO_ROI, ("scales", np.array([1, 1, 1.5, 2.5], np.float32))], 19),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [0, 1, 2, 1], "count_include_pad": 0}, [], 17),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1, "ceil_mode": 1,
+                     "strides": [2, 2]}, [], 17),
+    ("MaxPool", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]}, [], 17),
+    ("MaxPool", {"kernel_shape": [2, 2], "ceil_mode": 1, "strides": [2, 2]}, [], 17),
+    ("Pad", {"mode": "reflect"}, [("pads", np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64))], 17),
+    ("Pad", {"mode": "edge"}, [("pads", np.array([0, 1, 2, 1, 0, 0, 1, 3], np.int64))], 17),
+    ("Pad", {"mode": "wrap"}, [("pads", np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64))], 19),
+    ("Slice", {}, [("s", np.array([5, -1], np.int64)), ("e", np.array([0, -100], np.int64)),
+                   ("a", np.array([2, 3], np.int64)), ("st", np.array([-2, -3], np.int64))], 17),
+    ("ConvTranspose", {"strides": [2, 2], "output_padding": [1, 0], "pads": [1, 0, 0, 1], "group": 2},
+     [("w", _w(6, 2, 3, 3))], 17),
+    ("ConvTranspose", {"strides": [3, 2], "auto_pad": "SAME_LOWER"}, [("w", _w(6, 2, 3, 3))], 17),
+    ("ConvTranspose", {"strides": [2, 2], "output_shape": [16, 13]}, [("w", _w(6, 2, 3, 3)),
+                                                                      ("b", np.ones(2, np.float32))], 17),
+    ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, [("w", _w(4, 6, 3, 2))], 17),
+    ("Softmax", {"axis": 1}, [], 11),
+    ("LogSoftmax", {"axis": 2}, [], 12),
+    ("Hardmax", {"axis": -1}, [], 13),
+    ("Einsum", {"equation": "bchw,bchw->bc"}, [("w", _w(2, 6, 7, 7))], 17),
+    ("GroupNormalization", {"num_groups": 3}, [("s", _w(3)), ("bb", _w(3, seed=2))], 18),
+    ("GroupNormalization", {"num_groups": 3}, [("s", _w(6)), ("bb", _w(6, seed=2))], 21),
+    ("LayerNormalization", {"axis": 1}, [("s", _w(6, 7, 7))], 17),
+    ("ReduceMax", {"keepdims": 0}, [("ax", np.array([1, -1], np.int64))], 18),
+    ("ReduceSum", {"noop_with_empty_axes": 1}, [], 13),
+    ("ReduceLogSumExp", {"axes": [2]}, [], 13),
+    ("CumSum", {"exclusive": 1, "reverse": 1}, [("ax", np.array(2, np.int64))], 17),
+    ("Gelu", {"approximate": "tanh"}, [], 20),
+    ("Trilu", {"upper": 0}, [("k", np.array(1, np.int64))], 17),
+]
+
+
+@pytest.mark.parametrize("op, attrs, extra, opset", ONE_NODE,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(ONE_NODE)])
+def test_one_node_forms_are_exact(op, attrs, extra, opset):
+    from onnx import TensorProto, helper
+
+    shape = (2, 6, 7, 7)
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"] + [n for n, _ in extra], ["y"], name="node", **attrs)], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(a, n) for n, a in extra])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=8 if opset < 21 else 10)
+    assert_exact(model, {"x": _w(*shape, seed=0)})

@@ -372,3 +372,19 @@ def matmul_nbits(node, a, b, scales, zero_points=None, g_idx=None, bias=None):
     w = ((q.to(scales.dtype) - zp) * scales).reshape(n, blocks * block)[:, :k]
     y = torch.matmul(a, w.T)
     return y if bias is None else y + bias
+
+
+@register("Shrink")
+def shrink(node, x):
+    lambd, bias = node.get("lambd", 0.5), node.get("bias", 0.0)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+@register("Swish")
+def swish(node, x):
+    return x * torch.sigmoid(node.get("alpha", 1.0) * x)
+
+
+@register("BitShift")
+def bit_shift(node, x, y):
+    return torch.bitwise_left_shift(x, y) if node.get("direction") == "LEFT" else torch.bitwise_right_shift(x, y)
