@@ -376,3 +376,28 @@ def test_one_node_forms_are_exact(op, attrs, extra, opset):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               ir_version=8 if opset < 21 else 10)
     assert_exact(model, {"x": _w(*shape, seed=0)})
+
+
+def test_blocks_chain_to_the_whole_model():
+    """Cut the KV-cache decoder after each layer's residual stream: the blocks, run one after another on what
+    earlier blocks left, give the whole module's outputs, and share its parameters."""
+    model = onnx.load(MODELS / "stdlib_llama.onnx")
+    module = to_torch(model)
+    # the residual stream after each decoder layer: the last Add of every layer (names as the exporter wrote them)
+    adds = [n.output[0] for n in model.graph.node if n.op_type == "Add" and "/layers." in n.name
+            and n.name.endswith("Add_1") and "self_attn" not in n.name]
+    assert len(adds) == 4, adds
+    blocks = module.blocks(adds)
+    assert len(blocks) == 5
+    owned = [set(b.param_names.values()) for b in blocks]
+    assert all(owned) and sum(len(o) for o in owned) >= len(module.params)
+    feed = {k: torch.from_numpy(v) for k, v in llama_feed(model).items()}
+    env = dict(feed)
+    with torch.no_grad():
+        for b in blocks:
+            assert adds[0] not in b.input_names or b is not blocks[0]
+            env |= b({n: env[n] for n in b.input_names})
+        whole = module(feed)
+    for name, value in whole.items():
+        torch.testing.assert_close(env[name], value, rtol=0, atol=0)
+    assert blocks[1].params[next(iter(blocks[1].params))] is module.params[next(iter(blocks[1].params))]

@@ -280,6 +280,42 @@ class GraphModule(torch.nn.Module):
                            {k: self.param_names[k] for k in params}, {k: self.dtypes[k] for k in params}, consts)
 
 
+    def blocks(self, boundaries: Sequence[str]) -> list["GraphModule"]:
+        """The module cut after each boundary tensor (say the residual stream after every decoder layer: the
+        stage boundaries of pipeline/stages.py) into consecutive blocks sharing its parameters.
+
+        Block i runs the nodes after the previous boundary up to boundary i (the last block: up to the module's
+        outputs). Its inputs are what it reads from earlier blocks or the module's inputs (a mask or positions
+        computed once at the start are inputs of every block that reads them); its outputs are what it computes
+        that later blocks or the module's outputs read (boundary i among them, or a KV cache's present tensors).
+        """
+        where = {}
+        for i, step in enumerate(self._steps):
+            for name in step.outputs:
+                if name:
+                    where[name] = i
+        cuts = []
+        for name in boundaries:
+            if name not in where:
+                raise InputError(f"boundary {name!r} is not computed by a node of this module")
+            cuts.append(where[name])
+        if cuts != sorted(set(cuts)):
+            raise InputError("boundaries must be given in graph order, each computed by a different node")
+        edges = [-1] + cuts + ([len(self._steps) - 1] if not cuts or cuts[-1] < len(self._steps) - 1 else [])
+        fixed = set(self.param_names.values()) | set(self._const_keys)
+        reads: list[set[str]] = []
+        for lo, hi in zip(edges, edges[1:]):
+            reads.append({n for step in self._steps[lo + 1:hi + 1] for n in step.inputs if n and n not in fixed})
+        out = []
+        for b, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            made = {n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n}
+            later = set().union(*reads[b + 1:]) | set(self.output_names)
+            outputs = [n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n and n in later]
+            inputs = sorted(n for n in reads[b] if n not in made)
+            out.append(self.outputs_of(outputs, inputs))
+        return out
+
+
 def _fold_constants(steps: list[_Step], consts: dict) -> list[_Step]:
     """Constant nodes become constants of the module (they read nothing)."""
     kept = []
