@@ -401,3 +401,24 @@ def test_blocks_chain_to_the_whole_model():
     for name, value in whole.items():
         torch.testing.assert_close(env[name], value, rtol=0, atol=0)
     assert blocks[1].params[next(iter(blocks[1].params))] is module.params[next(iter(blocks[1].params))]
+
+
+def test_bfloat16_initializers_round_trip():
+    import ml_dtypes
+
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    for i, t in enumerate(model.graph.initializer):
+        if t.data_type == onnx.TensorProto.FLOAT:
+            value = onnx.numpy_helper.to_array(t).astype(ml_dtypes.bfloat16)
+            model.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(value, t.name))
+    module = to_torch(model)
+    assert {module.dtypes[k] for k in module.params} == {onnx.TensorProto.BFLOAT16}
+    assert write_back(model, module).SerializeToString() == model.SerializeToString()
+    key = next(iter(module.params))
+    with torch.no_grad():
+        module.params[key].mul_(2.0)  # exact in bfloat16
+    tensor = {t.name: t for t in write_back(model, module).graph.initializer}[module.param_names[key]]
+    before = {t.name: t for t in model.graph.initializer}[tensor.name]
+    assert tensor.data_type == onnx.TensorProto.BFLOAT16
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor).astype(np.float32),
+                                  2 * onnx.numpy_helper.to_array(before).astype(np.float32))

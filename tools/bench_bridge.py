@@ -305,13 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["shipped", "zoo", "transformers", "none"], default=None)
     parser.add_argument("--peers", action="store_true", help="also onnx2torch and onnx2pytorch")
     parser.add_argument("--fuzz", type=int, default=0, help="fuzz seeds to check (0: none)")
+    parser.add_argument("--after", default=None, help="start after this case (to continue an interrupted run)")
     args = parser.parse_args(argv)
     engines = ["onnxprune"] + (["onnx2torch", "onnx2pytorch"] if args.peers else [])
     totals = {e: Counter() for e in engines}
     if args.only != "none":
         print("| model | " + " | ".join(engines) + " |")
         print("|---|" + "---|" * len(engines))
-        for name, load in cases(args.only).items():
+        names = list(cases(args.only).items())
+        if args.after:
+            names = names[[n for n, _ in names].index(args.after) + 1:]
+        for name, load in names:
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")

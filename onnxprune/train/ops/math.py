@@ -151,7 +151,7 @@ def div(node, a, b):
     return torch.div(a, b, rounding_mode="trunc")
 
 
-@register("Pow")
+@register("Pow", static=(1,))  # an exponent is no weight: its gradient is log(base), NaN for negative bases
 def pow_(node, a, b):
     return torch.pow(a, b).to(a.dtype)
 
