@@ -15,10 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onnxprune.errors import OnnxPruneError, UnsupportedOpError  # noqa: E402
-from onnxprune.pipeline.validate import run, sample_feed  # noqa: E402
-from onnxprune.train import to_torch, write_back  # noqa: E402
-from tests.onnx_builders import build  # noqa: E402
+from onnxprune.errors import OnnxPruneError, UnsupportedOpError
+from onnxprune.pipeline.validate import run, sample_feed
+from onnxprune.train import to_torch, write_back
+from tests.onnx_builders import build
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 REL = 1e-5

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 
 pytest.importorskip("torch")
-import bench_bridge  # noqa: E402  (tools/ is on the path: tests/conftest.py)
+import bench_bridge
 
 pytestmark = pytest.mark.slow
 

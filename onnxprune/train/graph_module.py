@@ -15,6 +15,7 @@ training a block trains the whole model's weights and `write_back(model, whole)`
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,14 +26,20 @@ from onnx import numpy_helper
 
 from onnxprune.errors import InputError, UnsupportedOpError
 from onnxprune.io.model_io import copy_without_initializers
-from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_external, is_lazy, tensor_array
+from onnxprune.io.weights import (
+    TensorWriter,
+    Workspace,
+    external_folder,
+    is_external,
+    is_lazy,
+    tensor_array,
+)
 from onnxprune.train import require_torch
 from onnxprune.train.ops import Node, get_op
 
 torch = require_torch()
-from onnxprune.train.ops.dtypes import supported as _dtype_supported  # noqa: E402  (needs torch first)
-from onnxprune.train.ops.dtypes import torch_dtype  # noqa: E402
-from onnxprune.train.ops.shape import _tensor_value  # noqa: E402
+from onnxprune.train.ops.dtypes import supported as _dtype_supported
+from onnxprune.train.ops.shape import _tensor_value
 
 T = onnx.TensorProto
 FLOAT_TYPES = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
@@ -52,7 +59,7 @@ class _Graph:
     opsets: dict[str, int]
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "_Graph":
+    def of(cls, model: onnx.ModelProto) -> _Graph:
         g = model.graph
         types = {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -186,8 +193,8 @@ class GraphModule(torch.nn.Module):
     """
 
     def __init__(self, graph: _Graph, steps: list[_Step], inputs: list[str], outputs: list[str],
-                 params: Mapping[str, "torch.nn.Parameter"], param_names: Mapping[str, str],
-                 dtypes: Mapping[str, int], consts: Mapping[str, "torch.Tensor"]):
+                 params: Mapping[str, torch.nn.Parameter], param_names: Mapping[str, str],
+                 dtypes: Mapping[str, int], consts: Mapping[str, torch.Tensor]):
         super().__init__()
         self._graph = graph
         self._steps = steps
@@ -219,11 +226,11 @@ class GraphModule(torch.nn.Module):
         """Names of the nodes this module runs, in order."""
         return [s.node.name for s in self._steps]
 
-    def parameter_of(self, initializer: str) -> "torch.nn.Parameter | None":
+    def parameter_of(self, initializer: str) -> torch.nn.Parameter | None:
         key = self._by_tensor.get(initializer)
         return None if key is None else self.params[key]
 
-    def forward(self, feeds: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def forward(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = {}
         for key, name in self.param_names.items():
             env[name] = self.params[key]
@@ -265,7 +272,7 @@ class GraphModule(torch.nn.Module):
             result[name] = arr
         return result
 
-    def outputs_of(self, names: Iterable[str], inputs: Iterable[str] | None = None) -> "GraphModule":
+    def outputs_of(self, names: Iterable[str], inputs: Iterable[str] | None = None) -> GraphModule:
         """A module computing the tensors `names` from `inputs` (default: the graph inputs), sharing this
         module's parameters and constants: the block of block-wise distillation."""
         steps, feeds, outputs, used, _ = _plan(self._graph, None if inputs is None else list(inputs), list(names))
@@ -274,13 +281,13 @@ class GraphModule(torch.nn.Module):
         steps = _fold_constants(steps, consts)
         missing = used - {self.param_names[k] for k in params} - set(consts)
         if missing:
-            raise InputError(f"initializer {sorted(missing)[0]!r} is not held by this module; build the sub-graph "
+            raise InputError(f"initializer {min(missing)!r} is not held by this module; build the sub-graph "
                              "from the model with to_torch(model, inputs=..., outputs=...)")
         return GraphModule(self._graph, steps, feeds, outputs, params,
                            {k: self.param_names[k] for k in params}, {k: self.dtypes[k] for k in params}, consts)
 
 
-    def blocks(self, boundaries: Sequence[str]) -> list["GraphModule"]:
+    def blocks(self, boundaries: Sequence[str]) -> list[GraphModule]:
         """The module cut after each boundary tensor (say the residual stream after every decoder layer: the
         stage boundaries of pipeline/stages.py) into consecutive blocks sharing its parameters.
 
@@ -304,10 +311,10 @@ class GraphModule(torch.nn.Module):
         edges = [-1] + cuts + ([len(self._steps) - 1] if not cuts or cuts[-1] < len(self._steps) - 1 else [])
         fixed = set(self.param_names.values()) | set(self._const_keys)
         reads: list[set[str]] = []
-        for lo, hi in zip(edges, edges[1:]):
+        for lo, hi in itertools.pairwise(edges):
             reads.append({n for step in self._steps[lo + 1:hi + 1] for n in step.inputs if n and n not in fixed})
         out = []
-        for b, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
             made = {n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n}
             later = set().union(*reads[b + 1:]) | set(self.output_names)
             outputs = [n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n and n in later]
