@@ -379,28 +379,39 @@ def test_one_node_forms_are_exact(op, attrs, extra, opset):
 
 
 def test_blocks_chain_to_the_whole_model():
-    """Cut the KV-cache decoder after each layer's residual stream: the blocks, run one after another on what
-    earlier blocks left, give the whole module's outputs, and share its parameters."""
+    """Cut the KV-cache decoder after each layer's residual stream (found by `cut_points`): the blocks, run one
+    after another on what earlier blocks left, give the whole module's outputs, and share its parameters."""
     model = onnx.load(MODELS / "stdlib_llama.onnx")
     module = to_torch(model)
-    # the residual stream after each decoder layer: the last Add of every layer (names as the exporter wrote them)
-    adds = [n.output[0] for n in model.graph.node if n.op_type == "Add" and "/layers." in n.name
-            and n.name.endswith("Add_1") and "self_attn" not in n.name]
-    assert len(adds) == 4, adds
-    blocks = module.blocks(adds)
+    layer_outputs = [n.output[0] for n in model.graph.node if n.op_type == "Add" and "/layers." in n.name
+                     and n.name.endswith("Add_1") and "self_attn" not in n.name]
+    cuts = module.cut_points()
+    assert len(layer_outputs) == 4 and set(layer_outputs) <= set(cuts)
+    blocks = module.blocks(layer_outputs)
     assert len(blocks) == 5
+    assert [b.output_names[-1] for b in blocks[:4]] == layer_outputs
+    # later blocks read the previous layer's output and the mask / rotary tensors block 0 computed once
+    assert layer_outputs[0] in blocks[1].input_names and "input_ids" not in blocks[1].input_names
     owned = [set(b.param_names.values()) for b in blocks]
-    assert all(owned) and sum(len(o) for o in owned) >= len(module.params)
+    assert all(owned) and set().union(*owned) == set(module.param_names.values())
     feed = {k: torch.from_numpy(v) for k, v in llama_feed(model).items()}
     env = dict(feed)
     with torch.no_grad():
         for b in blocks:
-            assert adds[0] not in b.input_names or b is not blocks[0]
             env |= b({n: env[n] for n in b.input_names})
         whole = module(feed)
     for name, value in whole.items():
         torch.testing.assert_close(env[name], value, rtol=0, atol=0)
-    assert blocks[1].params[next(iter(blocks[1].params))] is module.params[next(iter(blocks[1].params))]
+    key = next(iter(blocks[1].params))
+    assert blocks[1].params[key] is module.params[key]
+
+
+def test_cut_points_of_a_residual_cnn():
+    module = to_torch(onnx.load(MODELS / "digits_resnet.onnx"))
+    cuts = module.cut_points()
+    adds = [c for c in cuts if c.endswith("/Add_output_0")]
+    assert len(adds) == 4  # every residual block's join; nothing inside a block (its shortcut is live there)
+    assert not any("conv1" in c or "conv2" in c for c in cuts)
 
 
 def test_bfloat16_initializers_round_trip():

@@ -287,6 +287,42 @@ class GraphModule(torch.nn.Module):
                            {k: self.param_names[k] for k in params}, {k: self.dtypes[k] for k in params}, consts)
 
 
+    def _dependence(self) -> tuple[set[str], set[str]]:
+        """(tensors depending on a module input, tensors depending on a parameter)."""
+        dynamic, weighted = set(self.input_names), set(self.param_names.values())
+        for step in self._steps:
+            reads = [n for n in step.inputs if n]
+            for flag in (dynamic, weighted):
+                if any(n in flag for n in reads):
+                    flag.update(n for n in step.outputs if n)
+        return dynamic, weighted
+
+    def cut_points(self) -> list[str]:
+        """Tensors where the module can be cut into blocks (say for block-wise distillation): after the node
+        computing each, it is the only tensor on the main path that later nodes still read — a residual stream
+        between blocks, a decoder layer's output. The main path is what depends on a float input or on an
+        embedding lookup (a Gather from a parameter), not through a Shape; side tensors computed from the inputs and constants or
+        their own parameters (an attention mask, rotary angles from an inv_freq initializer) may cross a cut:
+        `blocks` passes them on. In graph order; take every k-th for larger blocks."""
+        main = {n for n in self.input_names if self._graph.types.get(n) in FLOAT_TYPES}
+        params = set(self.param_names.values())
+        last_read: dict[str, int] = {}
+        for i, step in enumerate(self._steps):
+            for name in step.inputs:
+                last_read[name] = i
+        live: set[str] = set()
+        cuts = []
+        for i, step in enumerate(self._steps):
+            lookup = step.node.op_type == "Gather" and step.inputs[0] in params
+            shape_only = step.node.op_type in ("Shape", "Size")  # a shape is no value on the main path
+            if lookup or (not shape_only and any(n in main for n in step.inputs if n)):
+                main.update(n for n in step.outputs if n)
+            live = {n for n in live if last_read[n] > i}
+            live |= {n for n in step.outputs if n in main and last_read.get(n, -1) > i}
+            if live == {step.outputs[0]}:
+                cuts.append(step.outputs[0])
+        return cuts
+
     def blocks(self, boundaries: Sequence[str]) -> list[GraphModule]:
         """The module cut after each boundary tensor (say the residual stream after every decoder layer: the
         stage boundaries of pipeline/stages.py) into consecutive blocks sharing its parameters.
@@ -309,6 +345,7 @@ class GraphModule(torch.nn.Module):
         if cuts != sorted(set(cuts)):
             raise InputError("boundaries must be given in graph order, each computed by a different node")
         edges = [-1] + cuts + ([len(self._steps) - 1] if not cuts or cuts[-1] < len(self._steps) - 1 else [])
+        dynamic, _ = self._dependence()  # the rest (constants, weights through Identity) each block recomputes
         fixed = set(self.param_names.values()) | set(self._const_keys)
         reads: list[set[str]] = []
         for lo, hi in itertools.pairwise(edges):
@@ -318,7 +355,7 @@ class GraphModule(torch.nn.Module):
             made = {n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n}
             later = set().union(*reads[b + 1:]) | set(self.output_names)
             outputs = [n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n and n in later]
-            inputs = sorted(n for n in reads[b] if n not in made)
+            inputs = sorted(n for n in reads[b] if n not in made and n in dynamic)
             out.append(self.outputs_of(outputs, inputs))
         return out
 
