@@ -300,11 +300,46 @@ def run_fuzz(count: int) -> Counter:
     return stats
 
 
+def decoder_check(path: str, windows: str | None = None) -> str:
+    """A real decoder export (input_ids, attention_mask -> logits; SmolLM2 from tools/smollm2.py): two windows of
+    64 tokens, the second left-padded by 5, against onnxruntime; then one backward pass."""
+    import resource
+
+    import torch
+
+    from onnxprune.io.model_io import load_model
+    from onnxprune.train import to_torch
+
+    model = load_model(path)
+    if windows:
+        data = np.load(windows)
+        ids, mask = data["input_ids"][:2, :64], data["attention_mask"][:2, :64].copy()
+    else:
+        ids, mask = np.random.default_rng(0).integers(0, 1000, (2, 64)).astype(np.int64), np.ones((2, 64), np.int64)
+    mask[1, :5] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    ref = ort_run(model, feed)
+    t = time.perf_counter()
+    module = to_torch(model)
+    build = time.perf_counter() - t
+    got = module.run(feed)
+    err = rel_error([got[o.name] for o in model.graph.output], ref)
+    out = module({k: torch.from_numpy(v) for k, v in feed.items()})[model.graph.output[0].name]
+    out.pow(2).mean().backward()
+    grads = sum(p.grad is not None for p in module.params.values())
+    return (f"{path}: relative error {err:.2e}; {len(module.nodes)} nodes, {len(module.params)} parameters "
+            f"({sum(p.numel() for p in module.params.values()) / 1e6:.1f} M values), {grads} with a gradient; "
+            f"{len(module.cut_points())} cut points; built in {build:.1f} s; peak RSS "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["shipped", "zoo", "transformers", "none"], default=None)
     parser.add_argument("--peers", action="store_true", help="also onnx2torch and onnx2pytorch")
     parser.add_argument("--fuzz", type=int, default=0, help="fuzz seeds to check (0: none)")
+    parser.add_argument("--decoder", default=None, help="also check a real decoder export (SmolLM2: tools/smollm2.py)")
+    parser.add_argument("--windows", default=None, help="npz of input_ids / attention_mask for --decoder")
     parser.add_argument("--after", default=None, help="start after this case (to continue an interrupted run)")
     args = parser.parse_args(argv)
     engines = ["onnxprune"] + (["onnx2torch", "onnx2pytorch"] if args.peers else [])
@@ -333,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         for e in engines:
             print(f"{e}: {dict(totals[e])}")
+    if args.decoder:
+        print(decoder_check(args.decoder, args.windows))
     if args.fuzz:
         print(f"fuzz ({args.fuzz} seeds): {dict(run_fuzz(args.fuzz))}")
     return 0
