@@ -439,3 +439,34 @@ def test_bfloat16_initializers_round_trip():
     assert tensor.data_type == onnx.TensorProto.BFLOAT16
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor).astype(np.float32),
                                   2 * onnx.numpy_helper.to_array(before).astype(np.float32))
+
+
+@pytest.mark.parametrize("attrs, mask, past, bias", [({}, False, False, True), ({"unidirectional": 1}, False, False, False),
+                                                     ({}, True, False, False), ({"scale": 0.3}, False, True, False),
+                                                     ({"unidirectional": 1}, True, True, False)])
+def test_multi_head_attention_contrib_op(attrs, mask, past, bias):
+    from onnx import TensorProto, helper
+
+    names = ["q", "k", "v", "bias" if bias else "", "mask" if mask else "", "", "past_k" if past else "",
+             "past_v" if past else ""]
+    while names[-1] == "":
+        names.pop()
+    outs = ["y", "present_k", "present_v"] if past else ["y"]
+    total = 8 if past else 5
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, 16]) for n in ("q", "k", "v")]
+    inputs += [helper.make_tensor_value_info("mask", TensorProto.INT32, [2, total])] if mask else []
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2, 3, 8]) for n in ("past_k", "past_v")
+               if past]
+    graph = helper.make_graph(
+        [helper.make_node("MultiHeadAttention", names, outs, name="mha", domain="com.microsoft", num_heads=2, **attrs)],
+        "mha", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        [onnx.numpy_helper.from_array(_w(48, seed=3), "bias")] if bias else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    feed = {n: _w(2, 5, 16, seed=i) for i, n in enumerate(("q", "k", "v"))}
+    if mask:
+        feed["mask"] = np.ones((2, total), np.int32)
+        feed["mask"][1, -2:] = 0
+    if past:
+        feed |= {n: _w(2, 2, 3, 8, seed=5 + i) for i, n in enumerate(("past_k", "past_v"))}
+    assert_exact(model, feed)
