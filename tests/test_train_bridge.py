@@ -470,3 +470,56 @@ def test_multi_head_attention_contrib_op(attrs, mask, past, bias):
     if past:
         feed |= {n: _w(2, 2, 3, 8, seed=5 + i) for i, n in enumerate(("past_k", "past_v"))}
     assert_exact(model, feed)
+
+
+@pytest.mark.parametrize("attrs, mask, past", [({"is_causal": 1}, None, False), ({}, "bool", False),
+                                               ({"softcap": 2.0}, "float", False), ({"is_causal": 1}, None, True),
+                                               ({"is_causal": 1, "scale": 0.2}, "bool", True)])
+def test_onnx_attention_op(attrs, mask, past):
+    """ONNX Attention (opset 23), grouped-query (4 query heads, 2 key/value heads) on 3-D inputs; is_causal with a
+    past is aligned at the bottom right, as onnxruntime computes it."""
+    from onnx import TensorProto, helper
+
+    total = 8 if past else 5
+    feed = {"q": _w(2, 5, 32, seed=0), "k": _w(2, 5, 16, seed=1), "v": _w(2, 5, 16, seed=2)}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, v.shape) for n, v in feed.items()]
+    if mask == "bool":
+        feed["mask"] = np.random.default_rng(3).random((5, total)) > 0.3
+        feed["mask"][:, 0] = True
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [5, total]))
+    elif mask == "float":
+        feed["mask"] = _w(2, 1, 5, total, seed=3)
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 1, 5, total]))
+    if past:
+        for i, n in enumerate(("past_k", "past_v")):
+            feed[n] = _w(2, 2, 3, 8, seed=4 + i)
+            inputs.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2, 3, 8]))
+    names = ["q", "k", "v", "mask" if mask else "", "past_k" if past else "", "past_v" if past else ""]
+    while names[-1] == "":
+        names.pop()
+    outs = ["y", "present_k", "present_v"] if past else ["y"]
+    graph = helper.make_graph([helper.make_node("Attention", names, outs, name="attention", q_num_heads=4,
+                                                kv_num_heads=2, **attrs)], "attention", inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
+    assert_exact(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), feed)
+
+
+@pytest.mark.parametrize("attrs, three_d, positions", [({}, False, True), ({"interleaved": 1}, False, True),
+                                                       ({"num_heads": 2}, True, True), ({}, False, False),
+                                                       ({"num_heads": 2, "rotary_embedding_dim": 4,
+                                                         "interleaved": 1}, True, False)])
+def test_onnx_rotary_embedding_op(attrs, three_d, positions):
+    from onnx import TensorProto, helper
+
+    shape = [2, 5, 16] if three_d else [2, 2, 5, 8]
+    half = attrs.get("rotary_embedding_dim", 8) // 2
+    cos = _w(10, half, seed=1) if positions else _w(2, 5, half, seed=1)
+    inits = {"cos": cos, "sin": np.flip(cos, -1).copy()}
+    if positions:
+        inits["pos"] = np.array([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]], np.int64)
+    graph = helper.make_graph([helper.make_node("RotaryEmbedding", ["x", *inits], ["y"], name="rotary", **attrs)],
+                              "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(v, n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    assert_exact(model, {"x": _w(*shape, seed=0)})

@@ -68,8 +68,8 @@ def attention(node, q, k, v, mask=None, past_key=None, past_value=None, nonpad_k
     if mask is not None:
         bias = torch.where(mask, 0.0, _neg_inf(q.dtype)).to(q.dtype) if mask.dtype == torch.bool else mask
     if node.get("is_causal", 0):
-        # aligned at the top left, as the spec says (query i sees keys 0..i)
-        allowed = torch.ones(s, total, dtype=torch.bool, device=q.device).tril()
+        # onnxruntime aligns the causal mask at the bottom right: with a past of P keys, query i sees keys 0..P+i
+        allowed = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
         causal = torch.where(allowed, 0.0, _neg_inf(q.dtype)).to(q.dtype)
         bias = causal if bias is None else bias + causal
     y = _attend(q, k, v, scale, bias, node.get("softcap", 0.0))
