@@ -44,6 +44,10 @@ def require_onnxruntime():
     return onnxruntime
 
 
+class UnsupportedOpError(UnsupportedModelError):
+    """An op the training bridge (onnxprune/train) cannot run in torch: raised when the module is built."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's text on one line (onnxruntime and the checker spread the useful part over several), at
     most `limit` characters; the exception type when it has no text."""
