@@ -150,7 +150,7 @@ def test_dynamic_int8_mlp_agrees_with_float32(mlp):
 
 
 def test_gemm_to_matmul_is_exact_in_float():
-    from onnxprune.quantize.quantize import _gemm_to_matmul
+    from onnxprune.quantize.gemm import gemm_to_matmul as _gemm_to_matmul
 
     model = gemm_model()
     rewritten = onnx.ModelProto()

@@ -12,17 +12,14 @@ Defaults per target, following onnxruntime's and TensorRT's guidance:
 int4 is weight-only, the form decoders are served in: every MatMul with a constant 2-D weight becomes a
 com.microsoft MatMulNBits holding 4-bit weights in blocks of `block_size` along K (a scale per block, and a zero
 point unless symmetric), through onnxruntime.quantization.matmul_nbits_quantizer; activations stay float.
-"""
+
+The modes live in int8.py, int4.py and fp16.py; gemm.py is the Gemm -> MatMul pass; common.py holds what they
+share. This module is the entry point: `quantize_model` prepares the call and checks what came back."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,6 @@ import onnx
 
 from onnxprune.choices import QUANTIZE_ALIASES, QUANTIZE_MODES
 from onnxprune.errors import InputError, UnsupportedModelError, first_line, require_onnxruntime
-from onnxprune.runtime.session import load_error
 from onnxprune.io.model_io import (
     check_supported,
     default_opset,
@@ -38,32 +34,29 @@ from onnxprune.io.model_io import (
     save_model,
 )
 from onnxprune.io.weights import is_lazy
+from onnxprune.quantize.common import (
+    QuantizeResult,
+    check_loads,
+    check_not_quantized,
+    named_copy,
+    onnxruntime_quantizing,
+    quantized_node_counts,
+    quiet_ort_logging,
+    working_dir,
+)
+from onnxprune.quantize.fp16 import to_fp16
+from onnxprune.quantize.gemm import gemm_to_matmul
+from onnxprune.quantize.int4 import to_int4
+from onnxprune.quantize.int8 import METHODS, TARGETS, collect_feeds, equal_batches, run_dynamic, run_static
 
 # "int8" is what `prune --quantize int8` says; it means calibrated static QDQ.
 MODES, MODE_ALIASES = QUANTIZE_MODES, QUANTIZE_ALIASES
-METHODS = ("minmax", "entropy", "percentile")
-TARGETS = ("cpu", "gpu", "tensorrt")
+
+
 INT8_MODES = ("static", "dynamic")
 
-# Ops whose presence means the model was quantized already; quantizing twice stacks scales on scales.
-_QUANTIZED_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "QOrderedMatMul",
-    "DynamicQuantizeLSTM", "MatMulNBits", "QEmbedLayerNormalization",
-}
-# Dynamic quantization on CPU: MatMulInteger is U8S8, but ConvInteger only has a uint8 x uint8 kernel, so
-# Conv stays float in dynamic mode (static QDQ is the right tool for CNNs).
-_DYNAMIC_OPS = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"]
+
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20
-
-
-@dataclass
-class QuantizeResult:
-    """The quantized model, the mode that produced it and notes on what was done (shown to the user)."""
-
-    model: onnx.ModelProto
-    mode: str
-    notes: list[str] = field(default_factory=list)
 
 
 def normalize_mode(mode: str) -> str:
@@ -94,10 +87,10 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
     check_supported(model)
     check_not_quantized(model)
     if mode == "fp16":
-        return _to_fp16(model, exclude)
+        return to_fp16(model, exclude)
     if mode == "int4":
-        return _to_int4(model, exclude, block_size, symmetric, accuracy_level)
-    feeds = _collect_feeds(model, calibration) if mode == "static" else []
+        return to_int4(model, exclude, block_size, symmetric, accuracy_level)
+    feeds = collect_feeds(model, calibration) if mode == "static" else []
     require_onnxruntime()
 
     notes: list[str] = []
@@ -108,7 +101,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
         reduce_range = target == "cpu" and per_channel
         if reduce_range:
             notes.append("weights use 7 bits (reduce_range) to avoid int16 saturation on CPUs without VNNI")
-    model = _upgrade_opset(_named_copy(model), notes)
+    model = _upgrade_opset(named_copy(model), notes)
     large = is_lazy(model) or model_bytes(model) > _PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
         src = _write(model, Path(tmp) / "float.onnx")
@@ -117,97 +110,28 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, calibration: Iterable[d
         work = onnx.load(str(src))
         excluded = _resolve_exclude(work, model, exclude, notes)
         if mode == "dynamic":
-            converted = _gemm_to_matmul(work, keep=set(excluded))
+            converted = gemm_to_matmul(work, keep=set(excluded))
             if converted:
                 notes.append(f"rewrote {converted} Gemm node(s) as MatMul+Add so dynamic int8 can cover them")
                 src = _write(work, Path(tmp) / "matmul.onnx")
         out = Path(tmp) / "quant.onnx"
-        with _onnxruntime_quantizing(model, mode):
+        with onnxruntime_quantizing(model, mode):
             if mode == "static":
                 if method != "minmax":
-                    feeds = _equal_batches(feeds, notes)
-                notes.append(_run_static(src, out, feeds, method, per_channel, reduce_range, target, excluded, large))
+                    feeds = equal_batches(feeds, notes)
+                notes.append(run_static(src, out, feeds, method, per_channel, reduce_range, target, excluded, large))
             else:
-                notes.extend(_run_dynamic(src, out, work, per_channel, reduce_range, target, excluded, large))
+                notes.extend(run_dynamic(src, out, work, per_channel, reduce_range, target, excluded, large))
         result = onnx.load(str(out))  # reads external data from tmp while it still exists
-    counts = _quantized_node_counts(result)
+    counts = quantized_node_counts(result)
     if not counts:
         raise UnsupportedModelError(
             f"nothing was quantized: {mode} int8 found no quantizable node "
             f"(op types in the model: {', '.join(sorted({n.op_type for n in model.graph.node}))})")
     notes.append("quantization nodes: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
     if not large:
-        _check_loads(result, model)
+        check_loads(result, model)
     return QuantizeResult(model=result, mode=mode, notes=notes)
-
-
-def _check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """Post-condition: onnxruntime (CPU) can load the result. Blames the input when it cannot load either."""
-    error = load_error(result)
-    if error is not None:
-        _blame_input(original)
-        raise UnsupportedModelError(f"the quantized model does not load in onnxruntime: {error}; "
-                                    "hint: --exclude the op type it names")
-
-
-def _blame_input(original: onnx.ModelProto) -> None:
-    """Raise a clear error when the input model itself does not load in onnxruntime (custom ops, ...)."""
-    error = load_error(original)
-    if error is not None:
-        raise UnsupportedModelError(f"onnxruntime cannot run the input model, so it cannot be quantized and "
-                                    f"checked: {error}")
-
-
-def _run_static(src: Path, out: Path, feeds: list[dict[str, np.ndarray]], method: str, per_channel: bool,
-                reduce_range: bool, target: str, excluded: list[str], large: bool) -> str:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    symmetric_act = target != "cpu"  # TensorRT (and the GPU int8 paths) need zero points of 0
-    quantize_static(
-        str(src), str(out), _FeedReader(feeds), quant_format=QuantFormat.QDQ,
-        per_channel=per_channel, reduce_range=reduce_range,
-        activation_type=QuantType.QInt8 if symmetric_act else QuantType.QUInt8,
-        weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large,
-        calibrate_method=_calibration_method(method), calibration_providers=["CPUExecutionProvider"],
-        extra_options={"ActivationSymmetric": symmetric_act, "WeightSymmetric": True},
-    )
-    act = "int8 symmetric" if symmetric_act else "uint8 asymmetric"
-    note = (f"static int8 QDQ for target {target}: activations {act}, weights int8 symmetric "
-            f"{'per channel' if per_channel else 'per tensor'}; calibration {method} on {len(feeds)} batch(es)")
-    if symmetric_act:
-        # Measured on the digits CNN: 99.6% with Q/DQ evaluated as float (what TensorRT computes) but 94.9%
-        # through onnxruntime's fused CPU int8 kernels, so CPU numbers misjudge a GPU-targeted model.
-        note += (f"; judge its accuracy on {target}: onnxruntime's CPU kernels for int8 activations can lose "
-                 "accuracy that the target would not")
-    return note
-
-
-def _run_dynamic(src: Path, out: Path, work: onnx.ModelProto, per_channel: bool, reduce_range: bool, target: str,
-                 excluded: list[str], large: bool) -> list[str]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(src), str(out), op_types_to_quantize=_DYNAMIC_OPS, per_channel=per_channel,
-        reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-        use_external_data_format=large,
-    )
-    notes = [f"dynamic int8: weights int8 symmetric {'per channel' if per_channel else 'per tensor'}, "
-             "activations quantized at run time"]
-    if any(n.op_type == "Conv" for n in work.graph.node):
-        notes.append("Conv nodes stay float32 in dynamic mode (onnxruntime's CPU ConvInteger has no "
-                     "int8-weight kernel); use --mode static for convolutional models")
-    if target != "cpu":
-        notes.append(f"dynamic int8 has no {target} kernels; it runs on the CPU provider")
-    return notes
-
-
-def check_not_quantized(model: onnx.ModelProto) -> None:
-    """Refuse a model that already holds quantization ops (QDQ, QLinear*, *Integer)."""
-    for node in model.graph.node:
-        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
-            raise UnsupportedModelError(
-                f"the model is already quantized: node {node.name or node.output[0]!r} is a {node.op_type}; "
-                "quantize the float32 model instead")
 
 
 def provider_warnings(mode: str, providers: Sequence[str]) -> list[str]:
@@ -224,158 +148,11 @@ def provider_warnings(mode: str, providers: Sequence[str]) -> list[str]:
     return warnings
 
 
-def _to_fp16(model: onnx.ModelProto, exclude: Sequence[str]) -> QuantizeResult:
-    from onnxruntime.transformers.float16 import (
-        DEFAULT_OP_BLOCK_LIST,
-        convert_float_to_float16,
-    )
-
-    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
-    if not floats and any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        raise UnsupportedModelError("the model is already float16 (no float32 weights to convert)")
-    notes: list[str] = []
-    model = _named_copy(model)
-    names = {n.name for n in model.graph.node}
-    ops = {n.op_type for n in model.graph.node}
-    node_block = [e for e in exclude if e in names]
-    op_block = [e for e in exclude if e not in names and e in ops]
-    unknown = [e for e in exclude if e not in names and e not in ops]
-    if unknown:
-        raise InputError(f"--exclude {', '.join(unknown)}: no node name or op type in the model matches")
-    try:
-        # keep_io_types: callers keep feeding float32 and reading float32; casts sit at the boundary.
-        result = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
-                                          op_block_list=list(DEFAULT_OP_BLOCK_LIST) + op_block,
-                                          node_block_list=node_block or None)
-    except Exception as exc:  # noqa: BLE001 - converter errors vary; one line for the user
-        raise UnsupportedModelError(f"fp16 conversion failed: {type(exc).__name__}: {first_line(exc)}") from exc
-    _check_loads(result, model)
-    notes.append("fp16 weights and activations; model inputs and outputs stay float32")
-    if node_block or op_block:
-        notes.append(f"kept in float32: {', '.join(node_block + op_block)}")
-    return QuantizeResult(model=result, mode="fp16", notes=notes)
-
-
-def _to_int4(model: onnx.ModelProto, exclude: Sequence[str], block_size: int, symmetric: bool,
-             accuracy_level: int | None) -> QuantizeResult:
-    require_onnxruntime()
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
-    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
-        raise InputError(f"--accuracy-level is 0..4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), got {accuracy_level}")
-    model = _named_copy(model)
-    names = {n.name for n in model.graph.node}
-    excluded = [n.name for n in model.graph.node if n.name in exclude or n.op_type in exclude]
-    unknown = [e for e in exclude if e not in names and e not in {n.op_type for n in model.graph.node}]
-    if unknown:
-        raise InputError(f"--exclude {', '.join(unknown)}: no node name or op type in the model matches")
-    with _onnxruntime_quantizing(model, "int4"):
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=excluded)
-        quantizer.process()
-        result = quantizer.model.model
-    counts = _quantized_node_counts(result)
-    if not counts:
-        raise UnsupportedModelError("nothing was quantized: int4 weight-only quantization found no MatMul with a "
-                                    "constant 2-D weight")
-    _check_loads(result, model)
-    notes = [f"int4 weight-only (MatMulNBits): blocks of {block_size} along K, "
-             f"{'symmetric' if symmetric else 'asymmetric (zero points)'} weights; activations stay float",
-             "quantization nodes: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))]
-    if excluded:
-        notes.append(f"kept in float: {len(excluded)} node(s) ({', '.join(exclude)})")
-    return QuantizeResult(model=result, mode="int4", notes=notes)
-
-
-class _FeedReader:
-    """onnxruntime's CalibrationDataReader protocol (get_next returns a feed dict, then None) over a list."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self._feeds = feeds
-        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self._feeds)
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-
-def _collect_feeds(model: onnx.ModelProto, calibration: Iterable[dict[str, np.ndarray]] | None):
-    if calibration is None:
-        raise InputError("static int8 quantization needs calibration data: pass --data FILE "
-                         "(or use --mode dynamic, which needs none)")
-    inits = {t.name for t in model.graph.initializer}
-    needed = [i.name for i in model.graph.input if i.name not in inits]
-    feeds = []
-    for k, feed in enumerate(calibration):
-        missing = [n for n in needed if n not in feed]
-        if missing:
-            raise InputError(f"calibration batch {k} lacks model input(s) {', '.join(missing)} "
-                             f"(it has {', '.join(feed) or 'nothing'})")
-        feeds.append({n: np.asarray(feed[n]) for n in needed})
-    if not feeds:
-        raise InputError("static int8 quantization needs calibration data, but the data given is empty")
-    return feeds
-
-
-def _equal_batches(feeds: list[dict[str, np.ndarray]], notes: list[str]) -> list[dict[str, np.ndarray]]:
-    """Re-split feeds into batches of one shape: onnxruntime's histogram calibrators stack every batch's
-    outputs into one array, which fails when the last batch is shorter. The batch size becomes the gcd of
-    the batch sizes, so no sample is lost; feeds whose inputs disagree on axis 0 are dropped instead."""
-    shapes = {_shapes_of(f) for f in feeds}
-    if len(shapes) == 1:
-        return feeds
-    sizes = set()
-    for f in feeds:
-        first = {v.shape[0] if v.ndim else -1 for v in f.values()}
-        sizes.add(first.pop() if len(first) == 1 else -1)
-    if -1 in sizes:
-        ref = _shapes_of(feeds[0])
-        kept = [f for f in feeds if _shapes_of(f) == ref]
-        notes.append(f"histogram calibration needs equal batch shapes: used {len(kept)} of {len(feeds)} batches")
-        return kept
-    step = int(np.gcd.reduce(sorted(sizes)))
-    return [{k: v[i:i + step] for k, v in f.items()} for f in feeds
-            for i in range(0, next(iter(f.values())).shape[0], step)]
-
-
-def _shapes_of(feed: dict[str, np.ndarray]) -> tuple:
-    return tuple((k, v.shape) for k, v in sorted(feed.items()))
-
-
 def _choice(value: str, choices: Sequence[str], what: str) -> str:
     key = value.strip().lower()
     if key not in choices:
         raise InputError(f"unknown {what} {value!r} (choose from {', '.join(choices)})")
     return key
-
-
-def _calibration_method(method: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
-
-
-def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy where every node has a unique name: exclusions and onnxruntime's quantizer key on names."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    used = {n.name for n in out.graph.node if n.name}
-    for i, node in enumerate(out.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
-    return out
 
 
 def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
@@ -401,7 +178,7 @@ def _preprocess(src: Path, dst: Path, large: bool, notes: list[str]) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet_ort_logging(), _working_dir(dst.parent):
+        with quiet_ort_logging(), working_dir(dst.parent):
             quant_pre_process(str(src), str(dst), save_as_external_data=large, all_tensors_to_one_file=large,
                               external_data_location=dst.name + ".data" if large else None)
         onnx.load(str(dst), load_external_data=False)
@@ -433,118 +210,3 @@ def _resolve_exclude(work: onnx.ModelProto, original: onnx.ModelProto, exclude: 
     if excluded:
         notes.append(f"kept in float: {len(excluded)} node(s) ({', '.join(exclude)})")
     return excluded
-
-
-def _gemm_to_matmul(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
-    """Rewrite Gemm(A, B, C) with constant B as MatMul(A, B') + C, in place, except nodes named in `keep`;
-    returns how many.
-
-    onnxruntime's dynamic quantizer covers MatMul but not Gemm, and torch exports every Linear as Gemm.
-    Y = alpha * A @ op(B) + beta * C, so alpha and beta fold into the constants B' and C.
-    """
-    from onnx import helper, numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    used = {n.name for n in model.graph.node}
-    nodes = []
-    count = 0
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in used:
-            name += "_"
-        used.add(name)
-        return name
-
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or node.name in keep or attrs.get("transA", 0) or len(node.input) < 2
-                or node.input[1] not in inits):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if attrs.get("transB", 0):
-            weight = weight.T
-        weight = np.ascontiguousarray(weight * np.float32(attrs.get("alpha", 1.0))).astype(weight.dtype)
-        w_name = f"{node.input[1]}__matmul_{count}"
-        model.graph.initializer.append(numpy_helper.from_array(weight, w_name))
-        has_bias = len(node.input) > 2 and node.input[2]
-        mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=fresh(f"{node.name or node.output[0]}_MatMul")))
-        if has_bias:
-            bias_name = node.input[2]
-            beta = attrs.get("beta", 1.0)
-            if beta != 1.0:
-                if bias_name not in inits:
-                    nodes[-1] = node  # a computed bias scaled by beta: leave this Gemm alone
-                    model.graph.initializer.pop()
-                    continue
-                bias = numpy_helper.to_array(inits[bias_name]) * np.float32(beta)
-                bias_name = f"{bias_name}__beta_{count}"
-                model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-            nodes.append(helper.make_node("Add", [mm_out, bias_name], [node.output[0]], name=fresh(f"{node.name or node.output[0]}_Add")))
-        count += 1
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        _drop_unused_initializers(model)
-    return count
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def _quantized_node_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-@contextlib.contextmanager
-def _working_dir(folder: Path) -> Iterator[None]:
-    # When symbolic shape inference fails, onnxruntime dumps "sym_shape_infer_temp.onnx" into the current
-    # directory; running it from the temporary folder keeps that file out of the user's.
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-@contextlib.contextmanager
-def _onnxruntime_quantizing(model: onnx.ModelProto, mode: str) -> Iterator[None]:
-    """onnxruntime's quantizers, quiet; what they raise becomes one line (after blaming the input if it is
-    the model's fault)."""
-    try:
-        with _quiet_ort_logging():
-            yield
-    except (InputError, UnsupportedModelError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; the user needs one line
-        _blame_input(model)
-        raise UnsupportedModelError(f"onnxruntime could not quantize the model ({mode}): "
-                                    f"{type(exc).__name__}: {first_line(exc)}") from exc
-
-
-@contextlib.contextmanager
-def _quiet_ort_logging() -> Iterator[None]:
-    # onnxruntime.quantization logs warnings (some on the root logger) per tensor it leaves alone; the notes
-    # carry what matters, so silence them for the duration and restore the levels afterwards.
-    # The histogram calibrators also print() progress, which would corrupt a --json report on stdout.
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
