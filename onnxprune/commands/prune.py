@@ -202,40 +202,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     else:
         result = prune_model(original, recipe, run)
     recipe = result.recipe
-    report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
-                    "seed": recipe.seed, "recipe": recipe.to_dict(),
-                    "calibration": None if calib is None else {"source": calib.source, "samples": len(calib)},
-                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)},
-                    "warnings": warnings}
-    if recipe.mode == "unstructured":
-        _show_unstructured(result)
-        report.update({"ratio": recipe.ratio, "threshold": recipe.threshold, "stats": result.stats,
-                       "layers": result.layers, "notes": result.notes})
-    else:
-        groups_rows = result.group_rows()
-        shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
-        console.print(summary_table(result.stats))
-        console.print(groups_table(shown, f"{len(result.plan.kept)} of {len(groups_rows)} groups pruned"
-                                          f" ({result.stats['channels_removed']} channels)",
-                                   names=ShortNames(s for r in groups_rows for s in r["sources"])))
-        report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
-                       "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
-                       "target_macs": recipe.target_macs, "target_params": recipe.target_params,
-                       "target_latency": recipe.target_latency, "latency": result.stats.get("latency"),
-                       "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
-                       "groups": groups_rows, "recovery": result.recovery, "search": result.search,
-                       "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
-                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
-        if "latency" in result.stats:
-            console.print(latency_line(result.stats["latency"]))
-        if result.interface:
-            console.print(interface_table(result.interface))
-        for note in result.notes:
-            console.print(f"note: {note}")
-        show_faults(result.faults)
-    if recipe.quantize:
-        report["quantize"] = {"mode": result.stats["quantize"], "notes": result.notes,
-                              "size_bytes": {"before": result.stats["bytes_float"], "after": result.stats["bytes_after"]}}
+    report = prune_report(result, model, None if dry_run else out_path, calib, held, max_drop, warnings)
+    _show(result, show_all)
     if calib is not None or held is not None:
         report["quality"] = _quality(original, result.model, calib, held)
     if not dry_run:
@@ -264,6 +232,53 @@ def latency_line(r: dict) -> str:
             f"({r['target_ratio']:.3f} of {r['base_ms']:.3f} ms); predicted {r['predicted_ms']:.3f} ms "
             f"({r['predicted_ratio']:.3f}), measured {r['measured_ms']:.3f} ms ({r['measured_ratio']:.3f}, "
             f"noise {100 * r['noise']:.1f}%) after {len(r['iterations'])} iteration(s); table {source}")
+
+
+def prune_report(result, model: str, output: Path | None, calib, held, max_drop: float | None,
+                 warnings: list[str]) -> dict:
+    """The JSON report of a prune, from its result alone (what `--json` writes and a `--recipe` replays)."""
+    recipe = result.recipe
+    report: dict = {"model": model, "output": None if output is None else str(output), "mode": recipe.mode,
+                    "seed": recipe.seed, "recipe": recipe.to_dict(),
+                    "calibration": None if calib is None else {"source": calib.source, "samples": len(calib)},
+                    "evaluation": None if held is None else {"source": held.source, "samples": len(held)},
+                    "warnings": warnings}
+    if recipe.mode == "unstructured":
+        report.update({"ratio": recipe.ratio, "threshold": recipe.threshold, "stats": result.stats,
+                       "layers": result.layers, "notes": result.notes})
+    else:
+        report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
+                       "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
+                       "target_macs": recipe.target_macs, "target_params": recipe.target_params,
+                       "target_latency": recipe.target_latency, "latency": result.stats.get("latency"),
+                       "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
+                       "groups": result.group_rows(), "recovery": result.recovery, "search": result.search,
+                       "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
+                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+    if recipe.quantize:
+        report["quantize"] = {"mode": result.stats["quantize"], "notes": result.notes,
+                              "size_bytes": {"before": result.stats["bytes_float"], "after": result.stats["bytes_after"]}}
+    return report
+
+
+def _show(result, show_all: bool) -> None:
+    """The tables and notes a prune prints."""
+    if result.recipe.mode == "unstructured":
+        _show_unstructured(result)
+        return
+    groups_rows = result.group_rows()
+    shown = groups_rows if show_all else [r for r in groups_rows if r["kept"] != r["channels"]]
+    console.print(summary_table(result.stats))
+    console.print(groups_table(shown, f"{len(result.plan.kept)} of {len(groups_rows)} groups pruned"
+                                      f" ({result.stats['channels_removed']} channels)",
+                               names=ShortNames(s for r in groups_rows for s in r["sources"])))
+    if "latency" in result.stats:
+        console.print(latency_line(result.stats["latency"]))
+    if result.interface:
+        console.print(interface_table(result.interface))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    show_faults(result.faults)
 
 
 def _show_unstructured(result) -> None:
