@@ -107,7 +107,7 @@ def test_cache_inputs_are_fed_empty_and_budgets_are_ratios(cache_lm, tmp_path):
     assert main(["sensitivity", str(cache_lm), "--data", str(tmp_path / "held.npz"), "--ratios", "0.5",
                  "--json", str(tmp_path / "s.json")]) == 0
     sens = json.loads((tmp_path / "s.json").read_text())
-    assert sens["metric"] == "perplexity" and sens["baseline"] == pytest.approx(100.0)
+    assert sens["metric"] == "perplexity_kept" and sens["baseline"] == pytest.approx(100.0)
     assert len(sens["rows"]) == 4 and any(abs(row["drops"][0]) > 0.1 for row in sens["rows"])
 
     out = tmp_path / "p.onnx"

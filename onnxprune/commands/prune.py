@@ -323,8 +323,8 @@ def _quality(original, pruned, calib, held) -> dict:
         rows[role] = {"source": ds.source, "samples": len(ds), "metric": after["metric"],
                       "before": before["value"], "after": after["value"]}
         console.print(f"{role} data: {ds.source}")
-        if after["metric"] == "perplexity":  # a causal LM: lower is better, the change is a ratio
-            rows[role].update(before=before["perplexity"], after=after["perplexity"])
+        if after["metric"] == "perplexity_kept":  # a causal LM: lower is better, the change is a ratio
+            rows[role].update(metric="perplexity", before=before["perplexity"], after=after["perplexity"])
             table.add_row(role, str(len(ds)), "perplexity", f"{before['perplexity']:.4g}",
                           f"{after['perplexity']:.4g}", f"x{after['perplexity'] / before['perplexity']:.4f}")
             continue

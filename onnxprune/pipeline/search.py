@@ -38,7 +38,7 @@ def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None =
         reference_outputs = run_batches(reference if reference is not None else model, dataset.batches())
     metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
     result = {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
-    if metric == "perplexity":  # value: 100 · reference perplexity / perplexity
+    if metric == "perplexity_kept":  # value: 100 · reference perplexity / perplexity
         result["perplexity"] = perplexity(outputs, dataset.feeds)["perplexity"]
     return result
 
@@ -66,7 +66,7 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
     ref_out = run_batches(prep.model, eval_data.batches())
     base = measure(prep.model, eval_data, reference_outputs=ref_out)
     ratio = None
-    if base["metric"] == "perplexity":  # a causal LM: --max-drop is the largest perplexity ratio
+    if base["metric"] == "perplexity_kept":  # a causal LM: --max-drop is the largest perplexity ratio
         if max_drop < 1:
             raise InputError(f"--max-drop for a language model is a perplexity ratio (e.g. 1.15), got {max_drop}")
         ratio, max_drop = max_drop, 100.0 * (1.0 - 1.0 / max_drop)

@@ -46,11 +46,11 @@ def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.n
     relative to the reference's, as 100 · ppl_reference / ppl (%, 100 = as good), so that drops in points work
     as for accuracy; else what evaluate.quality_metric says (agreement, or cosine on real tokens).
 
-    This is the perplexity *kept*, in percent (higher is better, as for every metric here); the absolute
-    perplexity (lower is better) is evaluate.metrics.perplexity's."""
+    Named "perplexity_kept": it is the perplexity *kept*, in percent (higher is better, as for every metric
+    here); "perplexity" always means the absolute value (lower is better, evaluate.metrics.perplexity)."""
     if labels is None and feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
         ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
-        return "perplexity", 100.0 * ratio
+        return "perplexity_kept", 100.0 * ratio
     return quality_metric(outputs, reference, labels, feeds)
 
 
@@ -114,7 +114,8 @@ def plot_sensitivity(result: SensitivityResult, path) -> None:
         ax.plot([0.0, *result.ratios], [0.0, *row["drops"]], marker="o", label=label[:60])
     ax.set_xlabel("fraction of the group's channels removed")
     unit = {"accuracy": "top-1 accuracy drop (points)", "agreement": "top-1 agreement drop (points)",
-            "cosine": "cosine similarity drop (x100)"}[result.metric]
+            "cosine": "cosine similarity drop (x100)",
+            "perplexity_kept": "perplexity kept drop (points of 100 x ppl before / ppl after)"}[result.metric]
     ax.set_ylabel(unit)
     ax.set_title(f"sensitivity per group ({result.data_source})"[:90], fontsize=9)
     ax.grid(alpha=0.3)
