@@ -44,6 +44,15 @@ def require_onnxruntime():
     return onnxruntime
 
 
+def require_torch():
+    """Import torch lazily (re-training, onnxprune/train), with an install hint when it is missing."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependency("re-training needs torch: pip install 'onnxprune[train]'") from exc
+    return torch
+
+
 class UnsupportedOpError(UnsupportedModelError):
     """An op the training bridge (onnxprune/train) cannot run in torch: raised when the module is built."""
 

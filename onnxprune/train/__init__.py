@@ -8,16 +8,7 @@ needs it runs, and then `require_torch` gives an install hint when it is missing
 
 from __future__ import annotations
 
-from onnxprune.errors import MissingDependency
-
-
-def require_torch():
-    """Import torch lazily, with an install hint when it is missing."""
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingDependency("re-training needs torch: pip install 'onnxprune[train]'") from exc
-    return torch
+from onnxprune.errors import require_torch  # noqa: F401 - the package's import hint, importable from here
 
 
 def __getattr__(name: str):

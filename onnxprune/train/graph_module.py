@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.errors import InputError, UnsupportedOpError
+from onnxprune.errors import InputError, UnsupportedOpError, require_torch
 from onnxprune.io.model_io import copy_without_initializers
 from onnxprune.io.weights import (
     TensorWriter,
@@ -34,7 +34,6 @@ from onnxprune.io.weights import (
     is_lazy,
     tensor_array,
 )
-from onnxprune.train import require_torch
 from onnxprune.train.ops import Node, get_op
 
 torch = require_torch()
