@@ -32,6 +32,8 @@ ALLOCATIONS = ("global", "uniform", "sensitivity")
 RECOVERIES = ("none", "bias", "lstsq")
 QUANTIZATIONS = ("int8", "static", "dynamic", "fp16", "int4")
 GQA_MODES = ("kv-groups", "query-heads")
+FINETUNE_MODES = ("none", "blockwise", "end-to-end", "both")  # re-training by distillation (pipeline/finetune.py)
+FINETUNE_LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
 # a threshold. An override that names one budget drops the others it does not name.
@@ -60,6 +62,12 @@ class Recipe:
     seed: int = 0                     # random scores, sample choices in recovery
     gqa_mode: str = "kv-groups"       # grouped-query attention: prune whole kv groups, or query heads in them
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)
+    finetune: str = "none"            # distil the pruned model from the original: blockwise, end-to-end, both
+    finetune_steps: int = 100         # optimizer steps per block (blockwise) and in all (end-to-end)
+    finetune_lr: float = 1e-4         # AdamW learning rate (cosine schedule to zero)
+    finetune_batch_size: int = 8      # samples per training batch
+    finetune_temperature: float = 2.0  # softmax temperature of the KL loss on logits
+    finetune_loss: str = "auto"       # end-to-end loss: auto (KL on logits, else MSE; + CE with labels) ...
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -291,6 +299,11 @@ def _fraction_kept(value: float, label: str) -> None:   # (0, 1]
         raise InputError(f"{label} is the fraction to keep, in (0, 1]; got {value}")
 
 
+def _positive(value: float, label: str) -> None:
+    if value <= 0:
+        raise InputError(f"{label} must be > 0, got {value}")
+
+
 def _at_least(low):
     def check(value, label: str) -> None:
         if value < low:
@@ -317,6 +330,12 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
     "seed": (_integer, _at_least(0), False),
     "gqa_mode": (_string, _choice(GQA_MODES), False),
     "keep_kv_cache": (_boolean, None, False),
+    "finetune": (_string, _choice(FINETUNE_MODES), False),
+    "finetune_steps": (_integer, _at_least(1), False),
+    "finetune_lr": (_number, _positive, False),
+    "finetune_batch_size": (_integer, _at_least(1), False),
+    "finetune_temperature": (_number, _positive, False),
+    "finetune_loss": (_string, _choice(FINETUNE_LOSSES), False),
 }
 
 
@@ -361,6 +380,8 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
                          f"not with {label('mode')} unstructured")
     if r["prune_hidden"]:
         raise InputError(f"{label('prune_hidden')} is for structured pruning")
+    if r["finetune"] != "none":  # training would fill the zeroed weights in again
+        raise InputError(f"{label('finetune')} is for structured pruning")
     extra = [k for k, bad in (("recover", r["recover"] != "none"), ("target_macs", r["target_macs"] is not None),
                               ("target_params", r["target_params"] is not None),
                               ("criterion", r["criterion"] not in (None, "l1")),
