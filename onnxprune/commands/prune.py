@@ -15,8 +15,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
-from onnxprune.commands._output import console, groups_table, interface_table, show_faults, summary_table, write_json
+from onnxprune.commands.options import (data_options, dataset_from_options, finetune_options, parse_input_shapes,
+                                        tracking_option)
+from onnxprune.commands._output import (console, groups_table, interface_table, show_faults, show_finetune,
+                                        summary_table, write_json)
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
@@ -78,7 +80,7 @@ def recipe_options(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return finetune_options(f)
 
 
 def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
@@ -171,7 +173,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     if max_drop is not None:
         result = prune_within_drop(original, max_drop, held, recipe, **run)
     else:
-        result = prune_model(original, recipe, **run)
+        result = prune_model(original, recipe, eval_data=held, **run)
     recipe = result.recipe
     report: dict = {"model": model, "output": None if dry_run else str(out_path), "mode": recipe.mode,
                     "seed": recipe.seed, "recipe": recipe.to_dict(),
@@ -196,6 +198,9 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
                        "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
         if result.interface:
             console.print(interface_table(result.interface))
+        if result.finetune:
+            report["finetune"] = result.finetune
+            show_finetune(result.finetune)
         for note in result.notes:
             console.print(f"note: {note}")
         show_faults(result.faults)

@@ -65,6 +65,7 @@ class PruneResult:
     recipe: Recipe | None = None                         # the resolved recipe that made `model`
     layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
     interface: list[dict] = field(default_factory=list)  # inputs/outputs whose shape changed (key/value cache)
+    finetune: dict | None = None                          # re-training's report (onnxprune.pipeline.finetune)
 
     @property
     def faults(self) -> list[dict]:
@@ -121,7 +122,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
                 validate_result: bool = True, removed: dict[int, np.ndarray] | None = None,
                 prepared: Prepared | None = None, scores: dict[int, np.ndarray] | None = None,
                 sensitivity: dict | None = None, stats=None, strict: bool = False, input_shapes: dict | None = None,
-                memory_budget: int | None = None, **options) -> PruneResult:
+                memory_budget: int | None = None, eval_data=None, **options) -> PruneResult:
     """Prune `model` as `recipe` says; `removed` (group root space -> channels) overrides scoring and planning.
 
     Keyword `options` are recipe fields (`prune_model(model, ratio=0.5, criterion="l1")`): they override
@@ -135,7 +136,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     Run settings, not part of the recipe: `input_shapes` (input name -> shape) fixes dynamic input dims for
     validation and MAC counts (else the calibration data's, else 1); `strict` makes any contained fault an
     error (onnxprune.pipeline.apply); `memory_budget` (bytes) caps what calibration keeps in memory
-    (pipeline/stages.py).
+    (pipeline/stages.py); `eval_data` (a Dataset) is the held-out set re-training (recipe.finetune) is judged on
+    (else a share of the calibration data).
     """
     from onnxprune.pipeline.recover import recover as run_recovery
 
@@ -147,8 +149,10 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     ratio, criterion, global_ranking, round_to = recipe.ratio, recipe.criterion, recipe.global_ranking, recipe.round_to
     seed, recover, allocate, head_ratio = recipe.seed, recipe.recover, recipe.allocate, recipe.head_ratio
     target_macs, target_params = recipe.target_macs, recipe.target_params
-    if (criterion in DATA_CRITERIA or recover != "none") and not feeds and removed is None:
-        what = f"--criterion {criterion}" if criterion in DATA_CRITERIA else f"--recover {recover}"
+    if (criterion in DATA_CRITERIA or recover != "none" or recipe.finetune != "none") and not feeds \
+            and removed is None:
+        what = (f"--criterion {criterion}" if criterion in DATA_CRITERIA else
+                f"--recover {recover}" if recover != "none" else f"--finetune {recipe.finetune}")
         raise InputError(f"{what} needs calibration data: pass --data FILE")
     _check_runnable(recipe, feeds)
     prep = prepared or prepare_recipe(model, recipe)
@@ -196,6 +200,14 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
                          f"in memory and spilled {format_bytes(rec.passes['spilled_bytes'])} to disk (--memory-budget)")
     if validate_result and recover != "none" and plan.kept:
         validate(pruned, model, feed)
+    tuned = None
+    if recipe.finetune != "none" and plan.kept:
+        from onnxprune.pipeline.finetune import finetune
+
+        tuned = finetune(pruned, prep.model, calibration, recipe, eval_data=eval_data, memory_budget=memory_budget,
+                         show_progress=True)
+        pruned = tuned.model
+        notes.extend(tuned.notes)
     if strict and prep.analysis.faults:
         raise ContainedFaultError(strict_message(prep.analysis.faults))
     shapes = resolve_shapes(model, input_shapes, feeds[0] if feeds else None)[0]
@@ -214,7 +226,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
                      "shape (the only interface change; see the interface table)")
     result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe,
-                         interface=interface)
+                         interface=interface, finetune=tuned.report if tuned is not None else None)
     return quantize_result(result, feeds) if recipe.quantize else result
 
 
