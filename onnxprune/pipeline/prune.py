@@ -25,7 +25,7 @@ from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_unifor
 from onnxprune.recipe import Recipe, as_recipe, option_name
 from onnxprune.recipe import default as recipe_default
 from onnxprune.errors import InputError
-from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
+from onnxprune.pipeline.score import DATA_CRITERIA, criterion_stats, score_groups
 from onnxprune.io.model_io import model_bytes
 from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.pipeline.validate import validate
@@ -162,9 +162,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     else:
         if scores is None:
             if criterion in DATA_CRITERIA and stats is None:
-                from onnxprune.pipeline.activations import channel_stats
-
-                stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=seed)
+                stats = criterion_stats(criterion, prep, feeds, labels=getattr(calibration, "labels", None),
+                                        memory_budget=memory_budget, seed=seed)
             scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
         target = target_macs if target_macs is not None else target_params
         if target is not None:
@@ -346,9 +345,8 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
             raise InputError(f"--max-drop for a language model is a perplexity ratio (e.g. 1.15), got {max_drop}")
         ratio, max_drop = max_drop, 100.0 * (1.0 - 1.0 / max_drop)
     if recipe.criterion in DATA_CRITERIA and stats is None:
-        from onnxprune.pipeline.activations import channel_stats
-
-        stats = channel_stats(prep, feeds, memory_budget=memory_budget, seed=recipe.seed)
+        stats = criterion_stats(recipe.criterion, prep, feeds, labels=getattr(calibration, "labels", None),
+                                memory_budget=memory_budget, seed=recipe.seed)
     scores = score_groups(prep.analysis, prep.view, recipe.criterion, recipe.seed, stats=stats)
     if recipe.allocate == "sensitivity" and sensitivity is None:
         sensitivity = sensitivity_curves(prep, calibration, scores)
