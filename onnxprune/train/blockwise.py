@@ -165,11 +165,11 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
                 after = held_loss()
                 with torch.no_grad():
                     calib_after = float(np.mean([float(block_loss(b)) for b in train]))
-                kept = not held or after < before
+                kept = bool(losses) and (not held or after < before)
                 row.update(params=int(sum(p.numel() for p in trainable)), calibration_before=calib_before,
                            calibration_after=calib_after, held_out_before=before, held_out_after=after,
                            final_train_loss=float(np.mean(losses[-10:])) if losses else None,
-                           status="kept" if kept else "rolled back")
+                           status="kept" if kept else "rolled back" if losses else "nothing to train")
                 if kept:
                     for tensor in write_back(sub, module).graph.initializer:
                         if tensor.name in own:
@@ -183,6 +183,8 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
                 pass
             for name in request:
                 store.drop(_target_key(k, name))
+        if not any(r.get("status") == "kept" for r in result.blocks):
+            result.model = pruned  # nothing kept: the input itself, not an equal copy
         result.passes = {"original": teacher_run.passes, "pruned": student_run.passes,
                          "frontier_peak_bytes": store.peak_in_memory, "spilled_bytes": store.spilled}
         if store.spilled:

@@ -90,8 +90,8 @@ def relative_mse(s, t):
 def train_steps(params: Sequence, batch_loss: Callable[[int], object], batches: Sequence[int], *, steps: int,
                 lr: float, seed: int = 0, label: str = "distilling", show_progress: bool = True) -> list[float]:
     """AdamW on `params` for `steps` steps, learning rate on a cosine from `lr` to zero; each step takes the
-    loss of one batch index drawn from `batches` (a shuffled pass, then another). Returns the losses; the bar
-    shows the running mean."""
+    loss of one batch index drawn from `batches` (a shuffled pass, then another). Returns the losses (none when
+    no parameter reaches the loss); the bar shows the running mean."""
     from onnxprune.report import progress
 
     torch = require_torch()
@@ -107,6 +107,8 @@ def train_steps(params: Sequence, batch_loss: Callable[[int], object], batches: 
             if not order:
                 order = list(rng.permutation(batches))
             loss = batch_loss(int(order.pop()))
+            if not loss.requires_grad:  # no trained parameter reaches the loss (e.g. a mask's fill value)
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -120,4 +122,8 @@ def train_steps(params: Sequence, batch_loss: Callable[[int], object], batches: 
 
 def as_tensors(feed: dict[str, np.ndarray], device: str = "cpu") -> dict:
     torch = require_torch()
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feed.items()}
+    out = {}
+    for k, v in feed.items():
+        v = np.asarray(v)  # not ascontiguousarray: it makes a 0-d shape value 1-d
+        out[k] = torch.as_tensor(v if v.flags.writeable and v.flags.c_contiguous else np.array(v)).to(device)
+    return out
