@@ -99,7 +99,7 @@ def show_finetune(report: dict, limit: int = 12) -> None:
             def pair(role):
                 b, a = r.get(f"{role}_before"), r.get(f"{role}_after")
                 return "" if b is None or a is None else f"{b:.4g} -> {a:.4g}"
-            table.add_row(str(r["block"]), r["output"][:40], f"{r.get('params', 0):,}", pair("calibration"),
+            table.add_row(str(r["block"]), _tail(r["output"], 32), f"{r.get('params', 0):,}", pair("calibration"),
                           pair("held_out"), r["status"])
         if len(blocks) > limit:
             table.add_row("...", f"{len(blocks) - limit} more", "", "", "", "")
@@ -118,3 +118,8 @@ def show_finetune(report: dict, limit: int = 12) -> None:
         for role, q in quality.items():
             table.add_row(role.replace("_", "-"), q["metric"], f"{q['before']:.4g}", f"{q['after']:.4g}")
         console.print(table)
+
+
+def _tail(text: str, width: int) -> str:
+    """The end of a long tensor name (where exporters put the layer and op)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]

@@ -160,7 +160,9 @@ class Judge:
         names = [o.name for o in original.graph.output]
         first = dict(zip(names, self.teacher.run(names, self.adapt(sample_feed))))
         self.kinds = output_losses(first, sample_feed, loss)
-        self._reference: dict[int, dict] = {}
+        name = next(iter(self.kinds))
+        # a causal LM is judged by its perplexity alone: its logits are too large to compare for a tie-break
+        self.lm = self.kinds[name] in ("kl", "ce") and first[name].ndim == 3 and "input_ids" in sample_feed
 
     def __call__(self, model: onnx.ModelProto, ds: Dataset) -> dict:
         from onnxprune.evaluate.metrics import perplexity
@@ -171,18 +173,18 @@ class Judge:
         adapt = feed_adapter(student)
         names = list(self.kinds)
         labels = _batch_labels(ds)
-        nll = tokens = hits = count = 0.0
+        nll = tokens = hits = count = 0.0  # summed over batches
         distances = []
-        lm = None
         for b, feed in enumerate(ds.feeds):
             out = dict(zip(names, student.run(names, adapt(feed))))
-            ref = dict(zip(names, self.teacher.run(names, self.adapt(feed))))
             first = names[0]
-            if self.kinds[first] in ("kl", "ce") and out[first].ndim == 3 and "input_ids" in feed:
+            if self.lm:
                 lm = perplexity([out], [feed], first)
                 nll += lm["nll"] * lm["tokens"]
                 tokens += lm["tokens"]
-            elif self.kinds[first] in ("kl", "ce"):
+                continue
+            ref = dict(zip(names, self.teacher.run(names, self.adapt(feed))))
+            if self.kinds[first] in ("kl", "ce"):
                 mine = out[first].argmax(-1)
                 truth = labels[b] if labels[b] is not None else ref[first].argmax(-1)
                 hits += float((mine == truth).sum())
@@ -193,9 +195,10 @@ class Judge:
                 hits += float(cos.sum())
                 count += len(cos)
             distances.append(float(np.mean([_distance(self.kinds[n], out[n], ref[n]) for n in names])))
-        if tokens:
-            metric, value = "perplexity", float(np.exp(nll / tokens))
-        elif self.kinds[names[0]] in ("kl", "ce"):
+        if self.lm:
+            nll = nll / max(tokens, 1)
+            return {"metric": "perplexity", "value": float(np.exp(nll)), "distance": nll, "samples": len(ds)}
+        if self.kinds[names[0]] in ("kl", "ce"):
             metric, value = ("accuracy" if ds.labels is not None else "agreement"), 100.0 * hits / max(count, 1)
         else:
             metric, value = "cosine", 100.0 * hits / max(count, 1)

@@ -41,7 +41,9 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     from onnxprune.io.model_io import weightless
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False)
+        # data propagation follows shape arithmetic (Shape, Gather, Concat into Reshape): the residual stream of
+        # an exported decoder gets its [batch, seq, hidden] instead of unknowns
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a hint here; no shapes means no cut points
         return {}
     out = {}
@@ -56,11 +58,15 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 def block_boundaries(pruned: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
     """The tensors blocks end at, in graph order: outputs of an Add of two computed tensors (a residual join)
     that both models compute with the same known shape."""
-    consts = {t.name for t in pruned.graph.initializer}
+    consts = {t.name for t in pruned.graph.initializer} | {o for n in pruned.graph.node if n.op_type == "Constant"
+                                                           for o in n.output}
     made = {o for n in original.graph.node for o in n.output}
     inputs = {i.name for i in pruned.graph.input}
     outputs = {o.name for o in pruned.graph.output}
     shapes_p, shapes_o = _shapes(pruned), _shapes(original)
+    # a symbolic dimension counts as known only when it is one of the graph inputs' (batch, sequence): shape
+    # inference names other unknowns alike in both models (unk__3) whatever their sizes
+    named = {d.dim_param for i in pruned.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
     found = []
     for node in pruned.graph.node:
         if node.op_type != "Add" or len(node.input) != 2 or any(x in consts or x in inputs for x in node.input):
@@ -69,7 +75,7 @@ def block_boundaries(pruned: onnx.ModelProto, original: onnx.ModelProto) -> list
         if name not in made or name in outputs:
             continue
         a, b = shapes_p.get(name), shapes_o.get(name)
-        if a is None or a != b or any(d is None for d in a) or len(a) < 2:
+        if a is None or a != b or len(a) < 2 or any(d is None or isinstance(d, str) and d not in named for d in a):
             continue
         found.append(name)
     return found
