@@ -44,8 +44,8 @@ def test_self_distillation_leaves_outputs_unchanged():
     x = calib.feeds[0]
     np.testing.assert_allclose(run(result.model, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-5)
     llama = onnx.load(LLAMA)
-    lm = load_data(str(MODELS / "stdlib_calib.npz"), llama, limit=8, batch_size=2)
-    out = finetune(llama, llama, lm, Recipe(finetune="blockwise", finetune_steps=3, finetune_batch_size=2))
+    lm = load_data(str(MODELS / "stdlib_calib.npz"), llama, limit=4, batch_size=2)
+    out = finetune(llama, llama, lm, Recipe(finetune="blockwise", finetune_steps=2, finetune_batch_size=2))
     assert len(out.report["blockwise"]["blocks"]) > 4  # cut at the residual joins of the decoder layers
     feed = lm.feeds[0]
     np.testing.assert_allclose(run(out.model, feed)[0], run(llama, feed)[0], rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ Each step is an onnxprune CLI command in a child process (wall time and peak RSS
   smollm2 SmolLM2-135M (tools/smollm2.py builds it into /work/cache/smollm2) at --ratio R with lstsq, then
           `finetune --finetune blockwise` and `finetune --finetune end-to-end` on the block-wise result:
           held-out perplexity of each (the finetune reports measure it on --eval-data).
+  stdlib_llama  the same on the shipped tiny GQA decoder (models/stdlib_llama.onnx, stdlib windows).
 
     python tools/bench_finetune.py digits --steps 300 --lr 1e-3
     python tools/bench_finetune.py smollm2 --ratio 0.2 --steps 10 --limit 32
@@ -109,25 +110,31 @@ def _run(run: dict) -> dict:
     return {"wall_s": run["wall_s"], "peak_rss_gib": run["peak_rss_gib"], "rc": run["rc"]}
 
 
-def smollm2(args) -> list[dict]:
+def decoder(args) -> list[dict]:
+    """A causal LM: lstsq alone, + block-wise, + end-to-end (on the block-wise result), held-out perplexity."""
     work = Path(args.work)
-    model, cal, held = SMOL / "smollm2.onnx", SMOL / args.calibration, SMOL / "smollm2_heldout.npz"
+    if args.what == "smollm2":
+        name, model, cal, held = "smollm2", SMOL / "smollm2.onnx", SMOL / args.calibration, SMOL / "smollm2_heldout.npz"
+    else:
+        name, model = "stdlib_llama", MODELS / "stdlib_llama.onnx"
+        cal, held = MODELS / "stdlib_calib.npz", MODELS / "stdlib_heldout.npz"
     rows = []
     for ratio in args.ratio:
-        pruned = work / f"smol_{ratio}_lstsq.onnx"
+        pruned = work / f"{name}_{ratio}_lstsq.onnx"
         if not pruned.exists():
             run = child(["prune", str(model), "--ratio", str(ratio), "--recover", "lstsq", "--data", str(cal),
                             "--batch-size", "8", "-o", str(pruned), "--json", str(pruned) + ".json"], args.timeout)
-            rows.append({"model": "smollm2", "ratio": ratio, "variant": "lstsq (prune)", **_run(run)})
+            rows.append({"model": name, "ratio": ratio, "variant": "lstsq (prune)", **_run(run)})
         previous = pruned
         for mode in ("blockwise", "end-to-end"):
-            out = work / f"smol_{ratio}_{mode}.onnx"
+            out = work / f"{name}_{ratio}_{mode}.onnx"
+            budget = ["--memory-budget", "2G"] if name == "smollm2" else []
             run = child(["finetune", str(previous), "--teacher", str(model), "--data", str(cal), "--limit",
-                            str(args.limit), "--eval-data", str(held), "--batch-size", "4", "--finetune", mode,
+                         str(args.limit), "--eval-data", str(held), *budget, "--batch-size", "4", "--finetune", mode,
                             "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
-                            "--finetune-batch-size", "4", "--memory-budget", "2G", "-o", str(out), "--overwrite",
+                            "--finetune-batch-size", "4", "-o", str(out), "--overwrite",
                             "--json", str(out) + ".json"], args.timeout)
-            row = {"model": "smollm2", "ratio": ratio, "variant": f"+ {mode}", **_run(run)}
+            row = {"model": name, "ratio": ratio, "variant": f"+ {mode}", **_run(run)}
             if run["rc"] == 0:
                 report = json.loads(Path(str(out) + ".json").read_text())["finetune"]
                 q = report["quality"]
@@ -142,7 +149,7 @@ def smollm2(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["digits", "smollm2"])
+    parser.add_argument("what", choices=["digits", "smollm2", "stdlib_llama"])
     parser.add_argument("--work", default="/work/cache/distill")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -153,7 +160,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    rows = digits(args) if args.what == "digits" else smollm2(args)
+    rows = digits(args) if args.what == "digits" else decoder(args)
     for row in rows:
         print(json.dumps(row))
     if args.json:
