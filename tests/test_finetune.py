@@ -11,13 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onnxprune.cli import main  # noqa: E402
-from onnxprune.evaluate.data import load_data  # noqa: E402
-from onnxprune.pipeline.finetune import finetune  # noqa: E402
-from onnxprune.pipeline.prune import measure, prepare, prune_model  # noqa: E402
-from onnxprune.pipeline.validate import run  # noqa: E402
-from onnxprune.recipe import Recipe  # noqa: E402
-from onnxprune.testing import zero_channels  # noqa: E402
+from onnxprune.cli import main
+from onnxprune.evaluate.data import load_data
+from onnxprune.pipeline.finetune import finetune
+from onnxprune.pipeline.prune import measure, prepare, prune_model
+from onnxprune.pipeline.validate import run
+from onnxprune.recipe import Recipe
+from onnxprune.testing import zero_channels
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CNN, RESNET, LLAMA = MODELS / "digits_cnn.onnx", MODELS / "digits_resnet.onnx", MODELS / "stdlib_llama.onnx"
@@ -118,10 +118,9 @@ def test_digits_finetune_beats_lstsq_on_held_out(tmp_path):
 @pytest.mark.parametrize("path", [RESNET, LLAMA], ids=["resnet", "llama"])
 def test_taylor_plans_pass_the_zero_channel_oracle(path):
     """Channels chosen by Taylor scores, zeroed then removed: the outputs stay (float rounding)."""
+    from onnxprune.graph.kvcache import follow
     from onnxprune.pipeline.plan import plan_uniform
     from onnxprune.pipeline.score import criterion_stats, score_groups
-
-    from onnxprune.graph.kvcache import follow
 
     model = onnx.load(path)
     data = "stdlib_calib.npz" if path == LLAMA else "digits_calib.npz"

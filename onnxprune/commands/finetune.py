@@ -15,11 +15,15 @@ import click
 from click.core import ParameterSource
 
 from onnxprune.commands._output import console, show_finetune, write_json
-from onnxprune.commands.options import data_options, dataset_from_options, finetune_options
+from onnxprune.commands.options import (
+    data_options,
+    dataset_from_options,
+    finetune_options,
+)
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model, save_model
-from onnxprune.recipe import FINETUNE_MODES, Recipe, load_recipe
 from onnxprune.pipeline.stages import parse_bytes
+from onnxprune.recipe import FINETUNE_MODES, Recipe, load_recipe
 
 FIELDS = ("finetune", "finetune_steps", "finetune_lr", "finetune_batch_size", "finetune_temperature", "finetune_loss")
 

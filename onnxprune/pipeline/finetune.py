@@ -65,8 +65,8 @@ def finetune(pruned: onnx.ModelProto, original: onnx.ModelProto, calibration: Da
                     "held_out": {"source": held_ds.source, "samples": len(held_ds)}}
     notes: list[str] = []
     model, current = pruned, before["held_out"]
-    settings = dict(steps=recipe.finetune_steps, lr=recipe.finetune_lr, seed=recipe.seed,
-                    show_progress=show_progress)
+    settings = {"steps": recipe.finetune_steps, "lr": recipe.finetune_lr, "seed": recipe.seed,
+                "show_progress": show_progress}
     if mode in ("blockwise", "both"):
         res = distill_blocks(model, original, feeds, train, held, list(judge.kinds),
                              memory_budget=memory_budget, **settings)

@@ -115,9 +115,7 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
     `feeds` are batches; `train` and `held` index them (held-out batches are never trained on and decide whether
     a block keeps its new weights). `loss_outputs` are the model outputs the last block ends at. Returns a copy
     of `pruned` with new initializer values; `pruned` is left alone."""
-    torch = require_torch()
-    from onnxprune.train.graph_module import to_torch, write_back
-
+    require_torch()
     student = onnx.ModelProto()
     student.CopyFrom(pruned)
     boundaries = block_boundaries(student, original)
@@ -146,41 +144,11 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
                    and readers.get(t.name, set()) <= positions]
             start = time.perf_counter()
             if own:
-                module = to_torch(sub, trainable="weights")  # scalars (a Pow's exponent, an epsilon) stay
-                trainable = []
-                for key, param in module.params.items():
-                    param.requires_grad_(param.requires_grad and module.param_names[key] in own)
-                    if param.requires_grad:
-                        trainable.append(param)
-                inputs = student_run.stage_inputs(k)
-
-                def block_loss(b: int):
-                    out = module(as_tensors({x: student_run.value(x, b) for x in inputs}))
-                    return sum(relative_mse(out[name].float(), torch.from_numpy(np.asarray(
-                        store.get(_target_key(k, name), b))).float()) for name in request) / len(request)
-
-                def held_loss() -> float:
-                    with torch.no_grad():
-                        return float(np.mean([float(block_loss(b)) for b in held])) if held else float("nan")
-
-                before = held_loss()
-                with torch.no_grad():
-                    calib_before = float(np.mean([float(block_loss(b)) for b in train]))
-                losses = train_steps(trainable, block_loss, list(train), steps=steps, lr=lr, seed=seed + k,
-                                     label=f"block {k + 1}/{len(requests)}", show_progress=show_progress)
-                after = held_loss()
-                with torch.no_grad():
-                    calib_after = float(np.mean([float(block_loss(b)) for b in train]))
-                kept = bool(losses) and (not held or after < before)
-                row.update(params=int(sum(p.numel() for p in trainable)), calibration_before=calib_before,
-                           calibration_after=calib_after, held_out_before=before, held_out_after=after,
-                           final_train_loss=float(np.mean(losses[-10:])) if losses else None,
-                           status="kept" if kept else "rolled back" if losses else "nothing to train")
-                if kept:
-                    for tensor in write_back(sub, module).graph.initializer:
-                        if tensor.name in own:
-                            student.graph.initializer[index[tensor.name]].CopyFrom(tensor)
-                del module, trainable
+                tensors = _train_block(sub, own, student_run, k, request, store, train, held, steps=steps, lr=lr,
+                                       seed=seed + k, label=f"block {k + 1}/{len(requests)}", row=row,
+                                       show_progress=show_progress)
+                for tensor in tensors:
+                    student.graph.initializer[index[tensor.name]].CopyFrom(tensor)
             else:
                 row.update(params=0, status="nothing to train")
             row["seconds"] = time.perf_counter() - start
@@ -199,6 +167,45 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
     finally:
         store.close()
     return result
+
+
+def _train_block(sub: onnx.ModelProto, own: list[str], run: StagedRun, k: int, request: list[str],
+                 store: FrontierStore, train: Sequence[int], held: Sequence[int], *, steps: int, lr: float, seed: int,
+                 label: str, row: dict, show_progress: bool) -> list[onnx.TensorProto]:
+    """Train the block `sub` (request `k` of `run`) on its `own` initializers; fills `row` with its losses before
+    and after; returns the new initializers when the held-out loss went down (else none: rolled back)."""
+    torch = require_torch()
+    from onnxprune.train.graph_module import to_torch, write_back
+
+    module = to_torch(sub, trainable="weights")  # scalars (a Pow's exponent, an epsilon) stay
+    trainable = []
+    for key, param in module.params.items():
+        param.requires_grad_(param.requires_grad and module.param_names[key] in own)
+        if param.requires_grad:
+            trainable.append(param)
+    inputs = run.stage_inputs(k)
+
+    def block_loss(b: int):
+        out = module(as_tensors({x: run.value(x, b) for x in inputs}))
+        return sum(relative_mse(out[name].float(), torch.from_numpy(np.asarray(
+            store.get(_target_key(k, name), b))).float()) for name in request) / len(request)
+
+    def mean_loss(batches) -> float:
+        with torch.no_grad():
+            return float(np.mean([float(block_loss(b)) for b in batches])) if batches else float("nan")
+
+    before, calib_before = mean_loss(held), mean_loss(train)
+    losses = train_steps(trainable, block_loss, list(train), steps=steps, lr=lr, seed=seed, label=label,
+                         show_progress=show_progress)
+    after, calib_after = mean_loss(held), mean_loss(train)
+    kept = bool(losses) and (not held or after < before)
+    row.update(params=int(sum(p.numel() for p in trainable)), calibration_before=calib_before,
+               calibration_after=calib_after, held_out_before=before, held_out_after=after,
+               final_train_loss=float(np.mean(losses[-10:])) if losses else None,
+               status="kept" if kept else "rolled back" if losses else "nothing to train")
+    if not kept:
+        return []
+    return [t for t in write_back(sub, module).graph.initializer if t.name in own]
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}

@@ -15,7 +15,13 @@ import numpy as np
 import onnx
 
 from onnxprune.train import require_torch
-from onnxprune.train.distill import as_tensors, distill_loss, output_losses, token_mask, train_steps
+from onnxprune.train.distill import (
+    as_tensors,
+    distill_loss,
+    output_losses,
+    token_mask,
+    train_steps,
+)
 
 _CACHE_BYTES = 256 << 20  # teacher outputs kept in memory up to this size; recomputed per step past it
 

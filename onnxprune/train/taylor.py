@@ -53,7 +53,7 @@ def gradient_stats(prep, feeds: Sequence[dict[str, np.ndarray]], labels: np.ndar
                    **_: object) -> GradientStats:
     """|g·w| of every trainable initializer of the prepared model, g the gradient of `self_loss` summed over
     `feeds`. Other keywords (memory_budget, seed, source) are accepted for the statistics interface."""
-    torch = require_torch()
+    require_torch()
     from onnxprune.train.blockwise import _adapted
     from onnxprune.train.graph_module import to_torch
 
