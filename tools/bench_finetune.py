@@ -123,7 +123,7 @@ def decoder(args) -> list[dict]:
         pruned = work / f"{name}_{ratio}_lstsq.onnx"
         if not pruned.exists():
             run = child(["prune", str(model), "--ratio", str(ratio), "--recover", "lstsq", "--data", str(cal),
-                            "--batch-size", "8", "-o", str(pruned), "--json", str(pruned) + ".json"], args.timeout)
+                         "--batch-size", "8", "-o", str(pruned), "--json", str(pruned) + ".json"], args.timeout)
             rows.append({"model": name, "ratio": ratio, "variant": "lstsq (prune)", **_run(run)})
         previous = pruned
         for mode in ("blockwise", "end-to-end"):
@@ -131,9 +131,9 @@ def decoder(args) -> list[dict]:
             budget = ["--memory-budget", "2G"] if name == "smollm2" else []
             run = child(["finetune", str(previous), "--teacher", str(model), "--data", str(cal), "--limit",
                          str(args.limit), "--eval-data", str(held), *budget, "--batch-size", "4", "--finetune", mode,
-                            "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
-                            "--finetune-batch-size", "4", "-o", str(out), "--overwrite",
-                            "--json", str(out) + ".json"], args.timeout)
+                         "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
+                         "--finetune-batch-size", "4", "-o", str(out), "--overwrite",
+                         "--json", str(out) + ".json"], args.timeout)
             row = {"model": name, "ratio": ratio, "variant": f"+ {mode}", **_run(run)}
             if run["rc"] == 0:
                 report = json.loads(Path(str(out) + ".json").read_text())["finetune"]
