@@ -15,6 +15,7 @@ training a block trains the whole model's weights and `write_back(model, whole)`
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,14 +25,21 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import InputError, UnsupportedOpError
-from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_external, is_lazy, tensor_array
+from onnxprune.io.model_io import copy_without_initializers
+from onnxprune.io.weights import (
+    TensorWriter,
+    Workspace,
+    external_folder,
+    is_external,
+    is_lazy,
+    tensor_array,
+)
 from onnxprune.train import require_torch
 from onnxprune.train.ops import Node, get_op
 
 torch = require_torch()
-from onnxprune.train.ops.dtypes import supported as _dtype_supported  # noqa: E402  (needs torch first)
-from onnxprune.train.ops.dtypes import torch_dtype  # noqa: E402
-from onnxprune.train.ops.shape import _tensor_value  # noqa: E402
+from onnxprune.train.ops.dtypes import supported as _dtype_supported
+from onnxprune.train.ops.shape import _tensor_value
 
 T = onnx.TensorProto
 FLOAT_TYPES = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
@@ -51,7 +59,7 @@ class _Graph:
     opsets: dict[str, int]
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "_Graph":
+    def of(cls, model: onnx.ModelProto) -> _Graph:
         g = model.graph
         types = {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -185,8 +193,8 @@ class GraphModule(torch.nn.Module):
     """
 
     def __init__(self, graph: _Graph, steps: list[_Step], inputs: list[str], outputs: list[str],
-                 params: Mapping[str, "torch.nn.Parameter"], param_names: Mapping[str, str],
-                 dtypes: Mapping[str, int], consts: Mapping[str, "torch.Tensor"]):
+                 params: Mapping[str, torch.nn.Parameter], param_names: Mapping[str, str],
+                 dtypes: Mapping[str, int], consts: Mapping[str, torch.Tensor]):
         super().__init__()
         self._graph = graph
         self._steps = steps
@@ -218,11 +226,11 @@ class GraphModule(torch.nn.Module):
         """Names of the nodes this module runs, in order."""
         return [s.node.name for s in self._steps]
 
-    def parameter_of(self, initializer: str) -> "torch.nn.Parameter | None":
+    def parameter_of(self, initializer: str) -> torch.nn.Parameter | None:
         key = self._by_tensor.get(initializer)
         return None if key is None else self.params[key]
 
-    def forward(self, feeds: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def forward(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = {}
         for key, name in self.param_names.items():
             env[name] = self.params[key]
@@ -264,7 +272,7 @@ class GraphModule(torch.nn.Module):
             result[name] = arr
         return result
 
-    def outputs_of(self, names: Iterable[str], inputs: Iterable[str] | None = None) -> "GraphModule":
+    def outputs_of(self, names: Iterable[str], inputs: Iterable[str] | None = None) -> GraphModule:
         """A module computing the tensors `names` from `inputs` (default: the graph inputs), sharing this
         module's parameters and constants: the block of block-wise distillation."""
         steps, feeds, outputs, used, _ = _plan(self._graph, None if inputs is None else list(inputs), list(names))
@@ -273,10 +281,83 @@ class GraphModule(torch.nn.Module):
         steps = _fold_constants(steps, consts)
         missing = used - {self.param_names[k] for k in params} - set(consts)
         if missing:
-            raise InputError(f"initializer {sorted(missing)[0]!r} is not held by this module; build the sub-graph "
+            raise InputError(f"initializer {min(missing)!r} is not held by this module; build the sub-graph "
                              "from the model with to_torch(model, inputs=..., outputs=...)")
         return GraphModule(self._graph, steps, feeds, outputs, params,
                            {k: self.param_names[k] for k in params}, {k: self.dtypes[k] for k in params}, consts)
+
+
+    def _dependence(self) -> tuple[set[str], set[str]]:
+        """(tensors depending on a module input, tensors depending on a parameter)."""
+        dynamic, weighted = set(self.input_names), set(self.param_names.values())
+        for step in self._steps:
+            reads = [n for n in step.inputs if n]
+            for flag in (dynamic, weighted):
+                if any(n in flag for n in reads):
+                    flag.update(n for n in step.outputs if n)
+        return dynamic, weighted
+
+    def cut_points(self) -> list[str]:
+        """Tensors where the module can be cut into blocks (say for block-wise distillation): after the node
+        computing each, it is the only tensor on the main path that later nodes still read — a residual stream
+        between blocks, a decoder layer's output. The main path is what depends on a float input or on an
+        embedding lookup (a Gather from a parameter), not through a Shape; side tensors computed from the inputs and constants or
+        their own parameters (an attention mask, rotary angles from an inv_freq initializer) may cross a cut:
+        `blocks` passes them on. In graph order; take every k-th for larger blocks."""
+        main = {n for n in self.input_names if self._graph.types.get(n) in FLOAT_TYPES}
+        params = set(self.param_names.values())
+        last_read: dict[str, int] = {}
+        for i, step in enumerate(self._steps):
+            for name in step.inputs:
+                last_read[name] = i
+        live: set[str] = set()
+        cuts = []
+        for i, step in enumerate(self._steps):
+            lookup = step.node.op_type == "Gather" and step.inputs[0] in params
+            shape_only = step.node.op_type in ("Shape", "Size")  # a shape is no value on the main path
+            if lookup or (not shape_only and any(n in main for n in step.inputs if n)):
+                main.update(n for n in step.outputs if n)
+            live = {n for n in live if last_read[n] > i}
+            live |= {n for n in step.outputs if n in main and last_read.get(n, -1) > i}
+            if live == {step.outputs[0]}:
+                cuts.append(step.outputs[0])
+        return cuts
+
+    def blocks(self, boundaries: Sequence[str]) -> list[GraphModule]:
+        """The module cut after each boundary tensor (say the residual stream after every decoder layer: the
+        stage boundaries of pipeline/stages.py) into consecutive blocks sharing its parameters.
+
+        Block i runs the nodes after the previous boundary up to boundary i (the last block: up to the module's
+        outputs). Its inputs are what it reads from earlier blocks or the module's inputs (a mask or positions
+        computed once at the start are inputs of every block that reads them); its outputs are what it computes
+        that later blocks or the module's outputs read (boundary i among them, or a KV cache's present tensors).
+        """
+        where = {}
+        for i, step in enumerate(self._steps):
+            for name in step.outputs:
+                if name:
+                    where[name] = i
+        cuts = []
+        for name in boundaries:
+            if name not in where:
+                raise InputError(f"boundary {name!r} is not computed by a node of this module")
+            cuts.append(where[name])
+        if cuts != sorted(set(cuts)):
+            raise InputError("boundaries must be given in graph order, each computed by a different node")
+        edges = [-1] + cuts + ([len(self._steps) - 1] if not cuts or cuts[-1] < len(self._steps) - 1 else [])
+        dynamic, _ = self._dependence()  # the rest (constants, weights through Identity) each block recomputes
+        fixed = set(self.param_names.values()) | set(self._const_keys)
+        reads: list[set[str]] = []
+        for lo, hi in itertools.pairwise(edges):
+            reads.append({n for step in self._steps[lo + 1:hi + 1] for n in step.inputs if n and n not in fixed})
+        out = []
+        for b, (lo, hi) in enumerate(itertools.pairwise(edges)):
+            made = {n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n}
+            later = set().union(*reads[b + 1:]) | set(self.output_names)
+            outputs = [n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n and n in later]
+            inputs = sorted(n for n in reads[b] if n not in made and n in dynamic)
+            out.append(self.outputs_of(outputs, inputs))
+        return out
 
 
 def _fold_constants(steps: list[_Step], consts: dict) -> list[_Step]:
@@ -327,26 +408,6 @@ def to_torch(model: onnx.ModelProto, *, trainable: str = "float", inputs: Sequen
     return GraphModule(graph, steps, feeds, outs, params, names, dtypes, consts)
 
 
-def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` without its initializers (their bytes are never copied)."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
-    return out
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
@@ -366,7 +427,7 @@ def write_back(model: onnx.ModelProto, module: GraphModule, writer: TensorWriter
         raise InputError(f"the module holds {unknown[0]!r}, which is not an initializer of this model")
     if writer is None and is_lazy(model):
         writer = Workspace(near=external_folder(model)).writer()
-    out = _shell(model)
+    out = copy_without_initializers(model)
     for t in model.graph.initializer:
         param = values.get(t.name)
         if param is None:

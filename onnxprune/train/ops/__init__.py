@@ -11,8 +11,8 @@ twice is an error.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 _MODULES = ("math", "shape", "nn", "resize", "attention")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -79,9 +80,12 @@ def hard_sigmoid(node, x):
     return torch.clamp(x * node.get("alpha", 0.2) + node.get("beta", 0.5), 0, 1)
 
 
+_SIXTH = 0.1666666716337204  # alpha = 1/6 as a float32 attribute, as onnxruntime holds it (float64 models see it)
+
+
 @register("HardSwish")
 def hard_swish(node, x):
-    return x * torch.clamp(x * (1 / 6) + 0.5, 0, 1)
+    return x * torch.clamp(x * _SIXTH + 0.5, 0, 1)
 
 
 @register("Gelu")
@@ -147,7 +151,7 @@ def div(node, a, b):
     return torch.div(a, b, rounding_mode="trunc")
 
 
-@register("Pow")
+@register("Pow", static=(1,))  # an exponent is no weight: its gradient is log(base), NaN for negative bases
 def pow_(node, a, b):
     return torch.pow(a, b).to(a.dtype)
 
@@ -191,9 +195,16 @@ def where(node, cond, a, b):
     return torch.where(cond, a, b)
 
 
+_ROUND = {onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16}
+
+
 @register("Cast")
 def cast(node, x):
-    return x.to(torch_dtype(node.get("to")))
+    to = node.get("to")
+    if to in _ROUND and x.dtype.is_floating_point:
+        # the values are rounded as the graph says, and stay float32 for training (the gradient passes through)
+        return x.to(_ROUND[to]).to(torch.float32)
+    return x.to(torch_dtype(to))
 
 
 @register("CastLike")
@@ -332,3 +343,48 @@ def dropout(node, x, ratio=None, training=None):
     if node.n_outputs > 1:
         return x, torch.ones_like(x, dtype=torch.bool)
     return x
+
+
+def _unpack(q, bits: int):
+    """uint8 bytes -> their `bits`-bit values, low bits first (MatMulNBits' packing)."""
+    if bits == 8:
+        return q.to(torch.int32)
+    q = q.to(torch.int32)
+    return torch.stack([q & 0xF, q >> 4], -1).flatten(-2)
+
+
+@register("MatMulNBits", domain="com.microsoft", static=(1, 3, 4),
+          check=lambda n: None if n.get("bits", 4) in (4, 8) else f"bits={n.get('bits')} is not implemented")
+def matmul_nbits(node, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """Y = A W^T with W [N, K] dequantized block-wise from int4/int8 (a frozen weight: B is not trained)."""
+    if g_idx is not None:
+        raise NotImplementedError("MatMulNBits g_idx")
+    bits, block, k, n = node.get("bits", 4), node.get("block_size"), node.get("K"), node.get("N")
+    blocks = -(-k // block)
+    q = _unpack(b.reshape(n, blocks, -1), bits)[..., :block]  # [N, blocks, block]
+    scales = scales.reshape(n, blocks, 1)
+    if zero_points is None:
+        zp = torch.full((), 2 ** (bits - 1), dtype=scales.dtype, device=a.device)
+    elif zero_points.dtype == torch.uint8:
+        zp = _unpack(zero_points.reshape(n, -1), bits)[:, :blocks].reshape(n, blocks, 1).to(scales.dtype)
+    else:
+        zp = zero_points.reshape(n, blocks, 1)
+    w = ((q.to(scales.dtype) - zp) * scales).reshape(n, blocks * block)[:, :k]
+    y = torch.matmul(a, w.T)
+    return y if bias is None else y + bias
+
+
+@register("Shrink")
+def shrink(node, x):
+    lambd, bias = node.get("lambd", 0.5), node.get("bias", 0.0)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+@register("Swish")
+def swish(node, x):
+    return x * torch.sigmoid(node.get("alpha", 1.0) * x)
+
+
+@register("BitShift")
+def bit_shift(node, x, y):
+    return torch.bitwise_left_shift(x, y) if node.get("direction") == "LEFT" else torch.bitwise_right_shift(x, y)

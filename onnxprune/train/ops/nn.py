@@ -76,14 +76,13 @@ def conv_transpose(node, x, w, b=None):
         y = _explicit(y, [0] * n + list(out_pad))
     output_shape = node.get("output_shape")
     auto = node.get("auto_pad", "NOTSET")
+    target = None
     if output_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+        # onnxruntime: total padding = full - target, at least 0; SAME_UPPER puts the odd pixel at the end, the
+        # others at the start; a target larger than the full result gets zeros at the end
         target = list(output_shape)[-n:] if output_shape else [i * s for i, s in zip(x.shape[2:], strides)]
-        total = [f - t for f, t in zip(full, target)]
-        if auto == "SAME_UPPER" or (output_shape and auto != "SAME_LOWER"):
-            # onnxruntime: SAME_UPPER (and an explicit output_shape) puts the extra pixel at the end
-            begin = [t // 2 for t in total]
-        else:
-            begin = [t - t // 2 for t in total]
+        total = [max(f - t, 0) for f, t in zip(full, target)]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
         end = [t - bgn for t, bgn in zip(total, begin)]
     elif auto == "VALID":
         begin, end = [0] * n, [0] * n
@@ -92,6 +91,8 @@ def conv_transpose(node, x, w, b=None):
         begin, end = pads[:n], pads[n:]
     for i in range(n):
         y = y.narrow(2 + i, begin[i], y.shape[2 + i] - begin[i] - end[i])
+    if target is not None and list(y.shape[2:]) != target:
+        y = _explicit(y, [0] * n + [t - d for t, d in zip(target, y.shape[2:])])
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * n)
     return y
@@ -246,3 +247,42 @@ def skip_layer_norm(node, x, skip, gamma, beta_or_bias=None, bias=None):
 @register("LpNormalization")
 def lp_norm(node, x):
     return F.normalize(x, p=node.get("p", 2), dim=node.get("axis", -1), eps=0.0)
+
+
+@register("LpPool")
+def lp_pool(node, x):
+    n, kernel, strides, dilations, pads = _pool_geometry(node, x)
+    if any(d != 1 for d in dilations):
+        raise NotImplementedError("LpPool with dilations")
+    p = node.get("p", 2)
+    powered = _explicit(x.abs() ** p, pads)
+    sums = _AVGPOOL[n](powered, kernel, strides, 0, ceil_mode=bool(node.get("ceil_mode", 0))) * math.prod(kernel)
+    return sums ** (1.0 / p)
+
+
+@register("GlobalLpPool")
+def global_lp_pool(node, x):
+    p = node.get("p", 2)
+    return (x.abs() ** p).sum(list(range(2, x.dim())), keepdim=True) ** (1.0 / p)
+
+
+@register("LRN")
+def lrn(node, x):
+    """x / (bias + alpha / size * sum of squares over the channel window)^beta; the window runs from
+    c - floor((size-1)/2) to c + ceil((size-1)/2), as the spec says (torch centres even windows the other way)."""
+    size = node.get("size")
+    alpha, beta, bias = node.get("alpha", 1e-4), node.get("beta", 0.75), node.get("bias", 1.0)
+    sq = x * x
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    padded = F.pad(sq.movedim(1, -1), (before, after)).movedim(-1, 1)
+    c = x.shape[1]
+    window = sum(padded.narrow(1, i, c) for i in range(size))
+    return x / (bias + alpha / size * window) ** beta
+
+
+@register("MeanVarianceNormalization")
+def mean_variance_norm(node, x):
+    axes = node.get("axes", [0, 2, 3])
+    mean = x.mean(axes, keepdim=True)
+    var = (x * x).mean(axes, keepdim=True) - mean * mean
+    return (x - mean) / (torch.sqrt(var) + 1e-9)

@@ -210,7 +210,7 @@ def _tensor_value(t):
 
 @register("Range", static=(0, 1, 2))
 def range_(node, start, limit, delta):
-    n = max(int(math.ceil((limit.item() - start.item()) / delta.item())), 0)
+    n = max(math.ceil((limit.item() - start.item()) / delta.item()), 0)
     return start + torch.arange(n, dtype=start.dtype, device=start.device) * delta
 
 
