@@ -7,6 +7,8 @@ MODES = ("structured", "unstructured")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 RECOVERIES = ("none", "bias", "lstsq")
 GQA_MODES = ("kv-groups", "query-heads")
+FINETUNE_MODES = ("none", "blockwise", "end-to-end", "both")  # re-training by distillation (pipeline/finetune.py)
+FINETUNE_LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 
 # quantization: the canonical modes, and the other names the CLI and recipes accept for them
 QUANTIZE_MODES = ("static", "dynamic", "fp16", "int4")

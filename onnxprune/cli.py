@@ -21,7 +21,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from onnxprune.commands import analyze, eval_cmd, prune, quantize_cmd, sensitivity, sweep
+    from onnxprune.commands import analyze, eval_cmd, finetune, prune, quantize_cmd, sensitivity, sweep
 
     cli.add_command(prune.prune)
     cli.add_command(analyze.analyze)
@@ -29,6 +29,7 @@ def _register() -> None:
     cli.add_command(quantize_cmd.quantize_command)
     cli.add_command(sensitivity.sensitivity_command)
     cli.add_command(sweep.sweep_command)
+    cli.add_command(finetune.finetune_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxprune.choices import ALLOCATIONS, GQA_MODES, MODES, QUANTIZATIONS, RECOVERIES
+from onnxprune.choices import (
+    ALLOCATIONS,
+    FINETUNE_LOSSES,
+    FINETUNE_MODES,
+    GQA_MODES,
+    MODES,
+    QUANTIZATIONS,
+    RECOVERIES,
+)
 from onnxprune.errors import InputError
 from onnxprune.pipeline.score import all_criteria
 
@@ -63,6 +71,12 @@ class Recipe:
     latency_provider: str = "cpu"
     latency_batch: int = 1
     latency_threads: int = 1
+    finetune: str = "none"            # distil the pruned model from the original: blockwise, end-to-end, both
+    finetune_steps: int = 100         # optimizer steps per block (blockwise) and in all (end-to-end)
+    finetune_lr: float = 1e-4         # AdamW learning rate (cosine schedule to zero)
+    finetune_batch_size: int = 8      # samples per training batch
+    finetune_temperature: float = 2.0  # softmax temperature of the KL loss on logits
+    finetune_loss: str = "auto"       # end-to-end loss: auto (KL on logits, else MSE; + CE with labels) ...
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -327,6 +341,11 @@ def _fraction_kept(value: float, label: str) -> None:   # (0, 1]
         raise InputError(f"{label} is the fraction to keep, in (0, 1]; got {value}")
 
 
+def _positive(value: float, label: str) -> None:
+    if value <= 0:
+        raise InputError(f"{label} must be > 0, got {value}")
+
+
 def _at_least(low):
     def check(value, label: str) -> None:
         if value < low:
@@ -357,6 +376,12 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
     "latency_provider": (_string, _provider, False),
     "latency_batch": (_integer, _at_least(1), False),
     "latency_threads": (_integer, _at_least(1), False),
+    "finetune": (_string, _choice(FINETUNE_MODES), False),
+    "finetune_steps": (_integer, _at_least(1), False),
+    "finetune_lr": (_number, _positive, False),
+    "finetune_batch_size": (_integer, _at_least(1), False),
+    "finetune_temperature": (_number, _positive, False),
+    "finetune_loss": (_string, _choice(FINETUNE_LOSSES), False),
 }
 
 
@@ -405,6 +430,8 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
                          f"not with {label('mode')} unstructured")
     if r["prune_hidden"]:
         raise InputError(f"{label('prune_hidden')} is for structured pruning")
+    if r["finetune"] != "none":  # training would fill the zeroed weights in again
+        raise InputError(f"{label('finetune')} is for structured pruning")
     extra = [k for k, bad in (("recover", r["recover"] != "none"), ("target_macs", r["target_macs"] is not None),
                               ("target_params", r["target_params"] is not None),
                               ("target_latency", r["target_latency"] is not None),

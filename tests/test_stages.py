@@ -1,4 +1,4 @@
-"""Stage-wise calibration (pipeline/stages.py): each node runs once, the frontier stays under its budget, and
+"""Stage-wise calibration (runtime/stages.py): each node runs once, the frontier stays under its budget, and
 recovery and statistics computed stage by stage equal the per-stage re-runs they replace."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from onnxprune.pipeline.statistics import channel_stats
 from onnxprune.evaluate.data import load_data
 from onnxprune.errors import InputError
 from onnxprune.io.model_io import load_model
-from onnxprune.pipeline.stages import FrontierStore, StagedRun, parse_bytes
+from onnxprune.runtime.stages import FrontierStore, StagedRun, parse_bytes
 from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.prune import prune_model
 from onnxprune.pipeline.score import score_groups

@@ -124,3 +124,42 @@ def _count(row: dict, n: int) -> str:
     if blocks > 1:
         return f"{n} ({blocks} groups)"
     return str(n)
+
+
+def show_finetune(report: dict, limit: int = 12) -> None:
+    """Re-training's blocks (the first `limit` and a count of the rest) and its quality figures, calibration
+    and held-out side by side."""
+    blocks = report.get("blockwise", {}).get("blocks", [])
+    if blocks:
+        table = Table(title=f"block-wise distillation ({report['blockwise']['status']}; loss relative to the "
+                            "original's block output)", title_justify="left")
+        for col in ("block", "output", "params", "calibration", "held-out", "status"):
+            table.add_column(col, justify="right" if col in ("block", "params") else "left")
+        for r in blocks[:limit]:
+            def pair(role):
+                b, a = r.get(f"{role}_before"), r.get(f"{role}_after")
+                return "" if b is None or a is None else f"{b:.4g} -> {a:.4g}"
+            table.add_row(str(r["block"]), _tail(r["output"], 32), f"{r.get('params', 0):,}", pair("calibration"),
+                          pair("held_out"), r["status"])
+        if len(blocks) > limit:
+            table.add_row("...", f"{len(blocks) - limit} more", "", "", "", "")
+        console.print(table)
+    e2e = report.get("end_to_end")
+    if e2e:
+        console.print(f"end-to-end distillation ({e2e['status']}): loss on calibration "
+                      f"{e2e['calibration_before']:.4g} -> {e2e['calibration_after']:.4g}, held-out "
+                      + (f"{e2e['held_out_before']:.4g} -> {e2e['held_out_after']:.4g}"
+                         if e2e.get("held_out_before") is not None else "n/a"))
+    quality = report.get("quality")
+    if quality:
+        table = Table(title="re-training (held-out data decides what is kept)", title_justify="left")
+        for col in ("role", "metric", "before", "after"):
+            table.add_column(col, justify="left" if col in ("role", "metric") else "right")
+        for role, q in quality.items():
+            table.add_row(role.replace("_", "-"), q["metric"], f"{q['before']:.4g}", f"{q['after']:.4g}")
+        console.print(table)
+
+
+def _tail(text: str, width: int) -> str:
+    """The end of a long tensor name (where exporters put the layer and op)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]

@@ -67,6 +67,34 @@ def provider_options(f):
     return f
 
 
+def finetune_options(f):
+    """Add the recipe's re-training options: --finetune [MODE], --finetune-steps, --finetune-lr,
+    --finetune-batch-size, --finetune-temperature, --finetune-loss (defaults are the Recipe's)."""
+    from onnxprune.recipe import FINETUNE_LOSSES, FINETUNE_MODES, default
+
+    options = [
+        click.option("--finetune", type=click.Choice(FINETUNE_MODES), default=default("finetune"), is_flag=False,
+                     flag_value="blockwise", show_default=True,
+                     help="Re-train by distillation from the original (needs torch: onnxprune[train]): each block "
+                          "against the original's block output, end to end on the outputs, or both; a bare "
+                          "--finetune means blockwise. Held-out data decides what is kept."),
+        click.option("--finetune-steps", type=click.IntRange(min=1), default=default("finetune_steps"),
+                     show_default=True, help="Optimizer steps per block (blockwise) and in all (end-to-end)."),
+        click.option("--finetune-lr", type=float, default=default("finetune_lr"), show_default=True,
+                     help="AdamW learning rate (cosine schedule to zero)."),
+        click.option("--finetune-batch-size", type=click.IntRange(min=1), default=default("finetune_batch_size"),
+                     show_default=True, help="Samples per training step."),
+        click.option("--finetune-temperature", type=float, default=default("finetune_temperature"),
+                     show_default=True, help="Temperature of the KL loss on logits."),
+        click.option("--finetune-loss", type=click.Choice(FINETUNE_LOSSES), default=default("finetune_loss"),
+                     show_default=True, help="End-to-end loss: auto is KL on logits or class scores (+ "
+                                             "cross-entropy with labels), else MSE."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def tracking_option(f):
     """Add --mlflow URI: log the run to MLflow (onnxprune.sweep.tracking)."""
     return click.option("--mlflow", "mlflow_uri", default=None, metavar="URI",

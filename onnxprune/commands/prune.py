@@ -22,10 +22,17 @@ from onnxprune.commands._output import (
     groups_table,
     interface_table,
     show_faults,
+    show_finetune,
     summary_table,
     write_json,
 )
-from onnxprune.commands.options import data_options, dataset_from_options, parse_input_shapes, tracking_option
+from onnxprune.commands.options import (
+    data_options,
+    dataset_from_options,
+    finetune_options,
+    parse_input_shapes,
+    tracking_option,
+)
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.io.model_io import load_model, save_model
@@ -33,7 +40,7 @@ from onnxprune.io.weights import Workspace, is_lazy
 from onnxprune.names import ShortNames
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
-from onnxprune.pipeline.stages import parse_bytes
+from onnxprune.runtime.stages import parse_bytes
 from onnxprune.recipe import Recipe, field_names, load_recipe, option_name
 
 RECOVERY = ("none", "bias", "lstsq")
@@ -97,7 +104,7 @@ def recipe_options(f):
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return finetune_options(f)
 
 
 def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
@@ -196,7 +203,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
-                      reuse=Reuse(prepared=prep), latency_cache=latency_cache)
+                      reuse=Reuse(prepared=prep), latency_cache=latency_cache, eval_data=held)
     if max_drop is not None:
         result = prune_within_drop(original, max_drop, held, recipe, run)
     else:
@@ -255,6 +262,8 @@ def prune_report(result, model: str, output: Path | None, calib, held, max_drop:
                        "groups": result.group_rows(), "recovery": result.recovery, "search": result.search,
                        "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
                        "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+    if result.finetune:
+        report["finetune"] = result.finetune
     if recipe.quantize:
         report["quantize"] = {"mode": result.stats["quantize"], "notes": result.notes,
                               "size_bytes": {"before": result.stats["bytes_float"], "after": result.stats["bytes_after"]}}
@@ -276,6 +285,8 @@ def _show(result, show_all: bool) -> None:
         console.print(latency_line(result.stats["latency"]))
     if result.interface:
         console.print(interface_table(result.interface))
+    if result.finetune:
+        show_finetune(result.finetune)
     for note in result.notes:
         console.print(f"note: {note}")
     show_faults(result.faults)

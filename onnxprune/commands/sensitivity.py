@@ -60,9 +60,9 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     prep = prepare(original, exclude)
     stats = None
     if criterion in DATA_CRITERIA:
-        from onnxprune.pipeline.statistics import channel_stats
+        from onnxprune.pipeline.statistics import criterion_stats
 
-        stats = channel_stats(prep, dataset.feeds, source=dataset.source)
+        stats = criterion_stats(criterion, prep, dataset.feeds, labels=dataset.labels, source=dataset.source)
     scores = score_groups(prep.analysis, prep.view, criterion, seed, stats=stats)
     result = sensitivity(prep, dataset, scores, values, use_labels=not no_labels)
     unit = "accuracy points" if result.metric == "accuracy" else f"{result.metric} points"

@@ -33,8 +33,9 @@ from onnxprune.pipeline.recover import recover as run_recovery
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 from onnxprune.pipeline.sensitivity import SensitivityResult, sensitivity
-from onnxprune.pipeline.stages import format_bytes
-from onnxprune.pipeline.statistics import channel_stats
+from onnxprune.runtime.stages import format_bytes
+from onnxprune.pipeline.finetune import finetune
+from onnxprune.pipeline.statistics import criterion_stats
 from onnxprune.pipeline.unstructured import prune_unstructured
 from onnxprune.pipeline.validate import validate
 from onnxprune.quantize.quantize import quantize_model
@@ -61,7 +62,7 @@ class RunSettings:
     `calibration` (a Dataset or a list of feed dicts) feeds data-aware criteria, recovery and int8
     calibration; `input_shapes` (input name -> shape) fixes dynamic input dims for validation and MAC counts
     (else the calibration data's, else 1); `strict` makes any contained fault an error; `memory_budget`
-    (bytes) caps what calibration keeps in memory (pipeline/stages.py); `validate=False` skips the
+    (bytes) caps what calibration keeps in memory (runtime/stages.py); `validate=False` skips the
     post-conditions (benchmarks); `removed` (group root space -> channels) replaces scoring and planning (the
     zero-channel oracle prunes exactly the channels it zeroed); `reuse` holds work already done;
     `latency_cache` is where `target_latency` keeps its measured tables.
@@ -75,6 +76,7 @@ class RunSettings:
     removed: dict[int, np.ndarray] | None = None
     reuse: Reuse = Reuse()
     latency_cache: str | None = None  # folder of measured latency tables (latency/table.py; default ~/.cache)
+    eval_data: object = None          # held-out Dataset re-training (recipe.finetune) is judged on
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         data = self.calibration
@@ -105,6 +107,7 @@ class PruneResult:
         """Faults of the analysis (handler exceptions) and of this run (rewrites, validation, sensitivity)."""
         return (list(self.analysis.faults) if self.analysis is not None else []) + self.contained
     warnings: list[str] = field(default_factory=list)   # known risks of this prune (onnxprune.pipeline.risks)
+    finetune: dict | None = None                          # re-training's report (pipeline/finetune.py)
 
     @property
     def faults(self) -> list[dict]:
@@ -157,7 +160,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     prep = run.reuse.prepared or prepare_recipe(model, recipe)
     stats = run.reuse.stats
     if recipe.criterion in DATA_CRITERIA and stats is None and run.removed is None:
-        stats = channel_stats(prep, feeds, memory_budget=run.memory_budget, seed=recipe.seed)
+        stats = criterion_stats(recipe.criterion, prep, feeds, labels=getattr(run.calibration, "labels", None),
+                                memory_budget=run.memory_budget, seed=recipe.seed)
     warnings = data_free_warnings(model, recipe, bool(feeds), prep.analysis) if run.removed is None else []
     plan, notes, contained, latency = make_plan(model, prep, recipe, run, stats)
     feed = validation_feed(model, run.input_shapes, feeds, recipe.seed) if run.validate else None
@@ -178,6 +182,12 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
                          f"in memory and spilled {format_bytes(rec.passes['spilled_bytes'])} to disk (--memory-budget)")
         if run.validate:
             validate(pruned, model, feed)
+    tuned = None
+    if recipe.finetune != "none" and plan.kept:
+        tuned = finetune(pruned, prep.model, run.calibration, recipe, eval_data=run.eval_data,
+                         memory_budget=run.memory_budget, show_progress=True)
+        pruned = tuned.model
+        notes.extend(tuned.notes)
     faults = list(prep.analysis.faults) + contained
     if run.strict and faults:
         raise ContainedFaultError(strict_message(faults))
@@ -199,7 +209,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
         notes.append(f"the key/value cache follows the pruned heads: {len(interface)} inputs and outputs changed "
                      "shape (the only interface change; see the interface table)")
     result = PruneResult(pruned, prep.analysis, plan, figures, notes, recovery, recipe=recipe, interface=interface,
-                         contained=contained, warnings=warnings)
+                         contained=contained, warnings=warnings,
+                         finetune=tuned.report if tuned is not None else None)
     return quantize_result(result, feeds) if recipe.quantize else result
 
 
@@ -257,8 +268,9 @@ def latency_settings(recipe: Recipe) -> LatencySettings:
 def check_runnable(recipe: Recipe, feeds: Feeds, explicit: bool = False) -> None:
     """Rules that need to know the data, checked before any work (`explicit`: the plan is given)."""
     needs_data = recipe.criterion in DATA_CRITERIA and not explicit
-    if (needs_data or recipe.recover != "none") and not feeds:
-        what = f"--criterion {recipe.criterion}" if needs_data else f"--recover {recipe.recover}"
+    if (needs_data or recipe.recover != "none" or recipe.finetune != "none") and not feeds:
+        what = (f"--criterion {recipe.criterion}" if needs_data else
+                f"--recover {recipe.recover}" if recipe.recover != "none" else f"--finetune {recipe.finetune}")
         raise InputError(f"{what} needs calibration data: pass --data FILE")
     if recipe.quantize in ("int8", "static") and not feeds:
         raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")

@@ -10,6 +10,8 @@ onnxprune/activations.py), taken at the inputs of the layers that read the group
   apoz        1 - average percentage of zeros after a ReLU (Hu et al., 2016);
   hybrid      sum over the weights that read a channel of |W| * ||X|| (Wanda's per-weight score, summed per
               channel), so a channel counts when both its activations and the weights reading it are large.
+  taylor      first-order Taylor (Molchanov et al., 2019): |g·w| summed over every weight the channel's group
+              removes, g the gradient of a loss on calibration data (onnxprune/train/taylor.py; needs torch).
   fluctuation FLAP's (An et al., AAAI'24) score: the variance of a channel's input to its reader over the
               calibration tokens times the squared norm of the weights reading it, the part of the reader's
               output that a constant (its mean, folded into the bias by --recover bias) cannot stand in for.
@@ -27,6 +29,7 @@ from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.groups import ChannelGroup, Member
 from onnxprune.graph.ir import GraphView
 from onnxprune.pipeline.activations import ActivationStats, per_channel
+from onnxprune.train.taylor import gradient_stats
 
 Criterion = Callable[[ChannelGroup, GraphView, Callable[[int], int], np.random.Generator], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
@@ -127,6 +130,10 @@ class DataInputs:
     axes: dict
     nodes: dict
     stats: ActivationStats
+
+
+# data criteria whose statistics are not activation statistics: name -> collector(prep, feeds, **options)
+STATISTICS: dict[str, Callable] = {}
 
 
 def all_criteria() -> list[str]:
@@ -310,6 +317,26 @@ def fluctuation_score(group, data):
             parts.append(per_channel(m.layout, w_sq, root, data.find, group.size, "sum")
                          * per_channel(axis, spread, root, data.find, group.size, "sum"))
     return _combine(parts, group.size)
+
+
+STATISTICS["taylor"] = gradient_stats  # torch, the optional train extra, is imported when it runs
+
+
+@data_criterion("taylor")
+def taylor_score(group, data):
+    """Σ |g·w| over the group's weights of each channel (the gradients' products from train/taylor.py)."""
+    root = data.find(group.spaces[0])
+    total = np.zeros(group.size)
+    for m in group.members:
+        product = data.stats.products.get(m.tensor) if m.scored else None
+        if product is None:
+            continue
+        other = tuple(i for i in range(product.ndim) if i != m.axis)
+        per_position = product.sum(axis=other) if other else product
+        for seg in m.layout.segments:
+            if data.find(seg.space) == root:
+                total += per_position[seg.positions()].sum(axis=1)
+    return total
 
 
 def score_groups(analysis: Analysis, view: GraphView, name: str = "l1", seed: int = 0,

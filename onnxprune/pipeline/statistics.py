@@ -24,8 +24,8 @@ from onnxprune.pipeline.activations import (
     gram_inputs,
     token_rows,
 )
-from onnxprune.pipeline.score import reduce_grams
-from onnxprune.pipeline.stages import (
+from onnxprune.pipeline.score import STATISTICS, reduce_grams
+from onnxprune.runtime.stages import (
     FrontierStore,
     StagedRun,
     default_memory_budget,
@@ -43,7 +43,7 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
     at most GRAM_ROWS rows drawn at random (the scores rank channels; a few thousand tokens per feature
     dimension settle that ranking). When all Gram matrices together would take more than half the memory
     budget, or when the model's weights are in external files (a large model), the model runs stage by stage
-    (pipeline/stages.py): each Gram matrix is complete once its stage has seen every batch, and is then reduced
+    (runtime/stages.py): each Gram matrix is complete once its stage has seen every batch, and is then reduced
     to the refit scores it serves and dropped, so only one stage's matrices (and weights) are ever held. Either
     way the model runs once over the data.
     """
@@ -138,3 +138,12 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
                 entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
                 entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
                 entry.gram_rows += len(x)
+
+
+def criterion_stats(name: str, prep, feeds, labels=None, **options):
+    """The statistics data criterion `name` scores from: activation statistics (channel_stats), or
+    what the criterion's own collector gathers; `options` go to it (memory_budget, seed, source)."""
+    collect = STATISTICS.get(name)
+    if collect is not None:
+        return collect(prep, feeds, labels=labels, **options)
+    return channel_stats(prep, feeds, **options)

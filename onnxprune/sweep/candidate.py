@@ -28,8 +28,8 @@ from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.io.model_io import model_bytes
 from onnxprune.pipeline.prepare import prepare_recipe
 from onnxprune.pipeline.prune import Reuse, RunSettings, prune_model, sensitivity_curves
-from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
-from onnxprune.pipeline.statistics import channel_stats
+from onnxprune.pipeline.score import DATA_CRITERIA, STATISTICS, score_groups
+from onnxprune.pipeline.statistics import channel_stats, criterion_stats
 from onnxprune.recipe import Recipe
 from onnxprune.runtime.session import open_session, run_batches
 
@@ -96,10 +96,17 @@ def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: D
             if key not in shared:
                 shared[key] = Shared(prepare_recipe(model, recipe))
             entry = shared[key]
-            if recipe.criterion in DATA_CRITERIA and entry.stats is None and calibration is not None:
+            own = recipe.criterion in STATISTICS  # e.g. taylor's gradients, not activation statistics
+            if recipe.criterion in DATA_CRITERIA and not own and entry.stats is None and calibration is not None:
                 entry.stats = channel_stats(entry.prepared, calibration.feeds, source=calibration.source)
             score_key = (recipe.criterion, recipe.seed)
-            if score_key not in entry.scores and (recipe.criterion not in DATA_CRITERIA or entry.stats is not None):
+            if score_key not in entry.scores and own and calibration is not None:
+                entry.scores[score_key] = score_groups(
+                    entry.prepared.analysis, entry.prepared.view, recipe.criterion, recipe.seed,
+                    stats=criterion_stats(recipe.criterion, entry.prepared, calibration.feeds,
+                                          labels=calibration.labels))
+            if score_key not in entry.scores and not own and (recipe.criterion not in DATA_CRITERIA
+                                                                or entry.stats is not None):
                 entry.scores[score_key] = score_groups(entry.prepared.analysis, entry.prepared.view,
                                                        recipe.criterion, recipe.seed, stats=entry.stats)
             if (recipe.allocate == "sensitivity" and recipe.target is not None and calibration is not None

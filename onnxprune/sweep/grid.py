@@ -49,8 +49,10 @@ def parse_list(key: str, text: str) -> list[Any]:
         value: Any = item
         if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold"):
             value = _convert(float, item, key)
-        elif kind is int:
+        elif key in ("round_to", "seed") or kind is int:
             value = _convert(int, item, key)
+        elif kind is float:
+            value = _convert(float, item, key)
         elif kind is bool:
             if item.lower() not in ("true", "false", "yes", "no", "on", "off"):
                 raise InputError(f"{option_name(key)} takes true/false values, got {item!r}")

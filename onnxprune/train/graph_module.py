@@ -8,7 +8,7 @@ one per ONNX op type; an op without one raises `UnsupportedOpError` when the mod
 runs exactly or not at all.
 
 A module can be any sub-graph: `to_torch(model, inputs=[...], outputs=[...])` holds only the nodes between
-those tensors (a block of block-wise distillation, cut at the stage boundaries of pipeline/stages.py), and
+those tensors (a block of block-wise distillation, cut at the stage boundaries of runtime/stages.py), and
 `module.outputs_of(names, inputs)` makes such a module from a built one that *shares* its parameters, so
 training a block trains the whole model's weights and `write_back(model, whole)` writes them.
 """
@@ -324,7 +324,7 @@ class GraphModule(torch.nn.Module):
 
     def blocks(self, boundaries: Sequence[str]) -> list[GraphModule]:
         """The module cut after each boundary tensor (say the residual stream after every decoder layer: the
-        stage boundaries of pipeline/stages.py) into consecutive blocks sharing its parameters.
+        stage boundaries of runtime/stages.py) into consecutive blocks sharing its parameters.
 
         Block i runs the nodes after the previous boundary up to boundary i (the last block: up to the module's
         outputs). Its inputs are what it reads from earlier blocks or the module's inputs (a mask or positions

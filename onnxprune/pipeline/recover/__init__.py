@@ -54,7 +54,7 @@ class RecoveryResult:
     mode: str
     layers: list[dict] = field(default_factory=list)  # per layer: node, method, alpha, holdout errors
     notes: list[str] = field(default_factory=list)
-    passes: dict = field(default_factory=dict)  # model passes of the staged runs (see pipeline/stages.py)
+    passes: dict = field(default_factory=dict)  # model passes of the staged runs (see runtime/stages.py)
 
 
 def recover(prep, plan, pruned: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], mode: str = "lstsq", *,

@@ -1,5 +1,5 @@
 """`lstsq` recovery: every affected layer refit, stage by stage in graph order, on the pruned model's own
-activations against the original's outputs (one staged pass of each model, pipeline/stages.py)."""
+activations against the original's outputs (one staged pass of each model, runtime/stages.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from onnxprune.pipeline.activations import Probe, token_rows
 from onnxprune.pipeline.recover.im2col import layer_rows
 from onnxprune.pipeline.recover.layers import Layer, current_params, write_layer
 from onnxprune.pipeline.recover.ridge import Gram, select_alpha, solve
-from onnxprune.pipeline.stages import FrontierStore, StagedRun
+from onnxprune.runtime.stages import FrontierStore, StagedRun
 from onnxprune.report import progress
 
 
@@ -27,7 +27,7 @@ def fit_lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result, stag
     """Refit `layers` in graph order, one stage (the layers reading one tensor) at a time.
 
     Each stage's input X comes from the model as recovered so far (so earlier refits are seen) and its
-    targets Y from the original. With `staged` both models run stage by stage (pipeline/stages.py): every
+    targets Y from the original. With `staged` both models run stage by stage (runtime/stages.py): every
     node once, so the whole recovery costs one pass of each whatever the depth. Without it, every stage
     re-runs the recovered model from the inputs up to X (the reference the staged run is tested against).
     Rows at padded token positions are dropped (`token_rows`).

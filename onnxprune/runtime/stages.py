@@ -153,6 +153,19 @@ class StagedRun:
         """The nodes request `k` runs (each node belongs to the first request that needs it)."""
         return [self._nodes[i] for i in self._stages[k].nodes]
 
+    def stage_inputs(self, k: int) -> list[str]:
+        """The tensors request `k` reads (frontier tensors and feeds); `value` gives them before it runs."""
+        return list(self._stages[k].inputs)
+
+    def stage_model(self, k: int) -> onnx.ModelProto:
+        """Request `k`'s nodes as a model of their own (its frontier inputs in, what it hands on out), built
+        from the model as it is now; call it before `step` runs request `k` (re-training trains it)."""
+        return self._submodel(self._stages[k])
+
+    def value(self, name: str, batch: int) -> np.ndarray:
+        """A feed or a frontier tensor of `batch`, as the next request will read it."""
+        return self._value(name, batch)
+
     @property
     def passes(self) -> float:
         """Node evaluations so far, in units of one pass of the whole model over the calibration set."""
