@@ -123,7 +123,8 @@ def test_taylor_plans_pass_the_zero_channel_oracle(path):
     """Channels chosen by Taylor scores, zeroed then removed: the outputs stay (float rounding)."""
     from onnxprune.graph.kvcache import follow
     from onnxprune.pipeline.plan import plan_uniform
-    from onnxprune.pipeline.score import criterion_stats, score_groups
+    from onnxprune.pipeline.score import score_groups
+    from onnxprune.pipeline.statistics import criterion_stats
 
     model = onnx.load(path)
     data = "stdlib_calib.npz" if path == LLAMA else "digits_calib.npz"

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 
 pytest.importorskip("torch")
-import bench_bridge
+from tools import bench_bridge  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
