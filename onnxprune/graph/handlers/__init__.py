@@ -8,10 +8,7 @@ attributes and shape constants. Registering an op type twice is an error.
 
 from __future__ import annotations
 
-import importlib
-
-_REGISTRY: dict[tuple[str, str], "Handler"] = {}
-_MODULES = ("conv", "norm", "elementwise", "pooling", "concat", "reshape", "matmul", "attention", "contrib")
+from onnxprune.registry import OpRegistry
 
 
 class Handler:
@@ -24,35 +21,22 @@ class Handler:
         """Fix attributes and shape constants after slicing; most ops need nothing."""
 
 
+_REGISTRY: OpRegistry[Handler] = OpRegistry(
+    "a handler", "onnxprune.graph.handlers",
+    ("conv", "norm", "elementwise", "pooling", "concat", "reshape", "matmul", "attention", "contrib"))
+
+
 def register(*op_types: str, domain: str = ""):
     def deco(cls):
-        instance = cls()
-        for op in op_types:
-            key = (domain, op)
-            if key in _REGISTRY:
-                raise RuntimeError(f"a handler for {domain or 'ai.onnx'}::{op} is already registered")
-            _REGISTRY[key] = instance
+        _REGISTRY.add(op_types, domain, cls())
         cls.op_types = tuple(op_types)
         return cls
     return deco
 
 
 def get_handler(op_type: str, domain: str = "") -> Handler | None:
-    _load()
-    return _REGISTRY.get(("" if domain == "ai.onnx" else domain, op_type))
+    return _REGISTRY.get(op_type, domain)
 
 
 def supported_ops() -> list[str]:
-    _load()
-    return sorted(op if not d else f"{d}::{op}" for d, op in _REGISTRY)
-
-
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in _MODULES:
-            importlib.import_module(f"onnxprune.graph.handlers.{mod}")
+    return _REGISTRY.supported()

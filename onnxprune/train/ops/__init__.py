@@ -10,9 +10,10 @@ twice is an error.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from onnxprune.registry import OpRegistry
 
 _MODULES = ("math", "shape", "nn", "resize", "attention")
 
@@ -40,36 +41,19 @@ class Node:
         return self.attrs.get(key, default)
 
 
-_REGISTRY: dict[tuple[str, str], OpSpec] = {}
+_REGISTRY: OpRegistry[OpSpec] = OpRegistry("a torch op", "onnxprune.train.ops", _MODULES)
 
 
 def register(*op_types: str, domain: str = "", static: tuple[int, ...] = (), check: Callable | None = None):
     def deco(fn):
-        for op in op_types:
-            key = (domain, op)
-            if key in _REGISTRY:
-                raise RuntimeError(f"a torch op for {domain or 'ai.onnx'}::{op} is already registered")
-            _REGISTRY[key] = OpSpec(fn, static, check)
+        _REGISTRY.add(op_types, domain, OpSpec(fn, static, check))
         return fn
     return deco
 
 
 def get_op(op_type: str, domain: str = "") -> OpSpec | None:
-    _load()
-    return _REGISTRY.get(("" if domain == "ai.onnx" else domain, op_type))
+    return _REGISTRY.get(op_type, domain)
 
 
 def supported_ops() -> list[str]:
-    _load()
-    return sorted(op if not d else f"{d}::{op}" for d, op in _REGISTRY)
-
-
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in _MODULES:
-            importlib.import_module(f"onnxprune.train.ops.{mod}")
+    return _REGISTRY.supported()
