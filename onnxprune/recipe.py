@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from onnxprune.errors import InputError
+from onnxprune.graph.analysis import GQA_MODES
 
 MODES = ("structured", "unstructured")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 RECOVERIES = ("none", "bias", "lstsq")
 QUANTIZATIONS = ("int8", "static", "dynamic", "fp16", "int4")
-GQA_MODES = ("kv-groups", "query-heads")
 
 # A recipe has one budget: a ratio (with its head ratio), a MAC target, a parameter target, or (unstructured)
 # a threshold. An override that names one budget drops the others it does not name.
@@ -58,7 +58,7 @@ class Recipe:
     threshold: float | None = None    # unstructured: zero |w| below this instead of a ratio
     quantize: str | None = None       # quantize the pruned model: int8 (= static), dynamic, fp16, int4
     seed: int = 0                     # random scores, sample choices in recovery
-    gqa_mode: str = "kv-groups"       # grouped-query attention: prune whole kv groups, or query heads in them
+    gqa_mode: str = "auto"            # grouped-query attention: whole kv groups, query heads in them, or auto
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)
 
     def __post_init__(self) -> None:

@@ -14,8 +14,9 @@ from onnxprune.io.model_io import load_model
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--exclude", multiple=True, help="Node-name glob whose output channels stay (repeatable).")
 @click.option("--prune-hidden", is_flag=True, help="Show the hidden size as prunable (approximate, see prune).")
-@click.option("--gqa-mode", type=click.Choice(GQA_MODES), default="kv-groups", show_default=True,
-              help="Grouped-query attention: whole KV groups, or query heads evenly inside every KV group.")
+@click.option("--gqa-mode", type=click.Choice(GQA_MODES), default="auto", show_default=True,
+              help="Grouped-query attention: whole KV groups, or query heads evenly inside every KV group; auto: "
+                   "query heads for a single KV head (multi-query attention), else whole groups.")
 @click.option("--keep-kv-cache", is_flag=True, help="Show a decoder's key/value cache kept (its heads frozen).")
 @click.option("--all", "show_all", is_flag=True, help="Show every group (frozen ones too) without a limit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the groups as JSON here.")
@@ -23,7 +24,7 @@ from onnxprune.io.model_io import load_model
               help="Fix dynamic input dims for the MAC count; a single-input model may omit NAME:.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) when a handler fault had to be contained.")
 def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None,
-            input_shapes: str | None, strict: bool, gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> None:
+            input_shapes: str | None, strict: bool, gqa_mode: str = "auto", keep_kv_cache: bool = False) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""
     from onnxprune.pipeline.apply import ContainedFaultError, is_fault, strict_message
     from onnxprune.runtime.feeds import resolve_shapes

@@ -71,8 +71,9 @@ def recipe_options(f):
         click.option("--quantize", type=click.Choice([*QUANTIZE, "none"]), default=None,
                      help="Quantize the pruned model (int8 calibrates on --data)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs."),
-        click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), default="kv-groups", show_default=True,
-                     help="Grouped-query attention: remove whole key/value groups, or query heads within them."),
+        click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), default="auto", show_default=True,
+                     help="Grouped-query attention: remove whole key/value groups, or query heads within them; "
+                          "auto: whole groups when they can meet the ratio, else query heads."),
         click.option("--keep-kv-cache/--no-keep-kv-cache", default=False,
                      help="Decoders: keep the key/value cache shapes (no key/value heads are removed)."),
     ]
@@ -193,6 +194,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
                        "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
                        "groups": groups_rows, "recovery": result.recovery, "search": result.search,
                        "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
+                       "gqa_modes_used": sorted({r["gqa_mode"] for r in groups_rows if r.get("gqa_mode")}),
                        "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
         if result.interface:
             console.print(interface_table(result.interface))

@@ -22,8 +22,7 @@ from onnxprune.io.model_io import check_supported
 from onnxprune.pipeline.apply import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.runtime.feeds import resolve_shapes, validation_feed
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
-from onnxprune.recipe import Recipe, as_recipe, option_name
-from onnxprune.recipe import default as recipe_default
+from onnxprune.recipe import Recipe, as_recipe
 from onnxprune.errors import InputError
 from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 from onnxprune.io.model_io import model_bytes
@@ -93,22 +92,38 @@ def gqa_fields(group) -> dict:
             "gqa_mode": group.gqa_mode}
 
 
+def gqa_notes(analysis: Analysis, recipe: Recipe) -> list[str]:
+    """What gqa_mode "auto" chose where whole key/value groups could not meet the recipe's share of heads."""
+    if recipe.gqa_mode != "auto":
+        return []
+    chosen = sorted({g.kv_groups for g in analysis.prunable if g.kv_groups and g.gqa_mode == "query-heads"})
+    if not chosen:
+        return []
+    share = head_share(recipe)
+    why = "a single KV head" if chosen == [1] else (
+        f"{'/'.join(map(str, chosen))} KV groups" + (f" cannot lose {share:.0%} of them whole" if share else ""))
+    return [f"gqa-mode auto pruned query heads evenly inside the KV groups ({why}); the key/value heads and "
+            "cache stay (--gqa-mode kv-groups removes whole groups)"]
+
+
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
                   "even where the removed features were zero; compare with `onnxprune eval --reference`")
 
 
 def prepare(model: onnx.ModelProto, exclude: tuple[str, ...] = (), prune_hidden: bool = False,
-            gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> Prepared:
+            gqa_mode: str = "kv-groups", keep_kv_cache: bool = False, head_share: float | None = None) -> Prepared:
     """Normalise and analyse `model`; `prune_hidden` lets LayerNorm pass channels (the hidden size becomes
     prunable, approximately: normalisation statistics change). Grouped-query attention prunes whole KV groups
-    (`gqa_mode="kv-groups"`) or query heads evenly inside every KV group (`"query-heads"`); `keep_kv_cache`
-    keeps a decoder's key/value cache inputs and outputs as they are (their heads then stay)."""
+    (`gqa_mode="kv-groups"`), query heads evenly inside every KV group (`"query-heads"`), or whichever can meet
+    `head_share`, the share of heads the run removes (`"auto"`, see graph.analysis.gqa_mode_for);
+    `keep_kv_cache` keeps a decoder's key/value cache inputs and outputs as they are (their heads then stay)."""
     if gqa_mode not in GQA_MODES:
         raise InputError(f"unknown gqa_mode {gqa_mode!r} (choose from {', '.join(GQA_MODES)})")
     check_supported(model)
     normalized = normalize(model)
     view = GraphView(normalized)
-    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden, gqa_mode, keep_kv_cache))
+    return Prepared(normalized, view, analyze_graph(view, tuple(exclude), prune_hidden, gqa_mode, keep_kv_cache,
+                                                    head_share))
 
 
 def _feeds(calibration) -> list[dict[str, np.ndarray]]:
@@ -177,6 +192,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         else:
             planner = plan_global if global_ranking else plan_uniform
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
+    notes.extend(gqa_notes(prep.analysis, recipe))
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
     feed = validation_feed(model, input_shapes, feeds, seed) if validate_result else None
@@ -224,16 +240,25 @@ def prepare_recipe(model: onnx.ModelProto, recipe: Recipe) -> Prepared:
 
 
 def _decoder_options(recipe: Recipe) -> dict:
-    """The recipe's decoder settings (gqa_mode, keep_kv_cache) as prepare() keywords; left out at their
-    defaults, so a prepare() without them (before decoder support) still runs default recipes."""
-    import inspect
-
-    options = {k: getattr(recipe, k) for k in ("gqa_mode", "keep_kv_cache") if getattr(recipe, k) != recipe_default(k)}
-    accepted = inspect.signature(prepare).parameters
-    missing = [k for k in options if k not in accepted]
-    if missing:
-        raise InputError(f"{', '.join(option_name(k) for k in missing)} is not supported by this build of onnxprune")
+    """The recipe's decoder settings (gqa_mode, with the share of heads "auto" decides by; keep_kv_cache) as
+    prepare() keywords."""
+    options = {"gqa_mode": recipe.gqa_mode}
+    if recipe.keep_kv_cache:
+        options["keep_kv_cache"] = True
+    if recipe.gqa_mode == "auto":
+        options["head_share"] = head_share(recipe)
     return options
+
+
+def head_share(recipe: Recipe) -> float | None:
+    """The share of attention heads a recipe removes, as far as it says: its head ratio, else its ratio, else
+    what a MAC or parameter target leaves out; None when unknown (a --max-drop search)."""
+    if recipe.head_ratio is not None:
+        return recipe.head_ratio
+    if recipe.ratio is not None:
+        return recipe.ratio
+    target = recipe.target
+    return None if target is None else 1.0 - target[1]
 
 
 def _check_runnable(recipe: Recipe, feeds) -> None:
