@@ -60,6 +60,7 @@ class Recipe:
     seed: int = 0                     # random scores, sample choices in recovery
     gqa_mode: str = "auto"            # grouped-query attention: whole kv groups, query heads in them, or auto
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)
+    drop_blocks: float | None = None  # depth: drop this many residual blocks (>= 1) or this share of them (< 1)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -124,7 +125,7 @@ class Recipe:
             changes["criterion"] = "hybrid" if has_data and self.mode == "structured" else "l1"
         no_budget = self.target_macs is None and self.target_params is None and self.threshold is None
         if self.ratio is None and no_budget:
-            changes["ratio"] = 0.5
+            changes["ratio"] = 0.0 if self.drop_blocks else 0.5  # depth alone: no width pruning
         return dataclasses.replace(self, **changes) if changes else self
 
     @property
@@ -291,6 +292,11 @@ def _fraction_kept(value: float, label: str) -> None:   # (0, 1]
         raise InputError(f"{label} is the fraction to keep, in (0, 1]; got {value}")
 
 
+def _block_count(value: float, label: str) -> None:   # a count of blocks, or a share of them in [0, 1)
+    if value < 0 or (value >= 1 and not float(value).is_integer()):
+        raise InputError(f"{label} is a number of blocks (1, 2, ...) or a share of them in [0, 1), got {value:g}")
+
+
 def _at_least(low):
     def check(value, label: str) -> None:
         if value < low:
@@ -317,6 +323,7 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
     "seed": (_integer, _at_least(0), False),
     "gqa_mode": (_string, _choice(GQA_MODES), False),
     "keep_kv_cache": (_boolean, None, False),
+    "drop_blocks": (_number, _block_count, True),
 }
 
 
@@ -356,6 +363,8 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
         if r["threshold"] is not None:
             raise InputError(f"{label('threshold')} is for {label('mode')} unstructured")
         return
+    if r["drop_blocks"]:
+        raise InputError(f"{label('drop_blocks')} is for structured pruning")
     if r["head_ratio"] is not None:
         raise InputError(f"{label('head_ratio')} goes with {label('ratio')} (structured), "
                          f"not with {label('mode')} unstructured")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxprune.report import write_json  # noqa: F401 - re-exported for the commands
@@ -50,7 +51,8 @@ def show_faults(faults: list[dict]) -> None:
 
 def interface_table(changes: list[dict]) -> Table:
     """Inputs and outputs whose shape changed (a decoder's key/value cache following its pruned heads)."""
-    table = Table(title="interface changes (key/value cache follows the pruned heads)", title_justify="left")
+    table = Table(title="interface changes (key/value cache follows the pruned heads and dropped layers)",
+                  title_justify="left")
     for col in ("name", "kind", "before", "after"):
         table.add_column(col)
     for c in changes:
@@ -58,8 +60,10 @@ def interface_table(changes: list[dict]) -> Table:
     return table
 
 
-def _shape(dims: list) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"
+def _shape(dims: list | None) -> str:
+    if dims is None:
+        return "(removed)"
+    return escape("[" + ", ".join(str(d) for d in dims) + "]")
 
 
 def summary_table(stats: dict) -> Table:

@@ -74,6 +74,10 @@ def recipe_options(f):
         click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), default="auto", show_default=True,
                      help="Grouped-query attention: remove whole key/value groups, or query heads within them; "
                           "auto: whole groups when they can meet the ratio, else query heads."),
+        click.option("--drop-blocks", type=float, default=None, metavar="N",
+                     help="Depth: drop the N residual blocks (decoder layers) whose output differs least from their "
+                          "input on --data (block influence), or this share of them when N < 1; combines with "
+                          "--ratio (blocks go first)."),
         click.option("--keep-kv-cache/--no-keep-kv-cache", default=False,
                      help="Decoders: keep the key/value cache shapes (no key/value heads are removed)."),
     ]
@@ -195,7 +199,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
                        "groups": groups_rows, "recovery": result.recovery, "search": result.search,
                        "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
                        "gqa_modes_used": sorted({r["gqa_mode"] for r in groups_rows if r.get("gqa_mode")}),
-                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface,
+                       "depth": result.depth})
         if result.interface:
             console.print(interface_table(result.interface))
         for note in result.notes:

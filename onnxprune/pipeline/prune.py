@@ -19,6 +19,7 @@ from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
 from onnxprune.graph.kvcache import interface_changes
 from onnxprune.io.model_io import check_supported
+from onnxprune.pipeline.depth import keep_inputs, prune_depth, removed_interface
 from onnxprune.pipeline.apply import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.runtime.feeds import resolve_shapes, validation_feed
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
@@ -64,6 +65,7 @@ class PruneResult:
     recipe: Recipe | None = None                         # the resolved recipe that made `model`
     layers: list[dict] = field(default_factory=list)    # unstructured: weights zeroed per layer
     interface: list[dict] = field(default_factory=list)  # inputs/outputs whose shape changed (key/value cache)
+    depth: dict | None = None  # depth pruning: blocks found, their influence, those dropped (pipeline/depth.py)
 
     @property
     def faults(self) -> list[dict]:
@@ -166,6 +168,9 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         what = f"--criterion {criterion}" if criterion in DATA_CRITERIA else f"--recover {recover}"
         raise InputError(f"{what} needs calibration data: pass --data FILE")
     _check_runnable(recipe, feeds)
+    if recipe.drop_blocks and removed is None:
+        return _prune_depth_first(model, recipe, calibration, feeds, validate_result=validate_result, strict=strict,
+                                  input_shapes=input_shapes, memory_budget=memory_budget)
     prep = prepared or prepare_recipe(model, recipe)
     notes: list[str] = []
     if removed is not None:
@@ -232,6 +237,30 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
     result = PruneResult(pruned, prep.analysis, plan, stats_out, notes, recovery, recipe=recipe,
                          interface=interface)
     return quantize_result(result, feeds) if recipe.quantize else result
+
+
+def _prune_depth_first(model: onnx.ModelProto, recipe: Recipe, calibration, feeds, *, validate_result: bool,
+                       strict: bool, input_shapes: dict | None, memory_budget: int | None) -> PruneResult:
+    """Drop the least influential residual blocks (pipeline/depth.py), then width-prune what stays as the rest
+    of the recipe says; the stats and the interface compare with `model`."""
+    from onnxprune.evaluate.data import Dataset
+
+    depth = prune_depth(model, recipe.drop_blocks, feeds)
+    kept = keep_inputs(feeds, depth.model)
+    calib = dataclasses.replace(calibration, feeds=kept) if isinstance(calibration, Dataset) else kept
+    names = {i.name for i in depth.model.graph.input}
+    shapes = None if input_shapes is None else {k: v for k, v in input_shapes.items() if k in names}
+    result = prune_model(depth.model, dataclasses.replace(recipe, drop_blocks=None), calibration=calib,
+                         validate_result=validate_result, strict=strict, input_shapes=shapes,
+                         memory_budget=memory_budget)
+    result.recipe = recipe
+    shapes = resolve_shapes(model, input_shapes, feeds[0] if feeds else None)[0]
+    result.stats.update({"params_before": count_params(model), "macs_before": count_macs(model, None, shapes),
+                         "bytes_before": model_bytes(model), "blocks_dropped": len(depth.dropped)})
+    result.interface = removed_interface(model, result.model) + interface_changes(model, result.model)
+    result.notes[:0] = depth.notes
+    result.depth = depth.as_dict()
+    return result
 
 
 def prepare_recipe(model: onnx.ModelProto, recipe: Recipe) -> Prepared:

@@ -47,7 +47,7 @@ def parse_list(key: str, text: str) -> list[Any]:
         if not item:
             raise InputError(f"{option_name(key)} takes a comma-separated list, got {text!r}")
         value: Any = item
-        if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold"):
+        if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold", "drop_blocks"):
             value = _convert(float, item, key)
         elif key in ("round_to", "seed"):
             value = _convert(int, item, key)
@@ -57,7 +57,7 @@ def parse_list(key: str, text: str) -> list[Any]:
             value = item.lower() in ("true", "yes", "on")
         elif key == "criterion" and item == "default":
             value = None
-        if key in BUDGET_KEYS + ("head_ratio",) and item.lower() == "none":
+        if key in BUDGET_KEYS + ("head_ratio", "drop_blocks") and item.lower() == "none":
             value = None
         values.append(check_values({key: value}, option_name, rules=False)[key])
     return values
