@@ -56,7 +56,8 @@ def interface_table(changes: list[dict]) -> Table:
     for col in ("name", "kind", "before", "after"):
         table.add_column(col)
     for c in changes:
-        table.add_row(c["name"], c["kind"], _shape(c["before"]), _shape(c["after"]))
+        after = _shape(c["after"]) + (f" as {c['renamed']}" if c.get("renamed") else "")
+        table.add_row(c["name"], c["kind"], _shape(c["before"]), after)
     return table
 
 

@@ -6,17 +6,27 @@ Consecutive sub-blocks chained on one stream form the blocks depth pruning sees:
 attention sub-block followed by its MLP sub-block (a block starts at every sub-block that holds attention);
 without attention (a ResNet), every identity-skip sub-block is a block of its own.
 
+onnxruntime's fused `SkipSimplifiedLayerNormalization` / `SkipLayerNormalization` (onnxruntime-genai's model
+builder adds the residual inside the next norm) are first split into the `Add` and the norm they fuse
+(`unfuse_skip_norms`), so the residual stream has a tensor at every block boundary.
+
 Dropping a block lets the stream pass through: readers of its output read its input, and what only the block
 computed goes (nodes, initializers, and a decoder's key/value cache inputs and outputs of that layer: graph
 outputs computed from the block's input but not from its output, and the cache inputs nothing reads any more).
+The remaining layers' cache entries are renumbered 0, 1, ... (`renumber_cache`), as runtimes that loop over
+`num_hidden_layers` (onnxruntime-genai, optimum) name them.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 import onnx
+from onnx import helper
+
+from onnxprune.graph.kvcache import cache_inputs
 
 _PASS = {"Cast", "Identity"}  # no-op hops on the residual stream (HF exports cast it to float32 before a norm)
 _WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits", "MatMulInteger", "QLinearMatMul",
@@ -120,11 +130,11 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
 
 def _with_cache(model: onnx.ModelProto, g: _Graph, blocks: list[Block]) -> list[Block]:
     """Each block with the graph outputs only it computes (computed from its input, not from its output: a
-    layer's present key/value) and the graph inputs only those outputs' nodes read (its past key/value)."""
+    layer's present key/value) and the cache inputs only those outputs' nodes read (its past key/value)."""
     if not blocks:
         return blocks
     outputs = [o.name for o in model.graph.output]
-    inputs = {i.name for i in model.graph.input} - g.inits
+    inputs = set(cache_inputs(model))  # only state goes with a block; an attention mask first read in it stays
     out = []
     for block in blocks:
         own = tuple(o for o in outputs if o != block.output and g.depends(o, block.input)
@@ -237,3 +247,70 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
             return out + rest  # a cycle cannot come from dropping blocks; keep what is there
         pending = rest
     return out
+
+
+_SKIP_NORMS = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
+               "SkipLayerNormalization": "LayerNormalization"}
+
+
+def unfuse_skip_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with every fused skip norm (com.microsoft Skip[Simplified]LayerNormalization) written as
+    Add (input + skip [+ bias]) and the plain norm, and how many were split. Its sum output keeps its name; an
+    unnamed sum gets one. Nodes that also output their mean or inverse deviation stay fused."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes, count = [], 0
+    for node in out.graph.node:
+        plain = _SKIP_NORMS.get(node.op_type) if node.domain == "com.microsoft" else None
+        extra = [o for o in node.output[1:3] if o]
+        if plain is None or extra:
+            nodes.append(node)
+            continue
+        count += 1
+        ins = list(node.input) + [""] * (5 - len(node.input))
+        x, skip, gamma = ins[0], ins[1], ins[2]
+        beta, bias = (ins[3], ins[4]) if plain == "LayerNormalization" else ("", ins[3])
+        total = node.output[3] if len(node.output) > 3 and node.output[3] else f"{node.name}/residual_sum"
+        if bias:
+            nodes.append(helper.make_node("Add", [skip, bias], [f"{node.name}/skip_bias"], name=f"{node.name}/bias"))
+            skip = f"{node.name}/skip_bias"
+        nodes.append(helper.make_node("Add", [x, skip], [total], name=f"{node.name}/residual"))
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        norm_inputs = [total, gamma] + ([beta] if beta else [])
+        nodes.append(helper.make_node(plain, norm_inputs, [node.output[0]], name=f"{node.name}/norm", axis=-1,
+                                      epsilon=eps, stash_type=1))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, count
+
+
+def renumber_cache(model: onnx.ModelProto, blocks: list[Block], dropped: list[int]) -> dict[str, str]:
+    """Rename the cache inputs and outputs of the blocks that stay so that their layer numbers run 0, 1, ...
+    (in place); returns old name -> new name. Nothing is renamed unless every block's cache names hold its own
+    index as a number (past_key_values.3.key)."""
+    cached = [b for b in blocks if b.cache_inputs or b.cache_outputs]
+    if not cached or len(cached) != len(blocks) or not all(
+            re.search(rf"(?<![0-9]){b.index}(?![0-9])", n) for b in cached for n in (*b.cache_inputs,
+                                                                                 *b.cache_outputs)):
+        return {}
+    rename: dict[str, str] = {}
+    new = 0
+    for b in blocks:
+        if b.index in dropped:
+            continue
+        if new != b.index:
+            for name in (*b.cache_inputs, *b.cache_outputs):
+                rename[name] = re.sub(rf"(?<![0-9]){b.index}(?![0-9])", str(new), name, count=1)
+        new += 1
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name in rename:
+            value.name = rename[value.name]
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+        for k, name in enumerate(node.output):
+            if name in rename:
+                node.output[k] = rename[name]
+    return rename

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
-from onnxprune.graph.blocks import Block, drop_blocks, find_blocks
+from onnxprune.graph.blocks import Block, drop_blocks, find_blocks, renumber_cache, unfuse_skip_norms
 from onnxprune.graph.kvcache import cache_inputs, empty_cache
 from onnxprune.pipeline.activations import only_outputs
 from onnxprune.pipeline.validate import session
@@ -29,13 +29,15 @@ class DepthResult:
     influence: list[float]
     dropped: list[int]
     notes: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # cache entries renumbered: old name -> new
 
     def as_dict(self) -> dict:
         return {"blocks": len(self.blocks), "dropped": self.dropped,
                 "influence": [round(float(v), 6) for v in self.influence],
                 "attention_blocks": sum(b.attention for b in self.blocks),
                 "removed_cache": [n for b in self.blocks if b.index in self.dropped
-                                  for n in (*b.cache_inputs, *b.cache_outputs)]}
+                                  for n in (*b.cache_inputs, *b.cache_outputs)],
+                "renamed_cache": self.renamed}
 
 
 def blocks_to_drop(drop: float, n_blocks: int) -> int:
@@ -86,15 +88,23 @@ def prune_depth(model: onnx.ModelProto, drop: float, feeds) -> DepthResult:
     feeds = list(feeds or [])
     if not feeds:
         raise InputError("--drop-blocks scores blocks on calibration data (block influence): pass --data FILE")
-    blocks = find_blocks(model)
+    unfused, fused = unfuse_skip_norms(model)
+    blocks = find_blocks(unfused)
     if not blocks:
         raise InputError("--drop-blocks found no residual blocks (out = x + f(x) on one stream) in this model")
     count = blocks_to_drop(drop, len(blocks))
-    influence = block_influence(model, blocks, feeds)
+    influence = block_influence(unfused, blocks, feeds)
     order = np.argsort(influence, kind="stable")
     dropped = sorted(int(i) for i in order[:count])
-    pruned = drop_blocks(model, [blocks[i] for i in dropped]) if dropped else model
+    pruned = drop_blocks(unfused, [blocks[i] for i in dropped]) if dropped else model
+    renamed = renumber_cache(pruned, blocks, dropped) if dropped else {}
     notes = []
+    if dropped and fused:
+        notes.append(f"depth: {fused} fused skip norms were written as Add + norm to expose the residual stream "
+                     "(the same computation, unfused)")
+    if renamed:
+        notes.append(f"the remaining layers' key/value cache entries are renumbered from 0 ({len(renamed)} renamed, "
+                     "e.g. " + ", ".join(f"{a} -> {b}" for a, b in list(renamed.items())[:2]) + ")")
     if dropped:
         text = ", ".join(f"{i} ({influence[i]:.4f})" for i in dropped)
         kind = "decoder layers" if all(b.attention for b in blocks) else "residual blocks"
@@ -104,21 +114,24 @@ def prune_depth(model: onnx.ModelProto, drop: float, feeds) -> DepthResult:
         if removed:
             notes.append(f"the key/value cache of the dropped layers goes: {len(removed)} inputs and outputs "
                          "removed (see the interface table)")
-    return DepthResult(pruned, blocks, [float(v) for v in influence], dropped, notes)
+    return DepthResult(pruned, blocks, [float(v) for v in influence], dropped, notes, renamed)
 
 
-def removed_interface(model: onnx.ModelProto, pruned: onnx.ModelProto) -> list[dict]:
-    """Interface rows of graph inputs and outputs the pruned model no longer has (a dropped layer's cache)."""
+def depth_interface(model: onnx.ModelProto, depth: DepthResult) -> list[dict]:
+    """Interface rows of the cache inputs and outputs depth pruning changed: a dropped layer's go ("after"
+    None), the layers after it are renumbered ("renamed": the new name)."""
+    gone = {n for b in depth.blocks if b.index in depth.dropped for n in (*b.cache_inputs, *b.cache_outputs)}
     rows = []
-    inits = {t.name for t in model.graph.initializer}
-    for kind, before, after in (("input", model.graph.input, pruned.graph.input),
-                                ("output", model.graph.output, pruned.graph.output)):
-        kept = {v.name for v in after}
-        for v in before:
-            if v.name not in kept and v.name not in inits:
-                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                        for d in v.type.tensor_type.shape.dim]
-                rows.append({"name": v.name, "kind": kind, "before": dims, "after": None})
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            if v.name not in gone and v.name not in depth.renamed:
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in v.type.tensor_type.shape.dim]
+            row = {"name": v.name, "kind": kind, "before": dims, "after": None}
+            if v.name in depth.renamed:
+                row.update(after=dims, renamed=depth.renamed[v.name])
+            rows.append(row)
     return rows
 
 

@@ -19,7 +19,7 @@ from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
 from onnxprune.graph.kvcache import interface_changes
 from onnxprune.io.model_io import check_supported
-from onnxprune.pipeline.depth import keep_inputs, prune_depth, removed_interface
+from onnxprune.pipeline.depth import depth_interface, keep_inputs, prune_depth
 from onnxprune.pipeline.apply import ContainedFaultError, is_fault, prune_validated, strict_message
 from onnxprune.runtime.feeds import resolve_shapes, validation_feed
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
@@ -257,7 +257,9 @@ def _prune_depth_first(model: onnx.ModelProto, recipe: Recipe, calibration, feed
     shapes = resolve_shapes(model, input_shapes, feeds[0] if feeds else None)[0]
     result.stats.update({"params_before": count_params(model), "macs_before": count_macs(model, None, shapes),
                          "bytes_before": model_bytes(model), "blocks_dropped": len(depth.dropped)})
-    result.interface = removed_interface(model, result.model) + interface_changes(model, result.model)
+    renamed = set(depth.renamed.values())  # a renumbered cache entry is compared under its old name, above
+    result.interface = depth_interface(model, depth) + [c for c in interface_changes(model, result.model)
+                                                        if c["name"] not in renamed]
     result.notes[:0] = depth.notes
     result.depth = depth.as_dict()
     return result

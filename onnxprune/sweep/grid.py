@@ -57,7 +57,7 @@ def parse_list(key: str, text: str) -> list[Any]:
             value = item.lower() in ("true", "yes", "on")
         elif key == "criterion" and item == "default":
             value = None
-        if key in BUDGET_KEYS + ("head_ratio", "drop_blocks") and item.lower() == "none":
+        if key in BUDGET_KEYS + ("head_ratio",) and item.lower() == "none":
             value = None
         values.append(check_values({key: value}, option_name, rules=False)[key])
     return values
