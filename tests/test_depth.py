@@ -70,7 +70,7 @@ def decoders(tmp_path_factory):
 
 @needs_transformers
 def test_blocks_are_decoder_layers_and_resnet_blocks(decoders):
-    plain, cache = decoders
+    _, cache = decoders
     blocks = find_blocks(cache)
     assert len(blocks) == LAYERS and all(b.attention and len(b.adds) == 2 for b in blocks)
     assert blocks[1].cache_inputs == ("past_key_values.1.key", "past_key_values.1.value")
@@ -203,3 +203,15 @@ def test_genai_builder_model_drops_a_layer_and_generates(tmp_path):
                                                          "past_key_values.0.value", "past_key_values.1.value"]
     prompt = [st.BOS, 40, 50, 60]
     assert generate(out.parent, prompt) == generate(zeroed_dir, prompt)
+
+
+def test_sweep_varies_depth_and_width(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "models/digits_resnet.onnx", "-o", str(out), "--eval-data", "models/digits_heldout.npz",
+                 "--data", "models/digits_calib.npz", "--drop-blocks", "1", "--ratio", "0,0.2",
+                 "--no-latency"]) == 0
+    candidates = json.loads((out / "sweep.json").read_text())["candidates"]
+    assert sorted((c["recipe"]["drop_blocks"], c["recipe"]["ratio"]) for c in candidates) == [(1.0, 0.0), (1.0, 0.2)]
+    assert all(c["status"] == "ok" for c in candidates)
+    params = {c["recipe"]["ratio"]: c["metrics"]["params"] for c in candidates}
+    assert params[0.2] < params[0.0] < 170_730  # depth alone, then depth and width, below the original's

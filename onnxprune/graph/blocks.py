@@ -254,9 +254,11 @@ _SKIP_NORMS = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization
 
 
 def unfuse_skip_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of `model` with every fused skip norm (com.microsoft Skip[Simplified]LayerNormalization) written as
+    """`model` with every fused skip norm (com.microsoft Skip[Simplified]LayerNormalization) written as
     Add (input + skip [+ bias]) and the plain norm, and how many were split. Its sum output keeps its name; an
     unnamed sum gets one. Nodes that also output their mean or inverse deviation stay fused."""
+    if not any(n.op_type in _SKIP_NORMS and n.domain == "com.microsoft" for n in model.graph.node):
+        return model, 0  # nothing fused: no copy (a model can be a third of the machine's memory)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes, count = [], 0

@@ -16,7 +16,13 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
-from onnxprune.graph.blocks import Block, drop_blocks, find_blocks, renumber_cache, unfuse_skip_norms
+from onnxprune.graph.blocks import (
+    Block,
+    drop_blocks,
+    find_blocks,
+    renumber_cache,
+    unfuse_skip_norms,
+)
 from onnxprune.graph.kvcache import cache_inputs, empty_cache
 from onnxprune.pipeline.activations import only_outputs
 from onnxprune.pipeline.validate import session
@@ -42,7 +48,7 @@ class DepthResult:
 
 def blocks_to_drop(drop: float, n_blocks: int) -> int:
     """`drop` as a count: an integer is a number of blocks, a fraction in (0, 1) a share of them (rounded)."""
-    count = int(drop) if float(drop).is_integer() and drop >= 1 else int(math.floor(drop * n_blocks + 0.5))
+    count = int(drop) if float(drop).is_integer() and drop >= 1 else math.floor(drop * n_blocks + 0.5)
     if count >= n_blocks:
         raise InputError(f"--drop-blocks {drop:g} would drop {count} of the model's {n_blocks} residual blocks; "
                          "at least one must stay")
