@@ -1,7 +1,8 @@
 """Residual blocks: the units depth pruning removes whole.
 
 A residual sub-block is an `Add` whose one input is the residual stream `x` (read directly, or through no-op
-`Cast`/`Identity` nodes) and whose other input is computed from `x` by layers with weights: out = x + f(x).
+`Cast`/`Identity` nodes) and whose other input, of the same shape, is computed from `x` by layers with weights:
+out = x + f(x). (The same-shape rule keeps out an attention mask added to the scores of every later layer.)
 Consecutive sub-blocks chained on one stream form the blocks depth pruning sees: a decoder layer is an
 attention sub-block followed by its MLP sub-block (a block starts at every sub-block that holds attention);
 without attention (a ResNet), every identity-skip sub-block is a block of its own.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from onnxprune.graph.ir import infer_shapes
 from onnxprune.graph.kvcache import cache_inputs
 
 _PASS = {"Cast", "Identity"}  # no-op hops on the residual stream (HF exports cast it to float32 before a norm)
@@ -99,13 +101,15 @@ class _Graph:
 def find_blocks(model: onnx.ModelProto) -> list[Block]:
     """The residual blocks of `model`'s main graph, in order (see the module docstring); [] when none."""
     g = _Graph(model.graph)
+    shapes = infer_shapes(model)
     subs = []  # (stream in, Add node index, stream out, holds attention)
     for i, node in enumerate(g.nodes):
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or not node.output[0]:
             continue
         for x, y in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
             stream = g.root(x)
-            if stream in g.inits or not g.depends(y, stream) or g.depends(stream, y):
+            if stream in g.inits or not _same_shape(shapes.get(x), shapes.get(y)) or not _from_weights(g, y) \
+                    or not g.depends(y, stream) or g.depends(stream, y):
                 continue
             branch = g.ancestors(y) - g.ancestors(stream)
             ops = {g.nodes[j].op_type for j in branch}
@@ -126,6 +130,48 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
         blocks.append([stream, out, [g.nodes[i].name], attention, False])
         stream_end[out] = len(blocks) - 1
     return _with_cache(model, g, [Block(k, s, o, tuple(adds), att) for k, (s, o, adds, att, _) in enumerate(blocks)])
+
+
+_AFTER_WEIGHTS = {"BatchNormalization", "Cast", "Identity", "Dropout", "Add", "Mul", "Div"}
+
+
+def _from_weights(g: _Graph, name: str) -> bool:
+    """Whether `name` is the output of a layer with weights (MatMul/Gemm/Conv reading a constant), possibly
+    through a bias, a scale or a BatchNormalization: a residual branch ends so; scores plus a mask do not."""
+    for _ in range(8):
+        i = g.producer.get(name)
+        if i is None:
+            return False
+        node = g.nodes[i]
+        if node.op_type in _WEIGHTED:
+            return len(node.input) > 1 and _constant(g, node.input[1])
+        if node.op_type not in _AFTER_WEIGHTS:
+            return False
+        rest = [x for x in node.input[1:] if x]
+        if node.op_type in ("Add", "Mul", "Div") and not all(_constant(g, x) for x in rest):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _constant(g: _Graph, name: str) -> bool:
+    """An initializer, or one seen through Cast/Transpose/DequantizeLinear/Identity."""
+    for _ in range(4):
+        if name in g.inits:
+            return True
+        i = g.producer.get(name)
+        if i is None or g.nodes[i].op_type not in ("Cast", "Transpose", "DequantizeLinear", "Identity"):
+            return False
+        name = g.nodes[i].input[0]
+    return False
+
+
+def _same_shape(a, b) -> bool:
+    """Whether two inferred shapes can be equal (a residual adds two tensors of one shape; an attention mask
+    broadcast over the heads, [B, 1, S, S] + [B, H, S, S], is no residual). Unknown shapes pass."""
+    if a is None or b is None:
+        return True
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
 def _with_cache(model: onnx.ModelProto, g: _Graph, blocks: list[Block]) -> list[Block]:
