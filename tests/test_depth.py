@@ -215,3 +215,24 @@ def test_sweep_varies_depth_and_width(tmp_path):
     assert all(c["status"] == "ok" for c in candidates)
     params = {c["recipe"]["ratio"]: c["metrics"]["params"] for c in candidates}
     assert params[0.2] < params[0.0] < 170_730  # depth alone, then depth and width, below the original's
+
+
+def test_mask_added_to_every_layers_scores_is_no_block():
+    """Two attention layers that add one mask to their scores (as transformers' exports do): the mask reaches
+    the second layer's scores through the first layer, yet only the two residual layers are blocks."""
+    from tests.onnx_builders import build
+
+    nodes = []
+    stream = "x"
+    for i in range(2):
+        nodes += [("MatMul", [stream, f"wq{i}"], [f"q{i}"]), ("MatMul", [stream, f"wk{i}"], [f"k{i}"]),
+                  ("MatMul", [stream, f"wv{i}"], [f"v{i}"]),
+                  ("Transpose", [f"k{i}"], [f"kt{i}"], {"perm": [0, 2, 1]}),
+                  ("MatMul", [f"q{i}", f"kt{i}"], [f"s{i}"]), ("Add", [f"s{i}", "mask"], [f"sm{i}"]),
+                  ("Softmax", [f"sm{i}"], [f"p{i}"], {"axis": -1}), ("MatMul", [f"p{i}", f"v{i}"], [f"a{i}"]),
+                  ("MatMul", [f"a{i}", f"wo{i}"], [f"o{i}"]), ("Add", [stream, f"o{i}"], [f"h{i}"])]
+        stream = f"h{i}"
+    weights = {f"w{n}{i}": (8, 8) for i in range(2) for n in "qkvo"}
+    model = build(nodes, {"x": [1, 4, 8], "mask": [1, 4, 4]}, ["h1"], weights)
+    blocks = find_blocks(model)
+    assert [(b.input, b.output) for b in blocks] == [("x", "h0"), ("h0", "h1")]
