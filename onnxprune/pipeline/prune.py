@@ -94,11 +94,13 @@ def gqa_fields(group) -> dict:
             "gqa_mode": group.gqa_mode}
 
 
-def gqa_notes(analysis: Analysis, recipe: Recipe) -> list[str]:
-    """What gqa_mode "auto" chose where whole key/value groups could not meet the recipe's share of heads."""
+def gqa_notes(analysis: Analysis, recipe: Recipe, plan: Plan) -> list[str]:
+    """What gqa_mode "auto" chose where whole key/value groups could not meet the recipe's share of heads (and
+    query heads did go)."""
     if recipe.gqa_mode != "auto":
         return []
-    chosen = sorted({g.kv_groups for g in analysis.prunable if g.kv_groups and g.gqa_mode == "query-heads"})
+    chosen = sorted({g.kv_groups for g in analysis.prunable if g.kv_groups and g.gqa_mode == "query-heads"
+                     and g.spaces[0] in plan.kept})
     if not chosen:
         return []
     share = head_share(recipe)
@@ -197,7 +199,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | float | None = None, *,
         else:
             planner = plan_global if global_ranking else plan_uniform
             plan = planner(prep.analysis, scores, ratio, round_to, head_ratio=head_ratio)
-    notes.extend(gqa_notes(prep.analysis, recipe))
+    notes.extend(gqa_notes(prep.analysis, recipe, plan))
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
     feed = validation_feed(model, input_shapes, feeds, seed) if validate_result else None
