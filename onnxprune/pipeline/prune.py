@@ -106,8 +106,9 @@ def gqa_notes(analysis: Analysis, recipe: Recipe, plan: Plan) -> list[str]:
     share = head_share(recipe)
     why = "a single KV head" if chosen == [1] else (
         f"{'/'.join(map(str, chosen))} KV groups" + (f" cannot lose {share:.0%} of them whole" if share else ""))
-    return [f"gqa-mode auto pruned query heads evenly inside the KV groups ({why}); the key/value heads and "
-            "cache stay (--gqa-mode kv-groups removes whole groups)"]
+    note = (f"gqa-mode auto pruned query heads evenly inside the KV groups ({why}); the key/value heads and "
+            "cache stay (--gqa-mode kv-groups removes whole groups)")
+    return [note]
 
 
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
