@@ -6,7 +6,9 @@ Criteria are not listed here: they are a registry (pipeline/score.py), so adding
 MODES = ("structured", "unstructured")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 RECOVERIES = ("none", "bias", "lstsq")
-GQA_MODES = ("kv-groups", "query-heads")
+# grouped-query attention: whole key/value groups, query heads evenly inside every group, or "auto" (whole groups
+# when they can meet the share of heads to remove, else query heads: graph/analysis.py gqa_mode_for)
+GQA_MODES = ("auto", "kv-groups", "query-heads")
 FINETUNE_MODES = ("none", "blockwise", "end-to-end", "both")  # re-training by distillation (pipeline/finetune.py)
 FINETUNE_LOSSES = ("auto", "kl", "mse", "cosine", "ce")
 

@@ -63,7 +63,7 @@ class Recipe:
     threshold: float | None = None    # unstructured: zero |w| below this instead of a ratio
     quantize: str | None = None       # quantize the pruned model: int8 (= static), dynamic, fp16, int4
     seed: int = 0                     # random scores, sample choices in recovery
-    gqa_mode: str = "kv-groups"       # grouped-query attention: prune whole kv groups, or query heads in them
+    gqa_mode: str = "auto"            # grouped-query attention: whole kv groups, query heads in them, or auto
     keep_kv_cache: bool = False       # decoders: keep the key/value cache shapes (prune no kv heads)
     # keep this fraction of the measured latency (0.5), or a time ("12ms"), measured on this provider, batch
     # and threads: they are recipe fields because the plan depends on where the model was timed
@@ -77,6 +77,7 @@ class Recipe:
     finetune_batch_size: int = 8      # samples per training batch
     finetune_temperature: float = 2.0  # softmax temperature of the KL loss on logits
     finetune_loss: str = "auto"       # end-to-end loss: auto (KL on logits, else MSE; + CE with labels) ...
+    drop_blocks: float | None = None  # depth: drop this many residual blocks (>= 1) or this share of them (< 1)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -142,7 +143,7 @@ class Recipe:
         no_budget = (self.target_macs is None and self.target_params is None and self.threshold is None
                      and self.target_latency is None)
         if self.ratio is None and no_budget:
-            changes["ratio"] = 0.5
+            changes["ratio"] = 0.0 if self.drop_blocks else 0.5  # depth alone: no width pruning
         return dataclasses.replace(self, **changes) if changes else self
 
     @property
@@ -344,6 +345,9 @@ def _fraction_kept(value: float, label: str) -> None:   # (0, 1]
 def _positive(value: float, label: str) -> None:
     if value <= 0:
         raise InputError(f"{label} must be > 0, got {value}")
+def _block_count(value: float, label: str) -> None:   # a count of blocks, or a share of them in [0, 1)
+    if value < 0 or (value >= 1 and not float(value).is_integer()):
+        raise InputError(f"{label} is a number of blocks (1, 2, ...) or a share of them in [0, 1), got {value:g}")
 
 
 def _at_least(low):
@@ -382,6 +386,7 @@ _SPECS: dict[str, tuple[Callable, Callable | None, bool]] = {
     "finetune_batch_size": (_integer, _at_least(1), False),
     "finetune_temperature": (_number, _positive, False),
     "finetune_loss": (_string, _choice(FINETUNE_LOSSES), False),
+    "drop_blocks": (_number, _block_count, True),
 }
 
 
@@ -425,6 +430,8 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
         if r["threshold"] is not None:
             raise InputError(f"{label('threshold')} is for {label('mode')} unstructured")
         return
+    if r["drop_blocks"]:
+        raise InputError(f"{label('drop_blocks')} is for structured pruning")
     if r["head_ratio"] is not None:
         raise InputError(f"{label('head_ratio')} goes with {label('ratio')} (structured), "
                          f"not with {label('mode')} unstructured")

@@ -92,7 +92,7 @@ def test_toml_and_json_recipes_are_the_same_recipe(tmp_path):
     ("target_macs = 0\n", "'target_macs' is the fraction to keep"),
     ("round_to = 0\n", "'round_to' must be >= 1"),
     ('recover = "magic"\n', "'recover' must be one of none, bias, lstsq"),
-    ('gqa_mode = "all-heads"\n', "'gqa_mode' must be one of kv-groups, query-heads"),
+    ('gqa_mode = "all-heads"\n', "'gqa_mode' must be one of auto, kv-groups, query-heads"),
     ("keep_kv_cache = 'yes'\n", "'keep_kv_cache' must be true or false"),
     ("ratio = 0.5\ntarget_macs = 0.5\n", "give one of 'ratio', 'target_macs'"),
     ("ratio = 0.5\n[more]\n", "unknown key 'more'"),

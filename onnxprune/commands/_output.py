@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxprune.io.paths import check_folder, check_output, make_folder, make_parent, output_folders
@@ -90,16 +91,20 @@ def show_faults(faults: list[dict]) -> None:
 
 def interface_table(changes: list[dict]) -> Table:
     """Inputs and outputs whose shape changed (a decoder's key/value cache following its pruned heads)."""
-    table = Table(title="interface changes (key/value cache follows the pruned heads)", title_justify="left")
+    table = Table(title="interface changes (key/value cache follows the pruned heads and dropped layers)",
+                  title_justify="left")
     for col in ("name", "kind", "before", "after"):
         table.add_column(col)
     for c in changes:
-        table.add_row(c["name"], c["kind"], _shape(c["before"]), _shape(c["after"]))
+        after = _shape(c["after"]) + (f" as {c['renamed']}" if c.get("renamed") else "")
+        table.add_row(c["name"], c["kind"], _shape(c["before"]), after)
     return table
 
 
-def _shape(dims: list) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"
+def _shape(dims: list | None) -> str:
+    if dims is None:
+        return "(removed)"
+    return escape("[" + ", ".join(str(d) for d in dims) + "]")
 
 
 def summary_table(stats: dict) -> Table:

@@ -20,8 +20,9 @@ from onnxprune.io.model_io import load_model
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--exclude", multiple=True, help="Node-name glob whose output channels stay (repeatable).")
 @click.option("--prune-hidden", is_flag=True, help="Show the hidden size as prunable (approximate, see prune).")
-@click.option("--gqa-mode", type=click.Choice(GQA_MODES), default="kv-groups", show_default=True,
-              help="Grouped-query attention: whole KV groups, or query heads evenly inside every KV group.")
+@click.option("--gqa-mode", type=click.Choice(GQA_MODES), default="auto", show_default=True,
+              help="Grouped-query attention: whole KV groups, or query heads evenly inside every KV group; auto: "
+                   "query heads for a single KV head (multi-query attention), else whole groups.")
 @click.option("--keep-kv-cache", is_flag=True, help="Show a decoder's key/value cache kept (its heads frozen).")
 @click.option("--all", "show_all", is_flag=True, help="Show every group (frozen ones too) without a limit.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the groups as JSON here.")
@@ -40,7 +41,7 @@ from onnxprune.io.model_io import load_model
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="--latency: write a bar chart (time vs MAC share per group) as PNG here.")
 def analyze(model: str, exclude: tuple[str, ...], prune_hidden: bool, show_all: bool, json_path: str | None,
-            input_shapes: str | None, strict: bool, gqa_mode: str = "kv-groups", keep_kv_cache: bool = False,
+            input_shapes: str | None, strict: bool, gqa_mode: str = "auto", keep_kv_cache: bool = False,
             show_latency: bool = False, provider: str = "cpu", batch: int = 1, threads: int = 1,
             latency_cache: str | None = None, plot: str | None = None) -> None:
     """List the channel groups of MODEL: coupled layers, channel counts, prunable or frozen and why."""

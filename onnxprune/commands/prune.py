@@ -97,8 +97,13 @@ def recipe_options(f):
         click.option("--quantize", type=click.Choice([*QUANTIZE, "none"]), default=None,
                      help="Quantize the pruned model (int8 calibrates on --data)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scores and test inputs."),
-        click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), default="kv-groups", show_default=True,
-                     help="Grouped-query attention: remove whole key/value groups, or query heads within them."),
+        click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), default="auto", show_default=True,
+                     help="Grouped-query attention: remove whole key/value groups, or query heads within them; "
+                          "auto: whole groups when they can meet the ratio, else query heads."),
+        click.option("--drop-blocks", type=float, default=None, metavar="N",
+                     help="Depth: drop the N residual blocks (decoder layers) whose output differs least from their "
+                          "input on --data (block influence), or this share of them when N < 1; combines with "
+                          "--ratio (blocks go first)."),
         click.option("--keep-kv-cache/--no-keep-kv-cache", default=False,
                      help="Decoders: keep the key/value cache shapes (no key/value heads are removed)."),
     ]
@@ -254,14 +259,17 @@ def prune_report(result, model: str, output: Path | None, calib, held, max_drop:
         report.update({"ratio": recipe.ratio, "threshold": recipe.threshold, "stats": result.stats,
                        "layers": result.layers, "notes": result.notes})
     else:
+        groups = result.group_rows()
         report.update({"ratio": recipe.ratio, "head_ratio": recipe.head_ratio, "criterion": recipe.criterion,
                        "global": recipe.global_ranking, "round_to": recipe.round_to, "recover": recipe.recover,
                        "target_macs": recipe.target_macs, "target_params": recipe.target_params,
                        "target_latency": recipe.target_latency, "latency": result.stats.get("latency"),
                        "allocate": recipe.allocate, "max_drop": max_drop, "stats": result.stats,
-                       "groups": result.group_rows(), "recovery": result.recovery, "search": result.search,
+                       "groups": groups, "recovery": result.recovery, "search": result.search,
                        "notes": result.notes, "faults": result.faults, "gqa_mode": recipe.gqa_mode,
-                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface})
+                       "gqa_modes_used": sorted({r["gqa_mode"] for r in groups if r.get("gqa_mode")}),
+                       "keep_kv_cache": recipe.keep_kv_cache, "interface": result.interface,
+                       "depth": result.depth})
     if result.finetune:
         report["finetune"] = result.finetune
     if recipe.quantize:

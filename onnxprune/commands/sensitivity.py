@@ -57,7 +57,8 @@ def sensitivity_command(model: str, ratios: str, criterion: str, no_labels: bool
     dataset = dataset_from_options(original, data_kwargs)
     if dataset is None:
         raise InputError("sensitivity needs data: pass --data FILE (or --random N to measure fidelity)")
-    prep = prepare(original, exclude)
+    # heads of grouped-query attention are measured in the mode the smallest ratio prunes them by
+    prep = prepare(original, exclude, gqa_mode="auto", head_share=min(values))
     stats = None
     if criterion in DATA_CRITERIA:
         from onnxprune.pipeline.statistics import criterion_stats

@@ -86,7 +86,9 @@ def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         if not value.type.HasField("tensor_type"):
             raise InputError(f"model input {value.name!r} is not a tensor; onnxprune feeds tensors only")
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        # a dim_value of -1 or 0 is a dynamic dim in some exporters' convention (paddle2onnx writes -1)
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                     for d in tensor.shape.dim)
         specs.append(InputSpec(value.name, dtype, dims))
     for name, shape in (input_shapes or {}).items():
         index = next((i for i, s in enumerate(specs) if s.name == name), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, replace
 
 import onnx
@@ -22,16 +23,35 @@ FUSED_TRANSFORMER_OPS = frozenset({
     "RotaryEmbedding", "GemmFastGelu"})
 
 
+# How grouped-query attention prunes: "kv-groups" removes whole key/value groups (their query heads with them),
+# "query-heads" keeps every k/v head and removes query heads evenly inside every group, "auto" picks per
+# attention: whole groups when they can meet the share of heads to remove, else query heads (see gqa_mode_for).
+# (the modes are declared in onnxprune/choices.py, GQA_MODES)
+
+
+def gqa_mode_for(mode: str, kv_heads: int, head_share: float | None) -> str:
+    """The mode an attention with `kv_heads` key/value heads prunes by. "auto" takes whole KV groups unless
+    they cannot meet `head_share` (the share of heads to remove; None: unknown): a single KV head (multi-query
+    attention) or fewer groups than 1 / head_share (3 groups at 20 % round down to none) prune query heads
+    evenly inside the groups instead."""
+    if mode != "auto":
+        return mode
+    if kv_heads <= 1:
+        return "query-heads"
+    if head_share and math.floor(kv_heads * head_share + 1e-9) < 1:
+        return "query-heads"
+    return "kv-groups"
 
 
 class AnalysisContext:
     """What handlers read and write while the graph is walked."""
 
     def __init__(self, view: GraphView, prune_hidden: bool = False, gqa_mode: str = "kv-groups",
-                 keep_kv_cache: bool = False):
+                 keep_kv_cache: bool = False, head_share: float | None = None):
         self.view = view
         self.prune_hidden = prune_hidden  # LayerNorm passes channels (approximate: its statistics change)
         self.gqa_mode = gqa_mode  # how grouped-query heads prune (see groups.py)
+        self.head_share = head_share  # the share of heads a run removes, for gqa_mode "auto"
         self.keep_kv_cache = keep_kv_cache  # key/value cache inputs and outputs keep their shapes
         self.repeats: dict[str, Repeat] = {}  # Expand outputs that repeat an axis
         self.head_repeats: dict[str, HeadRepeat] = {}  # by Expand node
@@ -195,8 +215,9 @@ class Analysis:
 
 
 def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: bool = False,
-                  gqa_mode: str = "kv-groups", keep_kv_cache: bool = False) -> Analysis:
-    ctx = AnalysisContext(view, prune_hidden, gqa_mode, keep_kv_cache)
+                  gqa_mode: str = "kv-groups", keep_kv_cache: bool = False,
+                  head_share: float | None = None) -> Analysis:
+    ctx = AnalysisContext(view, prune_hidden, gqa_mode, keep_kv_cache, head_share)
     for node in view.nodes:
         handler = get_handler(node.op_type, node.domain)
         if handler is None:
@@ -231,7 +252,7 @@ def analyze_graph(view: GraphView, exclude: tuple[str, ...] = (), prune_hidden: 
 
 def _resolve_couplings(ctx: AnalysisContext) -> None:
     """Settle every grouped-query coupling by the mode: fold the k/v heads into the query space (kv-groups), or
-    freeze them and prune the query heads evenly per KV group (query-heads)."""
+    freeze them and prune the query heads evenly per KV group (query-heads); "auto" decides per attention."""
     spaces = ctx.spaces
     for q in [r for r in spaces.roots() if spaces.spaces[r].kv is not None]:
         space = spaces.spaces[q]
@@ -243,8 +264,9 @@ def _resolve_couplings(ctx: AnalysisContext) -> None:
             spaces.freeze(q, reason)
             spaces.freeze(kv, reason)
             continue
-        space.kv_groups, space.gqa_mode = kv_heads, ctx.gqa_mode
-        if ctx.gqa_mode == "query-heads":
+        mode = gqa_mode_for(ctx.gqa_mode, kv_heads, ctx.head_share)
+        space.kv_groups, space.gqa_mode, space.gqa_auto = kv_heads, mode, ctx.gqa_mode == "auto"
+        if mode == "query-heads":
             spaces.freeze(kv, "key/value heads stay (gqa_mode query-heads: query heads go evenly inside every "
                               "KV group)")
             spaces.constrain(q, kv_heads, tied=False)
@@ -295,5 +317,6 @@ def _build_groups(ctx: AnalysisContext) -> list[ChannelGroup]:
             reasons.append("no layer reads these channels")
         groups.append(ChannelGroup(gid, space.size, entry["spaces"], entry["sources"], entry["members"],
                                    reasons, entry["tensors"], space.blocks, space.tied, space.unit,
-                                   space.head_dim if space.kv_groups else 0, space.kv_groups, space.gqa_mode))
+                                   space.head_dim if space.kv_groups else 0, space.kv_groups, space.gqa_mode,
+                                   space.gqa_auto))
     return groups

@@ -73,6 +73,7 @@ class Space:
     head_dim: int = 0
     kv_groups: int = 0  # after resolve_coupling: how many KV groups the query heads form
     gqa_mode: str = ""
+    gqa_auto: bool = False  # gqa_mode was chosen by "auto"
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ChannelGroup:
     head_dim: int = 0   # grouped-query attention: features per head,
     kv_groups: int = 0  # the number of KV groups the query heads form,
     gqa_mode: str = ""  # and how they prune ("kv-groups": whole groups; "query-heads": evenly inside each)
+    gqa_auto: bool = False  # the mode was chosen by gqa_mode "auto" (its query heads round to the nearest count)
 
     @property
     def prunable(self) -> bool:
@@ -205,7 +207,7 @@ class SpaceSet:
         lo, hi = min(rk, rq), max(rk, rq)
         if lo == rk:
             q, k = self.spaces[rq], self.spaces[rk]
-            for name in ("size", "blocks", "tied", "unit", "head_dim", "kv_groups", "gqa_mode"):
+            for name in ("size", "blocks", "tied", "unit", "head_dim", "kv_groups", "gqa_mode", "gqa_auto"):
                 setattr(k, name, getattr(q, name))
         self._parent[hi] = lo
         self.spaces[lo].reasons.extend(r for r in self.spaces[hi].reasons if r not in self.spaces[lo].reasons)

@@ -160,10 +160,12 @@ def feed_adapter(session):
     """A function that gives a feed's empty past key/value inputs the shapes `session`'s model declares.
 
     Data read for one model starts its cache empty in that model's shape; a pruned model (fewer key/value heads)
-    takes the same data, so its empty past is reshaped on the way in. A non-empty past is left alone."""
+    takes the same data, so its empty past is reshaped on the way in. A non-empty past is left alone. The past of
+    a layer the model no longer has (depth pruning dropped it) is left out."""
     wanted = {}
     if not hasattr(session, "get_inputs"):  # onnx's reference evaluator (validate._ReferenceSession)
         return lambda feed: feed
+    names = {arg.name for arg in session.get_inputs()}
     for arg in session.get_inputs():
         if _PAST.search(arg.name) and len(arg.shape) == 4:
             wanted[arg.name] = [d if isinstance(d, int) else None for d in arg.shape]
@@ -172,6 +174,9 @@ def feed_adapter(session):
 
     def adapt(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = None
+        gone = [k for k in feed if k not in names and _PAST.search(k) and np.ndim(feed[k]) == 4]
+        if gone:
+            out = {k: v for k, v in feed.items() if k not in gone}
         for name, want in wanted.items():
             value = feed.get(name)
             if value is None or np.ndim(value) != 4 or np.shape(value)[2] != 0:

@@ -3,7 +3,9 @@
 - local functions (dynamo exports) are inlined, so every op is visible;
 - `Constant` nodes become initializers, and so do `Identity` nodes in front of initializers (the TorchScript
   exporter puts them before shared or deduplicated weights), so every constant is an initializer;
-- every node gets a unique name, because plans and reports refer to nodes by name.
+- every node gets a unique name, because plans and reports refer to nodes by name;
+- a Conv without `kernel_shape` (optional in ONNX: paddle2onnx and hand-built graphs leave it out) gets it from
+  its weight's shape, so im2col and the refits read the kernel from the node.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         out = inliner.inline_local_functions(out)
     _constants_to_initializers(out.graph)
     _unique_names(out.graph)
+    _conv_kernel_shapes(out.graph)
     return out
 
 
@@ -36,7 +39,21 @@ def _is_normal(model: onnx.ModelProto) -> bool:
     names = [n.name for n in graph.node]
     if not all(names) or len(set(names)) != len(names):
         return False
+    if any(_missing_kernel_shape(n, inits) for n in graph.node):
+        return False
     return not any(n.op_type == "Constant" or (n.op_type == "Identity" and n.input[0] in inits) for n in graph.node)
+
+
+def _missing_kernel_shape(node: onnx.NodeProto, inits) -> bool:
+    return (node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits
+            and not any(a.name == "kernel_shape" for a in node.attribute))
+
+
+def _conv_kernel_shapes(graph: onnx.GraphProto) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if _missing_kernel_shape(node, inits):
+            node.attribute.append(onnx.helper.make_attribute("kernel_shape", list(inits[node.input[1]].dims[2:])))
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:

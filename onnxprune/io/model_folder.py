@@ -29,7 +29,11 @@ def pruned_sizes(result) -> dict[str, set[int]]:
     hidden size (each a set: one value when every layer agrees)."""
     analysis, plan = result.analysis, result.plan
     approximate = {analysis.find(s) for s in analysis.context.approximate}
-    sizes: dict[str, set[int]] = {"heads": set(), "kv_heads": set(), "intermediate": set(), "hidden": set()}
+    sizes: dict[str, set[int]] = {"heads": set(), "kv_heads": set(), "intermediate": set(), "hidden": set(),
+                                  "layers": set()}
+    depth = getattr(result, "depth", None)
+    if depth and depth["dropped"] and depth["attention_blocks"] == depth["blocks"]:  # decoder layers dropped
+        sizes["layers"].add(depth["blocks"] - len(depth["dropped"]))
     for group in analysis.groups:
         root = group.spaces[0]
         kept = len(plan.kept[root]) if root in plan.kept else group.size
@@ -49,8 +53,10 @@ def pruned_sizes(result) -> dict[str, set[int]]:
 
 
 _HF_KEYS = {"heads": ("num_attention_heads", "n_head"), "kv_heads": ("num_key_value_heads",),
-            "intermediate": ("intermediate_size", "n_inner"), "hidden": ("hidden_size", "n_embd")}
-_GENAI_KEYS = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "hidden": "hidden_size"}
+            "intermediate": ("intermediate_size", "n_inner"), "hidden": ("hidden_size", "n_embd"),
+            "layers": ("num_hidden_layers", "n_layer")}
+_GENAI_KEYS = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "hidden": "hidden_size",
+               "layers": "num_hidden_layers"}
 
 
 def _update(config: dict, keys: dict, sizes: dict[str, set[int]], where: str, notes: list[str]) -> None:

@@ -79,7 +79,12 @@ def _uniform_keep(group, ratio: float, round_to: int) -> int:
     """Channels a group keeps when it loses `ratio` of them (rounded down); attention heads count whole heads."""
     if group.unit > 1:
         heads = group.size // group.unit // group.blocks  # per block: query heads inside each KV group
-        return max(1, heads - int(math.floor(heads * ratio))) * group.unit * group.blocks
+        removed = int(math.floor(heads * ratio))
+        if getattr(group, "gqa_auto", False) and group.gqa_mode == "query-heads":
+            # gqa_mode auto: a few query heads per KV group (3 in SmolLM2) round to the nearest count, so that
+            # 20 % of them is one head per group rather than none
+            removed = int(math.floor(heads * ratio + 0.5))
+        return max(1, heads - removed) * group.unit * group.blocks
     return _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
 
 

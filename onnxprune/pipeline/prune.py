@@ -20,6 +20,7 @@ from onnxprune.evaluate.data import Dataset
 from onnxprune.graph.analysis import Analysis
 from onnxprune.graph.faults import Fault, strict_message
 from onnxprune.graph.kvcache import interface_changes
+from onnxprune.pipeline.depth import depth_interface, keep_inputs, prune_depth
 from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.io.model_io import check_supported, model_bytes
 from onnxprune.latency.allocate import plan_for_latency
@@ -28,7 +29,7 @@ from onnxprune.pipeline.activations import ActivationStats
 from onnxprune.pipeline.apply import apply_validated
 from onnxprune.pipeline.budget import plan_for_target
 from onnxprune.pipeline.plan import Plan, plan_global, plan_removal, plan_uniform
-from onnxprune.pipeline.prepare import Prepared, prepare_recipe
+from onnxprune.pipeline.prepare import Prepared, head_share, prepare_recipe
 from onnxprune.pipeline.recover import recover as run_recovery
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
@@ -108,6 +109,7 @@ class PruneResult:
         return (list(self.analysis.faults) if self.analysis is not None else []) + self.contained
     warnings: list[str] = field(default_factory=list)   # known risks of this prune (onnxprune.pipeline.risks)
     finetune: dict | None = None                          # re-training's report (pipeline/finetune.py)
+    depth: dict | None = None  # depth pruning: blocks found, their influence, those dropped (pipeline/depth.py)
 
     @property
     def faults(self) -> list[dict]:
@@ -139,6 +141,23 @@ def gqa_fields(group) -> dict:
             "gqa_mode": group.gqa_mode}
 
 
+def gqa_notes(analysis: Analysis, recipe: Recipe, plan: Plan) -> list[str]:
+    """What gqa_mode "auto" chose where whole key/value groups could not meet the recipe's share of heads (and
+    query heads did go)."""
+    if recipe.gqa_mode != "auto":
+        return []
+    chosen = sorted({g.kv_groups for g in analysis.prunable if g.kv_groups and g.gqa_mode == "query-heads"
+                     and g.spaces[0] in plan.kept})
+    if not chosen:
+        return []
+    share = head_share(recipe)
+    why = "a single KV head" if chosen == [1] else (
+        f"{'/'.join(map(str, chosen))} KV groups" + (f" cannot lose {share:.0%} of them whole" if share else ""))
+    note = (f"gqa-mode auto pruned query heads evenly inside the KV groups ({why}); the key/value heads and "
+            "cache stay (--gqa-mode kv-groups removes whole groups)")
+    return [note]
+
+
 HIDDEN_WARNING = ("hidden features were removed: LayerNorm now normalises over fewer features, so outputs change "
                   "even where the removed features were zero; compare with `onnxprune eval --reference`")
 
@@ -157,6 +176,8 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     if recipe.mode == "unstructured":
         return _prune_unstructured(model, recipe, run.validate)
     check_runnable(recipe, feeds, explicit=run.removed is not None)
+    if recipe.drop_blocks and run.removed is None:
+        return _prune_depth_first(model, recipe, run)
     prep = run.reuse.prepared or prepare_recipe(model, recipe)
     stats = run.reuse.stats
     if recipe.criterion in DATA_CRITERIA and stats is None and run.removed is None:
@@ -243,6 +264,7 @@ def make_plan(model: onnx.ModelProto, prep: Prepared, recipe: Recipe, run: RunSe
     else:
         planner = plan_global if recipe.global_ranking else plan_uniform
         plan = planner(prep.analysis, scores, recipe.ratio, recipe.round_to, head_ratio=recipe.head_ratio)
+    notes.extend(gqa_notes(prep.analysis, recipe, plan))
     if {prep.analysis.find(s) for s in prep.analysis.context.approximate} & set(plan.kept):
         notes.append(HIDDEN_WARNING)
     return plan, notes, faults, latency
@@ -272,6 +294,31 @@ def check_runnable(recipe: Recipe, feeds: Feeds, explicit: bool = False) -> None
         what = (f"--criterion {recipe.criterion}" if needs_data else
                 f"--recover {recipe.recover}" if recipe.recover != "none" else f"--finetune {recipe.finetune}")
         raise InputError(f"{what} needs calibration data: pass --data FILE")
+
+
+def _prune_depth_first(model: onnx.ModelProto, recipe: Recipe, run: RunSettings) -> PruneResult:
+    """Drop the least influential residual blocks (pipeline/depth.py), then width-prune what stays as the rest
+    of the recipe says; the stats and the interface compare with `model`."""
+    feeds = run.feeds()
+    depth = prune_depth(model, recipe.drop_blocks, feeds)
+    kept = keep_inputs(feeds, depth.model)
+    calib = dataclasses.replace(run.calibration, feeds=kept) if isinstance(run.calibration, Dataset) else kept
+    names = {i.name for i in depth.model.graph.input}
+    shapes = None if run.input_shapes is None else {k: v for k, v in run.input_shapes.items() if k in names}
+    result = prune_model(depth.model, dataclasses.replace(recipe, drop_blocks=None),
+                         run.replace(calibration=calib, input_shapes=shapes, reuse=Reuse()))
+    result.recipe = recipe
+    shapes = resolve_shapes(model, run.input_shapes, feeds[0] if feeds else None)[0]
+    result.stats.update({"params_before": count_params(model), "macs_before": count_macs(model, None, shapes),
+                         "bytes_before": model_bytes(model), "blocks_dropped": len(depth.dropped)})
+    renamed = set(depth.renamed.values())  # a renumbered cache entry is compared under its old name, above
+    result.interface = depth_interface(model, depth) + [c for c in interface_changes(model, result.model)
+                                                        if c["name"] not in renamed]
+    result.notes[:0] = depth.notes
+    result.depth = depth.as_dict()
+    return result
+
+
     if recipe.quantize in ("int8", "static") and not feeds:
         raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")
     if recipe.target_latency is not None:

@@ -80,9 +80,22 @@ class SweepContext:
         return state
 
 
-def graph_key(recipe: Recipe) -> str:
-    """What normalisation and analysis depend on: candidates with equal keys share one prepared model."""
-    return json.dumps([list(recipe.exclude), recipe.prune_hidden, recipe.gqa_mode, recipe.keep_kv_cache])
+def graph_key(recipe: Recipe, gqa: bool = True) -> str:
+    """What normalisation and analysis depend on: candidates with equal keys share one prepared model.
+
+    gqa_mode "auto" decides by the share of heads a candidate removes, so that share is part of the key of a
+    model with grouped-query attention (`gqa`); without it, the grouped-query settings change nothing."""
+    from onnxprune.pipeline.prune import head_share
+
+    if not gqa:
+        return json.dumps([list(recipe.exclude), recipe.prune_hidden, recipe.keep_kv_cache])
+    share = head_share(recipe) if recipe.gqa_mode == "auto" else None
+    return json.dumps([list(recipe.exclude), recipe.prune_hidden, recipe.gqa_mode, recipe.keep_kv_cache, share])
+
+
+def shared_for(shared: dict[str, Shared], recipe: Recipe) -> Shared | None:
+    """The shared work of `recipe` (see graph_key), or None."""
+    return shared.get(graph_key(recipe)) or shared.get(graph_key(recipe, gqa=False))
 
 
 def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: Dataset | None) -> dict[str, Shared]:
@@ -91,11 +104,12 @@ def compute_shared(model: onnx.ModelProto, recipes: list[Recipe], calibration: D
     for recipe in recipes:
         if recipe.mode != "structured":
             continue
-        key = graph_key(recipe)
         try:
-            if key not in shared:
-                shared[key] = Shared(prepare_recipe(model, recipe))
-            entry = shared[key]
+            entry = shared_for(shared, recipe)
+            if entry is None:
+                entry = Shared(prepare_recipe(model, recipe))
+                gqa = any(g.kv_groups for g in entry.prepared.analysis.groups)
+                shared[graph_key(recipe, gqa)] = entry
             own = recipe.criterion in STATISTICS  # e.g. taylor's gradients, not activation statistics
             if recipe.criterion in DATA_CRITERIA and not own and entry.stats is None and calibration is not None:
                 entry.stats = channel_stats(entry.prepared, calibration.feeds, source=calibration.source)
@@ -160,7 +174,7 @@ def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list
                  "bytes_after": model_bytes(original)}
         notes: list[str] = []
     else:
-        shared = context.shared.get(graph_key(recipe)) if recipe.mode == "structured" else None
+        shared = shared_for(context.shared, recipe) if recipe.mode == "structured" else None
         score_key = (recipe.criterion, recipe.seed)
         reuse = Reuse(shared.prepared, shared.stats, shared.scores.get(score_key),
                       shared.sensitivity.get(score_key)) if shared else Reuse()

@@ -47,7 +47,7 @@ def parse_list(key: str, text: str) -> list[Any]:
         if not item:
             raise InputError(f"{option_name(key)} takes a comma-separated list, got {text!r}")
         value: Any = item
-        if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold"):
+        if key in ("ratio", "head_ratio", "target_macs", "target_params", "threshold", "drop_blocks"):
             value = _convert(float, item, key)
         elif key in ("round_to", "seed") or kind is int:
             value = _convert(int, item, key)
