@@ -59,7 +59,7 @@ def token_feeds(n=3, batch=2, seq=8, vocab=100):
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
-    import export_transformers as et
+    from tools import export_transformers as et
 
     folder = tmp_path_factory.mktemp("depth")
     plain = et.export(et.llama(hidden=32, heads=4, kv_heads=2, layers=LAYERS), "llama", folder / "plain.onnx",
@@ -170,8 +170,8 @@ def test_resnet_block_drops_and_runs(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="needs onnxruntime-genai")
 @needs_transformers
 def test_genai_builder_model_drops_a_layer_and_generates(tmp_path):
-    import export_transformers as et
-    import stdlib_text as st
+    from tools import export_transformers as et
+    from tools import stdlib_text as st
 
     from tests.test_genai import generate
 

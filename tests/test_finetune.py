@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +100,7 @@ def test_digits_finetune_beats_lstsq_on_held_out(tmp_path):
     use; 1,047 samples) raises held-out accuracy. The unpruned model is at 99.56 % (2 errors in 450) and lstsq
     alone at 98.89 %, so the room is 3 samples: the margin asserted is one sample (seeds 0-3 measured: +0.22 to
     +0.44 points)."""
-    sys.path.insert(0, str(MODELS.parent / "tools"))
-    from train_digits import make_splits
+    from tools.train_digits import make_splits
 
     x, y = make_splits()["train"]
     data = tmp_path / "train.npz"

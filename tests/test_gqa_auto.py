@@ -110,7 +110,7 @@ def test_llama_decoder_with_three_kv_groups_prunes_heads_at_20_percent(tmp_path)
     k/v head is indistinguishable from plain features, so multi-query attention is tested in the ONNX Attention
     and GroupQueryAttention forms above.)"""
     hidden, heads, kv_heads = 36, 9, 3
-    import export_transformers as et
+    from tools import export_transformers as et
 
     path = tmp_path / "lm.onnx"
     et.export(et.llama(hidden=hidden, heads=heads, kv_heads=kv_heads, layers=2), "llama", path, dynamo=False)

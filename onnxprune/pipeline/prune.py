@@ -240,7 +240,8 @@ def make_plan(model: onnx.ModelProto, prep: Prepared, recipe: Recipe, run: RunSe
     """Score and plan: the channels to keep per group, notes for the report, faults met by sensitivity, and the
     latency report of a latency target."""
     if run.removed is not None:
-        return plan_removal(prep.analysis, run.removed), [], [], None
+        plan = plan_removal(prep.analysis, run.removed)
+        return plan, gqa_notes(prep.analysis, recipe, plan), [], None
     notes: list[str] = []
     faults: list[Fault] = []
     latency = None
