@@ -40,10 +40,17 @@ ALL_PARAMS = 134_515_008  # SmolLM2-135M, tied embedding once
 VARIANTS = [
     {"name": "onnxprune-0.2", "tool": "onnxprune", "args": ["--ratio", "0.2", "--recover", "lstsq"]},
     {"name": "onnxprune-0.3", "tool": "onnxprune", "args": ["--ratio", "0.3", "--recover", "lstsq"]},
+    # the same with a 2 GiB calibration budget (the machine is shared: the default budget's runs met the OOM killer)
+    {"name": "onnxprune-0.2-budget2G", "tool": "onnxprune",
+     "args": ["--ratio", "0.2", "--recover", "lstsq", "--memory-budget", "2G"]},
+    {"name": "onnxprune-0.3-budget2G", "tool": "onnxprune",
+     "args": ["--ratio", "0.3", "--recover", "lstsq", "--memory-budget", "2G"]},
     {"name": "onnxsim-wanda-ft-0.2", "tool": "onnxsim", "method": "wanda-finetune", "sparsity": 0.2},
     {"name": "onnxsim-wanda-ft-0.3", "tool": "onnxsim", "method": "wanda-finetune", "sparsity": 0.3},
     {"name": "onnxsim-blocks-0.2", "tool": "onnxsim", "method": "blocks", "sparsity": 0.2},
     {"name": "onnxsim-blocks-0.3", "tool": "onnxsim", "method": "blocks", "sparsity": 0.3},
+    {"name": "onnxsim-blocks-fused-0.2", "tool": "onnxsim", "method": "blocks-fused", "sparsity": 0.2},
+    {"name": "onnxsim-blocks-fused-0.3", "tool": "onnxsim", "method": "blocks-fused", "sparsity": 0.3},
 ]
 
 
@@ -63,9 +70,37 @@ def onnxsim_child(method: str, sparsity: float, model_path: str, cal_path: str, 
         pruned = onnxsim.apply_pruning_finetune(model, pruned, calibration_data=batches)
     elif method == "blocks":
         pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=batches, sparsity=sparsity)
+    elif method == "blocks-fused":
+        # its block matcher wants an RMSNorm node, and the TorchScript export decomposes RMSNorm (Pow, ReduceMean,
+        # Add, Sqrt, Div, Mul): fuse those into SimplifiedLayerNormalization first, with onnxruntime's optimizer
+        model = fuse_rms_norm(model_path)
+        pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=batches, sparsity=sparsity)
     else:
         raise SystemExit(f"unknown onnxsim method {method!r}")
     onnx.save(pruned, out_path)
+
+
+def fuse_rms_norm(model_path: str):
+    """The model with its decomposed RMSNorms as com.microsoft SimplifiedLayerNormalization nodes (and nothing
+    else fused: no SkipSimplifiedLayerNormalization, which would swallow the residual Add)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    for flag in ("enable_gelu", "enable_attention", "enable_skip_layer_norm", "enable_embed_layer_norm",
+                 "enable_bias_skip_layer_norm", "enable_bias_gelu", "enable_gelu_approximation",
+                 "enable_qordered_matmul", "enable_shape_inference", "enable_gemm_fast_gelu",
+                 "enable_rotary_embeddings"):
+        if hasattr(options, flag):
+            setattr(options, flag, False)
+    options.enable_layer_norm = True
+    fused = optimize_model(model_path, model_type="bert", num_heads=9, hidden_size=576, opt_level=0,
+                           optimization_options=options, only_onnxruntime=False)
+    counts = {}
+    for node in fused.model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    print(f"fused: {counts.get('SimplifiedLayerNormalization', 0)} SimplifiedLayerNormalization", flush=True)
+    return fused.model
 
 
 def _rss(pid: int) -> int:
@@ -140,6 +175,17 @@ def perplexity(model: Path, heldout: Path, log: Path, timeout: float, mem_cap: f
         return json.loads(report.read_text())["candidate"]["perplexity"]
 
 
+def dense_perplexity(model: Path, heldout: Path, work: Path, timeout: float, mem_cap: float) -> dict:
+    """The dense model's held-out perplexity, measured once per work folder (several runs can share it)."""
+    cached = work / f"dense.{heldout.stem}.json"
+    if cached.exists() and cached.stat().st_mtime > model.stat().st_mtime:
+        return json.loads(cached.read_text())
+    ppl = perplexity(model, heldout, work / "dense.eval.log", timeout, mem_cap)
+    if "perplexity" in ppl:
+        cached.write_text(json.dumps(ppl))
+    return ppl
+
+
 def variant_command(v: dict, args, model: Path, cal: Path, out: Path) -> list[str]:
     if v["tool"] == "onnxprune":
         return [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "--data", str(cal), *v["args"],
@@ -200,7 +246,12 @@ def main() -> None:
     parser.add_argument("--mem-cap", type=float, default=10, help="GiB of RSS per child before it is killed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only print the table of these --json results")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        print(markdown(parts[0] | {"variants": [v for p in parts for v in p["variants"]]}))
+        return
     work = args.work or args.data_dir / "bench"
     work.mkdir(parents=True, exist_ok=True)
     model, heldout = args.data_dir / "smollm2.onnx", args.data_dir / args.heldout
@@ -214,7 +265,7 @@ def main() -> None:
     dense_weights = matmul_weights(model)
     result = {"model": str(model), "calibration": str(cal), "calibration_shape": cal_shape,
               "heldout": str(heldout), "versions": versions(args.onnxsim_python), "mem_cap_gib": args.mem_cap,
-              "dense": perplexity(model, heldout, work / "dense.eval.log", limit, cap), "variants": []}
+              "dense": dense_perplexity(model, heldout, work, limit, cap), "variants": []}
     print(f"dense: {result['dense']}", flush=True)
     for v in VARIANTS:
         if args.only and v["name"] not in args.only:
