@@ -81,26 +81,54 @@ def onnxsim_child(method: str, sparsity: float, model_path: str, cal_path: str, 
 
 
 def fuse_rms_norm(model_path: str):
-    """The model with its decomposed RMSNorms as com.microsoft SimplifiedLayerNormalization nodes (and nothing
-    else fused: no SkipSimplifiedLayerNormalization, which would swallow the residual Add)."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    """The model with each decomposed RMSNorm of the TorchScript export (x.pow(2).mean(-1) + eps, sqrt, 1 / that,
+    x * that, a float-to-float Cast, weight * that) as one SimplifiedLayerNormalization node (onnxruntime's
+    contrib op, registered in the default domain; the same maths). onnxruntime's optimizer does not match it: the Casts sit inside the pattern."""
+    import onnx
+    from onnx import helper, numpy_helper
 
-    options = FusionOptions("bert")
-    for flag in ("enable_gelu", "enable_attention", "enable_skip_layer_norm", "enable_embed_layer_norm",
-                 "enable_bias_skip_layer_norm", "enable_bias_gelu", "enable_gelu_approximation",
-                 "enable_qordered_matmul", "enable_shape_inference", "enable_gemm_fast_gelu",
-                 "enable_rotary_embeddings"):
-        if hasattr(options, flag):
-            setattr(options, flag, False)
-    options.enable_layer_norm = True
-    fused = optimize_model(model_path, model_type="bert", num_heads=9, hidden_size=576, opt_level=0,
-                           optimization_options=options, only_onnxruntime=False)
-    counts = {}
-    for node in fused.model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    print(f"fused: {counts.get('SimplifiedLayerNormalization', 0)} SimplifiedLayerNormalization", flush=True)
-    return fused.model
+    model = onnx.load(model_path)
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    constants |= {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def only_reader(node, op: str):
+        nxt = readers.get(node.output[0], [])
+        return nxt[0] if len(nxt) == 1 and nxt[0].op_type == op else None
+
+    drop, fused = set(), []
+    for pow_node in [n for n in graph.node if n.op_type == "Pow"]:
+        chain, node = [pow_node], pow_node
+        for op in ("ReduceMean", "Add", "Sqrt", "Div", "Mul", "Cast", "Mul"):
+            node = only_reader(node, op)
+            if node is None:
+                break
+            chain.append(node)
+        if node is None or float(constants.get(pow_node.input[1], 0)) != 2.0:
+            continue
+        x, eps = pow_node.input[0], float(constants[chain[2].input[1]])
+        weight = next(i for i in chain[-1].input if i in constants)
+        if chain[5].input[0] != x or chain[4].input[0] not in constants:
+            continue
+        fused.append(helper.make_node("SimplifiedLayerNormalization", [x, weight], [chain[-1].output[0]],
+                                      name=chain[-1].name + "/rms", axis=-1, epsilon=eps,
+                                      stash_type=1))
+        drop.update(id(n) for n in chain)
+    nodes = []
+    for node in graph.node:
+        if id(node) in drop:
+            if node.op_type == "Mul" and any(node.output[0] == f.output[0] for f in fused):
+                nodes.append(next(f for f in fused if f.output[0] == node.output[0]))
+            continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    print(f"fused {len(fused)} RMSNorms into SimplifiedLayerNormalization", flush=True)
+    return model
 
 
 def _rss(pid: int) -> int:
