@@ -72,7 +72,8 @@ def onnxsim_child(method: str, sparsity: float, model_path: str, cal_path: str, 
         pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=batches, sparsity=sparsity)
     elif method == "blocks-fused":
         # its block matcher wants an RMSNorm node, and the TorchScript export decomposes RMSNorm (Pow, ReduceMean,
-        # Add, Sqrt, Div, Mul): fuse those into SimplifiedLayerNormalization first, with onnxruntime's optimizer
+        # Add, Sqrt, Div, Mul): fuse those into opset 23 RMSNormalization first (with onnxruntime's contrib
+        # SimplifiedLayerNormalization it still drops nothing: onnx shape inference does not know that op)
         model = fuse_rms_norm(model_path)
         pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=batches, sparsity=sparsity)
     else:
@@ -80,10 +81,11 @@ def onnxsim_child(method: str, sparsity: float, model_path: str, cal_path: str, 
     onnx.save(pruned, out_path)
 
 
-def fuse_rms_norm(model_path: str):
+def fuse_rms_norm(model_path: str, standard: bool = True):
     """The model with each decomposed RMSNorm of the TorchScript export (x.pow(2).mean(-1) + eps, sqrt, 1 / that,
-    x * that, a float-to-float Cast, weight * that) as one SimplifiedLayerNormalization node (onnxruntime's
-    contrib op, registered in the default domain; the same maths). onnxruntime's optimizer does not match it: the Casts sit inside the pattern."""
+    x * that, a float-to-float Cast, weight * that) as one RMSNormalization node, opset 23 (`standard`), or
+    onnxruntime's SimplifiedLayerNormalization; the same maths. onnxruntime's optimizer does not match the
+    pattern (the Casts sit inside it)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -114,7 +116,8 @@ def fuse_rms_norm(model_path: str):
         weight = next(i for i in chain[-1].input if i in constants)
         if chain[5].input[0] != x or chain[4].input[0] not in constants:
             continue
-        fused.append(helper.make_node("SimplifiedLayerNormalization", [x, weight], [chain[-1].output[0]],
+        fused.append(helper.make_node("RMSNormalization" if standard else "SimplifiedLayerNormalization",
+                                      [x, weight], [chain[-1].output[0]],
                                       name=chain[-1].name + "/rms", axis=-1, epsilon=eps,
                                       stash_type=1))
         drop.update(id(n) for n in chain)
@@ -127,7 +130,12 @@ def fuse_rms_norm(model_path: str):
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    print(f"fused {len(fused)} RMSNorms into SimplifiedLayerNormalization", flush=True)
+    if standard:  # RMSNormalization is opset 23; the export's ReduceMeans (opset 17 axes attributes) all went
+        assert not any(n.op_type.startswith("Reduce") for n in graph.node)
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = 23
+    print(f"fused {len(fused)} RMSNorms into {fused[0].op_type if fused else None}", flush=True)
     return model
 
 
