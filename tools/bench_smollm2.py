@@ -47,6 +47,8 @@ VARIANTS = [
      "args": ["--ratio", "0.3", "--recover", "lstsq", "--memory-budget", "2G"]},
     {"name": "onnxsim-wanda-ft-0.2", "tool": "onnxsim", "method": "wanda-finetune", "sparsity": 0.2},
     {"name": "onnxsim-wanda-ft-0.3", "tool": "onnxsim", "method": "wanda-finetune", "sparsity": 0.3},
+    {"name": "onnxsim-wanda-0.2", "tool": "onnxsim", "method": "wanda", "sparsity": 0.2},
+    {"name": "onnxsim-wanda-0.3", "tool": "onnxsim", "method": "wanda", "sparsity": 0.3},
     {"name": "onnxsim-blocks-0.2", "tool": "onnxsim", "method": "blocks", "sparsity": 0.2},
     {"name": "onnxsim-blocks-0.3", "tool": "onnxsim", "method": "blocks", "sparsity": 0.3},
     {"name": "onnxsim-blocks-fused-0.2", "tool": "onnxsim", "method": "blocks-fused", "sparsity": 0.2},
@@ -63,7 +65,9 @@ def onnxsim_child(method: str, sparsity: float, model_path: str, cal_path: str, 
     batches = [{k: cal[k][i:i + batch] for k in ("input_ids", "attention_mask")}
                for i in range(0, len(cal["input_ids"]), batch)]
     model = onnx.load(model_path)
-    if method == "wanda-finetune":
+    if method == "wanda":
+        pruned = onnxsim.apply_structured_wanda_pruning(model, calibration_data=batches, sparsity=sparsity)
+    elif method == "wanda-finetune":
         # Wanda-structured (|W| x ||X||) channel removal, then the ridge refit of every surviving MatMul
         pruned = onnxsim.apply_structured_wanda_pruning(model, calibration_data=batches, sparsity=sparsity)
         print(f"wanda done at {time.perf_counter():.0f} s", flush=True)
