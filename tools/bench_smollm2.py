@@ -250,9 +250,9 @@ def versions(onnxsim_python: str) -> dict:
 
 def markdown(result: dict) -> str:
     dense = result["dense"]
-    rows = [("| variant | decoder-layer params removed | all params removed | held-out perplexity | ratio vs dense "
-             "| peak RSS | wall time | note |"), "|---|---|---|---|---|---|---|---|",
-            f"| dense | 0 | 0 | {dense['perplexity']:.4f} | 1.000 | | | {dense['tokens']} predicted tokens |"]
+    rows = [("| variant | calibration tokens | decoder-layer params removed | all params removed | held-out perplexity "
+             "| ratio vs dense | peak RSS | wall time | note |"), "|---|---|---|---|---|---|---|---|---|",
+            f"| dense | | 0 | 0 | {dense['perplexity']:.4f} | 1.000 | | | {dense['tokens']} predicted tokens |"]
     for r in result["variants"]:
         run = r["run"]
         if "perplexity" in r:
@@ -262,8 +262,9 @@ def markdown(result: dict) -> str:
         removed = r.get("removed")
         layer = f"{removed['layer_fraction']:.1%}" if removed else "—"
         everything = f"{removed['all_fraction']:.1%}" if removed else "—"
-        note = run["stopped"] or (f"rc {run['rc']}" if run["rc"] else "") or r.get("error", "")
-        rows.append(f"| {r['name']} | {layer} | {everything} | {ppl} | {ratio} | {run['peak_rss_gib']:.2f} GiB "
+        note = run["stopped"] or (("OOM-killed (kernel)" if run["rc"] == -9 else f"rc {run['rc']}") if run["rc"]
+                                  else "") or r.get("error", "")
+        rows.append(f"| {r['name']} | {r.get('calibration_tokens', '')} | {layer} | {everything} | {ppl} | {ratio} | {run['peak_rss_gib']:.2f} GiB "
                     f"| {run['wall_s']:.0f} s | {note} |")
     return "\n".join(rows)
 
@@ -290,7 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        print(markdown(parts[0] | {"variants": [v for p in parts for v in p["variants"]]}))
+        rows = [{"calibration_tokens": int(np.prod(p["calibration_shape"]))} | v for p in parts for v in p["variants"]]
+        print(markdown(parts[0] | {"variants": rows}))
         return
     work = args.work or args.data_dir / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -312,7 +314,7 @@ def main() -> None:
             continue
         out = work / f"{v['name']}.onnx"
         cmd = variant_command(v, args, model, cal, out)
-        entry = {"name": v["name"], "command": " ".join(cmd)}
+        entry = {"name": v["name"], "calibration_tokens": int(np.prod(cal_shape)), "command": " ".join(cmd)}
         if out.exists():
             out.unlink()
         entry["run"] = run_child(cmd, work / f"{v['name']}.log", limit, cap)
