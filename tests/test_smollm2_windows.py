@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from smollm2 import token_windows
+from tools.smollm2 import token_windows
 
 
 def test_windows_are_full_slices_of_one_file():
