@@ -37,7 +37,7 @@ class QuantizeResult:
 
 def check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """Post-condition: onnxruntime (CPU) can load the result. Blames the input when it cannot load either."""
-    error = load_error(result)
+    error = load_error(result, fallback=False)
     if error is not None:
         blame_input(original)
         raise UnsupportedModelError(f"the quantized model does not load in onnxruntime: {error}; "
@@ -46,7 +46,7 @@ def check_loads(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 def blame_input(original: onnx.ModelProto) -> None:
     """Raise a clear error when the input model itself does not load in onnxruntime (custom ops, ...)."""
-    error = load_error(original)
+    error = load_error(original, fallback=False)
     if error is not None:
         raise UnsupportedModelError(f"onnxruntime cannot run the input model, so it cannot be quantized and "
                                     f"checked: {error}")

@@ -149,10 +149,14 @@ def internal_session(model: onnx.ModelProto, prepack: bool = True):
                         fallback=True, quiet=True)
 
 
-def load_error(model: onnx.ModelProto) -> str | None:
-    """onnxruntime's reason for refusing to load `model` (one line), or None when it loads."""
+def load_error(model: onnx.ModelProto, fallback: bool = True) -> str | None:
+    """onnxruntime's reason for refusing to load `model` (one line), or None when it loads; with `fallback`, a
+    model onnxruntime has no kernel for but onnx's reference evaluator runs (bfloat16, float64 Conv) loads."""
     try:
-        open_session(model)
+        if fallback:
+            internal_session(model, prepack=False)
+        else:
+            open_session(model)
     except SessionError as exc:
         return exc.detail
     return None
