@@ -16,6 +16,7 @@ blocks that read it before would no longer see what they were fitted to.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -153,8 +154,8 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
                 row.update(params=0, status="nothing to train")
             row["seconds"] = time.perf_counter() - start
             result.blocks.append(row)
-            for _ in student_run.step():  # the block's output with its new weights, for the blocks after it
-                pass
+            # the block's output with its new weights, for the blocks after it (the values themselves are not needed)
+            collections.deque(student_run.step(), maxlen=0)
             for name in request:
                 store.drop(_target_key(k, name))
         if not any(r.get("status") == "kept" for r in result.blocks):

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from onnxprune.errors import UnsupportedOpError
 from onnxprune.train.ops import register
 
 
@@ -146,7 +147,7 @@ def group_query_attention(node, query, key=None, value=None, past_key=None, past
                           total_len=None, cos_cache=None, sin_cache=None, position_ids=None, attention_bias=None,
                           head_sink=None):
     if head_sink is not None:
-        raise NotImplementedError("GroupQueryAttention head_sink")
+        raise UnsupportedOpError("the training bridge does not run GroupQueryAttention head_sink")
     qh, kvh = node.get("num_heads"), node.get("kv_num_heads")
     b, s, _ = query.shape
     if key is None:  # packed q|k|v
@@ -208,10 +209,10 @@ def _check_mha(node):
 def multi_head_attention(node, query, key=None, value=None, bias=None, key_padding_mask=None, attention_bias=None,
                          past_key=None, past_value=None, past_sequence_length=None, cache_indirection=None):
     if cache_indirection is not None:
-        raise NotImplementedError("MultiHeadAttention cache_indirection")
+        raise UnsupportedOpError("the training bridge does not run MultiHeadAttention cache_indirection")
     n = node.get("num_heads")
     if key is None:
-        raise NotImplementedError("MultiHeadAttention with packed q|k|v")
+        raise UnsupportedOpError("the training bridge does not run MultiHeadAttention with packed q|k|v")
     d = query.shape[-1]
     if bias is not None:
         query = query + bias[:d]

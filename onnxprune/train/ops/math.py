@@ -9,6 +9,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from onnxprune.errors import UnsupportedOpError
 from onnxprune.train.ops import register
 from onnxprune.train.ops.dtypes import torch_dtype
 
@@ -358,7 +359,7 @@ def _unpack(q, bits: int):
 def matmul_nbits(node, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """Y = A W^T with W [N, K] dequantized block-wise from int4/int8 (a frozen weight: B is not trained)."""
     if g_idx is not None:
-        raise NotImplementedError("MatMulNBits g_idx")
+        raise UnsupportedOpError("the training bridge does not run MatMulNBits g_idx")
     bits, block, k, n = node.get("bits", 4), node.get("block_size"), node.get("K"), node.get("N")
     blocks = -(-k // block)
     q = _unpack(b.reshape(n, blocks, -1), bits)[..., :block]  # [N, blocks, block]

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from onnxprune.errors import UnsupportedOpError
 from onnxprune.train.ops import register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -49,7 +50,7 @@ def _spatial_check(node):
 def conv(node, x, w, b=None):
     n = w.dim() - 2
     if n not in _CONV:
-        raise NotImplementedError(f"Conv{n}d")
+        raise UnsupportedOpError(f"the training bridge does not run Conv{n}d")
     kernel = list(w.shape[2:])
     strides = node.get("strides") or [1] * n
     dilations = node.get("dilations") or [1] * n
@@ -121,7 +122,7 @@ def max_pool(node, x):
         out = _MAXPOOL[n](x, kernel, strides, pads[:n], dilations, ceil_mode=ceil, return_indices=want_indices)
     else:
         if want_indices:
-            raise NotImplementedError("MaxPool indices with asymmetric padding")
+            raise UnsupportedOpError("the training bridge does not run MaxPool indices with asymmetric padding")
         out = _MAXPOOL[n](_explicit(x, pads, float("-inf")), kernel, strides, 0, dilations, ceil_mode=ceil)
     if want_indices:
         values, idx = out
@@ -137,7 +138,7 @@ def max_pool(node, x):
 def average_pool(node, x):
     n, kernel, strides, dilations, pads = _pool_geometry(node, x)
     if any(d != 1 for d in dilations):
-        raise NotImplementedError("AveragePool with dilations")
+        raise UnsupportedOpError("the training bridge does not run AveragePool with dilations")
     ceil = bool(node.get("ceil_mode", 0))
     include = bool(node.get("count_include_pad", 0))
     if _torch_padding_ok(kernel, pads, dilations):
@@ -253,7 +254,7 @@ def lp_norm(node, x):
 def lp_pool(node, x):
     n, kernel, strides, dilations, pads = _pool_geometry(node, x)
     if any(d != 1 for d in dilations):
-        raise NotImplementedError("LpPool with dilations")
+        raise UnsupportedOpError("the training bridge does not run LpPool with dilations")
     p = node.get("p", 2)
     powered = _explicit(x.abs() ** p, pads)
     sums = _AVGPOOL[n](powered, kernel, strides, 0, ceil_mode=bool(node.get("ceil_mode", 0))) * math.prod(kernel)

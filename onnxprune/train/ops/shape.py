@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onnxprune.errors import UnsupportedOpError
 from onnxprune.train.ops import register
 from onnxprune.train.ops.dtypes import torch_dtype
 
@@ -167,7 +168,7 @@ def gather_nd(node, x, indices):
 @register("ScatterND", static=(1,))
 def scatter_nd(node, x, indices, updates):
     if node.get("reduction", "none") != "none":
-        raise NotImplementedError("ScatterND reduction")
+        raise UnsupportedOpError("the training bridge does not run ScatterND reduction")
     out = x.clone()
     idx = _index(indices.to(torch.int64), torch.tensor(x.shape[:indices.shape[-1]], device=x.device))
     out[tuple(idx.unbind(-1))] = updates
@@ -248,7 +249,7 @@ def pad(node, x, pads=None, value=None, axes=None):
         elif mode == "wrap":
             pos = pos % dim
         else:
-            raise NotImplementedError(f"Pad mode {mode}")
+            raise UnsupportedOpError(f"the training bridge does not run Pad mode {mode}")
         x = x.index_select(a, pos)
     return x
 
