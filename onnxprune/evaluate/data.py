@@ -34,6 +34,7 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.graph.kvcache import cache_inputs, empty_cache
+from onnxprune.runtime.feeds import graph_inputs
 
 _LABELS = "labels"
 _UNNAMED = "<unnamed .npy files>"
@@ -77,19 +78,14 @@ class InputSpec:
 
 def model_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[InputSpec]:
     """The graph inputs that are not initializers, with `input_shapes` fixing dimensions (batch included)."""
-    initializers = {t.name for t in model.graph.initializer}
     specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
-            raise InputError(f"model input {value.name!r} is not a tensor; onnxprune feeds tensors only")
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        # a dim_value of -1 or 0 is a dynamic dim in some exporters' convention (paddle2onnx writes -1)
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
-                     for d in tensor.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
+    for inp in graph_inputs(model):  # -1 and 0 are dynamic dims there (paddle2onnx writes -1)
+        if inp.elem_type == onnx.TensorProto.UNDEFINED:
+            raise InputError(f"model input {inp.name!r} is not a tensor; onnxprune feeds tensors only")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type))
+        dims = tuple(d if d is not None else (n if n != "?" and not n.lstrip("-").isdigit() else None)
+                     for d, n in zip(inp.dims, inp.names))
+        specs.append(InputSpec(inp.name, dtype, dims))
     for name, shape in (input_shapes or {}).items():
         index = next((i for i, s in enumerate(specs) if s.name == name), None)
         if index is None:
