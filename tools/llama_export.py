@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+
+def logits_module(model):
+    """A transformers causal LM as (input_ids, attention_mask) -> logits without a cache: the form the exporters
+    trace (tools/smollm2.py uses it too)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits()
 
 
 def build(path: str | os.PathLike, hidden: int = 2048, layers: int = 16, intermediate: int = 5504, heads: int = 16,
@@ -46,19 +61,12 @@ def build(path: str | os.PathLike, hidden: int = 2048, layers: int = 16, interme
 
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers were left empty on the meta device
 
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     ids = torch.randint(0, vocab, (1, 8))
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "raw.onnx"
-        torch.onnx.export(Logits().eval(), (ids, torch.ones_like(ids)), str(raw), dynamo=False, opset_version=17,
+        torch.onnx.export(logits_module(model).eval(), (ids, torch.ones_like(ids)),
+                          str(raw), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                                         "logits": {0: "batch", 1: "seq"}})

