@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from onnxprune.io import model_io
+from onnxprune.io.weights import is_lazy, tensor_array
 from onnxprune.errors import InputError
 from onnxprune.pipeline.prepare import prepare
 from onnxprune.pipeline.prune import prune_model
@@ -137,3 +138,55 @@ def test_initializers_listed_as_inputs_are_pruned_and_the_input_list_follows(dig
     from onnxprune.testing import zero_channel_oracle
 
     assert zero_channel_oracle(model).max_rel_err < 1e-5
+
+
+def test_one_file_model_is_mapped_in_place_and_saved_in_one_file(tmp_path, monkeypatch, digits):
+    """A large one-file model keeps its weights in the file (io/inline_map.py): the loaded protobuf holds none,
+    it runs, prunes and saves as one file again, identical to a model parsed whole."""
+    monkeypatch.setattr(model_io, "MAP_INLINE_BYTES", 0)  # the shipped CNN stands in for a large model
+    src = digits.cnn_file(tmp_path)
+    whole = onnx.load(src)
+    mapped = model_io.load_model(src)
+    assert is_lazy(mapped) and mapped.ByteSize() < whole.ByteSize() / 4
+    mapped_names = [t.name for t in mapped.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert mapped_names  # its convolution weights, at least
+    for a, b in zip(mapped.graph.initializer, whole.graph.initializer):
+        assert a.name == b.name
+        np.testing.assert_array_equal(tensor_array(a), onnx.numpy_helper.to_array(b))
+    feed = sample_feed(whole)
+    np.testing.assert_array_equal(run(mapped, feed)[0], run(whole, feed)[0])
+    # saved as loaded: one file, which onnx parses whole and checks
+    copy = model_io.save_model(mapped, tmp_path / "copy.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("copy")) == ["copy.onnx"]
+    reread = onnx.load(copy)
+    onnx.checker.check_model(reread, full_check=True)
+    assert {t.name for t in reread.graph.initializer} == {t.name for t in whole.graph.initializer}
+    np.testing.assert_array_equal(run(reread, feed)[0], run(whole, feed)[0])
+    # pruned: sliced weights go to a workspace, and the output is still one file
+    a = prune_model(mapped, Recipe(ratio=0.5)).model
+    b = prune_model(whole, Recipe(ratio=0.5)).model
+    out = model_io.save_model(a, tmp_path / "out" / "p.onnx")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.onnx"]
+    np.testing.assert_array_equal(run(onnx.load(out), feed)[0], run(b, feed)[0])
+
+
+def test_wire_walk_refuses_garbage_and_loading_names_it(tmp_path, monkeypatch):
+    from onnxprune.io.inline_map import WireError, load_mapped
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(WireError):
+        load_mapped(bad)
+    monkeypatch.setattr(model_io, "MAP_INLINE_BYTES", 0)
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        model_io.load_model(bad)
+
+
+def test_truncated_one_file_model_is_a_clear_error(tmp_path, monkeypatch, digits):
+    monkeypatch.setattr(model_io, "MAP_INLINE_BYTES", 0)
+    src = digits.cnn_file(tmp_path)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        model_io.load_model(cut)

@@ -36,7 +36,7 @@ from onnxprune.commands.options import (
 from onnxprune.errors import InputError
 from onnxprune.io.model_folder import check_targets, has_config, write_folder
 from onnxprune.io.model_io import load_model, save_model
-from onnxprune.io.weights import Workspace, is_lazy
+from onnxprune.io.weights import Workspace, is_lazy, keeps_data_files
 from onnxprune.names import ShortNames
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, all_criteria
@@ -206,7 +206,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     for warning in warnings:  # before the prune, which they are about
         click.echo(f"warning: {warning}", err=True)
     if prep is not None and is_lazy(prep.model) and not dry_run:
-        prep.workspace = Workspace(near=out_path.parent)  # sliced weights are written beside the output
+        prep.workspace = Workspace(near=out_path.parent, one_file=not keeps_data_files(prep.model))  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
                       reuse=Reuse(prepared=prep), latency_cache=latency_cache, eval_data=held)
     if max_drop is not None:

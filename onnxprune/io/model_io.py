@@ -15,11 +15,15 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.io.inline_map import WireError, load_mapped, write_one_file
 from onnxprune.io.paths import make_parent
 from onnxprune.report import progress
-from onnxprune.io.weights import (external_info, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
+from onnxprune.io.weights import (external_info, keeps_data_files, is_external, is_lazy, metadata_copy, model_tensors as _all_tensors,
                                nbytes, numel, read_bytes, set_external, tensor_array, write_payload)
 
+# One-file models from this size on keep their weights in the file, memory-mapped (io/inline_map.py), so that
+# copies of the model cost no weights; smaller ones are parsed whole.
+MAP_INLINE_BYTES = 64 << 20
 # Beyond this a single protobuf cannot be serialised; weights then go to an external data file.
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20
 MIN_OPSET, MAX_OPSET = 7, 23
@@ -38,9 +42,11 @@ def load_model(path: str | os.PathLike, check_external: bool = True, lazy: bool 
         raise InputError(f"model file not found: {path}")
     if path.is_dir():
         raise InputError(f"expected an .onnx file, got a directory: {path}")
+    model = _load_mapped(path) if lazy and path.stat().st_size >= MAP_INLINE_BYTES else None
     try:
-        with progress(f"loading {path.name}", None):
-            model = onnx.load(str(path), load_external_data=False)
+        if model is None:
+            with progress(f"loading {path.name}", None):
+                model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated file?): {exc}") from None
     except Exception as exc:  # protobuf raises several types for garbage input
@@ -50,6 +56,16 @@ def load_model(path: str | os.PathLike, check_external: bool = True, lazy: bool 
     if check_external:
         _resolve_external_data(model, path.parent, lazy)
     return model
+
+
+def _load_mapped(path: Path) -> onnx.ModelProto | None:
+    """A large one-file model with its weights mapped in place (io/inline_map.py); None to load it as usual
+    (nothing to map, or bytes the wire walk cannot follow: onnx.load then names the fault)."""
+    try:
+        with progress(f"mapping {path.name}", None):
+            return load_mapped(path)
+    except (WireError, DecodeError, ValueError, OSError):
+        return None
 
 
 def _resolve_external_data(model: onnx.ModelProto, base: Path, lazy: bool) -> None:
@@ -121,8 +137,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
     if path.exists() and not overwrite:
         raise InputError(f"output exists: {path} (pass --overwrite to replace it)")
     make_parent(path)
-    if external_data is None:
-        external_data = is_lazy(model) or model_bytes(model) > _PROTOBUF_LIMIT
+    if external_data is None:  # the input's form: one file unless it came with data files (or is too large)
+        external_data = keeps_data_files(model) or model_bytes(model) > _PROTOBUF_LIMIT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     data_name = path.name + ".data"
@@ -143,15 +159,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bo
                     advance(f.tell() - offset)
             onnx.save_model(out, tmp)
             os.replace(tmp_data, path.parent / data_name)
-        elif is_lazy(model):  # asked for one file: the weights are read into it
-            out = copy_without_initializers(model)
-            for tensor in model.graph.initializer:
-                if is_external(tensor):
-                    inline = metadata_copy(tensor)
-                    inline.raw_data = read_bytes(tensor)
-                    tensor = inline
-                out.graph.initializer.append(tensor)
-            onnx.save_model(out, tmp)
+        elif is_lazy(model):  # asked for one file: the weights are streamed into it
+            with open(tmp, "wb") as f, progress(f"writing {path.name}", None):
+                write_one_file(model, f)
         else:
             onnx.save_model(model, tmp)
         _readable(tmp)

@@ -194,7 +194,10 @@ class Workspace:
 
     _open: list["Workspace"] = []
 
-    def __init__(self, near: str | os.PathLike | None = None):
+    def __init__(self, near: str | os.PathLike | None = None, one_file: bool = False):
+        """`one_file`: the model whose rewrites it holds came in one .onnx file (its weights mapped in place,
+        io/inline_map.py), and is saved in one file again."""
+        self.one_file = one_file
         path = None
         for folder in ([near] if near else []) + [None]:
             try:
@@ -239,6 +242,21 @@ def model_tensors(model: onnx.ModelProto):
 def is_lazy(model: onnx.ModelProto) -> bool:
     """Whether any weight of the model lives in an external file."""
     return any(is_external(t) for t in model.graph.initializer)
+
+
+def keeps_data_files(model: onnx.ModelProto) -> bool:
+    """Whether the model's weights live in data files beside it (as loaded with external data, or rewritten
+    from such a model), as opposed to inline or mapped in place from one .onnx file: its saved form."""
+    for tensor in model.graph.initializer:
+        if not is_external(tensor):
+            continue
+        location = external_info(tensor)[0]
+        if location.endswith(".onnx"):
+            continue
+        workspace = next((ws for ws in Workspace._open if location.startswith(str(ws.path) + os.sep)), None)
+        if workspace is None or not workspace.one_file:
+            return True
+    return False
 
 
 def external_folder(model: onnx.ModelProto) -> Path | None:

@@ -17,7 +17,7 @@ from onnxprune.graph.analysis import Analysis, analyze_graph
 from onnxprune.graph.ir import GraphView
 from onnxprune.graph.normalize import normalize
 from onnxprune.io.model_io import check_supported
-from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_lazy
+from onnxprune.io.weights import TensorWriter, Workspace, external_folder, is_lazy, keeps_data_files
 from onnxprune.recipe import Recipe
 
 
@@ -38,7 +38,8 @@ class Prepared:
         if not is_lazy(self.model):
             return None
         if self.workspace is None:
-            self.workspace = Workspace(near=external_folder(self.model))
+            self.workspace = Workspace(near=external_folder(self.model),
+                                       one_file=not keeps_data_files(self.model))
         return self.workspace.writer()
 
 

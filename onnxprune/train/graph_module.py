@@ -32,6 +32,7 @@ from onnxprune.io.weights import (
     external_folder,
     is_external,
     is_lazy,
+    keeps_data_files,
     tensor_array,
 )
 from onnxprune.train.ops import Node, get_op
@@ -425,7 +426,7 @@ def write_back(model: onnx.ModelProto, module: GraphModule, writer: TensorWriter
     if unknown:
         raise InputError(f"the module holds {unknown[0]!r}, which is not an initializer of this model")
     if writer is None and is_lazy(model):
-        writer = Workspace(near=external_folder(model)).writer()
+        writer = Workspace(near=external_folder(model), one_file=not keeps_data_files(model)).writer()
     out = copy_without_initializers(model)
     for t in model.graph.initializer:
         param = values.get(t.name)
