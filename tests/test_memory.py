@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
+from onnxprune.graph.kvcache import empty_cache
 from onnxprune.io.model_io import load_model
 from onnxprune.io.weights import TensorWriter, is_external, is_lazy, nbytes
 from onnxprune.runtime.feeds import sample_feed
@@ -63,11 +65,11 @@ print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
 
 
-def peak_rss_of_prune(model: Path, out: Path) -> int:
-    """Peak RSS (bytes) of `onnxprune prune MODEL --ratio 0.5` run as a fresh grandchild (so no other child
-    of this test process counts)."""
+def peak_rss_of_prune(model: Path, out: Path, *options: str) -> int:
+    """Peak RSS (bytes) of `onnxprune prune MODEL --ratio 0.5 [options]` run as a fresh grandchild (so no other
+    child of this test process counts)."""
     cmd = [sys.executable, "-c", _MEASURE, sys.executable, "-m", "onnxprune.cli", "prune", str(model),
-           "--ratio", "0.5", "-o", str(out), "--overwrite"]
+           "--ratio", "0.5", "-o", str(out), "--overwrite", *options]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     rc, peak = done.stdout.strip().splitlines()[-1].split()
     assert rc == "0", done.stderr
@@ -165,3 +167,72 @@ def main_ok(argv) -> bool:
     from onnxprune.cli import main
 
     return main(argv) == 0
+
+
+def test_decoder_calibration_memory_does_not_grow_with_tokens_times_vocabulary(tmp_path, tiny_decoder):
+    """A decoder with a 32,000-token vocabulary and 65,536 calibration tokens (its logits alone would be 8 GiB)
+    prunes with data-aware scores, least-squares recovery and the quality report within its weights + the
+    memory budget + 1 GiB: statistics never run the LM head, recovery stops at the last refit layer, validation
+    runs one sample, and perplexity reduces each batch of logits as it comes."""
+    model = tiny_decoder(vocab=32000, hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2)
+    weights = model.stat().st_size
+    rng = np.random.default_rng(0)
+    windows, seq = 512, 128
+    assert windows * seq >= 65536
+    data = tmp_path / "calib.npz"
+    np.savez(data, input_ids=rng.integers(0, 32000, (windows, seq)).astype(np.int64),
+             attention_mask=np.ones((windows, seq), np.int64))
+    budget = 256 << 20
+    report = tmp_path / "report.json"
+    peak = peak_rss_of_prune(model, tmp_path / "p.onnx", "--data", str(data), "--recover", "lstsq",
+                             "--memory-budget", "256M", "--batch-size", "8", "--json", str(report))
+    assert peak < weights + budget + (1 << 30), peak >> 20
+    result = json.loads(report.read_text())
+    assert result["stats"]["channels_removed"] > 0
+    assert 0 < result["stats"]["passes"]["statistics"] < 1.0  # the head and what only it needs never ran
+    ppl = result["quality"]["calibration"]
+    assert ppl["metric"] == "perplexity" and np.isfinite(ppl["before"]) and np.isfinite(ppl["after"])
+
+
+def test_statistics_run_only_the_nodes_their_tensors_need(tiny_decoder):
+    """Stages after the last tensor a statistic reads are not run: the node evaluations counted are exactly the
+    ancestors of those tensors, once per batch, and the LM head is not among them."""
+    from onnxprune.pipeline.activations import consumer_inputs
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.statistics import channel_stats
+
+    prep = prepare(onnx.load(tiny_decoder(vocab=500)))
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 500, (2, 16)).astype(np.int64),
+              "attention_mask": np.ones((2, 16), np.int64)} for _ in range(3)]
+    feeds = [empty_cache(prep.model, f) for f in feeds]  # the past starts empty, as the data loader feeds it
+    names = consumer_inputs(prep)
+    nodes = list(prep.model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(producer[x] for x in nodes[i].input if x in producer)
+    head = producer[prep.model.graph.output[0].name]
+    assert head not in needed
+    stats = channel_stats(prep, feeds)
+    assert stats.passes * len(nodes) * len(feeds) == pytest.approx(len(needed) * len(feeds))
+    assert stats.passes < 1.0
+
+
+def test_staged_statistics_hold_one_stage_of_activations_not_every_layer(tiny_decoder):
+    """The frontier of a staged statistics run keeps a tensor only until the last stage that reads it: on a
+    6-layer decoder its peak is a few tensors' worth, not the sum over the layers (a stage whose caller stopped
+    reading at the last batch used to keep its frontier to the end)."""
+    from onnxprune.pipeline.prepare import prepare
+    from onnxprune.pipeline.statistics import channel_stats
+
+    prep = prepare(onnx.load(tiny_decoder(vocab=200, layers=6, hidden=64, intermediate=256)))
+    rng = np.random.default_rng(0)
+    feeds = [empty_cache(prep.model, {"input_ids": rng.integers(0, 200, (4, 32)).astype(np.int64),
+                                      "attention_mask": np.ones((4, 32), np.int64)}) for _ in range(3)]
+    stats = channel_stats(prep, feeds, staged=True)
+    mlp_input = 3 * 4 * 32 * 256 * 4  # one MLP activation over the three batches, float32
+    assert 0 < stats.frontier_peak_bytes < 3 * mlp_input, stats.frontier_peak_bytes

@@ -145,7 +145,8 @@ def test_a_data_aware_prune_costs_at_most_four_passes(cnn_feeds):
     model, feeds = cnn_feeds
     result = prune_model(model, Recipe(ratio=0.5, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds))
     passes = result.stats["passes"]
-    assert passes["statistics"] == pytest.approx(1.0, abs=0.01)
+    # statistics: one pass, less the classifier after the last tensor a statistic reads (never run)
+    assert 0.5 < passes["statistics"] < 1.0, passes
     assert passes["total"] <= 4.0, passes
 
 
@@ -171,7 +172,7 @@ def test_refit_scores_on_an_input_wider_than_max_gram_agree_with_a_direct_least_
     feeds = [{"x": rng.standard_normal((2048, width)).astype(np.float32)} for _ in range(4)]
     prep = prepare(model)
     (group,) = prep.analysis.prunable
-    stats = channel_stats(prep, feeds)
+    stats = channel_stats(prep, feeds, staged=False)  # the Gram matrix kept whole, to look at
     entry = stats.tensors["h"]
     assert entry.gram.dtype == np.float32 and entry.gram_rows == 4 * 2048 <= GRAM_ROWS
     data = DataInputs(prep.view, prep.analysis.find, prep.analysis.context.axes,
@@ -198,7 +199,7 @@ def test_statistics_stage_by_stage_equal_one_pass_and_drop_their_gram_matrices()
     feeds = [{"x": rng.standard_normal((512, MAX_GRAM + 64)).astype(np.float32)} for _ in range(3)]
     prep = prepare(model)
     (group,) = prep.analysis.prunable
-    one = channel_stats(prep, feeds)
+    one = channel_stats(prep, feeds, staged=False)
     width = MAX_GRAM + 64
     staged = channel_stats(prep, feeds, memory_budget=width * width * 4 + (8 << 20))  # one Gram, not two
     assert staged.tensors["h"].gram is None and staged.tensors["h"].refit

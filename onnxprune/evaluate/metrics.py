@@ -7,6 +7,7 @@ dicts (JSON-ready once passed through `report.to_jsonable`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,37 @@ def logits_name(outputs: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> 
     return None
 
 
+@dataclass(frozen=True)
+class TokenNLL:
+    """One batch of a causal LM's outputs reduced to what perplexity needs: the summed negative log-likelihood
+    of its next tokens and how many there are (`lm_digest`)."""
+
+    output: str
+    nll: float
+    tokens: int
+
+
+def lm_digest(outputs: dict[str, np.ndarray], feed: dict[str, np.ndarray]):
+    """A batch's outputs as a `TokenNLL` when they are a causal LM's logits for the feed's input_ids, else as
+    they are: a [batch, seq, vocab] block of logits is reduced as soon as it is computed, so metrics over many
+    tokens never hold more than one batch of them (run_batches' `reduce`)."""
+    name = logits_name(outputs, feed)
+    if name is None:
+        return outputs
+    total, tokens = _nll_sum(outputs[name], feed)
+    return TokenNLL(name, total, tokens)
+
+
+def metric_digest(dataset):
+    """The `reduce` for run_batches whose outputs a quality metric will judge on `dataset`: a language model's
+    logits become `TokenNLL`s, except where labels ask for accuracy (which reads the scores)."""
+    return lm_digest if dataset.labels is None else None
+
+
+def is_lm_digest(outputs: Sequence) -> bool:
+    return bool(outputs) and isinstance(outputs[0], TokenNLL)
+
+
 def perplexity(outputs: Sequence[dict[str, np.ndarray]], feeds: Sequence[dict[str, np.ndarray]],
                name: str | None = None) -> dict:
     """Token-level perplexity of a causal LM: exp of the mean negative log-likelihood of each next token.
@@ -58,28 +90,40 @@ def perplexity(outputs: Sequence[dict[str, np.ndarray]], feeds: Sequence[dict[st
     """
     if len(outputs) != len(feeds) or not feeds:
         raise InputError("perplexity needs the feeds the outputs came from")
-    name = name or logits_name(outputs[0], feeds[0])
-    if name is None:
-        raise InputError("perplexity needs an output of logits [batch, seq, vocab] (named like 'logits') and "
-                         "input_ids [batch, seq] in the data")
-    total, tokens = 0.0, 0
-    for out, feed in zip(outputs, feeds):
-        ids, logits = np.asarray(feed["input_ids"]), out[name]
-        mask = _token_mask([feed])
-        real = np.ones(ids.shape, bool) if mask is None or mask.shape != ids.shape else mask
-        for b in range(ids.shape[0]):
-            use = real[b, :-1] & real[b, 1:]
-            if not use.any():
-                continue
-            x = logits[b, :-1][use].astype(np.float64)
-            top = x.max(axis=1, keepdims=True)
-            log_z = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
-            total += float(np.sum(log_z - x[np.arange(len(x)), ids[b, 1:][use]]))
-            tokens += int(use.sum())
+    if is_lm_digest(outputs):  # reduced batch by batch already (lm_digest)
+        name = outputs[0].output
+        total, tokens = sum(o.nll for o in outputs), sum(o.tokens for o in outputs)
+    else:
+        name = name or logits_name(outputs[0], feeds[0])
+        if name is None:
+            raise InputError("perplexity needs an output of logits [batch, seq, vocab] (named like 'logits') and "
+                             "input_ids [batch, seq] in the data")
+        total, tokens = 0.0, 0
+        for out, feed in zip(outputs, feeds):
+            t, n = _nll_sum(out[name], feed)
+            total, tokens = total + t, tokens + n
     if tokens == 0:
         raise InputError("perplexity: the data holds no pair of consecutive real tokens")
     nll = total / tokens
     return {"output": name, "tokens": tokens, "nll": nll, "perplexity": float(np.exp(nll))}
+
+
+def _nll_sum(logits: np.ndarray, feed: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of one batch, and the number of tokens it counts."""
+    ids = np.asarray(feed["input_ids"])
+    mask = _token_mask([feed])
+    real = np.ones(ids.shape, bool) if mask is None or mask.shape != ids.shape else mask
+    total, tokens = 0.0, 0
+    for b in range(ids.shape[0]):
+        use = real[b, :-1] & real[b, 1:]
+        if not use.any():
+            continue
+        x = logits[b, :-1][use].astype(np.float64)
+        top = x.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
+        total += float(np.sum(log_z - x[np.arange(len(x)), ids[b, 1:][use]]))
+        tokens += int(use.sum())
+    return total, tokens
 
 
 def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
@@ -145,7 +189,8 @@ def quality_metric(outputs: Sequence[dict[str, np.ndarray]], reference_outputs: 
     rank the other way."""
     if labels is not None:
         return "accuracy", 100.0 * accuracy(outputs, labels, (1,))["top1"]
-    if feeds and outputs and logits_name(outputs[0], feeds[0]) is not None:  # a causal LM: lower is better
+    if is_lm_digest(outputs) or (feeds and outputs and logits_name(outputs[0], feeds[0]) is not None):
+        # a causal LM: lower is better
         return "perplexity", perplexity(outputs, feeds)["perplexity"]
     cmp = compare_outputs(outputs, reference_outputs, feeds=feeds)
     if cmp["top1_agreement"] is not None:

@@ -91,7 +91,7 @@ class ChannelGroup:
     head_dim: int = 0   # grouped-query attention: features per head,
     kv_groups: int = 0  # the number of KV groups the query heads form,
     gqa_mode: str = ""  # and how they prune ("kv-groups": whole groups; "query-heads": evenly inside each)
-    gqa_auto: bool = False  # the mode was chosen by gqa_mode "auto" (its query heads round to the nearest count)
+    gqa_auto: bool = False  # the mode was chosen by gqa_mode "auto" (its head steps are shared out over layers)
 
     @property
     def prunable(self) -> bool:

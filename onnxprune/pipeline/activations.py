@@ -120,6 +120,7 @@ class ActivationStats:
     samples: int = 0
     source: str = ""
     passes: float = 0.0  # model passes over the calibration data it took
+    frontier_peak_bytes: int = 0  # the most activations a staged run held at once between its stages
 
 
 def _readers(prep):

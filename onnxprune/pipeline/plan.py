@@ -80,12 +80,48 @@ def _uniform_keep(group, ratio: float, round_to: int) -> int:
     if group.unit > 1:
         heads = group.size // group.unit // group.blocks  # per block: query heads inside each KV group
         removed = int(math.floor(heads * ratio))
-        if getattr(group, "gqa_auto", False) and group.gqa_mode == "query-heads":
-            # gqa_mode auto: a few query heads per KV group (3 in SmolLM2) round to the nearest count, so that
-            # 20 % of them is one head per group rather than none
-            removed = int(math.floor(heads * ratio + 0.5))
         return max(1, heads - removed) * group.unit * group.blocks
     return _rounded_keep(group.size, group.size - int(math.floor(group.size * ratio)), round_to)
+
+
+def _coarse_head_keeps(groups, scores: dict[int, np.ndarray], ratio: float) -> dict[int, int]:
+    """Channels kept by the query-head groups that gqa_mode auto chose, where one step is one head in every
+    KV group (a third of the heads when 3 query heads share each KV head, as in SmolLM2).
+
+    Rounding each layer's share down would remove no head below that step, and rounding it up would remove
+    the step from every layer. Instead the steps are shared out over the layers so that together they lose
+    `ratio` of their heads (to the nearest step), each step going to the layer where it removes the smallest
+    part of the layer's head scores."""
+    keeps, costs = {}, []
+    total_heads, removed_heads = 0, 0
+    for group in groups:
+        blocks, unit = max(group.blocks, 1), group.unit
+        per_block = group.size // unit // blocks
+        removed = int(math.floor(per_block * ratio))
+        keeps[group.spaces[0]] = removed
+        total_heads += per_block * blocks
+        removed_heads += removed * blocks
+        heads = np.asarray(scores[group.spaces[0]], dtype=np.float64).reshape(blocks, per_block, unit).sum(axis=2)
+        for step in range(removed, per_block - 1):  # the cost of each further step, cumulative per layer
+            weakest = np.sort(heads, axis=1)[:, : step + 1].sum()
+            costs.append((weakest / max(heads.sum(), 1e-30), step, group.spaces[0], blocks))
+    target = ratio * total_heads
+    for cost, step, root, blocks in sorted(costs):
+        if removed_heads + blocks / 2 > target:
+            break
+        if keeps[root] == step:  # steps of one layer go in order
+            keeps[root] = step + 1
+            removed_heads += blocks
+    out = {}
+    for group in groups:
+        blocks = max(group.blocks, 1)
+        per_block = group.size // group.unit // blocks
+        out[group.spaces[0]] = max(1, per_block - keeps[group.spaces[0]]) * group.unit * blocks
+    return out
+
+
+def _is_coarse_auto(group) -> bool:
+    return group.unit > 1 and getattr(group, "gqa_auto", False) and group.gqa_mode == "query-heads"
 
 
 def _keep(plan: Plan, group, scores: np.ndarray, keep: int) -> None:
@@ -102,9 +138,12 @@ def plan_uniform(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float
     (default: `ratio`)."""
     check_ratio(ratio)
     plan = Plan()
+    coarse = [g for g in analysis.prunable if _is_coarse_auto(g)]
+    shared = _coarse_head_keeps(coarse, scores, head_ratio if head_ratio is not None else ratio) if coarse else {}
     for group in analysis.prunable:
         r = head_ratio if head_ratio is not None and group.unit > 1 else ratio
-        _keep(plan, group, scores[group.spaces[0]], _uniform_keep(group, r, round_to))
+        keep = shared.get(group.spaces[0])
+        _keep(plan, group, scores[group.spaces[0]], keep if keep is not None else _uniform_keep(group, r, round_to))
     return plan
 
 

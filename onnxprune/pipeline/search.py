@@ -11,7 +11,7 @@ import dataclasses
 import onnx
 
 from onnxprune.errors import InputError
-from onnxprune.evaluate.metrics import perplexity
+from onnxprune.evaluate.metrics import metric_digest, perplexity
 from onnxprune.pipeline.prepare import prepare_recipe
 from onnxprune.pipeline.prune import (
     PruneResult,
@@ -30,12 +30,15 @@ from onnxprune.runtime.session import run_batches
 
 
 def measure(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None = None,
-            reference_outputs: list | None = None) -> dict:
+            reference_outputs: list | None = None, outputs: list | None = None) -> dict:
     """Top-1 accuracy (%) on `dataset` when it has labels, else top-1 agreement (%) with `reference`; for a causal
     LM the perplexity kept (100 · reference perplexity / perplexity) and the perplexity itself."""
-    outputs = run_batches(model, dataset.batches())
+    reduce = metric_digest(dataset)
+    if outputs is None:  # `outputs`: the model's own, when the caller has them (run_batches with metric_digest)
+        outputs = run_batches(model, dataset.batches(), reduce=reduce)
     if dataset.labels is None and reference_outputs is None:
-        reference_outputs = run_batches(reference if reference is not None else model, dataset.batches())
+        reference_outputs = outputs if reference is None else run_batches(reference, dataset.batches(),
+                                                                          reduce=reduce)
     metric, value = model_metric(outputs, reference_outputs, dataset.labels, dataset.feeds)
     result = {"metric": metric, "value": value, "source": dataset.source, "samples": len(dataset)}
     if metric == "perplexity_kept":  # value: 100 · reference perplexity / perplexity
@@ -63,8 +66,8 @@ def prune_within_drop(model: onnx.ModelProto, max_drop: float, eval_data, recipe
     check_runnable(dataclasses.replace(recipe, target_macs=1.0), feeds)
     reuse = run.reuse
     prep = reuse.prepared or prepare_recipe(model, recipe)
-    ref_out = run_batches(prep.model, eval_data.batches())
-    base = measure(prep.model, eval_data, reference_outputs=ref_out)
+    ref_out = run_batches(prep.model, eval_data.batches(), reduce=metric_digest(eval_data))
+    base = measure(prep.model, eval_data, reference_outputs=ref_out, outputs=ref_out)
     ratio = None
     if base["metric"] == "perplexity_kept":  # a causal LM: --max-drop is the largest perplexity ratio
         if max_drop < 1:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.evaluate.metrics import logits_name, perplexity, quality_metric
+from onnxprune.evaluate.metrics import is_lm_digest, lm_digest, logits_name, metric_digest, perplexity, quality_metric
 from onnxprune.graph.faults import Fault
 from onnxprune.pipeline.apply import fault_for
 from onnxprune.pipeline.budget import CostModel
@@ -48,7 +48,8 @@ def model_metric(outputs: list[dict], reference: list[dict] | None, labels: np.n
 
     Named "perplexity_kept": it is the perplexity *kept*, in percent (higher is better, as for every metric
     here); "perplexity" always means the absolute value (lower is better, evaluate.metrics.perplexity)."""
-    if labels is None and feeds and outputs and reference and logits_name(outputs[0], feeds[0]) is not None:
+    if labels is None and feeds and outputs and reference and \
+            (is_lm_digest(outputs) or logits_name(outputs[0], feeds[0]) is not None):
         ratio = perplexity(reference, feeds)["perplexity"] / perplexity(outputs, feeds)["perplexity"]
         return "perplexity_kept", 100.0 * ratio
     return quality_metric(outputs, reference, labels, feeds)
@@ -72,7 +73,8 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
         raise InputError(f"sensitivity ratios must be in (0, 1), got {', '.join(map(str, ratios))}")
     labels = dataset.labels if use_labels else None
-    reference = run_batches(prep.model, dataset.batches())
+    reduce = metric_digest(dataset) if use_labels else lm_digest
+    reference = run_batches(prep.model, dataset.batches(), reduce=reduce)
     metric, baseline = model_metric(reference, reference, labels, dataset.feeds)
     result = SensitivityResult(list(ratios), metric, baseline, data_source=dataset.source)
     cost = CostModel(prep)
@@ -82,7 +84,8 @@ def sensitivity(prep, dataset, scores: dict[int, np.ndarray], ratios: Sequence[f
         for ratio in ratios:
             plan = single_group_plan(group, scores[root], ratio)
             try:
-                outputs = run_batches(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset.batches())
+                outputs = run_batches(apply_plan(prep.model, prep.view, prep.analysis, plan), dataset.batches(),
+                                      reduce=reduce)
             except (MemoryError, KeyboardInterrupt, OnnxPruneError):
                 raise
             except Exception as exc:  # noqa: BLE001 - contained: this group is left out (onnxprune.pipeline.apply)

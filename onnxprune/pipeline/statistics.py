@@ -35,7 +35,8 @@ from onnxprune.report import progress
 
 
 def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequence[str] | None = None,
-                  source: str = "", memory_budget: int | None = None, seed: int = 0) -> ActivationStats:
+                  source: str = "", memory_budget: int | None = None, seed: int = 0,
+                  staged: bool | None = None) -> ActivationStats:
     """Per-position |x|, x² and zero counts of `tensors` (default: every consumer input) over `feeds`, and
     the Gram matrix of those read by fully connected layers (see gram_inputs).
 
@@ -45,7 +46,9 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
     budget, or when the model's weights are in external files (a large model), the model runs stage by stage
     (runtime/stages.py): each Gram matrix is complete once its stage has seen every batch, and is then reduced
     to the refit scores it serves and dropped, so only one stage's matrices (and weights) are ever held. Either
-    way the model runs once over the data.
+    way the model runs once over the data, and nodes no statistic needs (a language model's head, whose logits
+    are tokens x vocabulary) not at all: only a small model whose every node feeds a statistic runs whole, in
+    one session. `staged` forces one way or the other (None: as just said).
     """
     feeds = list(feeds)
     names = list(tensors) if tensors is not None else consumer_inputs(prep)
@@ -64,7 +67,9 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
                              f"({axes[name].length} features) needs {format_bytes(gram_bytes(axes[name].length))}")
     # a model whose weights live in external files is large: one session over all of it would keep every weight
     # mapped beside every Gram matrix, so it always runs stage by stage (each stage maps only its own weights)
-    if total_gram <= budget // 2 and not is_lazy(prep.model):
+    if staged is None:
+        staged = total_gram > budget // 2 or is_lazy(prep.model) or not _needs_every_node(prep.model, names)
+    if not staged:
         probe = Probe(prep.model, names)
         with progress("statistics: calibration batches", len(feeds)) as advance:
             for feed in feeds:
@@ -80,16 +85,31 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
             with progress("statistics, stage by stage", len(requests)) as advance:
                 for request in requests:
                     advance(0, step=request[-1])
-                    for feed, values in zip(feeds, run.step()):
+                    for values, feed in zip(run.step(), feeds):  # the step first: it ends, and drops its frontier
                         _accumulate(stats, feed, values, axes, grams, rng, len(feeds))
                     reduce_grams(prep, stats, [n for n in request if n in grams])
                     advance()
+            stats.frontier_peak_bytes = store.peak_in_memory
         finally:
             store.close()
         stats.passes = run.passes
     if stats.samples == 0:
         raise InputError("the calibration data has no samples")
     return stats
+
+
+def _needs_every_node(model, names: list[str]) -> bool:
+    """Whether every node of the model computes (an ancestor of) one of `names` or is needed for nothing
+    but Constant values: only then does one whole-model session compute nothing in vain."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[x] for x in model.graph.node[i].input if x in producer)
+    return all(i in needed or n.op_type == "Constant" for i, n in enumerate(model.graph.node))
 
 
 def _stat_requests(model, names: list[str], grams: set[str]) -> list[list[str]]:

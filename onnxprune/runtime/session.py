@@ -193,16 +193,18 @@ class Runner:
 
 
 def run_batches(model: ModelLike, feeds, provider: str = "cpu", *, threads: int | None = None,
-                opt_level: str = "all", show_progress: bool = False) -> list[dict[str, np.ndarray]]:
+                opt_level: str = "all", show_progress: bool = False, reduce=None) -> list:
     """Run every feed (a list of feed dicts, or a Dataset's batches) on `provider`; returns {output name: array}
-    per feed."""
+    per feed, or `reduce(outputs, feed)` of each when given (so that a batch's outputs, a language model's
+    logits say, are not kept once reduced to what a metric needs)."""
     runner = Runner(open_session(model, provider, threads, opt_level))
     feeds = list(feeds.batches() if hasattr(feeds, "batches") else feeds)
     outputs = []
     with progress("running", len(feeds), enabled=show_progress) as advance:
         for i, feed in enumerate(feeds):
             runner.what = f"batch {i}"
-            outputs.append(runner.run(feed))
+            out = runner.run(feed)
+            outputs.append(out if reduce is None else reduce(out, feed))
             advance()
     return outputs
 

@@ -61,7 +61,8 @@ def parse_bytes(text: str | int | None) -> int | None:
 
 class FrontierStore:
     """Per-batch arrays by tensor name: in memory while the total stays under `budget` bytes, else written to
-    memory-mapped files in a folder of their own (removed by `close`)."""
+    .npy files in a folder of their own (removed by `close`) and read back whole on each `get`, so a spilled
+    batch costs memory only while its reader holds it (a memory map would keep its pages resident)."""
 
     def __init__(self, budget: int | None = None, folder: str | os.PathLike | None = None):
         self.budget = default_memory_budget() if budget is None else budget
@@ -83,29 +84,26 @@ class FrontierStore:
         self._values.setdefault(name, {})[batch] = value
 
     def get(self, name: str, batch: int) -> np.ndarray:
-        return self._values[name][batch]
+        value = self._values[name][batch]
+        return np.load(value) if isinstance(value, Path) else value
 
     def drop(self, name: str) -> None:
         for value in self._values.pop(name, {}).values():
-            if isinstance(value, np.memmap):
-                path = value.filename
-                del value
+            if isinstance(value, Path):
                 with contextlib.suppress(OSError):  # already gone with its folder
-                    os.unlink(path)
+                    os.unlink(value)
             else:
                 self.in_memory -= value.nbytes
 
-    def _spill(self, name: str, batch: int, value: np.ndarray) -> np.ndarray:
+    def _spill(self, name: str, batch: int, value: np.ndarray) -> Path:
         if self._folder is None:
             near = self._near if self._near and os.access(self._near, os.W_OK) else None
             self._folder = Path(tempfile.mkdtemp(prefix=".onnxprune-frontier-", dir=near))
         self._files += 1  # a fresh name each time: reusing a dropped one could truncate a file still mapped
         path = self._folder / f"{self._files}.npy"
-        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
-        mapped[...] = value
-        mapped.flush()
+        np.save(path, value, allow_pickle=False)
         self.spilled += value.nbytes
-        return np.load(path, mmap_mode="r")
+        return path
 
     def close(self) -> None:
         for name in list(self._values):
@@ -219,6 +217,13 @@ class StagedRun:
         stage = self._stages[k]
         runner = self._runner(stage) if stage.nodes else None
         dropped = set(stage.dropped)
+        try:
+            yield from self._batches(stage, runner, dropped)
+        finally:  # also when the caller stops early (zip(feeds, step()) never resumes the last yield)
+            for name in stage.dropped:
+                self.store.drop(self._key(name))
+
+    def _batches(self, stage: _Stage, runner: Runner | None, dropped: set[str]) -> Iterator[dict[str, np.ndarray]]:
         for b in range(len(self.feeds)):
             produced = {}
             if runner is not None:
@@ -234,8 +239,6 @@ class StagedRun:
                     if name not in dropped:
                         self.store.put(self._key(name), b, value)
             yield {name: produced[name] if name in produced else self._value(name, b) for name in stage.requested}
-        for name in stage.dropped:
-            self.store.drop(self._key(name))
 
     def _key(self, name: str) -> str:
         return f"{self.label}\0{name}"

@@ -23,7 +23,7 @@ import onnx
 from onnxprune.errors import OnnxPruneError
 from onnxprune.evaluate.data import Dataset
 from onnxprune.evaluate.latency import measure_latency
-from onnxprune.evaluate.metrics import quality_metric
+from onnxprune.evaluate.metrics import metric_digest, quality_metric
 from onnxprune.graph.stats import count_macs, count_params
 from onnxprune.io.model_io import model_bytes
 from onnxprune.pipeline.prepare import prepare_recipe
@@ -184,7 +184,7 @@ def _run(context: SweepContext, recipe: Recipe | None) -> tuple[dict, dict, list
     m = context.measure
     session = open_session(data if data is not None else context.model, m.provider, m.threads)
     evaluation = context.evaluation
-    outputs = run_batches(session, evaluation)
+    outputs = run_batches(session, evaluation, reduce=metric_digest(evaluation))
     reference = context.reference_outputs if context.reference_outputs is not None else outputs
     metric, value = quality_metric(outputs, reference, evaluation.labels, evaluation.feeds)
     latency = None

@@ -27,6 +27,7 @@ from onnxprune.io.weights import is_lazy, nbytes
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.recipe import Recipe
 from onnxprune.report import environment, write_json
+from onnxprune.evaluate.metrics import lm_digest
 from onnxprune.runtime.session import run_batches
 from onnxprune.sweep import output
 from onnxprune.sweep.candidate import (
@@ -108,7 +109,8 @@ def run_sweep(model_path: str | os.PathLike, recipes: list[Recipe], outdir: str 
     if records:
         report(f"resuming: {len(records)} of {len(recipes)} candidates already done in {outdir}")
 
-    reference = None if evaluation.labels is not None else run_batches(original, evaluation)
+    reference = None if evaluation.labels is not None else run_batches(original, evaluation,
+                                                                                  reduce=lm_digest)
     context = SweepContext(model_data, calibration, evaluation, reference, measure,
                            compute_shared(original, [r for _, r in pending], calibration))
     baseline: dict = {}

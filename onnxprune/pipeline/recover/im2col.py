@@ -62,16 +62,23 @@ def layer_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, rng: np.random
         total = n * per_sample
         pick = None if total <= cap else np.sort(rng.choice(total, cap, replace=False))
         return conv_rows(layer.node, x, y, pick)
-    k = x.shape[-1]
-    n = x.shape[0]
-    xs = x.reshape(-1, k)
-    ys = None if y is None else y.reshape(-1, y.shape[-1])
-    sample = np.repeat(np.arange(n), len(xs) // max(n, 1))
-    if keep is not None and len(keep) == len(xs):
-        xs, sample = xs[keep], sample[keep]
-        ys = None if ys is None else ys[keep]
-    if len(xs) > cap:
-        pick = np.sort(rng.choice(len(xs), cap, replace=False))
-        xs, sample = xs[pick], sample[pick]
-        ys = None if ys is None else ys[pick]
+    rows, sample = token_pick(x.shape, rng, cap, keep)
+    xs = x.reshape(-1, x.shape[-1])[rows]
+    ys = None if y is None else y.reshape(-1, y.shape[-1])[rows]
     return xs, ys, sample
+
+
+def token_pick(shape: tuple, rng: np.random.Generator, cap: int, keep: np.ndarray | None = None):
+    """(rows, sample of each row) a linear layer's fit takes from an input of `shape` [N, ..., features]
+    flattened to rows: at most `cap` picked at random, none where `keep` is False. Layers that read the same
+    input share the pick (and so their Gram matrix)."""
+    n = shape[0] if len(shape) else 1
+    total = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    rows = np.arange(total)
+    sample = np.repeat(np.arange(n), total // max(n, 1))
+    if keep is not None and len(keep) == total:
+        rows, sample = rows[keep], sample[keep]
+    if len(rows) > cap:
+        pick = np.sort(rng.choice(len(rows), cap, replace=False))
+        rows, sample = rows[pick], sample[pick]
+    return rows, sample

@@ -8,9 +8,9 @@ import collections
 import numpy as np
 
 from onnxprune.pipeline.activations import Probe, token_rows
-from onnxprune.pipeline.recover.im2col import layer_rows
+from onnxprune.pipeline.recover.im2col import layer_rows, token_pick
 from onnxprune.pipeline.recover.layers import Layer, current_params, write_layer
-from onnxprune.pipeline.recover.ridge import Gram, select_alpha, solve
+from onnxprune.pipeline.recover.ridge import Gram, RidgePath, select_alpha, solve
 from onnxprune.runtime.stages import FrontierStore, StagedRun
 from onnxprune.report import progress
 
@@ -48,16 +48,21 @@ def fit_lstsq(prep, layers, params, feeds, seed, holdout, max_rows, result, stag
 
 
 def _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, result) -> None:
-    """Accumulate the Gram matrices of one stage's layers over every batch, then solve and write them."""
-    fits = []
+    """Accumulate the Gram matrices of one stage's layers over every batch, then solve and write them.
+
+    Linear layers of the stage read the same token rows (one random pick per batch), so those with the same
+    bias setting share one Gram matrix A of their input and its eigendecompositions (ridge.RidgePath): q, k
+    and v of an attention block cost one A and two factorisations (fit and final), not three of each."""
+    fits, shared = [], {}
     for layer in stage:
         intercept = not (layer.kind == "matmul" and layer.bias_add is None)
         wt, bias = current_params(layer, params)
         theta0 = np.vstack([wt, (np.zeros((1, wt.shape[1])) if bias is None else bias[None, :])]) \
             if intercept else wt
         d, o = theta0.shape
-        fits.append((layer, intercept, theta0, Gram(np.zeros((d, d)), np.zeros((d, o))),
-                     Gram(np.zeros((d, d)), np.zeros((d, o)))))
+        key = ("rows", intercept) if layer.kind != "conv" else ("conv", len(fits))
+        a_fit, a_held = shared.setdefault(key, (np.zeros((d, d)), np.zeros((d, d))))
+        fits.append((layer, intercept, theta0, Gram(a_fit, np.zeros((d, o))), Gram(a_held, np.zeros((d, o))), key))
     rng = np.random.default_rng(seed)
     split = np.random.default_rng(seed + 1)
     for feed, now, targets in source.batches(stage):
@@ -65,21 +70,34 @@ def _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, resu
         n = x_now.shape[0] if x_now.ndim else 1
         is_held = split.random(n) < holdout
         keep = token_rows(feed, x_now.shape)
-        for layer, intercept, _, fit, held in fits:
+        rows = {}  # key -> (design rows, held mask, token pick) shared by the linear layers of one key
+        for layer, intercept, _, fit, held, key in fits:
             y_full = targets[_target(layer)]
             if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
                 add, other = layer.residual
                 y_full = y_full.astype(np.float64) - now[add.input[other]]
             y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
-            x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
-            if intercept:
+            first = key not in rows
+            if key[0] == "rows":
+                if first:
+                    picked, sample = token_pick(x_now.shape, rng, max_rows, keep)
+                    x = np.asarray(x_now, dtype=np.float64).reshape(-1, x_now.shape[-1])[picked]
+                    rows[key] = (x, sample, picked)
+                x, sample, picked = rows[key]
+                y = np.asarray(y_kept, dtype=np.float64).reshape(-1, y_kept.shape[-1])[picked]
+            else:
+                x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
+            if intercept and (first or key[0] != "rows"):
                 x = np.hstack([x, np.ones((len(x), 1))])
+                if key[0] == "rows":
+                    rows[key] = (x, sample, picked)
             mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
-            fit.add(x[~mask], y[~mask])
+            fit.add(x[~mask], y[~mask], with_a=first)
             if mask.any():
-                held.add(x[mask], y[mask])
-    for layer, intercept, theta0, fit, held in fits:
-        _solve_and_write(layer, params, intercept, theta0, fit, held, result)
+                held.add(x[mask], y[mask], with_a=first)
+    paths: dict = {}
+    for layer, intercept, theta0, fit, held, key in fits:
+        _solve_and_write(layer, params, intercept, theta0, fit, held, result, paths.setdefault(key, {}))
 
 
 def _current_names(stage: list[Layer]) -> list[str]:
@@ -178,15 +196,24 @@ def _target(layer: Layer) -> str:
     return layer.residual[0].output[0] if layer.residual else layer.node.output[0]
 
 
-def _solve_and_write(layer, params, intercept, theta0, fit, held, result) -> None:
+def _solve_and_write(layer, params, intercept, theta0, fit, held, result, paths: dict) -> None:
+    """Choose the strength on the held-out rows, refit on all rows, write the layer. `paths` caches the
+    RidgePaths of the Gram matrices this layer shares with others of its stage."""
     name = layer.node.name
     dtype = params.get(name, 1).dtype
     if held.rows == 0:
         alpha, errors = float("inf"), []
     else:
-        alpha, errors = select_alpha(fit, held, theta0, intercept)
+        if "fit" not in paths:
+            paths["fit"] = RidgePath(fit.a, intercept)
+        alpha, errors = select_alpha(fit, held, theta0, intercept, path=paths["fit"])
     total = Gram(fit.a + held.a, fit.b + held.b, fit.yy + held.yy, fit.rows + held.rows)
-    theta = solve(total.a, total.b, theta0, alpha, intercept)
+    if np.isinf(alpha):
+        theta = solve(total.a, total.b, theta0, alpha, intercept)
+    else:
+        if "total" not in paths:
+            paths["total"] = RidgePath(total.a, intercept)
+        theta = paths["total"].thetas(total.b, theta0, [alpha])[0]
     if intercept:
         write_layer(layer, params, theta[:-1], theta[-1], dtype)
     else:

@@ -21,8 +21,10 @@ class Gram:
     yy: float = 0.0
     rows: int = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.a += x.T @ x
+    def add(self, x: np.ndarray, y: np.ndarray, with_a: bool = True) -> None:
+        """Add rows; `with_a=False` when `a` is shared with another Gram that already added these rows."""
+        if with_a:
+            self.a += x.T @ x
         self.b += x.T @ y
         self.yy += float((y * y).sum())
         self.rows += len(x)
@@ -53,43 +55,62 @@ def solve(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alpha: float, interc
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
 
-def solve_path(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float],
-               intercept: bool) -> list[np.ndarray]:
-    """`solve` for every alpha from one eigendecomposition.
+class RidgePath:
+    """The ridge solutions of one Gram matrix A for any right-hand side and any strength, from one
+    eigendecomposition: layers that read the same rows (q, k and v of an attention block; gate and up of a
+    SwiGLU MLP) share A, so they share this too.
 
     The free intercept is eliminated by centring: with n rows, column sums s_x, s_y,
     A_c = A_ww - s_x s_x^T / n and B_c = B_w - s_x s_y^T / n, the weights solve (A_c + lam I) W = B_c + lam W0
     and the intercept is (s_y - s_x^T W) / n. With A_c = V diag(e) V^T, W = V diag(1 / (e + lam)) V^T
     (B_c + lam W0): a matrix product per alpha instead of a factorisation.
     """
-    d = a.shape[0]
-    nw = d - 1 if intercept else d
-    scale = max(float(np.trace(a[:nw, :nw])) / max(nw, 1), 1e-12)
-    if intercept:
-        n = max(a[-1, -1], 1e-12)
-        sx, sy = a[:nw, -1], b[-1]
-        ac = a[:nw, :nw] - np.outer(sx, sx) / n
-        bc = b[:nw] - np.outer(sx, sy) / n
-    else:
-        ac, bc = a, b
-    e, v = np.linalg.eigh(ac)
-    e = np.maximum(e, 0.0)
-    p, q = v.T @ bc, v.T @ theta0[:nw]
-    thetas = []
-    for alpha in alphas:
-        if np.isinf(alpha):
-            w = theta0[:nw]
+
+    def __init__(self, a: np.ndarray, intercept: bool):
+        d = a.shape[0]
+        self.intercept = intercept
+        self.nw = nw = d - 1 if intercept else d
+        self.scale = max(float(np.trace(a[:nw, :nw])) / max(nw, 1), 1e-12)
+        if intercept:
+            self.n = max(a[-1, -1], 1e-12)
+            self.sx = a[:nw, -1]
+            ac = a[:nw, :nw] - np.outer(self.sx, self.sx) / self.n
         else:
-            lam = alpha * scale
-            w = v @ ((p + lam * q) / np.maximum(e + lam, 1e-300)[:, None])
-        thetas.append(np.vstack([w, ((sy - sx @ w) / n)[None, :]]) if intercept else w)
-    return thetas
+            ac = a
+        e, self.v = np.linalg.eigh(ac)
+        self.e = np.maximum(e, 0.0)
+
+    def thetas(self, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float]) -> list[np.ndarray]:
+        nw, v = self.nw, self.v
+        if self.intercept:
+            sy = b[-1]
+            bc = b[:nw] - np.outer(self.sx, sy) / self.n
+        else:
+            bc = b
+        p, q = v.T @ bc, v.T @ theta0[:nw]
+        out = []
+        for alpha in alphas:
+            if np.isinf(alpha):
+                w = theta0[:nw]
+            else:
+                lam = alpha * self.scale
+                w = v @ ((p + lam * q) / np.maximum(self.e + lam, 1e-300)[:, None])
+            out.append(np.vstack([w, ((sy - self.sx @ w) / self.n)[None, :]]) if self.intercept else w)
+        return out
+
+
+def solve_path(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float],
+               intercept: bool) -> list[np.ndarray]:
+    """`solve` for every alpha from one eigendecomposition (RidgePath)."""
+    return RidgePath(a, intercept).thetas(b, theta0, alphas)
 
 
 def select_alpha(fit: Gram, held: Gram, theta0: np.ndarray, intercept: bool,
-                 alphas: Sequence[float] = ALPHAS) -> tuple[float, list[float]]:
-    """The alpha whose fit on `fit` has the smallest error on `held` (ties go to the larger alpha)."""
-    errors = [held.error(t) for t in solve_path(fit.a, fit.b, theta0, alphas, intercept)]
+                 alphas: Sequence[float] = ALPHAS, path: RidgePath | None = None) -> tuple[float, list[float]]:
+    """The alpha whose fit on `fit` has the smallest error on `held` (ties go to the larger alpha); `path`:
+    fit.a's RidgePath when the caller shares it."""
+    path = path if path is not None else RidgePath(fit.a, intercept)
+    errors = [held.error(t) for t in path.thetas(fit.b, theta0, alphas)]
     lowest = min(errors)
     best = max(i for i, e in enumerate(errors) if e <= lowest + 1e-9 * abs(lowest))
     return alphas[best], errors
