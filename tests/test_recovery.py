@@ -203,3 +203,58 @@ def test_hybrid_finds_the_neuron_a_refit_can_replace():
     result = prune_model(m, Recipe(ratio=1 / 8, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds))
     test = {"x": rng.standard_normal((4, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(result.model, test)[0], run(m, test)[0], rtol=1e-3, atol=1e-3)
+
+
+def _strengths_both_ways(model, feeds, monkeypatch, ratio):
+    """Every layer's strength as lstsq picks it (one eigendecomposition per shared Gram matrix, RidgePath) and
+    as a separate solve per strength picks it (np.linalg.solve of (A + lam I) for each alpha, held-out error)."""
+    import onnxprune.pipeline.recover.lstsq as lstsq
+    from onnxprune.pipeline.recover.ridge import ALPHAS
+
+    seen = []
+    real = lstsq.select_alpha
+    built = []
+    path_class = lstsq.RidgePath
+    monkeypatch.setattr(lstsq, "RidgePath", lambda *a: built.append(a) or path_class(*a))
+
+    def recording(fit, held, theta0, intercept, alphas=ALPHAS, path=None):
+        chosen = real(fit, held, theta0, intercept, alphas, path)
+        errors = [held.error(solve(fit.a, fit.b, theta0, a, intercept)) for a in alphas]
+        lowest = min(errors)
+        direct = alphas[max(i for i, e in enumerate(errors) if e <= lowest + 1e-9 * abs(lowest))]
+        seen.append((chosen[0], direct))
+        return chosen
+
+    monkeypatch.setattr(lstsq, "select_alpha", recording)
+    prune_model(model, Recipe(ratio=ratio, criterion="l1", recover="lstsq"), RunSettings(calibration=feeds))
+    return seen, len(built)
+
+
+def _grid_steps(a: float, b: float) -> int:
+    from onnxprune.pipeline.recover.ridge import ALPHAS
+
+    return abs(ALPHAS.index(a) - ALPHAS.index(b))
+
+
+def test_one_factorisation_picks_the_strength_a_solve_per_strength_picks_on_the_digits_cnn(monkeypatch, digits):
+    model = digits.cnn()
+    feeds = list(load_data(digits.calib_path, model, batch_size=100).feeds)
+    seen, _ = _strengths_both_ways(model, feeds, monkeypatch, 0.5)
+    assert len(seen) >= 3
+    assert all(_grid_steps(chosen, direct) <= 1 for chosen, direct in seen), seen
+
+
+def test_one_factorisation_picks_the_strength_a_solve_per_strength_picks_on_a_small_bert(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from tools.export_transformers import bert, export
+
+    model = load_model(export(bert(layers=2), "bert", tmp_path / "bert.onnx", dynamo=False))
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 100, (8, 16)).astype(np.int64),
+              "attention_mask": np.ones((8, 16), np.int64)} for _ in range(4)]
+    seen, factorisations = _strengths_both_ways(model, feeds, monkeypatch, 0.25)
+    assert len(seen) >= 4
+    assert all(_grid_steps(chosen, direct) <= 1 for chosen, direct in seen), seen
+    # q, k and v read the same rows: one eigendecomposition for the fit and one for the final solve serve the
+    # three, where a factorisation per layer and per solve would be two per layer
+    assert factorisations < 2 * len(seen), (factorisations, len(seen))

