@@ -129,15 +129,28 @@ def _stat_requests(model, names: list[str], grams: set[str]) -> list[list[str]]:
 def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batches: int) -> None:
     for name, raw in values.items():
         axis = axes[name]
-        value = np.asarray(raw, dtype=np.float64)
-        keep = token_rows(feed, value.shape) if axis.axis == value.ndim - 1 else None
-        x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
-        if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
-            x = x[keep]
         entry = stats.tensors.get(name)
         if entry is None:
             entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),
                                                       np.zeros(axis.length))
+        raw = np.asarray(raw)
+        keep = token_rows(feed, raw.shape) if axis.axis == raw.ndim - 1 else None
+        if keep is None and name not in grams and raw.dtype.kind == "f" and raw.ndim:
+            # a convolution's activations: summed in place over every axis but the channels' (float64
+            # accumulators), without a float64 copy moved to channels-last
+            others = tuple(i for i in range(raw.ndim) if i != axis.axis)
+            step = max(1, (1 << 22) // max(raw[:1].size, 1)) if axis.axis != 0 else len(raw)
+            for start in range(0, len(raw), step):  # float64 a few million values at a time
+                part = raw[start:start + step].astype(np.float64)
+                entry.abs_sum += np.abs(part).sum(axis=others)
+                entry.sq_sum += np.square(part).sum(axis=others)
+                entry.zeros += (part == 0).sum(axis=others)
+            entry.count += raw.size // max(raw.shape[axis.axis], 1)
+            continue
+        value = raw.astype(np.float64, copy=False)
+        x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
+        if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
+            x = x[keep]
         entry.abs_sum += np.abs(x).sum(axis=0)
         entry.sq_sum += (x * x).sum(axis=0)
         entry.zeros += (x == 0).sum(axis=0)

@@ -52,7 +52,7 @@ def _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, resu
 
     Linear layers of the stage read the same token rows (one random pick per batch), so those with the same
     bias setting share one Gram matrix A of their input and its eigendecompositions (ridge.RidgePath): q, k
-    and v of an attention block cost one A and two factorisations (fit and final), not three of each."""
+    and v of an attention block cost one A and one eigendecomposition, not three of each."""
     fits, shared = [], {}
     for layer in stage:
         intercept = not (layer.kind == "matmul" and layer.bias_add is None)
@@ -198,7 +198,7 @@ def _target(layer: Layer) -> str:
 
 def _solve_and_write(layer, params, intercept, theta0, fit, held, result, paths: dict) -> None:
     """Choose the strength on the held-out rows, refit on all rows, write the layer. `paths` caches the
-    RidgePaths of the Gram matrices this layer shares with others of its stage."""
+    RidgePath (eigendecomposition) of the fit Gram matrix this layer shares with others of its stage."""
     name = layer.node.name
     dtype = params.get(name, 1).dtype
     if held.rows == 0:
@@ -208,12 +208,7 @@ def _solve_and_write(layer, params, intercept, theta0, fit, held, result, paths:
             paths["fit"] = RidgePath(fit.a, intercept)
         alpha, errors = select_alpha(fit, held, theta0, intercept, path=paths["fit"])
     total = Gram(fit.a + held.a, fit.b + held.b, fit.yy + held.yy, fit.rows + held.rows)
-    if np.isinf(alpha):
-        theta = solve(total.a, total.b, theta0, alpha, intercept)
-    else:
-        if "total" not in paths:
-            paths["total"] = RidgePath(total.a, intercept)
-        theta = paths["total"].thetas(total.b, theta0, [alpha])[0]
+    theta = solve(total.a, total.b, theta0, alpha, intercept)  # one LU: a fraction of an eigendecomposition
     if intercept:
         write_layer(layer, params, theta[:-1], theta[-1], dtype)
     else:
