@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from onnxprune.graph.ir import ancestor_nodes
 from onnxprune.graph.kvcache import empty_cache
 from onnxprune.io.model_io import load_model
 from onnxprune.io.weights import TensorWriter, is_external, is_lazy, nbytes
@@ -169,19 +170,26 @@ def main_ok(argv) -> bool:
     return main(argv) == 0
 
 
-def test_decoder_calibration_memory_does_not_grow_with_tokens_times_vocabulary(tmp_path, tiny_decoder):
-    """A decoder with a 32,000-token vocabulary and 65,536 calibration tokens (its logits alone would be 8 GiB)
-    prunes with data-aware scores, least-squares recovery and the quality report within its weights + the
-    memory budget + 1 GiB: statistics never run the LM head, recovery stops at the last refit layer, validation
-    runs one sample, and perplexity reduces each batch of logits as it comes."""
+@pytest.fixture(scope="module")
+def big_vocabulary(tiny_decoder, tmp_path_factory) -> tuple[Path, Path]:
+    """A decoder with a 32,000-token vocabulary and 65,536 tokens of data for it (their logits: 8 GiB)."""
     model = tiny_decoder(vocab=32000, hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2)
-    weights = model.stat().st_size
     rng = np.random.default_rng(0)
     windows, seq = 512, 128
     assert windows * seq >= 65536
-    data = tmp_path / "calib.npz"
+    data = tmp_path_factory.mktemp("tokens") / "calib.npz"
     np.savez(data, input_ids=rng.integers(0, 32000, (windows, seq)).astype(np.int64),
              attention_mask=np.ones((windows, seq), np.int64))
+    return model, data
+
+
+def test_decoder_calibration_memory_does_not_grow_with_tokens_times_vocabulary(tmp_path, big_vocabulary):
+    """The decoder prunes on those 65,536 calibration tokens with data-aware scores, least-squares recovery and
+    the quality report within its weights + the memory budget + 1 GiB: statistics never run the LM head,
+    recovery stops at the last refit layer, validation runs one sample, and perplexity reduces each batch of
+    logits as it comes."""
+    model, data = big_vocabulary
+    weights = model.stat().st_size
     budget = 256 << 20
     report = tmp_path / "report.json"
     peak = peak_rss_of_prune(model, tmp_path / "p.onnx", "--data", str(data), "--recover", "lstsq",
@@ -208,14 +216,8 @@ def test_statistics_run_only_the_nodes_their_tensors_need(tiny_decoder):
     feeds = [empty_cache(prep.model, f) for f in feeds]  # the past starts empty, as the data loader feeds it
     names = consumer_inputs(prep)
     nodes = list(prep.model.graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    needed, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i not in needed:
-            needed.add(i)
-            stack.extend(producer[x] for x in nodes[i].input if x in producer)
-    head = producer[prep.model.graph.output[0].name]
+    needed = ancestor_nodes(nodes, names)
+    head = next(i for i, n in enumerate(nodes) if prep.model.graph.output[0].name in n.output)
     assert head not in needed
     stats = channel_stats(prep, feeds)
     assert stats.passes * len(nodes) * len(feeds) == pytest.approx(len(needed) * len(feeds))
@@ -236,3 +238,22 @@ def test_staged_statistics_hold_one_stage_of_activations_not_every_layer(tiny_de
     stats = channel_stats(prep, feeds, staged=True)
     mlp_input = 3 * 4 * 32 * 256 * 4  # one MLP activation over the three batches, float32
     assert 0 < stats.frontier_peak_bytes < 3 * mlp_input, stats.frontier_peak_bytes
+
+
+def test_evaluating_a_decoder_on_many_tokens_holds_one_batch_of_logits(tmp_path, big_vocabulary):
+    """`eval --reference` on the 65,536 tokens: perplexity of both models and their comparison, every batch
+    reduced as it comes, within both models' weights + 1 GiB (all logits of one model would be 8 GiB)."""
+    model, data = big_vocabulary
+    report = tmp_path / "eval.json"
+    cmd = [sys.executable, "-c", _MEASURE, sys.executable, "-m", "onnxprune.cli", "eval", str(model),
+           "--reference", str(model), "--data", str(data), "--batch-size", "8", "--no-latency", "--quiet",
+           "--json", str(report)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    rc, peak = done.stdout.strip().splitlines()[-1].split()
+    assert rc == "0", done.stderr
+    assert int(peak) < 2 * model.stat().st_size + (1 << 30), int(peak) >> 20
+    result = json.loads(report.read_text())
+    ppl = result["candidate"]["perplexity"]
+    assert ppl["tokens"] == 512 * 127 and ppl["perplexity"] == result["reference"]["perplexity"]["perplexity"]
+    logits = result["agreement"]["outputs"]["logits"]
+    assert logits["shape"] == [512, 128, 32000] and logits["max_abs_err"] == 0.0 and logits["cosine"] == 1.0

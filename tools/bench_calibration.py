@@ -78,7 +78,7 @@ def build(name: str) -> tuple[Path, Path]:
     return model, data
 
 
-def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
+def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str = "default") -> dict:
     """Runs in the child: prune with counted sessions, print the figures as JSON.
 
     Every onnxruntime session the prune creates is counted, whatever code version builds it: the class
@@ -122,7 +122,12 @@ def child(model_path: str, data_path: str, ratio: float, batch: int) -> dict:
     gc.collect()
     ort.InferenceSession = Counted
     start = time.perf_counter()
-    result = prune_model(model, Recipe(ratio=ratio, criterion="hybrid", recover="lstsq"), RunSettings(calibration=feeds, validate=False))
+    settings = RunSettings(calibration=feeds, validate=False)
+    if budget != "default":
+        from onnxprune.runtime.stages import parse_bytes
+
+        settings = settings.replace(memory_budget=parse_bytes(budget))
+    result = prune_model(model, Recipe(ratio=ratio, criterion="hybrid", recover="lstsq"), settings)
     wall = time.perf_counter() - start
     del result
     from onnxprune.graph.normalize import normalize
@@ -142,11 +147,13 @@ def main() -> None:
     parser.add_argument("--before", help="checkout of the older code (e.g. a git worktree)")
     parser.add_argument("--after", default=str(ROOT), help="checkout of the newer code (default: this one)")
     parser.add_argument("--models", default="resnet50,minilm")
-    parser.add_argument("--child", nargs=4, metavar=("MODEL", "DATA", "RATIO", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-budget", default="default", help="as prune's --memory-budget (default: its default)")
+    parser.add_argument("--child", nargs=5, metavar=("MODEL", "DATA", "RATIO", "BATCH", "BUDGET"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        m, d, r, b = args.child
-        print(json.dumps(child(m, d, float(r), int(b))))
+        m, d, r, b, budget = args.child
+        print(json.dumps(child(m, d, float(r), int(b), budget)))
         return
     versions = [("before", args.before), ("after", args.after)] if args.before else [("after", args.after)]
     rows = []
@@ -155,7 +162,8 @@ def main() -> None:
         ratio, batch = WORKLOADS[name]
         for label, code in versions:
             env = dict(os.environ, PYTHONPATH=str(Path(code).resolve()), OMP_NUM_THREADS="2")
-            out = subprocess.run([sys.executable, __file__, "--child", str(model), str(data), str(ratio), str(batch)],
+            out = subprocess.run([sys.executable, __file__, "--child", str(model), str(data), str(ratio), str(batch),
+                                  args.memory_budget],
                                  env=env, capture_output=True, text=True, cwd=code)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)

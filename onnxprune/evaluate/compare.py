@@ -6,22 +6,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from onnxprune.errors import InputError
 from onnxprune.evaluate.data import Dataset
 from onnxprune.evaluate.latency import time_models
 from onnxprune.evaluate.metrics import (
-    accuracy,
-    compare_outputs,
+    OutputComparison,
+    TopK,
+    lm_digest,
     logits_name,
     perplexity,
 )
+from onnxprune.report import progress
 from onnxprune.report import environment
 from onnxprune.runtime.session import (
     ModelLike,
     check_providers,
     model_label,
+    Runner,
     open_session,
-    run_batches,
 )
 
 METRICS = ("auto", "accuracy", "perplexity")
@@ -40,19 +44,17 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
         raise InputError(f"unknown --metric {metric!r} (choose from {', '.join(METRICS)})")
     providers = check_providers(providers)
     models = {"candidate": candidate} | ({"reference": reference} if reference is not None else {})
+    all_sessions = {role: {p: open_session(model, p, threads, opt_level) for p in providers}
+                    for role, model in models.items()}
+    figures = _run_metrics(all_sessions, providers[0], dataset, top_k, metric, atol, rtol, show_progress)
     result: dict[str, Any] = {}
-    outputs, all_sessions = {}, {}
     for role, model in models.items():
-        sessions = {p: open_session(model, p, threads, opt_level) for p in providers}
-        outputs[role] = run_batches(sessions[providers[0]], dataset.batches(), show_progress=show_progress)
         entry: dict[str, Any] = {"model": model_label(model)}
         if dataset.labels is not None:
-            entry["accuracy"] = accuracy(outputs[role], dataset.labels, top_k)
-        if metric == "perplexity" or (metric == "auto" and dataset.labels is None and outputs[role]
-                                      and logits_name(outputs[role][0], dataset.feeds[0]) is not None):
-            entry["perplexity"] = perplexity(outputs[role], dataset.feeds)
+            entry["accuracy"] = figures[role]["accuracy"].result()
+        if figures[role]["nll"] is not None:
+            entry["perplexity"] = perplexity(figures[role]["nll"], dataset.feeds)
         result[role] = entry
-        all_sessions[role] = sessions
     if latency:
         for p in providers:  # candidate and reference timed alternately, per provider
             rows = time_models({role: s[p] for role, s in all_sessions.items()}, dataset, batch_sizes, warmup,
@@ -60,8 +62,7 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
             for role, role_rows in rows.items():
                 result[role].setdefault("latency", []).extend(role_rows)
     if reference is not None:
-        result["agreement"] = compare_outputs(outputs["candidate"], outputs["reference"], atol=atol, rtol=rtol,
-                                              feeds=dataset.feeds)
+        result["agreement"] = figures["comparison"].result()
         result["deltas"] = _deltas(result["candidate"], result["reference"])
     result["data"] = {"source": dataset.source, "samples": len(dataset), "batches": len(dataset.feeds),
                       "batch_size": dataset.batch_size, "labels": dataset.labels is not None}
@@ -71,6 +72,40 @@ def evaluate(candidate: ModelLike, dataset: Dataset, reference: ModelLike | None
                          "batch_sizes": list(batch_sizes) if batch_sizes else None, "atol": atol, "rtol": rtol}
     result.update(environment())
     return result
+
+
+def _run_metrics(sessions: dict, provider: str, dataset: Dataset, top_k, metric: str, atol, rtol,
+                 show_progress: bool) -> dict:
+    """Every batch through every role's session, reduced at once to what the metrics need (top-k hits, a
+    language model's log-likelihood, the candidate-reference comparison): no batch's outputs outlive it, so a
+    perplexity over many tokens costs one batch of logits, not all of them."""
+    runners = {role: Runner(s[provider]) for role, s in sessions.items()}
+    figures: dict[str, Any] = {role: {"accuracy": TopK(top_k) if dataset.labels is not None else None,
+                                      "nll": None} for role in runners}
+    comparison = OutputComparison(atol, rtol) if "reference" in runners else None
+    figures["comparison"] = comparison
+    batches = list(dataset.batches())
+    offset = 0
+    with progress("running", len(batches) * len(runners), enabled=show_progress) as advance:
+        for i, feed in enumerate(batches):
+            outs = {}
+            for role, runner in runners.items():
+                runner.what = f"batch {i}"
+                outs[role] = runner.run(feed)
+                advance()
+            n = next((v.shape[0] for v in feed.values() if np.ndim(v)), 1)
+            for role, out in outs.items():
+                if dataset.labels is not None:
+                    figures[role]["accuracy"].add(out, dataset.labels[offset:offset + n])
+                if i == 0 and (metric == "perplexity" or (metric == "auto" and dataset.labels is None and
+                                                          logits_name(out, feed) is not None)):
+                    figures[role]["nll"] = []  # what the first batch says: a language model's logits
+                if figures[role]["nll"] is not None:
+                    figures[role]["nll"].append(lm_digest(out, feed))
+            if comparison is not None:
+                comparison.add(outs["candidate"], outs["reference"], feed)
+            offset += n
+    return figures
 
 
 def _deltas(candidate: dict, reference: dict) -> dict:

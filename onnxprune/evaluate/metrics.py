@@ -17,23 +17,57 @@ from onnxprune.errors import InputError
 
 def accuracy(outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray, k: Sequence[int] = (1, 5)) -> dict:
     """Top-k accuracy (fractions) of the first output shaped [N, classes]; k larger than classes is skipped."""
-    name, scores = _score_output(_concat(outputs))
-    if name is None:
-        raise InputError("accuracy needs an output of class scores shaped [N, classes]; this model has none")
+    if not outputs:
+        raise InputError("no outputs to compare: the data holds no batches")
     labels = np.asarray(labels)
-    if len(labels) != len(scores):
-        raise InputError(f"{len(labels)} labels for {len(scores)} outputs")
-    if len(labels) and (labels.min() < 0 or labels.max() >= scores.shape[1]):
-        raise InputError(f"labels range {labels.min()}..{labels.max()} but output {name!r} has "
-                         f"{scores.shape[1]} classes")
-    ks = sorted({int(x) for x in k if 0 < int(x) <= scores.shape[1]})
-    # stable sort of the negated scores: ties go to the lower class index, as argmax does
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, : max(ks)]
-    hits = ranked == labels[:, None]
-    result: dict[str, Any] = {"output": name, "samples": int(len(labels))}
-    for kk in ks:
-        result[f"top{kk}"] = float(hits[:, :kk].any(axis=1).mean()) if len(labels) else float("nan")
-    return result
+    scored = sum(len(_score_output(o)[1]) for o in outputs if _score_output(o)[0] is not None)
+    if _score_output(outputs[0])[0] is not None and scored != len(labels):
+        raise InputError(f"{len(labels)} labels for {scored} outputs")
+    counter, offset = TopK(k), 0
+    for out in outputs:
+        n = len(_score_output(out)[1]) if _score_output(out)[0] is not None else 0
+        counter.add(out, labels[offset:offset + n])
+        offset += n
+    return counter.result()
+
+
+class TopK:
+    """Top-k accuracy accumulated batch by batch (`accuracy` over all of them at once)."""
+
+    def __init__(self, k: Sequence[int] = (1, 5)):
+        self.k = k
+        self.name: str | None = None
+        self.hits: dict[int, int] = {}
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> None:
+        self.batches += 1
+        name, scores = _score_output(outputs)
+        if name is None:
+            raise InputError("accuracy needs an output of class scores shaped [N, classes]; this model has none")
+        labels = np.asarray(labels)
+        if len(labels) != len(scores):
+            raise InputError(f"{self.samples + len(labels)} labels for {self.samples + len(scores)} outputs")
+        if len(labels) and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+            raise InputError(f"labels range {labels.min()}..{labels.max()} but output {name!r} has "
+                             f"{scores.shape[1]} classes")
+        self.name = name
+        ks = sorted({int(x) for x in self.k if 0 < int(x) <= scores.shape[1]})
+        # stable sort of the negated scores: ties go to the lower class index, as argmax does
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, : max(ks)]
+        hits = ranked == labels[:, None]
+        for kk in ks:
+            self.hits[kk] = self.hits.get(kk, 0) + int(hits[:, :kk].any(axis=1).sum())
+        self.samples += len(labels)
+
+    def result(self) -> dict:
+        if not self.batches:
+            raise InputError("no outputs to compare: the data holds no batches")
+        result: dict[str, Any] = {"output": self.name, "samples": int(self.samples)}
+        for kk in sorted(self.hits):
+            result[f"top{kk}"] = self.hits[kk] / self.samples if self.samples else float("nan")
+        return result
 
 
 def logits_name(outputs: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> str | None:
@@ -137,42 +171,86 @@ def compare_outputs(candidate_outputs: Sequence[dict[str, np.ndarray]],
     [batch, seq] is compared on real tokens only (padded positions hold whatever the model leaves there).
     The top-level `top1_agreement` is that of the first class-score output (None if there is none).
     """
-    cand, ref = _concat(candidate_outputs), _concat(reference_outputs)
-    mask = _token_mask(feeds)
-    if list(cand) != list(ref):
-        raise InputError(f"the models' outputs differ: candidate {', '.join(cand)}; reference {', '.join(ref)}")
-    per_output = {}
-    for name, r in ref.items():
-        c = cand[name]
-        if c.shape != r.shape:
-            raise InputError(f"output {name!r} has shape {list(c.shape)} in the candidate, "
-                             f"{list(r.shape)} in the reference")
+    comparison = OutputComparison(atol, rtol)
+    if feeds is not None and len(feeds) != len(reference_outputs):
+        feeds = None
+    for i, (c, r) in enumerate(zip(candidate_outputs, reference_outputs)):
+        comparison.add(c, r, feeds[i] if feeds is not None else None)
+    return comparison.result()
+
+
+class OutputComparison:
+    """`compare_outputs` accumulated batch by batch: two models' outputs are compared as they come, and
+    nothing but per-sample figures is kept (a language model's logits over many tokens never are)."""
+
+    def __init__(self, atol: float | None = None, rtol: float | None = None):
+        self.atol, self.rtol = atol, rtol
+        self.names: list[str] | None = None
+        self.entries: dict[str, dict] = {}
+
+    def add(self, cand: dict[str, np.ndarray], ref: dict[str, np.ndarray], feed: dict | None = None) -> None:
+        if list(cand) != list(ref):
+            raise InputError(f"the models' outputs differ: candidate {', '.join(cand)}; reference {', '.join(ref)}")
+        mask = _token_mask([feed]) if feed is not None else None
+        for name, r in ref.items():
+            c = cand[name]
+            if c.shape != r.shape:
+                raise InputError(f"output {name!r} has shape {list(c.shape)} in the candidate, "
+                                 f"{list(r.shape)} in the reference")
+            e = self.entries.get(name)
+            if e is None:
+                e = self.entries[name] = {"shape": list(r.shape), "max": 0.0, "sum": 0.0, "size": 0, "cos": [],
+                                          "agree": 0, "scores": _is_scores(r), "masked": False, "violations": 0}
+            elif r.ndim:
+                e["shape"][0] += r.shape[0]
+            if not r.ndim and e["size"]:
+                continue  # a scalar output is compared once, as a whole-data output would be
+            masked = mask is not None and r.ndim >= 3 and mask.shape == r.shape[:2]
+            e["masked"] |= masked
+            if not r.ndim:
+                self._add_part(e, c, r, None)
+                continue
+            step = max(1, (1 << 22) // max(r[:1].size, 1))  # float64 copies of a few million values at a time
+            for s in range(0, max(len(r), 1), step):
+                self._add_part(e, c[s:s + step], r[s:s + step], mask[s:s + step] if masked else None)
+
+    def _add_part(self, e: dict, c: np.ndarray, r: np.ndarray, mask: np.ndarray | None) -> None:
         c64, r64 = c.astype(np.float64), r.astype(np.float64)
-        if mask is not None and r.ndim >= 3 and mask.shape == r.shape[:2]:
+        if mask is not None:
             real = mask.reshape(mask.shape + (1,) * (r.ndim - 2))
             c64, r64 = c64 * real, r64 * real
-            entry_mask = True
-        else:
-            entry_mask = False
         diff = np.abs(c64 - r64)
-        entry: dict[str, Any] = {
-            "shape": list(r.shape),
-            "max_abs_err": float(diff.max()) if diff.size else 0.0,
-            "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
-        }
-        if entry_mask:
-            entry["real_tokens_only"] = True
-        cosine = _cosine_per_sample(c64, r64)
-        entry["cosine"], entry["cosine_min"] = float(cosine.mean()), float(cosine.min())
-        if _is_scores(r):
-            entry["top1_agreement"] = float((c.argmax(axis=1) == r.argmax(axis=1)).mean())
-        if atol is not None or rtol is not None:
-            close = np.isclose(c64, r64, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True)
-            entry["tolerance_violations"] = int(close.size - close.sum())
-            entry["within_tolerance"] = bool(close.all())
-        per_output[name] = entry
-    first_scores = next((e["top1_agreement"] for e in per_output.values() if "top1_agreement" in e), None)
-    return {"top1_agreement": first_scores, "outputs": per_output}
+        if diff.size:
+            e["max"] = max(e["max"], float(diff.max()))
+            e["sum"] += float(diff.sum())
+        e["size"] += diff.size
+        if r.ndim == 0 or len(r):
+            e["cos"].append(_cosine_per_sample(c64, r64))
+        if e["scores"]:
+            e["agree"] += int((c.argmax(axis=1) == r.argmax(axis=1)).sum())
+        if self.atol is not None or self.rtol is not None:
+            close = np.isclose(c64, r64, rtol=self.rtol or 0.0, atol=self.atol or 0.0, equal_nan=True)
+            e["violations"] += int(close.size - close.sum())
+
+    def result(self) -> dict:
+        if not self.entries:
+            raise InputError("no outputs to compare: the data holds no batches")
+        per_output = {}
+        for name, e in self.entries.items():
+            cosine = np.concatenate(e["cos"]) if e["cos"] else np.ones(1)
+            entry: dict[str, Any] = {"shape": e["shape"], "max_abs_err": e["max"],
+                                     "mean_abs_err": e["sum"] / e["size"] if e["size"] else 0.0}
+            if e["masked"]:
+                entry["real_tokens_only"] = True
+            entry["cosine"], entry["cosine_min"] = float(cosine.mean()), float(cosine.min())
+            if e["scores"]:
+                entry["top1_agreement"] = e["agree"] / e["shape"][0] if e["shape"][0] else float("nan")
+            if self.atol is not None or self.rtol is not None:
+                entry["tolerance_violations"] = e["violations"]
+                entry["within_tolerance"] = e["violations"] == 0
+            per_output[name] = entry
+        first_scores = next((e["top1_agreement"] for e in per_output.values() if "top1_agreement" in e), None)
+        return {"top1_agreement": first_scores, "outputs": per_output}
 
 
 # Metrics where a smaller value is better (the sweep's drop and Pareto front read this).
@@ -200,13 +278,6 @@ def quality_metric(outputs: Sequence[dict[str, np.ndarray]], reference_outputs: 
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def _concat(outputs: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not outputs:
-        raise InputError("no outputs to compare: the data holds no batches")
-    return {name: (np.concatenate([o[name] for o in outputs]) if outputs[0][name].ndim else outputs[0][name])
-            for name in outputs[0]}
 
 
 def _token_mask(feeds) -> np.ndarray | None:

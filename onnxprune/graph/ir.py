@@ -291,3 +291,19 @@ def _symbol_code(expr: str, codes: dict) -> int | None:
         code = None
     codes[expr] = code
     return code
+
+
+def ancestor_nodes(nodes, names, producer: dict[str, int] | None = None, done: set[int] = frozenset()) -> set[int]:
+    """Indices of the nodes (of the list `nodes`) that tensors `names` depend on, themselves included; nodes
+    in `done` (already run) and what only they need are left out. `producer` (tensor -> node index) may be
+    passed when the caller has it."""
+    if producer is None:
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed or i in done:
+            continue
+        needed.add(i)
+        stack.extend(producer[x] for x in nodes[i].input if x in producer)
+    return needed

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from onnxprune.graph.ir import ancestor_nodes
 from onnxprune.graph.layout import ChannelAxis
 from onnxprune.runtime.session import Runner, internal_session
 
@@ -38,14 +39,7 @@ def only_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
            for a in n.attribute):
         return with_outputs(model, names)
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
-    needed, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in needed:
-            continue
-        needed.add(i)
-        stack.extend(producer[x] for x in model.graph.node[i].input if x in producer)
+    needed = ancestor_nodes(model.graph.node, names)
     used = {x for i in needed for x in model.graph.node[i].input}
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -94,6 +88,15 @@ class TensorStats:
     gram_rows: int = 0  # rows in the Gram matrix (all of them up to MAX_GRAM features, else a sample)
     # refit scores already computed from the Gram matrix (which is then dropped), by (reader node, input index)
     refit: dict = field(default_factory=dict)
+    value_sum: np.ndarray | None = None  # Σ x per position (with sq_sum: the variance, Gram matrix or not)
+
+    @property
+    def variance(self) -> np.ndarray | None:
+        """Per-position variance over every value summed (None when the sums were not recorded)."""
+        if self.value_sum is None or not self.count:
+            return None
+        mean = self.value_sum / self.count
+        return np.maximum(self.sq_sum / self.count - mean * mean, 0.0)
 
     def covariance(self) -> np.ndarray | None:
         """Σ (x - mean)ᵀ(x - mean): the Gram matrix of the centred values (None without a Gram matrix)."""

@@ -306,8 +306,10 @@ def fluctuation_score(group, data):
     parts = []
     for m, t in _readers(group, data):
         axis, stats = data.axes[t], data.stats.tensors[t]
-        cov = stats.covariance()
-        spread = np.diag(cov) / max(stats.count, 1) if cov is not None else stats.abs_mean ** 2
+        spread = stats.variance
+        if spread is None:  # statistics gathered without value sums
+            cov = stats.covariance()
+            spread = np.diag(cov) / max(stats.count, 1) if cov is not None else stats.abs_mean ** 2
         w = data.view.array(m.tensor).astype(np.float64)
         w_sq = np.moveaxis(w * w, m.axis, 0).reshape(w.shape[m.axis], -1).sum(axis=1)
         if m.layout.length == axis.length and all(a.same_structure(b) for a, b in zip(m.layout.segments,

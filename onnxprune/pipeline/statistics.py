@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from onnxprune.errors import InputError
+from onnxprune.graph.ir import ancestor_nodes
 from onnxprune.io.weights import is_lazy
 from onnxprune.pipeline.activations import (
     GRAM_ROWS,
@@ -101,14 +102,7 @@ def channel_stats(prep, feeds: Iterable[dict[str, np.ndarray]], tensors: Sequenc
 def _needs_every_node(model, names: list[str]) -> bool:
     """Whether every node of the model computes (an ancestor of) one of `names` or is needed for nothing
     but Constant values: only then does one whole-model session compute nothing in vain."""
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
-    needed, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in needed:
-            continue
-        needed.add(i)
-        stack.extend(producer[x] for x in model.graph.node[i].input if x in producer)
+    needed = ancestor_nodes(model.graph.node, names)
     return all(i in needed or n.op_type == "Constant" for i, n in enumerate(model.graph.node))
 
 
@@ -132,7 +126,7 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
         entry = stats.tensors.get(name)
         if entry is None:
             entry = stats.tensors[name] = TensorStats(np.zeros(axis.length), np.zeros(axis.length),
-                                                      np.zeros(axis.length))
+                                                      np.zeros(axis.length), value_sum=np.zeros(axis.length))
         raw = np.asarray(raw)
         keep = token_rows(feed, raw.shape) if axis.axis == raw.ndim - 1 else None
         if keep is None and name not in grams and raw.dtype.kind == "f" and raw.ndim:
@@ -143,6 +137,7 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
             for start in range(0, len(raw), step):  # float64 a few million values at a time
                 part = raw[start:start + step].astype(np.float64)
                 entry.abs_sum += np.abs(part).sum(axis=others)
+                entry.value_sum += part.sum(axis=others)
                 entry.sq_sum += np.square(part).sum(axis=others)
                 entry.zeros += (part == 0).sum(axis=others)
             entry.count += raw.size // max(raw.shape[axis.axis], 1)
@@ -152,6 +147,7 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
         if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
             x = x[keep]
         entry.abs_sum += np.abs(x).sum(axis=0)
+        entry.value_sum += x.sum(axis=0)
         entry.sq_sum += (x * x).sum(axis=0)
         entry.zeros += (x == 0).sum(axis=0)
         entry.count += x.shape[0]

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.graph.ir import ancestor_nodes
 from onnxprune.runtime.session import Runner, SessionError, internal_session
 
 _NP_TO_ONNX = {np.dtype(k): v for k, v in (
@@ -179,13 +180,7 @@ class StagedRun:
             for name in names:
                 if name not in producer and name not in feeds:
                     raise InputError(f"calibration asked for tensor {name!r}, which no node computes")
-            need, stack = set(), [producer[n] for n in names if n in producer]
-            while stack:
-                i = stack.pop()
-                if i in need or i in done:
-                    continue
-                need.add(i)
-                stack.extend(producer[x] for x in nodes[i].input if x in producer)
+            need = ancestor_nodes(nodes, names, producer, done)
             order = sorted(need)
             done |= need
             made = {o for i in order for o in nodes[i].output if o}

@@ -70,27 +70,25 @@ def _refit_stage(stage, source, params, seed, holdout, max_rows, n_samples, resu
         n = x_now.shape[0] if x_now.ndim else 1
         is_held = split.random(n) < holdout
         keep = token_rows(feed, x_now.shape)
-        rows = {}  # key -> (design rows, held mask, token pick) shared by the linear layers of one key
+        rows = {}  # key -> (design rows, sample of each row, token pick), shared by the linear layers of a key
         for layer, intercept, _, fit, held, key in fits:
             y_full = targets[_target(layer)]
             if layer.residual:  # the sum the original model fed its LayerNorm, less the current residual
                 add, other = layer.residual
                 y_full = y_full.astype(np.float64) - now[add.input[other]]
             y_kept = np.take(y_full, layer.out_kept, axis=1 if layer.kind != "matmul" else -1)
-            first = key not in rows
+            first = key not in rows  # a convolution's key is its own: always first
             if key[0] == "rows":
                 if first:
                     picked, sample = token_pick(x_now.shape, rng, max_rows, keep)
                     x = np.asarray(x_now, dtype=np.float64).reshape(-1, x_now.shape[-1])[picked]
-                    rows[key] = (x, sample, picked)
+                    rows[key] = (np.hstack([x, np.ones((len(x), 1))]) if intercept else x, sample, picked)
                 x, sample, picked = rows[key]
                 y = np.asarray(y_kept, dtype=np.float64).reshape(-1, y_kept.shape[-1])[picked]
             else:
                 x, y, sample = layer_rows(layer, x_now, y_kept, rng, max_rows, keep)
-            if intercept and (first or key[0] != "rows"):
-                x = np.hstack([x, np.ones((len(x), 1))])
-                if key[0] == "rows":
-                    rows[key] = (x, sample, picked)
+                if intercept:
+                    x = np.hstack([x, np.ones((len(x), 1))])
             mask = is_held[sample] if n_samples >= 4 else np.zeros(len(x), bool)
             fit.add(x[~mask], y[~mask], with_a=first)
             if mask.any():
