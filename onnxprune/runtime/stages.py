@@ -80,6 +80,10 @@ class FrontierStore:
         if self.in_memory + value.nbytes > self.budget and value.nbytes:
             value = self._spill(name, batch, value)
         else:
+            if value.base is not None:
+                # onnxruntime's outputs borrow its buffers (their base is a capsule): one kept for later stages
+                # would keep what its session allocated alive with it
+                value = value.copy()
             self.in_memory += value.nbytes
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
         self._values.setdefault(name, {})[batch] = value
