@@ -257,3 +257,15 @@ def test_evaluating_a_decoder_on_many_tokens_holds_one_batch_of_logits(tmp_path,
     assert ppl["tokens"] == 512 * 127 and ppl["perplexity"] == result["reference"]["perplexity"]["perplexity"]
     logits = result["agreement"]["outputs"]["logits"]
     assert logits["shape"] == [512, 128, 32000] and logits["max_abs_err"] == 0.0 and logits["cosine"] == 1.0
+
+
+def test_preparing_a_model_does_not_import_torch():
+    """onnxruntime's symbolic shape inference is loaded from its file: importing it through onnxruntime.tools
+    imports torch when torch is installed (about 0.5 GiB of memory for nothing onnxprune uses)."""
+    code = ("import sys; from onnxprune.io.model_io import load_model; from onnxprune.pipeline.prepare import prepare; "
+            "p = prepare(load_model('models/stdlib_llama.onnx')); "
+            "print(len(p.analysis.prunable), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    groups, torch_loaded = done.stdout.split()
+    assert int(groups) > 0 and torch_loaded == "False"

@@ -200,8 +200,7 @@ def infer_symbolic_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     _fold_shape_constants(light)
     inferred = None
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+        SymbolicShapeInference = _symbolic_shape_inference()
         # on failure it saves "sym_shape_infer_temp.onnx" into the working directory: keep that out of the user's;
         # its warnings ("Unable to determine if ... treat as equal") are about its guesses, not the user's model
         with _in_temp_dir(), _quiet("onnxruntime.tools.symbolic_shape_infer"):
@@ -307,3 +306,24 @@ def ancestor_nodes(nodes, names, producer: dict[str, int] | None = None, done: s
         needed.add(i)
         stack.extend(producer[x] for x in nodes[i].input if x in producer)
     return needed
+
+
+_SYMBOLIC = None
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: importing it as `onnxruntime.tools.
+    symbolic_shape_infer` runs `onnxruntime/tools/__init__.py`, which imports torch when torch is installed
+    (half a gigabyte of memory and seconds of time for a helper that does not use it)."""
+    global _SYMBOLIC
+    if _SYMBOLIC is None:
+        import importlib.util
+
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location("onnxruntime.tools.symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SYMBOLIC = module.SymbolicShapeInference
+    return _SYMBOLIC
