@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxprune.io.weights import external_info, is_external, metadata_copy, nbytes, set_external
+from onnxprune.io.weights import copy_external, external_info, is_external, metadata_copy, nbytes, set_external
 
 MIN_BYTES = 1024
 
@@ -166,17 +166,4 @@ def write_one_file(model: onnx.ModelProto, f, chunk: int = 64 << 20) -> None:
     f.write(_encode_varint(_MODEL_GRAPH << 3 | _LEN) + _encode_varint(graph_len))
     for (tensor, meta, raw_head, size), body in zip(heads, bodies):
         f.write(_encode_varint(_GRAPH_INITIALIZER << 3 | _LEN) + _encode_varint(body) + meta + raw_head)
-        _copy_bytes(tensor, f, size, chunk)
-
-
-def _copy_bytes(tensor: onnx.TensorProto, f, size: int, chunk: int) -> None:
-    location, offset, _ = external_info(tensor)
-    with open(location, "rb") as src:
-        src.seek(offset)
-        left = size
-        while left > 0:
-            block = src.read(min(chunk, left))
-            if not block:
-                raise OSError(f"external data of {tensor.name!r} ends early in {location}")
-            f.write(block)
-            left -= len(block)
+        copy_external(tensor, f, chunk, size)

@@ -121,21 +121,27 @@ def write_payload(f, tensor: onnx.TensorProto, chunk: int = 64 << 20) -> int:
         f.write(b"\0" * (ALIGN - pos % ALIGN))
         pos = f.tell()
     if is_external(tensor):
-        location, offset, length = external_info(tensor)
-        with open(location, "rb") as src:
-            src.seek(offset)
-            left = length if length is not None else os.path.getsize(location) - offset
-            while left > 0:
-                block = src.read(min(chunk, left))
-                if not block:
-                    raise OSError(f"external data of {tensor.name!r} ends early in {location}")
-                f.write(block)
-                left -= len(block)
+        copy_external(tensor, f, chunk)
     elif tensor.raw_data:
         f.write(tensor.raw_data)
     else:
         f.write(numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data)
     return pos
+
+
+def copy_external(tensor: onnx.TensorProto, f, chunk: int = 64 << 20, size: int | None = None) -> None:
+    """Append an external tensor's bytes (`size` of them; default its length, else the rest of its file) to the
+    open file `f`, a chunk at a time."""
+    location, offset, length = external_info(tensor)
+    with open(location, "rb") as src:
+        src.seek(offset)
+        left = size if size is not None else length if length is not None else os.path.getsize(location) - offset
+        while left > 0:
+            block = src.read(min(chunk, left))
+            if not block:
+                raise OSError(f"external data of {tensor.name!r} ends early in {location}")
+            f.write(block)
+            left -= len(block)
 
 
 class TensorWriter:
