@@ -20,13 +20,12 @@ def accuracy(outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray, k: Se
     if not outputs:
         raise InputError("no outputs to compare: the data holds no batches")
     labels = np.asarray(labels)
-    scored = sum(len(_score_output(o)[1]) for o in outputs if _score_output(o)[0] is not None)
-    if _score_output(outputs[0])[0] is not None and scored != len(labels):
-        raise InputError(f"{len(labels)} labels for {scored} outputs")
+    sizes = [len(scores) if name is not None else 0 for name, scores in map(_score_output, outputs)]
+    if sizes[0] and sum(sizes) != len(labels):
+        raise InputError(f"{len(labels)} labels for {sum(sizes)} outputs")
     counter, offset = TopK(k), 0
-    for out in outputs:
-        n = len(_score_output(out)[1]) if _score_output(out)[0] is not None else 0
-        counter.add(out, labels[offset:offset + n])
+    for out, n in zip(outputs, sizes):
+        counter.add(out, labels[offset:offset + n])  # an output without class scores: TopK says so
         offset += n
     return counter.result()
 

@@ -135,21 +135,14 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
             others = tuple(i for i in range(raw.ndim) if i != axis.axis)
             step = max(1, (1 << 22) // max(raw[:1].size, 1)) if axis.axis != 0 else len(raw)
             for start in range(0, len(raw), step):  # float64 a few million values at a time
-                part = raw[start:start + step].astype(np.float64)
-                entry.abs_sum += np.abs(part).sum(axis=others)
-                entry.value_sum += part.sum(axis=others)
-                entry.sq_sum += np.square(part).sum(axis=others)
-                entry.zeros += (part == 0).sum(axis=others)
+                _add_sums(entry, raw[start:start + step].astype(np.float64), others)
             entry.count += raw.size // max(raw.shape[axis.axis], 1)
             continue
         value = raw.astype(np.float64, copy=False)
         x = np.moveaxis(value, axis.axis, -1).reshape(-1, axis.length)
         if keep is not None:  # padded tokens would otherwise set the statistics of short sentences
             x = x[keep]
-        entry.abs_sum += np.abs(x).sum(axis=0)
-        entry.value_sum += x.sum(axis=0)
-        entry.sq_sum += (x * x).sum(axis=0)
-        entry.zeros += (x == 0).sum(axis=0)
+        _add_sums(entry, x, 0)
         entry.count += x.shape[0]
         if name in grams:
             if axis.length > MAX_GRAM:
@@ -167,6 +160,14 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
                 entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
                 entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
                 entry.gram_rows += len(x)
+
+
+def _add_sums(entry: TensorStats, x: np.ndarray, axes) -> None:
+    """Add |x|, x, x² and zero counts of float64 values `x`, summed over `axes`, to the entry's sums."""
+    entry.abs_sum += np.abs(x).sum(axis=axes)
+    entry.value_sum += x.sum(axis=axes)
+    entry.sq_sum += np.square(x).sum(axis=axes)
+    entry.zeros += (x == 0).sum(axis=axes)
 
 
 def criterion_stats(name: str, prep, feeds, labels=None, **options):

@@ -104,7 +104,7 @@ class FrontierStore:
         if self._folder is None:
             near = self._near if self._near and os.access(self._near, os.W_OK) else None
             self._folder = Path(tempfile.mkdtemp(prefix=".onnxprune-frontier-", dir=near))
-        self._files += 1  # a fresh name each time: reusing a dropped one could truncate a file still mapped
+        self._files += 1  # a fresh name each time: a dropped one may still be being read
         path = self._folder / f"{self._files}.npy"
         np.save(path, value, allow_pickle=False)
         self.spilled += value.nbytes
