@@ -49,6 +49,26 @@ def test_staged_run_equals_a_whole_run_and_runs_every_node_once(cnn_feeds):
     run.close()
 
 
+def test_stage_sessions_share_one_arena_and_the_frontier_keeps_their_outputs_uncopied(cnn_feeds):
+    """Stage sessions allocate from the process's shared arena (runtime.session.use_shared_arena), so a kept
+    output holds only its own buffer: the frontier keeps onnxruntime's array as it is (no copy), and the values
+    later stages read are still right after the sessions that made them are gone."""
+    from onnxprune.runtime.session import owns_output_memory
+
+    model, feeds = cnn_feeds
+    prep = prepare(model)
+    names = _conv_inputs(prep.model)
+    run = StagedRun(prep.model, feeds, [[names[1]], [names[-1]]])  # names[0] is the graph input
+    list(run.step())
+    assert owns_output_memory()
+    kept = [v for batches in run.store._values.values() for v in batches.values()]
+    assert kept and all(v.base is not None for v in kept)  # onnxruntime's buffers, not copies
+    want = [Probe(prep.model, [names[-1]]).run(f)[names[-1]] for f in feeds]
+    for b, got in enumerate(run.step()):
+        np.testing.assert_allclose(got[names[-1]], want[b], rtol=1e-4, atol=1e-5)
+    run.close()
+
+
 def test_frontier_spills_past_its_budget_and_gives_the_same_values(cnn_feeds, tmp_path):
     model, feeds = cnn_feeds
     prep = prepare(model)

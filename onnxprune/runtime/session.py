@@ -91,14 +91,16 @@ def check_providers(providers: Iterable[str]) -> list[str]:
 
 
 def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = None, opt_level: str = "all", *,
-                 prepack: bool = True, spinning: bool = True, fallback: bool = False, quiet: bool = False):
+                 prepack: bool = True, spinning: bool = True, fallback: bool = False, quiet: bool = False,
+                 shared_arena: bool = False):
     """An InferenceSession on exactly `provider` (CPU as fallback for ops the provider lacks, as onnxruntime does).
 
     A session that starts on anything else than the requested provider (onnxruntime silently falls back when
     e.g. the CUDA libraries are missing) is an InputError, so a GPU run can never quietly be a CPU run. A model
     onnxruntime cannot load is a SessionError; with `fallback`, one it has no kernel for runs in onnx's
     reference evaluator instead. `spinning=False` lets idle threads sleep; `prepack=False` saves a packed copy
-    of every MatMul weight for a session run once.
+    of every MatMul weight for a session run once; `shared_arena` allocates from the one CPU arena all such
+    sessions of this process share (`use_shared_arena`).
     """
     ort = require_onnxruntime()
     if isinstance(model, (ort.InferenceSession, ReferenceSession)):
@@ -122,6 +124,8 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if shared_arena and name == "CPUExecutionProvider" and use_shared_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
     chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         if isinstance(model, onnx.ModelProto) and not is_lazy(model) and _weight_bytes(model) >= _INLINE_LIMIT:
@@ -146,10 +150,48 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
     return session
 
 
-def internal_session(model: onnx.ModelProto, prepack: bool = True):
+def internal_session(model: onnx.ModelProto, prepack: bool = True, shared_arena: bool = False):
     """A CPU session for onnxprune's own checks and calibration runs (see the module docstring)."""
     return open_session(model, opt_level="extended" if is_half(model) else "all", prepack=prepack, spinning=False,
-                        fallback=True, quiet=True)
+                        fallback=True, quiet=True, shared_arena=shared_arena)
+
+
+_shared_arena: bool | None = None  # None: not tried yet
+
+
+def _release_options():
+    ort = require_onnxruntime()
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def use_shared_arena() -> bool:
+    """Register, once per process, the CPU arena that sessions opened with `shared_arena` allocate from; False
+    when this onnxruntime cannot.
+
+    Calibration runs a model stage by stage, a short-lived session per stage. With an arena of its own, each
+    session maps and faults in fresh pages for its activations, and an output kept for a later stage (a numpy
+    array that borrows onnxruntime's buffer) keeps that session's whole arena alive, so its outputs had to be
+    copied out. One arena for all of them is mapped once (it stays at its peak: the largest stage's working set
+    and the outputs kept), and a kept output holds only its own block: a ResNet-50 staged run is twice as fast.
+    Regions grow by what is asked (not by powers of two), so the arena holds no more than was in use at once.
+    """
+    global _shared_arena
+    if _shared_arena is None:
+        ort = require_onnxruntime()
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+            _shared_arena = True
+        except Exception:  # noqa: BLE001 - an onnxruntime without the API: sessions keep their own arenas
+            _shared_arena = False
+    return _shared_arena
+
+
+def owns_output_memory() -> bool:
+    """Whether an output of a `shared_arena` session holds only its own buffer (else its session's arena)."""
+    return bool(_shared_arena)
 
 
 def load_error(model: onnx.ModelProto, fallback: bool = True) -> str | None:
@@ -182,10 +224,13 @@ class Runner:
         self.names = [o.name for o in session.get_outputs()]
         self._adapt = feed_adapter(session)
 
-    def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None, *,
+            release: bool = False) -> dict[str, np.ndarray]:
+        """The outputs `names` (default all) of one feed; `release` hands the arena's free regions back to the
+        system after this run (the last batch of a stage: the next stage's session has other sizes)."""
         wanted = list(names) if names is not None else self.names
         try:
-            values = self.session.run(wanted, self._adapt(feed))
+            values = self.session.run(wanted, self._adapt(feed), _release_options() if release else None)
         except Exception as exc:  # noqa: BLE001 - shape or type mismatches surface here as onnxruntime errors
             detail = first_line(exc)
             raise SessionError(f"onnxruntime failed on {self.what}: {detail}", detail) from None

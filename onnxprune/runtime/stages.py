@@ -27,7 +27,7 @@ import onnx
 
 from onnxprune.errors import InputError
 from onnxprune.graph.ir import ancestor_nodes
-from onnxprune.runtime.session import Runner, SessionError, internal_session
+from onnxprune.runtime.session import Runner, SessionError, internal_session, owns_output_memory
 
 _NP_TO_ONNX = {np.dtype(k): v for k, v in (
     (np.float32, onnx.TensorProto.FLOAT), (np.float16, onnx.TensorProto.FLOAT16),
@@ -75,14 +75,15 @@ class FrontierStore:
         self.spilled = 0  # bytes ever written to disk
         self._files = 0
 
-    def put(self, name: str, batch: int, value: np.ndarray) -> None:
+    def put(self, name: str, batch: int, value: np.ndarray, own: bool = False) -> None:
+        """Keep `value`; `own`: it holds nothing but its buffer (see runtime.session.use_shared_arena)."""
         value = np.asarray(value)
         if self.in_memory + value.nbytes > self.budget and value.nbytes:
             value = self._spill(name, batch, value)
         else:
-            if value.base is not None:
-                # onnxruntime's outputs borrow its buffers (their base is a capsule): one kept for later stages
-                # would keep what its session allocated alive with it
+            if value.base is not None and not own:
+                # onnxruntime's outputs borrow its buffers (their base is a capsule): unless its session used
+                # the shared arena, one kept for later stages would keep that session's whole arena alive
                 value = value.copy()
             self.in_memory += value.nbytes
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
@@ -227,16 +228,18 @@ class StagedRun:
             produced = {}
             if runner is not None:
                 runner.what = f"calibration batch {b} of the {self.label}"
-                produced = runner.run({x: self._value(x, b) for x in stage.inputs}, stage.outputs)
+                produced = runner.run({x: self._value(x, b) for x in stage.inputs}, stage.outputs,
+                                      release=b == len(self.feeds) - 1)
                 self.node_runs += len(stage.nodes)
                 size = sum(v.nbytes for v in produced.values())
                 if size > self.store.budget:
                     raise InputError(f"--memory-budget {format_bytes(self.store.budget)} is too small: one calibration "
                                      f"batch of the {self.label} stage up to {stage.requested[0]!r} makes "
                                      f"{format_bytes(size)}; raise --memory-budget or lower --batch-size")
+                own = owns_output_memory()
                 for name, value in produced.items():
                     if name not in dropped:
-                        self.store.put(self._key(name), b, value)
+                        self.store.put(self._key(name), b, value, own)
             yield {name: produced[name] if name in produced else self._value(name, b) for name in stage.requested}
 
     def _key(self, name: str) -> str:
@@ -252,7 +255,7 @@ class StagedRun:
         sub = self._submodel(stage)
         self.sessions += 1
         try:
-            return Runner(internal_session(sub))
+            return Runner(internal_session(sub, shared_arena=True))
         except SessionError as exc:
             raise InputError(f"calibration of the {self.label}: onnxruntime cannot run the stage up to "
                              f"{', '.join(stage.requested[:3])}: {exc.detail}") from None
