@@ -120,6 +120,25 @@ def test_counts_that_are_not_faster_are_never_chosen():
     assert 8 not in allocate({0: hull}, 0.5).values()
 
 
+def test_savings_within_the_noise_are_not_options():
+    # a 1 % "saving" on a table whose spread is 1 % is noise: with 40 such groups the plan would predict
+    # 0.99 ** 40 = 0.67 for a model no faster than before (EfficientNet-B0's squeeze-excitation widths)
+    assert [o[0] for o in group_options(16, [4, 8, 12], [0.99, 0.985, 0.995], np.ones(16), noise=0.02)] == [16]
+    assert [o[0] for o in group_options(16, [4, 8, 12], [0.90, 0.985, 0.995], np.ones(16), noise=0.02)] == [16, 4]
+
+
+def test_the_closed_loop_interpolates_between_measured_budgets():
+    from onnxprune.latency.allocate import next_budget
+
+    # the table predicts its budgets (predicted == budget) but the model measures much slower: budget 0.26
+    # measured 0.50 (too fast for a 0.6 target), 0.34 measured 0.62 (too slow); regula falsi on the
+    # measurements lands between them, near where 0.6 lies, not at the table's correction
+    step = next_budget(0.34, 0.34, 0.62, 0.6, tight=0.26, loose=0.34, bracket=(0.50, 0.62))
+    assert 0.26 < step < 0.34 and step > 0.32
+    # no bracket yet: the table's error as a factor on the log saving
+    assert next_budget(0.6, 0.6, 0.9, 0.6, tight=0.0, loose=0.6) < 0.6
+
+
 def oracle(model: onnx.ModelProto, result, feed) -> None:
     """The latency plan's channels, zeroed in the original and pruned: outputs match; shapes are kept (a
     decoder's key/value cache follows its pruned heads, kvcache.follow)."""

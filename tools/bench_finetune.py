@@ -5,12 +5,16 @@ Each step is an onnxprune CLI command in a child process (wall time and peak RSS
   digits  the shipped digits CNN and ResNet at --target-macs 0.25 with --recover lstsq, calibration
           models/digits_calib.npz: held-out accuracy (models/digits_heldout.npz) of lstsq alone, then of
           `onnxprune finetune` on that model (block-wise, then block-wise + end-to-end).
+  effnet  the same on EfficientNet-Lite0 with its ImageNet weights (tools/efficientnet_lite0.py builds it into
+          /work/cache/effnet_lite0), calibrated on 512 crops of real photographs; held-out: top-1 agreement
+          with the original on 256 crops of other photographs.
   smollm2 SmolLM2-135M (tools/smollm2.py builds it into /work/cache/smollm2) at --ratio R with lstsq, then
           `finetune --finetune blockwise` and `finetune --finetune end-to-end` on the block-wise result:
           held-out perplexity of each (the finetune reports measure it on --eval-data).
   stdlib_llama  the same on the shipped tiny GQA decoder (models/stdlib_llama.onnx, stdlib windows).
 
     python tools/bench_finetune.py digits --steps 300 --lr 1e-3
+    python tools/bench_finetune.py effnet --steps 300 --lr 1e-4
     python tools/bench_finetune.py smollm2 --ratio 0.2 --steps 10 --limit 32
 """
 
@@ -51,36 +55,47 @@ def child(args: list[str], timeout: float, log_path: Path | None = None) -> dict
             "peak_rss_gib": round(usage.ru_maxrss / (1 << 20), 2), "tail": tail}
 
 
-def digits(args) -> list[dict]:
+EFFNET = Path(os.environ.get("EFFNET_LITE0_DIR", "/work/cache/effnet_lite0"))
+
+
+def classifiers(args) -> list[dict]:
+    """lstsq alone, + block-wise, + block-wise and end-to-end at --target-macs 0.25: held-out top-1 (digits:
+    accuracy on the held-out digits; effnet: agreement with the original on crops of held-out photographs)."""
+    if args.what == "digits":
+        entries = [(name, MODELS / f"{name}.onnx", MODELS / "digits_calib.npz", MODELS / "digits_heldout.npz")
+                   for name in ("digits_cnn", "digits_resnet")]
+    else:  # tools/efficientnet_lite0.py
+        entries = [("efficientnet_lite0", EFFNET / "efficientnet_lite0.onnx", EFFNET / "calib.npz",
+                    EFFNET / "heldout.npz")]
     rows = []
     work = Path(args.work)
-    for name in ("digits_cnn", "digits_resnet"):
-        model = MODELS / f"{name}.onnx"
+    for name, model, calib, held in entries:
         pruned = work / f"{name}.lstsq.onnx"
-        run = child(["prune", str(model), "--target-macs", "0.25", "--recover", "lstsq", "--data",
-                        str(MODELS / "digits_calib.npz"), "--eval-data", str(MODELS / "digits_heldout.npz"),
-                        "-o", str(pruned), "--overwrite", "--json", str(pruned) + ".json"], args.timeout)
+        run = child(["prune", str(model), "--target-macs", "0.25", "--recover", "lstsq", "--data", str(calib),
+                     "--eval-data", str(held), "-o", str(pruned), "--overwrite", "--json", str(pruned) + ".json"],
+                    args.timeout, Path(str(pruned) + ".log"))
         report = json.loads(Path(str(pruned) + ".json").read_text())
         quality = report["quality"]["evaluation"]
         rows.append({"model": name, "variant": "lstsq", "held_out": quality["after"], "dense": quality["before"],
                      "calibration": report["quality"]["calibration"]["after"],
                      "macs_kept": report["stats"]["macs_after"] / report["stats"]["macs_before"], **_run(run)})
+        print(json.dumps(rows[-1]), flush=True)
         for mode in ("blockwise", "both"):
             out = work / f"{name}.{mode}.onnx"
-            run = child(["finetune", str(pruned), "--teacher", str(model), "--data", str(MODELS / "digits_calib.npz"),
-                            "--finetune", mode, "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
-                            "--finetune-batch-size", "32", "-o", str(out), "--overwrite", "--json", str(out) + ".json"],
-                           args.timeout)
-            rows.append({"model": name, "variant": f"lstsq + {mode}", **_measured(out, args.timeout), **_run(run),
-                         **_finetune(Path(str(out) + ".json"))})
+            run = child(["finetune", str(pruned), "--teacher", str(model), "--data", str(calib),
+                         "--finetune", mode, "--finetune-steps", str(args.steps), "--finetune-lr", str(args.lr),
+                         "--finetune-batch-size", "32", "-o", str(out), "--overwrite", "--json", str(out) + ".json"],
+                        args.timeout, Path(str(out) + ".log"))
+            rows.append({"model": name, "variant": f"lstsq + {mode}", **_measured(out, held, args.timeout),
+                         **_run(run), **_finetune(Path(str(out) + ".json"))})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _measured(model: Path, timeout: float) -> dict:
-    """Held-out accuracy of `model` on models/digits_heldout.npz (onnxprune eval)."""
+def _measured(model: Path, held: Path, timeout: float) -> dict:
+    """Held-out top-1 of `model` on `held` (onnxprune eval)."""
     out = Path(str(model) + ".eval.json")
-    child(["eval", str(model), "--data", str(MODELS / "digits_heldout.npz"), "--no-latency", "--quiet", "--json",
-           str(out)], timeout)
+    child(["eval", str(model), "--data", str(held), "--no-latency", "--quiet", "--json", str(out)], timeout)
     data = json.loads(out.read_text())
     return {"held_out": _find(data, "top1") * 100}
 
@@ -158,7 +173,7 @@ def decoder(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["digits", "smollm2", "stdlib_llama"])
+    parser.add_argument("what", choices=["digits", "effnet", "smollm2", "stdlib_llama"])
     parser.add_argument("--work", default="/work/cache/distill")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -173,7 +188,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    rows = digits(args) if args.what == "digits" else decoder(args)
+    rows = classifiers(args) if args.what in ("digits", "effnet") else decoder(args)
     for row in rows:
         print(json.dumps(row))
     if args.json:

@@ -30,12 +30,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from onnxprune.recipe import Recipe
-from onnxprune.pipeline.prune import Reuse, RunSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+from onnxprune.pipeline.prune import Reuse, RunSettings  # noqa: E402 - after the checkout is on the path
+from onnxprune.recipe import Recipe  # noqa: E402
 CACHE = Path(os.environ.get("ONNXPRUNE_BENCH_CACHE", "/work/cache/latency_bench"))
 
 

@@ -33,13 +33,17 @@ from onnxprune.pipeline.plan import Plan, select
 Option = tuple[int, float, float]  # (kept count, saving = -log ratio, importance lost)
 
 
-def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray) -> list[Option]:
+def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray,
+                  noise: float = 0.0) -> list[Option]:
     """A group's options that no other beats (more saving for less loss), from the whole group (0, 0) up, in
-    order of saving; a count no faster than a larger one is dropped here."""
+    order of saving; a count no faster than a larger one is dropped here, and so is one whose measured saving
+    is within `noise` (twice the table's relative spread): a model of many small groups (EfficientNet's
+    squeeze-excitation widths) would otherwise add up dozens of savings that are only noise."""
     normed = np.sort(np.asarray(scores, dtype=np.float64))
     normed = normed / max(float(normed.mean()), 1e-12)
     lost = np.concatenate([[0.0], np.cumsum(normed)])
-    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
+    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios)
+              if r < 1.0 - noise]
     frontier: list[Option] = []
     for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
         if not frontier or loss < frontier[-1][2]:
@@ -141,11 +145,19 @@ def kept_plan(analysis, scores: dict[int, np.ndarray], counts: dict[int, int]) -
     return plan
 
 
-def next_budget(budget: float, predicted: float, measured: float, target: float, tight: float, loose: float) -> float:
+def next_budget(budget: float, predicted: float, measured: float, target: float, tight: float, loose: float,
+                bracket: tuple[float, float] | None = None) -> float:
     """The budget for the next plan. Savings add up in log space, so the table's error is taken as a factor
     on the log saving: measured = predicted ** a, and the budget that should measure `target` is
-    target ** (1 / a) (a plan's predicted ratio is close to its budget). Kept strictly between the budgets
-    seen too fast (`tight`) and too slow (`loose`); their geometric mean when the estimate leaves them."""
+    target ** (1 / a) (a plan's predicted ratio is close to its budget). Once a budget measured too fast
+    (`tight`) and one too slow (`loose`) are known, with their measured ratios in `bracket`, the next budget
+    interpolates between them on the measurements (log-linear, regula falsi), kept off their ends by a tenth
+    of the gap, so it converges where the table's prediction is wrong. Strictly between `tight` and `loose`;
+    their geometric mean when the estimate leaves them."""
+    if bracket is not None and 0 < tight < loose and 0 < bracket[0] < target < bracket[1]:
+        lt, ll = math.log(tight), math.log(loose)
+        f = (math.log(target) - math.log(bracket[0])) / (math.log(bracket[1]) - math.log(bracket[0]))
+        return math.exp(lt + min(max(f, 0.1), 0.9) * (ll - lt))
     if 0 < predicted < 1 and 0 < measured < 1 and 0 < target < 1:
         step = target ** (math.log(predicted) / math.log(measured))
     else:
@@ -156,13 +168,13 @@ def next_budget(budget: float, predicted: float, measured: float, target: float,
 
 
 def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray], target: float | str,
-                     settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 5,
+                     settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 8,
                      show_progress: bool = False) -> LatencyResult:
     """The plan keeping the most importance whose measured latency is within `target` (a fraction of the
     original's, or "12ms"), on `settings`' provider, batch and threads."""
     table = build_table(prep, model, feed, settings, cache, show_progress)
     target_ratio = parse_target(target, table.base_ms)
-    options = {root: group_options(c.size, c.counts, c.ratios, scores[root])
+    options = {root: group_options(c.size, c.counts, c.ratios, scores[root], 2 * table.noise)
                for root, c in table.curves.items() if c.counts}
     internal = min(target_ratio, 1.0)
     tried: list[dict] = []
@@ -170,6 +182,7 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
     fastest = None
     seen: set[tuple] = set()
     tight, loose = 0.0, 1.0  # budgets known to give plans faster than needed / slower than the target
+    tight_m, loose_m = 0.0, math.inf  # what they measured
     for it in range(max_iterations):
         counts = allocate(options, internal)
         for _ in range(20):  # a budget too close to the last to change the plan: move on in the same direction
@@ -201,11 +214,12 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
             best = (plan, predicted, measured, noise)
         if ok and measured >= target_ratio * (1 - tol):
             break
-        if ok:
-            tight = max(tight, internal)
-        else:
-            loose = min(loose, internal)
-        internal = next_budget(internal, predicted, measured, target_ratio, tight, loose)
+        if ok and internal > tight:
+            tight, tight_m = internal, measured
+        elif not ok and internal < loose:
+            loose, loose_m = internal, measured
+        bracket = (tight_m, loose_m) if tight > 0 and loose < 1.0 else None
+        internal = next_budget(internal, predicted, measured, target_ratio, tight, loose, bracket)
     plan, predicted, measured, noise = best or fastest
     return LatencyResult(plan, target, target_ratio, table.base_ms, predicted, measured, noise, best is not None,
                          tried, table)
