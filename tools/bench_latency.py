@@ -117,6 +117,8 @@ def fidelity(name: str, model, dataset, ref_outputs) -> dict:
         return {"metric": m["metric"], "value": m.get("perplexity", m["value"])}
     c = compare_outputs(run_batches(model, dataset), ref_outputs)
     out = next(iter(c["outputs"].values())) if "outputs" in c else c
+    if c.get("top1_agreement") is None:  # not class scores (MiniLM's embeddings, YOLO's boxes): cosine only
+        return {"metric": "cosine", "value": out.get("cosine"), "cosine": out.get("cosine")}
     return {"metric": "agreement", "value": 100 * c["top1_agreement"], "cosine": out.get("cosine")}
 
 

@@ -35,7 +35,7 @@ from onnxprune.pipeline.budget import CostModel
 from onnxprune.pipeline.plan import Plan, select
 from onnxprune.report import progress
 
-VERSION = 1
+VERSION = 2  # 2: a Slice whose computed bounds keep their values is no longer pinned to constants
 FRACTIONS = (0.75, 0.5, 0.25)  # kept fractions probed per group
 
 

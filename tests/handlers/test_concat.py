@@ -86,3 +86,41 @@ def test_class_token_concat_slices_the_token_constant():
     assert oracle.pruned_channels == 3
     assert init_shape(r.model, "cls") == (1, 1, 3)
 
+
+
+def _halves_by_shape():
+    """YOLOv8's C2f split: a conv's output cut in halves at Shape(c)[1] / 2, computed in the graph."""
+    return build([("Conv", ["x", "w1"], ["c1"], conv(3, 8)),
+                  ("Shape", ["c1"], ["s"]),
+                  ("Gather", ["s", "one"], ["d"], {"axis": 0}),
+                  ("Div", ["d", "two"], ["h"]),
+                  ("Unsqueeze", ["h", "ax"], ["hu"]),
+                  ("Slice", ["c1", "zero", "hu", "ax1"], ["a"]),
+                  ("Slice", ["c1", "hu", "big", "ax1"], ["b"]),
+                  ("Conv", ["a", "w2"], ["y1"], conv(4, 6)),
+                  ("Conv", ["b", "w3"], ["y2"], conv(4, 6)),
+                  ("Conv", ["y1", "w4"], ["z1"], conv(6, 4)),
+                  ("Conv", ["y2", "w5"], ["z2"], conv(6, 4))],
+                 X, ["z1", "z2"],
+                 {"w1": (8, 3, 3, 3), "one": np.array(1), "two": np.array(2), "ax": np.array([0]),
+                  "zero": np.array([0]), "big": np.array([1 << 30]), "ax1": np.array([1]),
+                  "w2": (6, 4, 3, 3), "w3": (6, 4, 3, 3), "w4": (4, 6, 3, 3), "w5": (4, 6, 3, 3)})
+
+
+def test_slice_bounds_computed_from_shapes_stay_computed_unless_their_tensor_loses_channels():
+    from onnxprune.pipeline.prune import RunSettings, prune_model
+    from onnxprune.recipe import Recipe
+
+    m = _halves_by_shape()
+    check(m, min_groups=2)  # the oracle over every group, the halves' among them
+    prep = prepare(m)
+    slices = lambda model: [list(n.input) for n in model.graph.node if n.op_type == "Slice"]  # noqa: E731
+    for group in prep.analysis.prunable:
+        root = group.spaces[0]
+        result = prune_model(m, Recipe(), RunSettings(removed={root: np.arange(2)}))
+        shapes = {t.name for t in result.model.graph.initializer}
+        if group.size == 6:  # a conv after the split: the halves' bounds keep being computed from the shape
+            assert slices(result.model) == slices(m)
+        else:  # the split conv's own channels: the bounds are pinned to the new halves, as constants
+            assert slices(result.model) != slices(m)
+            assert all(x in shapes for inputs in slices(result.model) for x in inputs[1:3])

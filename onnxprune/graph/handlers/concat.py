@@ -196,6 +196,27 @@ def _slice_axes(node, ctx, rank: int) -> list[int]:
     return list(range(n)) if n is not None else list(range(rank))
 
 
+def _bounds_unaffected(node, ctx) -> bool:
+    """Whether the Slice's computed bounds give the same values in the pruned graph: every Shape or Size they
+    are computed from reads a tensor whose channels are all kept (constant bounds are unaffected too)."""
+    producer = {o: n for n in ctx.model.graph.node for o in n.output if o}
+    todo, seen = [x for x in node.input[1:] if x], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        source = producer[name]
+        if source.op_type in ("Shape", "Size"):
+            axis = ctx.axis_of(source.input[0])
+            kept = ctx.kept_positions(source.input[0])
+            if axis is not None and kept is not None and len(kept) != axis.length:
+                return False
+            continue
+        todo.extend(x for x in source.input if x)
+    return True
+
+
 @register("Slice")
 class Slice(Handler):
     def analyze(self, node, ctx):
@@ -239,6 +260,10 @@ class Slice(Handler):
         kept = ctx.kept_positions(node.input[0])
         new_start = int(np.searchsorted(kept, start))
         new_stop = int(np.searchsorted(kept, stop))
+        if (new_start, new_stop) == (start, stop) and _bounds_unaffected(node, ctx):
+            # the bounds stay what the graph computes: left computed (YOLOv8's C2f splits a tensor in halves
+            # by Shape arithmetic; pinned to constants, onnxruntime CPU ran the model 3.5 % slower)
+            return
         starts, ends = list(starts), list(ends)
         starts[k], ends[k] = new_start, new_stop
         if ctx.opset < 10:
