@@ -33,17 +33,14 @@ from onnxprune.pipeline.plan import Plan, select
 Option = tuple[int, float, float]  # (kept count, saving = -log ratio, importance lost)
 
 
-def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray,
-                  noise: float = 0.0) -> list[Option]:
+def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray) -> list[Option]:
     """A group's options that no other beats (more saving for less loss), from the whole group (0, 0) up, in
-    order of saving; a count no faster than a larger one is dropped here, and so is one whose measured saving
-    is within `noise` (twice the table's relative spread): a model of many small groups (EfficientNet's
-    squeeze-excitation widths) would otherwise add up dozens of savings that are only noise."""
+    order of saving; a count no faster than a larger one is dropped here. `ratios` as the table resolves them
+    (LatencyTable.resolved: savings within the noise are taken at their MAC fraction)."""
     normed = np.sort(np.asarray(scores, dtype=np.float64))
     normed = normed / max(float(normed.mean()), 1e-12)
     lost = np.concatenate([[0.0], np.cumsum(normed)])
-    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios)
-              if r < 1.0 - noise]
+    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
     frontier: list[Option] = []
     for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
         if not frontier or loss < frontier[-1][2]:
@@ -172,9 +169,10 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
                      show_progress: bool = False) -> LatencyResult:
     """The plan keeping the most importance whose measured latency is within `target` (a fraction of the
     original's, or "12ms"), on `settings`' provider, batch and threads."""
-    table = build_table(prep, model, feed, settings, cache, show_progress)
+    measured_table = build_table(prep, model, feed, settings, cache, show_progress)
+    table = measured_table.resolved()
     target_ratio = parse_target(target, table.base_ms)
-    options = {root: group_options(c.size, c.counts, c.ratios, scores[root], 2 * table.noise)
+    options = {root: group_options(c.size, c.counts, c.ratios, scores[root])
                for root, c in table.curves.items() if c.counts}
     internal = min(target_ratio, 1.0)
     tried: list[dict] = []

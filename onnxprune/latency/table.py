@@ -77,6 +77,21 @@ class LatencyTable:
         """Predicted latency ratio of a plan keeping kept[root] channels per group (others whole)."""
         return float(math.prod(self.curves[r].ratio_at(k) for r, k in kept.items() if r in self.curves))
 
+    def resolved(self) -> LatencyTable:
+        """The table as plans use it: a probe whose measured ratio is within twice the table's spread of 1 is
+        taken at its MAC fraction instead. One group pruned alone moves a model of many small groups (YOLOv8n's
+        59, EfficientNet's squeeze-excitation widths) by less than the measurement can resolve; added up over
+        dozens of groups, such noise would predict a speed-up that is not there, or hide one that is. MACs are
+        the prior where the clock cannot tell; the closed loop measures what they add up to."""
+        floor = 2 * self.noise
+        curves = {}
+        for root, c in self.curves.items():
+            macs = c.macs if len(c.macs) == len(c.ratios) else [1.0] * len(c.ratios)
+            ratios = [min(m, 1.0) if abs(1.0 - r) <= floor else r for r, m in zip(c.ratios, macs)]
+            curves[root] = GroupCurve(c.root, c.group, c.size, list(c.counts), ratios, list(c.macs), c.reason)
+        return LatencyTable(self.base_ms, self.noise, self.provider, self.batch, self.threads, curves, self.key,
+                            self.cached, self.seconds)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["curves"] = {str(r): asdict(c) for r, c in self.curves.items()}
