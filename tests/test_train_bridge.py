@@ -524,3 +524,27 @@ def test_onnx_rotary_embedding_op(attrs, three_d, positions):
                               [onnx.numpy_helper.from_array(v, n) for n, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
     assert_exact(model, {"x": _w(*shape, seed=0)})
+
+
+def test_checkpointed_segments_give_the_same_outputs_and_gradients():
+    """module.checkpoint(cut_points) recomputes activations in the backward pass: the loss and every gradient
+    are those of the plain forward (end-to-end distillation trains deep models this way)."""
+    model = onnx.load(MODELS / "stdlib_llama.onnx")
+    feed = {k: torch.from_numpy(v) for k, v in llama_feed(model, batch=2, seq=16, past=3).items()}
+
+    def loss_and_grads(checkpointed: bool):
+        module = to_torch(model, trainable="weights")
+        if checkpointed:
+            module.checkpoint(module.cut_points())
+            assert len(module._segments) > 4
+        out = module(feed)
+        loss = sum((v.float() ** 2).mean() for v in out.values())
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in module.params.items() if p.grad is not None}
+
+    plain, plain_grads = loss_and_grads(False)
+    again, grads = loss_and_grads(True)
+    torch.testing.assert_close(again, plain)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 10
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-7)

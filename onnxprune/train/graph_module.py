@@ -220,6 +220,34 @@ class GraphModule(torch.nn.Module):
         for name, i in last.items():
             if name not in keep and name not in self._by_tensor and name not in self._const_keys:
                 self._frees[i].append(name)
+        self._segments: list[tuple[int, int, list[str], list[str], list[str]]] = []
+
+    def checkpoint(self, boundaries: Sequence[str]) -> GraphModule:
+        """Recompute activations in the backward pass instead of keeping them (torch.utils.checkpoint): the
+        forward is run in segments ending at `boundaries` (say `cut_points()`, a decoder's residual stream);
+        training keeps only what crosses a boundary, and each segment's activations while its backward runs,
+        for one more forward pass of compute. Without gradients nothing changes. Returns self."""
+        where = {name: i for i, step in enumerate(self._steps) for name in step.outputs if name}
+        ends = sorted({where[b] for b in boundaries if b in where})
+        if not ends or ends[-1] < len(self._steps) - 1:
+            ends.append(len(self._steps) - 1)
+        fixed = set(self._by_tensor) | set(self._const_keys)
+        later_reads: list[set[str]] = []
+        bounds = list(zip([-1, *ends[:-1]], ends))
+        for lo, hi in bounds:
+            later_reads.append({n for step in self._steps[lo + 1:hi + 1] for n in step.inputs if n})
+        segments = []
+        for b, (lo, hi) in enumerate(bounds):
+            made = {n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n}
+            reads = [n for n in dict.fromkeys(n for step in self._steps[lo + 1:hi + 1] for n in step.inputs if n)
+                     if n not in made and n not in fixed]
+            after = set().union(*later_reads[b + 1:]) | set(self.output_names)
+            outs = [n for n in dict.fromkeys(n for step in self._steps[lo + 1:hi + 1] for n in step.outputs if n)
+                    if n in after]
+            gone = [n for n in reads if n not in after]
+            segments.append((lo + 1, hi + 1, reads, outs, gone))
+        self._segments = segments
+        return self
 
     @property
     def nodes(self) -> list[str]:
@@ -246,7 +274,26 @@ class GraphModule(torch.nn.Module):
             if value.dtype in (torch.float16, torch.bfloat16):
                 value = value.float()
             env[name] = value
-        for step, frees in zip(self._steps, self._frees):
+        if self._segments and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for lo, hi, reads, outs, gone in self._segments:
+                def segment(*values, lo=lo, hi=hi, reads=reads, outs=outs):
+                    local = {**{n: v for n, v in env.items() if n in self._by_tensor or n in self._const_keys},
+                             **dict(zip(reads, values))}
+                    self._run_steps(local, lo, hi)
+                    return tuple(local[n] for n in outs)
+
+                values = checkpoint(segment, *[env[n] for n in reads], use_reentrant=False)
+                env.update(zip(outs, values))
+                for name in gone:
+                    env.pop(name, None)
+            return {name: env[name] for name in self.output_names}
+        self._run_steps(env, 0, len(self._steps))
+        return {name: env[name] for name in self.output_names}
+
+    def _run_steps(self, env: dict, lo: int, hi: int) -> None:
+        for step, frees in zip(self._steps[lo:hi], self._frees[lo:hi]):
             args = [env[name] if name else None for name in step.inputs]
             out = step.fn(step.node, *args)
             if not isinstance(out, (tuple, list)):
@@ -256,7 +303,6 @@ class GraphModule(torch.nn.Module):
                     env[name] = value
             for name in frees:
                 env.pop(name, None)
-        return {name: env[name] for name in self.output_names}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The module on numpy feeds, without gradients; outputs in their declared ONNX element types."""
