@@ -271,7 +271,7 @@ class ReferenceSession:
         self._evaluator = ReferenceEvaluator(model)
         self._model = model
 
-    def run(self, names, feed):
+    def run(self, names, feed, run_options=None):  # run_options: onnxruntime's, nothing to set here
         return self._evaluator.run(list(names) if names else None, feed)
 
     def get_outputs(self):
