@@ -91,42 +91,43 @@ def _zoo_cases() -> dict[str, Callable]:
     return cases
 
 
-def _transformer_cases() -> dict[str, Callable]:
-    def tf(kind, dynamo):
-        def load():
-            import export_transformers as et
+def _cached(name: str, make: Callable[[Path], None], feed: Callable[[onnx.ModelProto], dict]) -> Callable:
+    """A case loader: the export `make(path)` runs once into the cache, then the model and its feed."""
+    def load():
+        path = CACHE / name
+        if not path.exists():
+            make(path)
+        m = onnx.load(path)
+        return m, feed(m)
+    return load
 
-            path = CACHE / f"{kind}_{'dyn' if dynamo else 'ts'}.onnx"
-            if not path.exists():
-                model = {"bert": et.bert, "gpt2": et.gpt2, "vit": et.vit, "vit_split": et.vit_split,
-                         "llama": et.llama, "llama_gqa": lambda: et.llama(kv_heads=2)}[kind]()
-                et.export(model, {"llama": "gpt2", "llama_gqa": "gpt2", "vit_split": "vit"}.get(kind, kind), path,
-                          dynamo)
-            m = onnx.load(path)
-            return m, _tokens_feed(m)
-        return load
+
+def _transformer_cases() -> dict[str, Callable]:
+    def et():  # imported when a case is exported (transformers and torch load slowly)
+        import export_transformers
+
+        return export_transformers
+
+    def tf(kind, dynamo):
+        def make(path):
+            e = et()
+            model = {"bert": e.bert, "gpt2": e.gpt2, "vit": e.vit, "vit_split": e.vit_split,
+                     "llama": e.llama, "llama_gqa": lambda: e.llama(kv_heads=2)}[kind]()
+            e.export(model, {"llama": "gpt2", "llama_gqa": "gpt2", "vit_split": "vit"}.get(kind, kind), path, dynamo)
+        return _cached(f"{kind}_{'dyn' if dynamo else 'ts'}.onnx", make, _tokens_feed)
 
     def kv(dynamo):
-        def load():
-            import export_transformers as et
-
-            path = CACHE / f"llama_cache_{'dyn' if dynamo else 'ts'}.onnx"
-            if not path.exists():
-                et.export_cache(et.llama_lm(hidden=32, heads=4, kv_heads=2, layers=2), path, dynamo)
-            m = onnx.load(path)
-            return m, cache_feed(m)
-        return load
+        def make(path):
+            e = et()
+            e.export_cache(e.llama_lm(hidden=32, heads=4, kv_heads=2, layers=2), path, dynamo)
+        return _cached(f"llama_cache_{'dyn' if dynamo else 'ts'}.onnx", make, cache_feed)
 
     def sdpa_gqa(opset):
-        def load():
-            import export_transformers as et
-
-            path = CACHE / f"sdpa_gqa_op{opset}.onnx"
-            if not path.exists():
-                et.export_attention(et.GQAttention(hidden=32, heads=4, kv_heads=2), path, opset)
-            m = onnx.load(path)
-            return m, {"x": np.random.default_rng(0).standard_normal((2, 6, 32)).astype(np.float32)}
-        return load
+        def make(path):
+            e = et()
+            e.export_attention(e.GQAttention(hidden=32, heads=4, kv_heads=2), path, opset)
+        return _cached(f"sdpa_gqa_op{opset}.onnx", make,
+                       lambda m: {"x": np.random.default_rng(0).standard_normal((2, 6, 32)).astype(np.float32)})
 
     cases = {}
     for kind in ("bert", "gpt2", "llama", "llama_gqa", "vit", "vit_split"):
