@@ -424,9 +424,10 @@ def _check_rules(r: dict[str, Any], label: Callable[[str], str]) -> None:
                                             or r["target_latency"] is not None):
             raise InputError(f"{label('head_ratio')} goes with {label('ratio')}, not with "
                              f"{label('target_macs')}/{label('target_params')}/{label('target_latency')}")
-        if r["target_latency"] is not None and r["allocate"] != "global":
-            raise InputError(f"{label('allocate')} spreads a MAC or parameter target; {label('target_latency')} "
-                             "allocates by measured latency (drop the allocate setting)")
+        if r["target_latency"] is not None and r["allocate"] == "uniform":
+            raise InputError(f"{label('allocate')} uniform spreads a MAC or parameter target evenly; "
+                             f"{label('target_latency')} allocates by measured latency (global scores or "
+                             "sensitivity)")
         if r["threshold"] is not None:
             raise InputError(f"{label('threshold')} is for {label('mode')} unstructured")
         return

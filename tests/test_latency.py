@@ -137,6 +137,49 @@ def test_savings_within_the_noise_are_taken_at_their_mac_fraction():
     assert [o[0] for o in group_options(16, [4, 8, 12], table.curves[1].ratios, np.ones(16))] == [16, 12, 8, 4]
 
 
+def test_sensitivity_prices_channels_by_their_measured_drop():
+    # two groups, equally fast to prune; by their scores group 0 is the cheap one, but pruning it alone was
+    # measured to cost 30 points at a half, group 1 nothing: scores pick 0, sensitivity picks 1
+    counts, ratios = [4, 8, 12], [0.6, 0.7, 0.85]
+    # over their group's mean, group 0's twelve weakest channels weigh almost nothing, group 1's are flat
+    scores = {0: np.array([0.01] * 12 + [10.0] * 4), 1: np.ones(16)}
+    curves = {0: ([0.25, 0.5, 0.75], [10.0, 30.0, 60.0]), 1: ([0.25, 0.5, 0.75], [0.0, -0.5, 0.2])}
+
+    def pick(sensitive: bool) -> dict[int, int]:
+        options = {r: group_options(16, counts, ratios, scores[r], curves[r] if sensitive else None) for r in (0, 1)}
+        return allocate(options, 0.72)
+
+    assert pick(False).keys() == {0}
+    assert pick(True) == {1: 8}
+    hull = group_options(16, counts, ratios, scores[1], curves[1])
+    assert [o[0] for o in hull] == [16, 12, 8, 4] and hull[2][2] < 1e-3 < hull[3][2]  # -0.5 counts as 0
+
+
+def test_target_latency_with_sensitivity(tmp_path, monkeypatch, cli_error):
+    """--allocate sensitivity with --target-latency: the groups are measured on the data and the knapsack
+    prices channels by those drops; the plan is valid (oracle) and the report says how it was priced."""
+    import onnxprune.pipeline.prune as prune_module
+
+    model = load_model(MODELS / "digits_cnn.onnx")
+    data = np.load(MODELS / "digits_calib.npz")
+    feeds = [{"input": data["input"][i:i + 32]} for i in range(0, 96, 32)]
+    measured = []
+    real = prune_module.sensitivity_curves
+    monkeypatch.setattr(prune_module, "sensitivity_curves", lambda *a: measured.append(1) or real(*a))
+    result = prune_model(model, Recipe(target_latency=0.7, allocate="sensitivity", criterion="l1"),
+                         RunSettings(calibration=feeds, latency_cache=tmp_path))
+    lat = result.stats["latency"]
+    assert measured and lat["importance"] == "sensitivity" and result.plan.kept
+    oracle(model, result, latency_feed(model, 3))
+    plain = prune_model(model, Recipe(target_latency=0.7, criterion="l1"), RunSettings(calibration=feeds,
+                                                                                        latency_cache=tmp_path))
+    assert plain.stats["latency"]["importance"] == "scores" and len(measured) == 1
+    with pytest.raises(Exception, match="uniform"):
+        Recipe(target_latency=0.7, allocate="uniform")
+    cli_error(["prune", str(MODELS / "digits_cnn.onnx"), "--target-latency", "0.7", "--allocate", "sensitivity",
+               "-o", str(tmp_path / "x.onnx")], "calibration data")
+
+
 def test_the_closed_loop_interpolates_between_measured_budgets():
     from onnxprune.latency.allocate import next_budget
 

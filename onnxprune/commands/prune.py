@@ -243,7 +243,8 @@ def latency_line(r: dict) -> str:
     return (f"latency on {t['provider']} (batch {t['batch']}, {t['threads']} threads): target {r['target_ms']:.3f} ms "
             f"({r['target_ratio']:.3f} of {r['base_ms']:.3f} ms); predicted {r['predicted_ms']:.3f} ms "
             f"({r['predicted_ratio']:.3f}), measured {r['measured_ms']:.3f} ms ({r['measured_ratio']:.3f}, "
-            f"noise {100 * r['noise']:.1f}%) after {len(r['iterations'])} iteration(s); table {source}")
+            f"noise {100 * r['noise']:.1f}%) after {len(r['iterations'])} iteration(s); table {source}"
+            + ("; channels priced by measured sensitivity" if r.get("importance") == "sensitivity" else ""))
 
 
 def prune_report(result, model: str, output: Path | None, calib, held, max_drop: float | None,

@@ -33,13 +33,23 @@ from onnxprune.pipeline.plan import Plan, select
 Option = tuple[int, float, float]  # (kept count, saving = -log ratio, importance lost)
 
 
-def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray) -> list[Option]:
+def group_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray,
+                  curve: tuple[list[float], list[float]] | None = None) -> list[Option]:
     """A group's options that no other beats (more saving for less loss), from the whole group (0, 0) up, in
     order of saving; a count no faster than a larger one is dropped here. `ratios` as the table resolves them
-    (LatencyTable.resolved: savings within the noise are taken at their MAC fraction)."""
+    (LatencyTable.resolved: savings within the noise are taken at their MAC fraction).
+
+    The loss of removing channels is the importance they carry: their scores over the group's mean (as
+    `--global` ranks), or, with a sensitivity `curve` (pruned ratios, measured drops in points), the drop
+    measured when this group alone loses that share, interpolated and made non-decreasing; the scores then only
+    order groups whose drop is nil."""
     normed = np.sort(np.asarray(scores, dtype=np.float64))
     normed = normed / max(float(normed.mean()), 1e-12)
     lost = np.concatenate([[0.0], np.cumsum(normed)])
+    if curve is not None:
+        measured = np.maximum.accumulate(np.maximum(np.asarray(curve[1], dtype=np.float64), 0.0))
+        share = np.arange(size + 1) / size
+        lost = np.interp(share, [0.0, *curve[0]], [0.0, *measured]) + 1e-6 * lost / size
     points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
     frontier: list[Option] = []
     for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
@@ -120,13 +130,14 @@ class LatencyResult:
     met: bool
     iterations: list[dict] = field(default_factory=list)
     table: LatencyTable | None = None
+    importance: str = "scores"  # what a channel lost costs: "scores" or measured "sensitivity"
 
     def as_dict(self) -> dict:
         t = self.table
         return {"target": self.target, "target_ratio": self.target_ratio, "target_ms": self.target_ratio * self.base_ms,
                 "base_ms": self.base_ms, "predicted_ratio": self.predicted, "predicted_ms": self.predicted * self.base_ms,
                 "measured_ratio": self.measured, "measured_ms": self.measured * self.base_ms, "noise": self.noise,
-                "met": self.met, "iterations": self.iterations,
+                "met": self.met, "iterations": self.iterations, "importance": self.importance,
                 "table": None if t is None else {"provider": t.provider, "batch": t.batch, "threads": t.threads,
                                                  "groups": len(t.curves), "cached": t.cached,
                                                  "seconds": round(t.seconds, 2), "noise": t.noise}}
@@ -166,14 +177,18 @@ def next_budget(budget: float, predicted: float, measured: float, target: float,
 
 def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray], target: float | str,
                      settings: LatencySettings, feed: dict[str, np.ndarray], cache=None, max_iterations: int = 8,
-                     show_progress: bool = False) -> LatencyResult:
+                     show_progress: bool = False,
+                     sensitivity: dict[int, tuple[list[float], list[float]]] | None = None) -> LatencyResult:
     """The plan keeping the most importance whose measured latency is within `target` (a fraction of the
-    original's, or "12ms"), on `settings`' provider, batch and threads."""
+    original's, or "12ms"), on `settings`' provider, batch and threads; importance is the scores, or the
+    measured drops of `sensitivity` (group root -> (pruned ratios, drops), SensitivityResult.curves)."""
     measured_table = build_table(prep, model, feed, settings, cache, show_progress)
     table = measured_table.resolved()
     target_ratio = parse_target(target, table.base_ms)
-    options = {root: group_options(c.size, c.counts, c.ratios, scores[root])
-               for root, c in table.curves.items() if c.counts}
+    # with sensitivity, a group it could not measure (a contained fault) stays whole
+    options = {root: group_options(c.size, c.counts, c.ratios, scores[root],
+                                   sensitivity[root] if sensitivity is not None else None)
+               for root, c in table.curves.items() if c.counts and (sensitivity is None or root in sensitivity)}
     internal = min(target_ratio, 1.0)
     tried: list[dict] = []
     best: tuple[Plan, float, float, float] | None = None  # plan, predicted, measured, noise
@@ -220,4 +235,4 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
         internal = next_budget(internal, predicted, measured, target_ratio, tight, loose, bracket)
     plan, predicted, measured, noise = best or fastest
     return LatencyResult(plan, target, target_ratio, table.base_ms, predicted, measured, noise, best is not None,
-                         tried, table)
+                         tried, table, "sensitivity" if sensitivity is not None else "scores")

@@ -249,14 +249,14 @@ def make_plan(model: onnx.ModelProto, prep: Prepared, recipe: Recipe, run: RunSe
     if scores is None:
         scores = score_groups(prep.analysis, prep.view, recipe.criterion, recipe.seed, stats=stats)
     target = recipe.target_macs if recipe.target_macs is not None else recipe.target_params
+    curves = None
+    if recipe.allocate == "sensitivity" and (target is not None or recipe.target_latency is not None):
+        measured = run.reuse.sensitivity or sensitivity_curves(prep, run.calibration, scores)
+        curves, faults = measured.curves(), list(measured.faults)
     if recipe.target_latency is not None:
-        plan, latency = _plan_for_latency(prep, model, scores, recipe, run, notes)
+        plan, latency = _plan_for_latency(prep, model, scores, recipe, run, notes, curves)
     elif target is not None:
         metric = "macs" if recipe.target_macs is not None else "params"
-        curves = None
-        if recipe.allocate == "sensitivity":
-            measured = run.reuse.sensitivity or sensitivity_curves(prep, run.calibration, scores)
-            curves, faults = measured.curves(), list(measured.faults)
         budget = plan_for_target(prep, scores, target, metric, recipe.allocate, curves, recipe.round_to)
         plan = budget.plan
         if budget.estimate > target + 1e-9:
@@ -272,11 +272,13 @@ def make_plan(model: onnx.ModelProto, prep: Prepared, recipe: Recipe, run: RunSe
 
 
 def _plan_for_latency(prep: Prepared, model: onnx.ModelProto, scores: dict[int, np.ndarray], recipe: Recipe,
-                      run: RunSettings, notes: list[str]) -> tuple[Plan, dict]:
-    """The plan meeting the recipe's latency target, measured (onnxprune/latency), and its report."""
+                      run: RunSettings, notes: list[str], curves=None) -> tuple[Plan, dict]:
+    """The plan meeting the recipe's latency target, measured (onnxprune/latency), and its report; `curves`
+    (sensitivity) price the channels instead of the scores."""
     settings = latency_settings(recipe)
     feed = latency_feed(prep.model, settings.batch, run.input_shapes, run.feeds(), recipe.seed)
-    result = plan_for_latency(prep, model, scores, recipe.target_latency, settings, feed, run.latency_cache)
+    result = plan_for_latency(prep, model, scores, recipe.target_latency, settings, feed, run.latency_cache,
+                              sensitivity=curves)
     if not result.met:
         notes.append(f"the latency target {recipe.target_latency} was not met: the fastest plan tried measured "
                      f"{result.measured:.3f} of the original's latency (target {result.target_ratio:.3f})")
@@ -324,9 +326,9 @@ def _prune_depth_first(model: onnx.ModelProto, recipe: Recipe, run: RunSettings)
         raise InputError(f"--quantize {recipe.quantize} calibrates on data: pass --data FILE")
     if recipe.target_latency is not None:
         latency_settings(recipe).check()  # a provider this onnxruntime lacks: one line, before any work
-    if recipe.allocate == "sensitivity" and recipe.target is None:
-        raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params or "
-                         "--max-drop")
+    if recipe.allocate == "sensitivity" and recipe.target is None and recipe.target_latency is None:
+        raise InputError("--allocate sensitivity spreads a budget: add --target-macs, --target-params, "
+                         "--target-latency or --max-drop")
 
 
 def sensitivity_curves(prep: Prepared, calibration, scores: dict[int, np.ndarray]) -> SensitivityResult:
