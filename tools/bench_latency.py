@@ -129,7 +129,20 @@ def model_shapes(model, feed) -> dict:
     return {i.name: tuple(d if d else s for d, s in zip(i.dims, np.shape(feed[i.name]))) for i in graph_inputs(model)}
 
 
-def bench(name: str, batch: int, target: float, samples: int, rounds: int, match_steps: int = 6) -> dict:
+def calibration_for(name: str, model, samples: int):
+    """What `--allocate sensitivity` measures the groups on: the shipped calibration sets (never the held-out
+    data fidelity is measured on), else random inputs."""
+    from onnxprune.evaluate.data import load_data
+
+    if name.startswith("digits"):
+        return load_data(str(ROOT / "models" / "digits_calib.npz"), model, batch_size=64, limit=4 * samples)
+    if name == "stdlib_llama":
+        return load_data(str(ROOT / "models" / "stdlib_calib.npz"), model, batch_size=8, limit=samples)
+    return load_data(None, model, random=samples, batch_size=8, seed=1)
+
+
+def bench(name: str, batch: int, target: float, samples: int, rounds: int, match_steps: int = 6,
+          allocate: str = "global") -> dict:
     from onnxprune.runtime.session import run_batches
     from onnxprune.graph.stats import count_macs
     from onnxprune.io.model_io import load_model
@@ -155,16 +168,26 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
     table_s = time.perf_counter() - t0
     macs0 = count_macs(prep.model, prep.view, model_shapes(prep.model, feed))
 
+    sens = curves = None
+    if allocate == "sensitivity":  # measured once, on calibration data, for both plans
+        from onnxprune.pipeline.sensitivity import sensitivity
+
+        t0 = time.perf_counter()
+        sens = sensitivity(prep, calibration_for(name, model, samples), scores)
+        curves = sens.curves()
+        print(f"# {name}: sensitivity of {len(curves)} groups in {time.perf_counter() - t0:.1f} s", flush=True)
+    reuse = Reuse(prepared=prep, scores=scores, sensitivity=sens)
+
     t0 = time.perf_counter()
-    lat = prune_model(model, Recipe(target_latency=target, latency_batch=batch, criterion="l1"), RunSettings(calibration=feeds, reuse=Reuse(prepared=prep, scores=scores),
-                                    latency_cache=cache))
+    lat = prune_model(model, Recipe(target_latency=target, latency_batch=batch, criterion="l1", allocate=allocate),
+                      RunSettings(calibration=feeds, reuse=reuse, latency_cache=cache))
     lat_s = time.perf_counter() - t0
     achieved = lat.stats["latency"]["measured_ratio"]
 
     # the MAC target whose plan measures as fast as the latency plan: bisection on the measured ratio (each
     # step timed against the original, interleaved), starting from the target the table predicts
     def predicted(m: float) -> float:
-        plan = plan_for_target(prep, scores, m, "macs").plan
+        plan = plan_for_target(prep, scores, m, "macs", allocate, curves).plan
         return table.predict({r: len(k) for r, k in plan.kept.items()})
 
     grid = np.linspace(0.05, 1.0, 39)
@@ -172,7 +195,8 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
     lo, hi = 0.01, 1.0
     tries = []
     for _ in range(match_steps):
-        mac = prune_model(model, Recipe(target_macs=m, criterion="l1"), RunSettings(calibration=feeds, reuse=Reuse(prepared=prep, scores=scores)))
+        mac = prune_model(model, Recipe(target_macs=m, criterion="l1", allocate=allocate),
+                          RunSettings(calibration=feeds, reuse=reuse))
         ratio = lat_measure.time_models({"original": prep.model, "macs": mac.model}, feed, settings,
                                         reference="original")["ratio"]["macs"]
         tries.append((abs(ratio - achieved), m, mac, ratio))
@@ -190,7 +214,7 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
                                     LatencySettings(batch=batch, threads=1, rounds=rounds, seconds=0.05),
                                     reference="original")
     ref_out = run_batches(model, data)
-    row = {"model": name, "batch": batch, "target": target, "groups": len(prep.analysis.prunable),
+    row = {"model": name, "batch": batch, "target": target, "allocate": allocate, "groups": len(prep.analysis.prunable),
            "table_s": round(table_s, 1), "latency_prune_s": round(lat_s, 1), "base_ms": final["ms"]["original"],
            "iterations": len(lat.stats["latency"]["iterations"]), "data": data_note,
            "original": fidelity(name, model, data, ref_out)}
@@ -221,6 +245,8 @@ def markdown(rows: list[dict]) -> str:
             else:
                 fid = f"{f['metric']} {f['value']:.4g} (orig {base['value']:.4g})"
             plan = f"--target-latency {r['target']}" if key == "latency" else f"--target-macs {x['target_macs']:.3f}"
+            if r.get("allocate", "global") != "global":
+                plan += f" --allocate {r['allocate']}"
             lines.append(f"| {r['model']} | {r['batch']} | {r['base_ms']:.3f} | {r['table_s']} | {plan} | "
                          f"{x['latency_ratio']:.3f} ± {x['noise']:.3f} | {x['latency_ratio'] / r['target']:.3f} | "
                          f"{x['mac_ratio']:.3f} | {x['latency_per_mac']:.2f} | {fid} |")
@@ -234,6 +260,9 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.6)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the final comparison")
+    parser.add_argument("--allocate", choices=["global", "sensitivity"], default="global",
+                        help="importance for both plans: l1 scores over the group mean, or sensitivity measured on "
+                             "the calibration data")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import onnxruntime
@@ -244,7 +273,7 @@ def main() -> int:
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             t0 = time.perf_counter()
-            row = bench(name, batch, args.target, args.samples, args.rounds)
+            row = bench(name, batch, args.target, args.samples, args.rounds, allocate=args.allocate)
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
