@@ -114,7 +114,7 @@ def fidelity(name: str, model, dataset, ref_outputs) -> dict:
 
     if dataset.labels is not None or name == "stdlib_llama":
         m = measure(model, dataset, reference_outputs=ref_outputs)
-        return {"metric": m["metric"], "value": m.get("perplexity", m["value"])}
+        return {"metric": "perplexity" if "perplexity" in m else m["metric"], "value": m.get("perplexity", m["value"])}
     c = compare_outputs(run_batches(model, dataset), ref_outputs)
     out = next(iter(c["outputs"].values())) if "outputs" in c else c
     if c.get("top1_agreement") is None:  # not class scores (MiniLM's embeddings, YOLO's boxes): cosine only
