@@ -90,7 +90,8 @@ def recipe_options(f):
         click.option("--threads", "--latency-threads", "latency_threads", type=click.IntRange(min=1), default=1,
                      show_default=True, help="onnxruntime intra-op threads --target-latency is measured with."),
         click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True,
-                     help="How a budget is spread over groups (sensitivity measures each group on --data)."),
+                     help="How a budget (--target-macs/-params/-latency) is spread over groups (sensitivity: by "
+                          "the drop measured when each group alone is pruned, on --data)."),
         click.option("--mode", type=click.Choice(list(MODES)), default="structured", show_default=True,
                      help="unstructured: zero the smallest weights, same shapes (no speed-up in onnxruntime)."),
         click.option("--threshold", type=float, default=None, help="Unstructured: zero weights with |w| below this."),
