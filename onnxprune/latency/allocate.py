@@ -2,7 +2,8 @@
 
 Allocation is a multiple-choice knapsack: each group picks one kept count among those its latency table
 measured (or stays whole); a count costs the importance of the channels it drops (the group's scores over
-their mean, summed over the lowest-scored channels removed: the same normalisation as `--global`) and saves
+their mean, summed over the lowest-scored channels removed: the same normalisation as `--global`; with
+`--allocate sensitivity`, the drop measured when the group alone loses that share) and saves
 -log of its latency ratio, and the savings add up to -log of the plan's predicted ratio (table.py's
 multiplicative model). Per group only options that no other beats (more saving for less loss) are kept, so a count that is no
 faster than a larger one (a step of the measured curve not taken) is never chosen; the greedy takes the
