@@ -59,7 +59,7 @@ EFFNET = Path(os.environ.get("EFFNET_LITE0_DIR", "/work/cache/effnet_lite0"))
 
 
 def classifiers(args) -> list[dict]:
-    """lstsq alone, + block-wise, + block-wise and end-to-end at --target-macs 0.25: held-out top-1 (digits:
+    """lstsq alone, + block-wise, + block-wise and end-to-end at --target-macs (0.25): held-out top-1 (digits:
     accuracy on the held-out digits; effnet: agreement with the original on crops of held-out photographs)."""
     if args.what == "digits":
         entries = [(name, MODELS / f"{name}.onnx", MODELS / "digits_calib.npz", MODELS / "digits_heldout.npz")
@@ -71,7 +71,8 @@ def classifiers(args) -> list[dict]:
     work = Path(args.work)
     for name, model, calib, held in entries:
         pruned = work / f"{name}.lstsq.onnx"
-        run = child(["prune", str(model), "--target-macs", "0.25", "--recover", "lstsq", "--data", str(calib),
+        run = child(["prune", str(model), "--target-macs", str(args.target_macs), "--recover", "lstsq",
+                     "--data", str(calib),
                      "--eval-data", str(held), "-o", str(pruned), "--overwrite", "--json", str(pruned) + ".json"],
                     args.timeout, Path(str(pruned) + ".log"))
         report = json.loads(Path(str(pruned) + ".json").read_text())
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ratio", type=float, action="append")
+    parser.add_argument("--target-macs", type=float, default=0.25, help="digits, effnet: MACs kept")
     parser.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps (default: --steps)")
     parser.add_argument("--e2e-lr", type=float, default=None, help="end-to-end learning rate (default: --lr)")
     parser.add_argument("--limit", type=int, default=32, help="smollm2: calibration windows trained on")
