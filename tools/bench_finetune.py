@@ -5,6 +5,8 @@ Each step is an onnxprune CLI command in a child process (wall time and peak RSS
   digits  the shipped digits CNN and ResNet at --target-macs 0.25 with --recover lstsq, calibration
           models/digits_calib.npz: held-out accuracy (models/digits_heldout.npz) of lstsq alone, then of
           `onnxprune finetune` on that model (block-wise, then block-wise + end-to-end).
+  tvdigits  the same on torchvision's ResNet-18 trained on digits at 32x32 (tools/digits_torchvision.py builds
+          it into /work/cache/digits_resnet18): held-out accuracy on the 450 held-out digits.
   effnet  the same on EfficientNet-Lite0 with its ImageNet weights (tools/efficientnet_lite0.py builds it into
           /work/cache/effnet_lite0), calibrated on 512 crops of real photographs; held-out: top-1 agreement
           with the original on 256 crops of other photographs.
@@ -14,6 +16,7 @@ Each step is an onnxprune CLI command in a child process (wall time and peak RSS
   stdlib_llama  the same on the shipped tiny GQA decoder (models/stdlib_llama.onnx, stdlib windows).
 
     python tools/bench_finetune.py digits --steps 300 --lr 1e-3
+    python tools/bench_finetune.py tvdigits --steps 300 --lr 1e-3
     python tools/bench_finetune.py effnet --steps 300 --lr 1e-4
     python tools/bench_finetune.py smollm2 --ratio 0.2 --steps 10 --limit 32
 """
@@ -56,6 +59,7 @@ def child(args: list[str], timeout: float, log_path: Path | None = None) -> dict
 
 
 EFFNET = Path(os.environ.get("EFFNET_LITE0_DIR", "/work/cache/effnet_lite0"))
+TVDIGITS = Path(os.environ.get("DIGITS_RESNET18_DIR", "/work/cache/digits_resnet18"))
 
 
 def classifiers(args) -> list[dict]:
@@ -64,6 +68,9 @@ def classifiers(args) -> list[dict]:
     if args.what == "digits":
         entries = [(name, MODELS / f"{name}.onnx", MODELS / "digits_calib.npz", MODELS / "digits_heldout.npz")
                    for name in ("digits_cnn", "digits_resnet")]
+    elif args.what == "tvdigits":  # tools/digits_torchvision.py
+        entries = [("digits_resnet18", TVDIGITS / "digits_resnet18.onnx", TVDIGITS / "calib.npz",
+                    TVDIGITS / "heldout.npz")]
     else:  # tools/efficientnet_lite0.py
         entries = [("efficientnet_lite0", EFFNET / "efficientnet_lite0.onnx", EFFNET / "calib.npz",
                     EFFNET / "heldout.npz")]
@@ -174,12 +181,12 @@ def decoder(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["digits", "effnet", "smollm2", "stdlib_llama"])
+    parser.add_argument("what", choices=["digits", "tvdigits", "effnet", "smollm2", "stdlib_llama"])
     parser.add_argument("--work", default="/work/cache/distill")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ratio", type=float, action="append")
-    parser.add_argument("--target-macs", type=float, default=0.25, help="digits, effnet: MACs kept")
+    parser.add_argument("--target-macs", type=float, default=0.25, help="digits, tvdigits, effnet: MACs kept")
     parser.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps (default: --steps)")
     parser.add_argument("--e2e-lr", type=float, default=None, help="end-to-end learning rate (default: --lr)")
     parser.add_argument("--limit", type=int, default=32, help="smollm2: calibration windows trained on")
@@ -190,7 +197,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    rows = classifiers(args) if args.what in ("digits", "effnet") else decoder(args)
+    rows = classifiers(args) if args.what in ("digits", "tvdigits", "effnet") else decoder(args)
     for row in rows:
         print(json.dumps(row))
     if args.json:
