@@ -138,3 +138,58 @@ def test_taylor_plans_pass_the_zero_channel_oracle(path):
     want = run(zeroed, feeds[0])[0]
     got = run(result.model, follow(result, feeds[0]))[0]
     assert np.max(np.abs(want - got)) <= 1e-4 * max(np.max(np.abs(want)), 1.0)
+
+
+def test_device_resolution(monkeypatch):
+    """auto is CUDA exactly when torch sees a GPU; cuda without one and unknown names are one-line errors."""
+    from onnxprune.errors import InputError
+    from onnxprune.train.distill import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(InputError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(InputError, match="expected one of"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(InputError, match="1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+def test_missing_device_fails_before_any_work(tmp_path, cli_error, monkeypatch):
+    """--finetune-device cuda on a machine without one: exit 2, one line, nothing written (prune and finetune)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out.onnx"
+    data = str(MODELS / "digits_calib.npz")
+    cli_error(["finetune", str(CNN), "--teacher", str(CNN), "--data", data, "--finetune-device", "cuda",
+               "-o", str(out)], "--finetune-device cuda")
+    cli_error(["prune", str(CNN), "--ratio", "0.5", "--data", data, "--finetune", "--finetune-device", "cuda",
+               "-o", str(out)], "sees no CUDA GPU")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu():
+    """The same end-to-end run on the GPU and on the CPU: losses and re-trained weights agree closely (float32
+    kernels differ, so not bit for bit)."""
+    from onnxprune.train.endtoend import distill_end_to_end
+
+    model = onnx.load(CNN)
+    calib = _digits("digits_calib.npz")
+    pruned = prune_model(model, Recipe(ratio=0.5, recover="bias"), RunSettings(calibration=calib)).model
+    feeds = list(calib.feeds)
+    rows = {}
+    for device in ("cpu", "cuda"):
+        res = distill_end_to_end(pruned, model, feeds, list(range(len(feeds) - 2)), [len(feeds) - 2, len(feeds) - 1],
+                                 steps=20, lr=1e-3, show_progress=False, device=device)
+        rows[device] = res
+    assert rows["cuda"].row["device"] == "cuda"
+    a, b = rows["cpu"].row["held_out_after"], rows["cuda"].row["held_out_after"]
+    assert abs(a - b) <= 1e-3 * max(abs(a), 1e-6) + 1e-5, (a, b)
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in rows["cpu"].model.graph.initializer}
+    for t in rows["cuda"].model.graph.initializer:
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(t), ref[t.name], rtol=1e-3, atol=1e-4)

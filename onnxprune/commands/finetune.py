@@ -57,12 +57,17 @@ def finetune_command(model: str, teacher: str, output: str | None, overwrite: bo
     if not out_path.parent.exists():
         raise InputError(f"output folder does not exist: {out_path.parent}")
     ctx = click.get_current_context()
+    device = params.pop("finetune_device")
     given = {k: params.pop(k) for k in FIELDS}
     given = {k: v for k, v in given.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     recipe = load_recipe(recipe_path) if recipe_path else Recipe()
     if recipe.finetune == "none" and "finetune" not in given:
         given["finetune"] = FINETUNE_MODES[1]  # this command re-trains: block-wise unless told otherwise
     recipe = recipe.replace(**given)
+    if recipe.finetune != "none":
+        from onnxprune.train.distill import resolve_device
+
+        device = resolve_device(device)  # before the models load
     pruned = load_model(model)
     original = load_model(teacher)
     batch_size = params.get("batch_size") or 32
@@ -75,7 +80,7 @@ def finetune_command(model: str, teacher: str, output: str | None, overwrite: bo
 
         held = load_data(eval_data, original, batch_size=batch_size)
     result = finetune(pruned, original, calib, recipe, eval_data=held, memory_budget=parse_bytes(memory_budget),
-                      show_progress=True)
+                      show_progress=True, device=device)
     show_finetune(result.report)
     for note in result.notes:
         console.print(f"note: {note}")

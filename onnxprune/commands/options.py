@@ -69,7 +69,8 @@ def provider_options(f):
 
 def finetune_options(f):
     """Add the recipe's re-training options: --finetune [MODE], --finetune-steps, --finetune-lr,
-    --finetune-batch-size, --finetune-temperature, --finetune-loss (defaults are the Recipe's)."""
+    --finetune-batch-size, --finetune-temperature, --finetune-loss (defaults are the Recipe's), and
+    --finetune-device (where it runs: not a recipe field, the result does not depend on it)."""
     from onnxprune.recipe import FINETUNE_LOSSES, FINETUNE_MODES, default
 
     options = [
@@ -89,6 +90,9 @@ def finetune_options(f):
         click.option("--finetune-loss", type=click.Choice(FINETUNE_LOSSES), default=default("finetune_loss"),
                      show_default=True, help="End-to-end loss: auto is KL on logits or class scores (+ "
                                              "cross-entropy with labels), else MSE."),
+        click.option("--finetune-device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="Torch device re-training runs on: auto is CUDA when torch sees a GPU, else the CPU "
+                          "(the original model stays in onnxruntime)."),
     ]
     for option in reversed(options):
         f = option(f)

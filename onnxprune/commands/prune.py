@@ -166,6 +166,11 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         require_mlflow()  # before any work: a missing extra is an install hint, not a lost run
     budget = parse_bytes(memory_budget)
     recipe, given = recipe_from_options(params)
+    train_device = params.pop("finetune_device")
+    if recipe.finetune != "none":  # a device that is not there fails before the prune, not after it
+        from onnxprune.train.distill import resolve_device
+
+        train_device = resolve_device(train_device)
     data_kwargs = params
     if max_drop is not None:
         budgets = [option_name(k) for k in ("ratio", "target_macs", "target_params", "target_latency")
@@ -209,7 +214,8 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
     if prep is not None and is_lazy(prep.model) and not dry_run:
         prep.workspace = Workspace(near=out_path.parent, one_file=not keeps_data_files(prep.model))  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
-                      reuse=Reuse(prepared=prep), latency_cache=latency_cache, eval_data=held)
+                      reuse=Reuse(prepared=prep), latency_cache=latency_cache, eval_data=held,
+                      train_device=train_device)
     if max_drop is not None:
         result = prune_within_drop(original, max_drop, held, recipe, run)
     else:

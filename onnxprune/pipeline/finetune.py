@@ -39,15 +39,18 @@ class FinetuneResult:
 
 def finetune(pruned: onnx.ModelProto, original: onnx.ModelProto, calibration: Dataset | Sequence[dict],
              recipe: Recipe, *, eval_data: Dataset | None = None, memory_budget: int | None = None,
-             show_progress: bool = False) -> FinetuneResult:
+             show_progress: bool = False, device: str = "auto") -> FinetuneResult:
     """Distil `pruned` from `original` on `calibration` as `recipe`'s finetune settings say (see the module
-    docstring). `eval_data` is the held-out set; without it a share (HOLDOUT) of the calibration samples is."""
+    docstring). `eval_data` is the held-out set; without it a share (HOLDOUT) of the calibration samples is.
+    `device` is the torch device training runs on (auto: CUDA when torch sees a GPU, else the CPU)."""
     from onnxprune.train.blockwise import distill_blocks
+    from onnxprune.train.distill import resolve_device
     from onnxprune.train.endtoend import distill_end_to_end
 
     mode = recipe.finetune
     if mode == "none":
         return FinetuneResult(pruned, True, {"mode": "none"})
+    device = resolve_device(device)
     calibration = calibration if isinstance(calibration, Dataset) else Dataset(list(calibration), None, "calibration")
     if not calibration.feeds:
         raise InputError("--finetune trains on calibration data: pass --data FILE")
@@ -60,13 +63,13 @@ def finetune(pruned: onnx.ModelProto, original: onnx.ModelProto, calibration: Da
     judge = Judge(original, feeds[0], recipe.finetune_loss)
     before = {"calibration": judge(pruned, train_ds), "held_out": judge(pruned, held_ds)}
     report: dict = {"mode": mode, "steps": recipe.finetune_steps, "lr": recipe.finetune_lr,
-                    "batch_size": recipe.finetune_batch_size,
+                    "batch_size": recipe.finetune_batch_size, "device": device,
                     "calibration": {"source": train_ds.source, "samples": len(train_ds)},
                     "held_out": {"source": held_ds.source, "samples": len(held_ds)}}
     notes: list[str] = []
     model, current = pruned, before["held_out"]
     settings = {"steps": recipe.finetune_steps, "lr": recipe.finetune_lr, "seed": recipe.seed,
-                "show_progress": show_progress}
+                "show_progress": show_progress, "device": device}
     if mode in ("blockwise", "both"):
         res = distill_blocks(model, original, feeds, train, held, list(judge.kinds),
                              memory_budget=memory_budget, **settings)

@@ -78,6 +78,7 @@ class RunSettings:
     reuse: Reuse = Reuse()
     latency_cache: str | None = None  # folder of measured latency tables (latency/table.py; default ~/.cache)
     eval_data: object = None          # held-out Dataset re-training (recipe.finetune) is judged on
+    train_device: str = "auto"        # torch device re-training runs on (auto: CUDA when torch sees a GPU)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         data = self.calibration
@@ -206,7 +207,7 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     tuned = None
     if recipe.finetune != "none" and plan.kept:
         tuned = finetune(pruned, prep.model, run.calibration, recipe, eval_data=run.eval_data,
-                         memory_budget=run.memory_budget, show_progress=True)
+                         memory_budget=run.memory_budget, show_progress=True, device=run.train_device)
         pruned = tuned.model
         notes.extend(tuned.notes)
     faults = list(prep.analysis.faults) + contained

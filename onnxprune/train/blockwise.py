@@ -111,11 +111,12 @@ def _adapted(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> 
 def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
                    train: Sequence[int], held: Sequence[int], loss_outputs: Sequence[str], *, steps: int,
                    lr: float, seed: int = 0, memory_budget: int | None = None,
-                   show_progress: bool = True) -> BlockwiseResult:
+                   show_progress: bool = True, device: str = "cpu") -> BlockwiseResult:
     """Re-train `pruned` block by block against `original` (see the module docstring).
 
     `feeds` are batches; `train` and `held` index them (held-out batches are never trained on and decide whether
-    a block keeps its new weights). `loss_outputs` are the model outputs the last block ends at. Returns a copy
+    a block keeps its new weights). `loss_outputs` are the model outputs the last block ends at. Blocks train on
+    `device` (a torch device: resolve_device); both models' staged passes run in onnxruntime. Returns a copy
     of `pruned` with new initializer values; `pruned` is left alone."""
     require_torch()
     student = onnx.ModelProto()
@@ -148,7 +149,7 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
             if own:
                 tensors = _train_block(sub, own, student_run, k, request, store, train, held, steps=steps, lr=lr,
                                        seed=seed + k, label=f"block {k + 1}/{len(requests)}", row=row,
-                                       show_progress=show_progress)
+                                       show_progress=show_progress, device=device)
                 for tensor in tensors:
                     student.graph.initializer[index[tensor.name]].CopyFrom(tensor)
             else:
@@ -173,13 +174,13 @@ def distill_blocks(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Se
 
 def _train_block(sub: onnx.ModelProto, own: list[str], run: StagedRun, k: int, request: list[str],
                  store: FrontierStore, train: Sequence[int], held: Sequence[int], *, steps: int, lr: float, seed: int,
-                 label: str, row: dict, show_progress: bool) -> list[onnx.TensorProto]:
+                 label: str, row: dict, show_progress: bool, device: str = "cpu") -> list[onnx.TensorProto]:
     """Train the block `sub` (request `k` of `run`) on its `own` initializers; fills `row` with its losses before
     and after; returns the new initializers when the held-out loss went down (else none: rolled back)."""
     torch = require_torch()
     from onnxprune.train.graph_module import to_torch, write_back
 
-    module = to_torch(sub, trainable="weights")  # scalars (a Pow's exponent, an epsilon) stay
+    module = to_torch(sub, trainable="weights").to(device)  # scalars (a Pow's exponent, an epsilon) stay
     trainable = []
     for key, param in module.params.items():
         param.requires_grad_(param.requires_grad and module.param_names[key] in own)
@@ -188,9 +189,9 @@ def _train_block(sub: onnx.ModelProto, own: list[str], run: StagedRun, k: int, r
     inputs = run.stage_inputs(k)
 
     def block_loss(b: int):
-        out = module(as_tensors({x: run.value(x, b) for x in inputs}))
+        out = module(as_tensors({x: run.value(x, b) for x in inputs}, device))
         return sum(relative_mse(out[name].float(), torch.from_numpy(np.asarray(
-            store.get(_target_key(k, name), b))).float()) for name in request) / len(request)
+            store.get(_target_key(k, name), b))).float().to(device)) for name in request) / len(request)
 
     def mean_loss(batches) -> float:
         with torch.no_grad():

@@ -120,6 +120,30 @@ def train_steps(params: Sequence, batch_loss: Callable[[int], object], batches: 
     return losses
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """The torch device re-training runs on: `auto` is CUDA when torch sees a GPU, else the CPU; `cuda` (or
+    `cuda:N`) without one is an InputError naming what torch sees. The teacher stays in onnxruntime."""
+    torch = require_torch()
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise InputError(f"--finetune-device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU; "
+                             "use --finetune-device cpu")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--finetune-device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        return name
+    raise InputError(f"--finetune-device {device!r}: expected one of {', '.join(DEVICES)} (or cuda:N)")
+
+
 def as_tensors(feed: dict[str, np.ndarray], device: str = "cpu") -> dict:
     torch = require_torch()
     out = {}

@@ -59,10 +59,11 @@ class Teacher:
 def distill_end_to_end(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
                        train: Sequence[int], held: Sequence[int], labels: Sequence[np.ndarray | None] | None = None,
                        *, steps: int, lr: float, temperature: float = 2.0, loss: str = "auto", seed: int = 0,
-                       show_progress: bool = True) -> EndToEndResult:
+                       show_progress: bool = True, device: str = "cpu") -> EndToEndResult:
     """Train every float initializer of `pruned` so its outputs match `original`'s on the `train` batches of
     `feeds` (`labels[b]`, when given, adds cross-entropy). Returns the re-trained copy and a row of losses on
-    the train and held-out batches before and after; `pruned` is left alone."""
+    the train and held-out batches before and after; `pruned` is left alone. The student trains on `device`
+    (a torch device: resolve_device); the teacher runs in onnxruntime."""
     torch = require_torch()
     from onnxprune.train.blockwise import _adapted
     from onnxprune.train.graph_module import to_torch, write_back
@@ -72,7 +73,7 @@ def distill_end_to_end(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds
     kinds = output_losses(teacher.outputs(train[0] if train else 0), feeds[0], loss)
     teacher.names, teacher.cache, teacher.cached_bytes = list(kinds), {}, 0  # only what the loss reads
     student_feeds = _adapted(pruned, feeds)
-    module = to_torch(pruned, trainable="weights")  # scalars (a Pow's exponent, an epsilon) stay
+    module = to_torch(pruned, trainable="weights").to(device)  # scalars (a Pow's exponent, an epsilon) stay
     # activations recomputed per segment in the backward pass: a deep model keeps its residual stream between
     # segments, not every layer's intermediates (SmolLM2 at 4 windows: 9.8 GiB peak before)
     module.checkpoint(module.cut_points())
@@ -80,12 +81,12 @@ def distill_end_to_end(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds
     with_ce = labels is not None and loss == "auto"
 
     def batch_loss(b: int):
-        out = module(as_tensors(student_feeds[b]))
+        out = module(as_tensors(student_feeds[b], device))
         target = teacher.outputs(b)
         mask = token_mask(feeds[b])
-        mask_t = None if mask is None else torch.from_numpy(np.asarray(mask))
-        y = None if labels is None or labels[b] is None else torch.from_numpy(np.asarray(labels[b]))
-        return sum(distill_loss(kind, out[name], torch.from_numpy(target[name]), temperature=temperature,
+        mask_t = None if mask is None else torch.from_numpy(np.asarray(mask)).to(device)
+        y = None if labels is None or labels[b] is None else torch.from_numpy(np.asarray(labels[b])).to(device)
+        return sum(distill_loss(kind, out[name], torch.from_numpy(target[name]).to(device), temperature=temperature,
                                 mask=mask_t, labels=y, with_ce=with_ce) for name, kind in kinds.items())
 
     def mean_loss(batches) -> float | None:
@@ -96,6 +97,7 @@ def distill_end_to_end(pruned: onnx.ModelProto, original: onnx.ModelProto, feeds
 
     start = time.perf_counter()
     row = {"outputs": {n: k for n, k in kinds.items()}, "params": int(sum(p.numel() for p in params)),
+           "device": str(device),
            "calibration_before": mean_loss(train), "held_out_before": mean_loss(held)}
     losses = train_steps(params, batch_loss, list(train), steps=steps, lr=lr, seed=seed, label="end-to-end",
                          show_progress=show_progress)
