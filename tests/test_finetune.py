@@ -182,11 +182,9 @@ def test_cuda_training_matches_cpu():
     calib = _digits("digits_calib.npz")
     pruned = prune_model(model, Recipe(ratio=0.5, recover="bias"), RunSettings(calibration=calib)).model
     feeds = list(calib.feeds)
-    rows = {}
-    for device in ("cpu", "cuda"):
-        res = distill_end_to_end(pruned, model, feeds, list(range(len(feeds) - 2)), [len(feeds) - 2, len(feeds) - 1],
-                                 steps=20, lr=1e-3, show_progress=False, device=device)
-        rows[device] = res
+    train, held = list(range(len(feeds) - 2)), [len(feeds) - 2, len(feeds) - 1]
+    rows = {device: distill_end_to_end(pruned, model, feeds, train, held, steps=20, lr=1e-3, show_progress=False,
+                                       device=device) for device in ("cpu", "cuda")}
     assert rows["cuda"].row["device"] == "cuda"
     a, b = rows["cpu"].row["held_out_after"], rows["cuda"].row["held_out_after"]
     assert abs(a - b) <= 1e-3 * max(abs(a), 1e-6) + 1e-5, (a, b)

@@ -15,6 +15,7 @@ parameters) on the digits training split of tools/train_digits.py, each 8x8 digi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -25,8 +26,9 @@ TOOLS = Path(__file__).resolve().parent
 SIZE = 32
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+def _digits_resnet():
+    """tools/train_digits_resnet.py: the digits split, its training loop with shift augmentation, the export."""
+    spec = importlib.util.spec_from_file_location("train_digits_resnet", TOOLS / "train_digits_resnet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,12 +41,6 @@ def to_rgb32(x: np.ndarray) -> np.ndarray:
     return up.repeat(1, 3, 1, 1).numpy().astype(np.float32)
 
 
-def shift(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 4 pixels (one pixel of the 8x8 digit), as tools/train_digits_resnet.py does."""
-    offsets = torch.randint(-4, 5, (2,), generator=gen).tolist()
-    return torch.roll(batch, shifts=offsets, dims=(2, 3))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/work/cache/digits_resnet18"))
@@ -53,20 +49,16 @@ def main() -> None:
     import torchvision
 
     torch.set_num_threads(2)
-    digits = _tool("train_digits")
-    splits = {name: (to_rgb32(x), y) for name, (x, y) in digits.make_splits().items()}
+    resnet = _digits_resnet()
+    digits = resnet._train_digits()
+    splits = {name: (to_rgb32(x), y) for name, (x, y) in resnet.digits_splits().items()}
+    # shifts of up to 4 pixels: one pixel of the 8x8 digit, as train_digits_resnet.py shifts it
     model = digits.train(*splits["train"], epochs=args.epochs,
-                         make_model=lambda: torchvision.models.resnet18(num_classes=10), augment=shift)
+                         make_model=lambda: torchvision.models.resnet18(num_classes=10),
+                         augment=functools.partial(resnet.shift, pixels=4))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "digits_resnet18.onnx"
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True)
+    digits.export(model, path, shape=(1, 3, SIZE, SIZE))
     for name in ("calib", "heldout"):
         x, y = splits[name]
         np.savez(args.out / f"{name}.npz", input=x, labels=y)

@@ -85,7 +85,8 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int, make_model=None, augment=No
     return model.eval()
 
 
-def export(model: DigitsCNN, path: Path) -> None:
+def export(model: nn.Module, path: Path, shape: tuple[int, ...] = (1, 1, 8, 8)) -> None:
+    """TorchScript, opset 17, input `input` of `shape` (dynamic batch) -> `logits`, BatchNormalization kept."""
     # PRESERVE keeps BatchNormalization nodes (EVAL would fold them into the convs); the model is in
     # eval mode, so they are exported as inference BN, which pruning's bn-scale importance can read.
     with warnings.catch_warnings():
@@ -93,7 +94,7 @@ def export(model: DigitsCNN, path: Path) -> None:
         # models in training mode (this one is in eval mode)
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17,
+            model, (torch.zeros(*shape),), str(path), dynamo=False, opset_version=17,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,

@@ -67,9 +67,9 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def shift(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Small random shifts (+-1 pixel) make up for the tiny training set."""
-    offsets = torch.randint(-1, 2, (2,), generator=gen).tolist()
+def shift(batch: torch.Tensor, gen: torch.Generator, pixels: int = 1) -> torch.Tensor:
+    """Small random shifts (+-`pixels`) make up for the tiny training set."""
+    offsets = torch.randint(-pixels, pixels + 1, (2,), generator=gen).tolist()
     return torch.roll(batch, shifts=offsets, dims=(2, 3))
 
 
