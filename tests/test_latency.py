@@ -120,6 +120,28 @@ def test_counts_that_are_not_faster_are_never_chosen():
     assert 8 not in allocate({0: hull}, 0.5).values()
 
 
+def test_counts_between_the_measured_ones_give_back_a_steps_surplus():
+    from types import SimpleNamespace
+
+    from onnxprune.latency.allocate import refine_options
+    from onnxprune.latency.table import between_counts
+
+    group = SimpleNamespace(size=64, unit=1, blocks=1, tied=False)
+    counts, ratios = [16, 32, 48], [0.4, 0.5, 0.9]
+    assert between_counts(group, counts) == [24, 40, 56]  # multiples of 8, inside the gaps
+    heads = SimpleNamespace(size=64, unit=16, blocks=1, tied=False)
+    assert between_counts(heads, counts) == []  # whole heads only: nothing lies between
+    scores = np.arange(1.0, 65.0)
+    options = {0: group_options(64, counts, ratios, scores)}
+    refine = {0: refine_options(64, counts, ratios, scores, between_counts(group, counts))}
+    # the measured step from 48 (0.9) to 32 (0.5) overshoots a 0.7 budget; 40 interpolates to 0.7 exactly
+    assert allocate(options, 0.7) == {0: 32}
+    assert allocate(options, 0.7, refine) == {0: 40}
+    # an interpolated count is never offered where a larger measured count is as fast
+    flat = refine_options(32, [8, 16, 24], [0.8, 0.8, 0.9], np.ones(32), [12, 20, 28])
+    assert [o[0] for o in flat] == [20, 28]
+
+
 def test_savings_within_the_noise_are_taken_at_their_mac_fraction():
     from onnxprune.latency.table import GroupCurve, LatencyTable
 

@@ -27,7 +27,7 @@ import onnx
 
 from onnxprune.latency import measure
 from onnxprune.latency.measure import LatencySettings, parse_target
-from onnxprune.latency.table import LatencyTable, build_table
+from onnxprune.latency.table import LatencyTable, between_counts, build_table
 from onnxprune.pipeline.apply import apply_validated
 from onnxprune.pipeline.plan import Plan, select
 
@@ -44,6 +44,38 @@ def group_options(size: int, counts: list[int], ratios: list[float], scores: np.
     `--global` ranks), or, with a sensitivity `curve` (pruned ratios, measured drops in points), the drop
     measured when this group alone loses that share, interpolated and made non-decreasing; the scores then only
     order groups whose drop is nil."""
+    lost = _losses(size, scores, curve)
+    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
+    frontier: list[Option] = []
+    for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not frontier or loss < frontier[-1][2]:
+            frontier.append((k, saving, loss))
+    return [(size, 0.0, 0.0), *reversed(frontier)]
+
+
+def refine_options(size: int, counts: list[int], ratios: list[float], scores: np.ndarray, between: list[int],
+                   curve: tuple[list[float], list[float]] | None = None) -> list[Option]:
+    """Options at the counts `between` the measured ones (table.between_counts), their ratio interpolated as
+    the table predicts; only those faster than every measured count that keeps more channels. The greedy
+    never steps onto them (it walks the measured options: the curve's steps are what the provider runs
+    fast); the local search may, so a plan whose measured step saves more than the budget needs can give the
+    surplus back, and the closed loop's measurement corrects an interpolation the provider does not follow."""
+    measured = {k: r for k, r in zip(counts, ratios)}
+    xs = np.asarray([*sorted(measured), size], dtype=np.float64)
+    ys = np.asarray([measured[k] for k in sorted(measured)] + [1.0])
+    lost = _losses(size, scores, curve)
+    out: list[Option] = []
+    for k in between:
+        if k in measured or not 0 < k < size:
+            continue
+        r = float(np.interp(k, xs, ys))
+        if r < min([1.0, *(v for c, v in measured.items() if c > k)]):
+            out.append((k, -math.log(max(r, 1e-9)), float(lost[size - k])))
+    return out
+
+
+def _losses(size: int, scores: np.ndarray, curve) -> np.ndarray:
+    """Importance lost by removing the j weakest channels, j = 0..size (see group_options)."""
     normed = np.sort(np.asarray(scores, dtype=np.float64))
     normed = normed / max(float(normed.mean()), 1e-12)
     lost = np.concatenate([[0.0], np.cumsum(normed)])
@@ -51,12 +83,7 @@ def group_options(size: int, counts: list[int], ratios: list[float], scores: np.
         measured = np.maximum.accumulate(np.maximum(np.asarray(curve[1], dtype=np.float64), 0.0))
         share = np.arange(size + 1) / size
         lost = np.interp(share, [0.0, *curve[0]], [0.0, *measured]) + 1e-6 * lost / size
-    points = [(-math.log(max(r, 1e-9)), float(lost[size - k]), k) for k, r in zip(counts, ratios) if r < 1.0]
-    frontier: list[Option] = []
-    for saving, loss, k in sorted(points, key=lambda p: (-p[0], p[1])):
-        if not frontier or loss < frontier[-1][2]:
-            frontier.append((k, saving, loss))
-    return [(size, 0.0, 0.0), *reversed(frontier)]
+    return lost
 
 
 def lower_hull(options: list[Option]) -> list[Option]:
@@ -73,13 +100,15 @@ def lower_hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def allocate(options: dict[int, list[Option]], target_ratio: float) -> dict[int, int]:
+def allocate(options: dict[int, list[Option]], target_ratio: float,
+             refine: dict[int, list[Option]] | None = None) -> dict[int, int]:
     """Kept count per group (only groups that lose channels) whose summed saving reaches -log(target_ratio)
     with little importance lost; the largest saving possible when the target cannot be reached.
 
     The greedy walks each group's convex hull, cheapest loss per saving first, until the budget is met; then a
     local search moves single groups to any of their options (hull or not: the hull skips counts a budget
-    between two steps needs) while the budget holds and the loss falls."""
+    between two steps needs), and to the `refine` options (refine_options) of each group, while the budget
+    holds and the loss falls."""
     need = -math.log(max(target_ratio, 1e-12))
     hulls = {root: lower_hull(opts) for root, opts in options.items()}
     at = {root: 0 for root in options}
@@ -104,10 +133,11 @@ def allocate(options: dict[int, list[Option]], target_ratio: float) -> dict[int,
     chosen = {root: hulls[root][i] for root, i in at.items()}
     if saved < need - 1e-12:  # out of reach: everything the hulls allow
         return {root: o[0] for root, o in chosen.items() if o[1] > 0}
+    moves = {root: [*opts, *(refine or {}).get(root, [])] for root, opts in options.items()}
     for _ in range(100 * len(options)):  # local search: the single move that loses least, while any helps
         best = None
         for root, current in chosen.items():
-            for option in options[root]:
+            for option in moves[root]:
                 gain = current[2] - option[2]
                 if gain > 1e-12 and saved - current[1] + option[1] >= need - 1e-12 and (best is None or gain > best[0]):
                     best = (gain, root, option)
@@ -190,6 +220,10 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
     options = {root: group_options(c.size, c.counts, c.ratios, scores[root],
                                    sensitivity[root] if sensitivity is not None else None)
                for root, c in table.curves.items() if c.counts and (sensitivity is None or root in sensitivity)}
+    groups = {g.spaces[0]: g for g in prep.analysis.prunable}
+    refine = {root: refine_options(c.size, c.counts, c.ratios, scores[root], between_counts(groups[root], c.counts),
+                                   sensitivity[root] if sensitivity is not None else None)
+              for root, c in table.curves.items() if root in options and root in groups}
     internal = min(target_ratio, 1.0)
     tried: list[dict] = []
     best: tuple[Plan, float, float, float] | None = None  # plan, predicted, measured, noise
@@ -198,12 +232,12 @@ def plan_for_latency(prep, model: onnx.ModelProto, scores: dict[int, np.ndarray]
     tight, loose = 0.0, 1.0  # budgets known to give plans faster than needed / slower than the target
     tight_m, loose_m = 0.0, math.inf  # what they measured
     for it in range(max_iterations):
-        counts = allocate(options, internal)
+        counts = allocate(options, internal, refine)
         for _ in range(20):  # a budget too close to the last to change the plan: move on in the same direction
             if tuple(sorted(counts.items())) not in seen or not tried:
                 break
             internal = internal ** (1.25 if tried[-1]["measured_ratio"] > target_ratio else 0.8)
-            counts = allocate(options, internal)
+            counts = allocate(options, internal, refine)
         signature = tuple(sorted(counts.items()))
         if signature in seen:
             break

@@ -108,8 +108,7 @@ def probe_counts(group, fractions=FRACTIONS, max_group_ratio: float = 0.9) -> li
     channels, 8 from 32), whole heads for attention groups, whole blocks for grouped convolutions, never below
     what `max_group_ratio` leaves. Counts as `select` would keep them."""
     size = group.size
-    step = group.unit * max(group.blocks, 1) if group.unit > 1 else max(group.blocks, 1)
-    align = step * (16 if size >= 128 else 8 if size >= 32 else 1) if step == 1 else step
+    step, align = _granularity(group)
     floor_keep = max(1, size - math.floor(size * max_group_ratio))
     counts = set()
     for f in fractions:
@@ -119,6 +118,34 @@ def probe_counts(group, fractions=FRACTIONS, max_group_ratio: float = 0.9) -> li
             counts.add(k)
     dummy = np.arange(size, 0, -1, dtype=np.float64)
     return sorted({len(select(group, dummy, k)) for k in counts} - {size})
+
+
+def between_counts(group, counts: list[int], per_gap: int = 8) -> list[int]:
+    """Kept counts strictly between the measured ones (and between the largest and the whole group), at the
+    multiples `probe_counts` aligns to, at most `per_gap` per gap (evenly spread): counts the allocation may
+    refine a plan to, their latency interpolated (allocate.refine_options). Counts as `select` keeps them."""
+    if not counts:
+        return []
+    size = group.size
+    _, align = _granularity(group)
+    edges = sorted({*counts, size})
+    dummy = np.arange(size, 0, -1, dtype=np.float64)
+    out: set[int] = set()
+    for lo, hi in zip(edges, edges[1:]):
+        inside = list(range((lo // align + 1) * align, hi, align))
+        if len(inside) > per_gap:
+            inside = [inside[i] for i in np.linspace(0, len(inside) - 1, per_gap).round().astype(int)]
+        out.update(len(select(group, dummy, k)) for k in inside)
+    return sorted(k for k in out if edges[0] < k < size and k not in counts)
+
+
+def _granularity(group) -> tuple[int, int]:
+    """(step, align): the channels a count moves by (a head, a block of a grouped convolution), and the
+    multiple counts are probed at (16 from 128 channels, 8 from 32, for groups of single channels)."""
+    size = group.size
+    step = group.unit * max(group.blocks, 1) if group.unit > 1 else max(group.blocks, 1)
+    align = step * (16 if size >= 128 else 8 if size >= 32 else 1) if step == 1 else step
+    return step, align
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
