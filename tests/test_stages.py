@@ -49,24 +49,40 @@ def test_staged_run_equals_a_whole_run_and_runs_every_node_once(cnn_feeds):
     run.close()
 
 
-def test_stage_sessions_share_one_arena_and_the_frontier_keeps_their_outputs_uncopied(cnn_feeds):
-    """Stage sessions allocate from the process's shared arena (runtime.session.use_shared_arena), so a kept
-    output holds only its own buffer: the frontier keeps onnxruntime's array as it is (no copy), and the values
-    later stages read are still right after the sessions that made them are gone."""
-    from onnxprune.runtime.session import owns_output_memory
+def test_the_frontier_keeps_copies_in_pages_of_their_own(cnn_feeds, monkeypatch):
+    """A kept output is copied out of onnxruntime's arena (runtime.stages.kept_copy): from MAPPED_BYTES on into an
+    anonymous map of its own, so dropping it hands its pages back; the values later stages read are still right
+    after the sessions that made them are gone."""
+    import mmap
 
+    from onnxprune.runtime import stages
+
+    monkeypatch.setattr(stages, "MAPPED_BYTES", 1024)
     model, feeds = cnn_feeds
     prep = prepare(model)
     names = _conv_inputs(prep.model)
     run = StagedRun(prep.model, feeds, [[names[1]], [names[-1]]])  # names[0] is the graph input
     list(run.step())
-    assert owns_output_memory()
     kept = [v for batches in run.store._values.values() for v in batches.values()]
-    assert kept and all(v.base is not None for v in kept)  # onnxruntime's buffers, not copies
+    assert kept and all(isinstance(_memory_owner(v), mmap.mmap) for v in kept if v.nbytes >= 1024)
+    assert any(v.nbytes >= 1024 for v in kept)
     want = [Probe(prep.model, [names[-1]]).run(f)[names[-1]] for f in feeds]
     for b, got in enumerate(run.step()):
         np.testing.assert_allclose(got[names[-1]], want[b], rtol=1e-4, atol=1e-5)
     run.close()
+    small = np.arange(10.0)
+    assert stages.kept_copy(small) is small  # owns its memory and under the size: kept as it is
+    view = np.arange(2048.0)[::2]
+    copied = stages.kept_copy(view)
+    assert isinstance(_memory_owner(copied), mmap.mmap) and np.array_equal(copied, view)
+
+
+def _memory_owner(array: np.ndarray):
+    """What holds an array's memory: the end of its chain of bases (through a memoryview)."""
+    owner = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    return owner.obj if isinstance(owner, memoryview) else owner
 
 
 def test_frontier_spills_past_its_budget_and_gives_the_same_values(cnn_feeds, tmp_path):

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.runtime.session import owns_output_memory
 from onnxprune.runtime.stages import FrontierStore, StagedRun, format_bytes
 from onnxprune.train import require_torch
 from onnxprune.train.distill import as_tensors, relative_mse, train_steps
@@ -226,5 +225,5 @@ def _collect(run: StagedRun, request: Sequence[str], store: FrontierStore, k: in
         if b == 0 and budget is not None and sum(np.asarray(v).nbytes for v in values.values()) * n > budget:
             return None
         for name in request:
-            store.put(_target_key(k, name), b, np.asarray(values[name]), owns_output_memory())
+            store.put(_target_key(k, name), b, np.asarray(values[name]))
     return True
