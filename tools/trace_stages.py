@@ -3,9 +3,13 @@
 not account for shows up stage by stage (Linux only).
 
     python tools/trace_stages.py MODEL DATA [--budget 2G] [--batch-size 8] [--stages 3] [--trim]
+                                 [--keep maps|heap|arena] [--mmap-threshold BYTES]
 
 `--trim` calls glibc's malloc_trim(0) after each stage (if the figures do not move, the memory is in use, not
-free heap). docs/BENCHMARKS.md ("Calibration at real sizes") quotes it on SmolLM2 with 262k tokens.
+free heap). `--keep` says how the frontier keeps a tensor: `maps` as onnxprune does (runtime.stages.kept_copy:
+a copy in an anonymous map of its own), `heap` a numpy copy, `arena` onnxruntime's own array (borrowing the
+shared arena: the code before kept_copy). `--mmap-threshold` fixes glibc's mmap threshold (mallopt) first.
+docs/BENCHMARKS.md ("Calibration at real sizes") quotes it on SmolLM2 with 262k tokens.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3, help="stop after this many stages")
     parser.add_argument("--trim", action="store_true")
+    parser.add_argument("--keep", choices=["maps", "heap", "arena"], default="maps")
+    parser.add_argument("--mmap-threshold", type=int, help="glibc M_MMAP_THRESHOLD in bytes (mallopt)")
     args = parser.parse_args()
+    if args.mmap_threshold is not None:
+        ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold)  # -3: M_MMAP_THRESHOLD
 
     from onnxprune.evaluate.data import load_data
     from onnxprune.io.model_io import load_model
@@ -65,6 +73,10 @@ def main() -> None:
             raise Enough
 
     stages.StagedRun.step = step
+    if args.keep == "heap":
+        stages.kept_copy = lambda value: value.copy()
+    elif args.keep == "arena":
+        stages.kept_copy = lambda value: value
     try:
         channel_stats(prep, feeds, memory_budget=stages.parse_bytes(args.budget), staged=True)
     except Enough:

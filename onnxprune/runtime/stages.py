@@ -10,7 +10,7 @@ that have not run yet): a stage is built from the model as it is when it runs. S
 pass of the pruned model plus one of the original (its targets), whatever the depth — the pattern
 onnxruntime-based layer-wise quantizers use.
 
-The frontier lives in a `FrontierStore`: in memory up to a byte budget, in memory-mapped files past it.
+The frontier lives in a `FrontierStore`: in memory up to a byte budget, in .npy files past it.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def kept_copy(value: np.ndarray) -> np.ndarray:
     when its whole region is free; kept in the malloc heap (a numpy copy: glibc serves arrays below its
     adaptive mmap threshold, which rises to 32 MiB, from the heap), a dropped one leaves a hole the heap cannot
     return. Either way the process kept about as much again as the frontier had spilled (1.5 GiB above a
-    0.9 GiB frontier on SmolLM2 with 262k tokens, tools/trace_stages.py); in maps of their own, 0.2 GiB."""
+    0.9 GiB frontier on SmolLM2 with 262k tokens, tools/trace_stages.py); in maps of their own, 0.25-0.35 GiB."""
     if value.nbytes >= MAPPED_BYTES:
         pages = mmap.mmap(-1, value.nbytes, **_PRIVATE)
         out = np.frombuffer(pages, dtype=value.dtype, count=value.size).reshape(value.shape)
