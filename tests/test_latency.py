@@ -24,7 +24,7 @@ from onnxprune.testing import zero_channels
 from onnxprune.pipeline.prune import Reuse, RunSettings
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-FAST = LatencySettings(rounds=2, seconds=0.003)  # tiny models, few runs: the tests check mechanics, not speed
+FAST = LatencySettings(rounds=2, seconds=0.003, max_rounds=2)  # tiny models, few runs: the tests check mechanics, not speed
 
 
 def absent_provider() -> str:
@@ -68,12 +68,56 @@ def test_table_is_built_cached_and_reused(tmp_path, timer_calls):
     assert again.cached and len(timer_calls) == len(table.curves)
     assert {r: c.ratios for r, c in again.curves.items()} == {r: c.ratios for r, c in table.curves.items()}
 
-    other = LatencySettings(batch=2, rounds=2, seconds=0.003)  # another batch is another table
+    other = LatencySettings(batch=2, rounds=2, seconds=0.003, max_rounds=2)  # another batch is another table
     build_table(prep, model, latency_feed(prep.model, 2), other, tmp_path)
     assert len(timer_calls) == 2 * len(table.curves) and len(list(tmp_path.glob("*.json"))) == 2
 
     files[0].write_text("{not json")  # a damaged cache file is measured again, not trusted
     assert not build_table(prep, model, feed, FAST, tmp_path).cached
+
+
+class _Timed:
+    """A stand-in session and timer for `measure.time_models`: each model's run time comes from a function of
+    its call number; every call's (model, warm-up runs, timed runs) is recorded."""
+
+    def __init__(self, monkeypatch, times):
+        self.calls, self._times, self._n = [], times, {}
+
+        class Session:
+            def __init__(self, name):
+                self.name = name
+
+            def get_inputs(self):
+                return []
+
+        def timer(session, feed, warmup, runs, check=True):
+            n = self._n[session.name] = self._n.get(session.name, -1) + 1
+            self.calls.append((session.name, warmup, runs))
+            assert check == (n == 0)  # only the first call of a model checks its feed (an untimed run)
+            return {"results": [{"p50_ms": self._times[session.name](n)}]}
+
+        monkeypatch.setattr(measure, "open_session", lambda model, *args, **kwargs: Session(model))
+        monkeypatch.setattr(measure, "measure_latency", timer)
+
+    def rounds(self, name):
+        return sum(1 for c in self.calls if c[0] == name) - 1  # the first call sizes the runs
+
+
+def test_slow_models_run_once_a_round_and_noise_adds_rounds(monkeypatch):
+    settings = LatencySettings(rounds=5, max_rounds=9, noise_goal=0.01, seconds=0.03)
+    quiet = _Timed(monkeypatch, {"original": lambda n: 200.0, "pruned": lambda n: 100.0})
+    out = measure.time_models({"original": "original", "pruned": "pruned"}, {}, settings, reference="original")
+    assert quiet.rounds("original") == quiet.rounds("pruned") == 5  # quiet: the minimum
+    assert {c[1:] for c in quiet.calls[2:]} == {(0, 1)}  # 200 ms > the round's 30 ms: one run, no warm-up
+    assert out["ratio"]["pruned"] == pytest.approx(0.5) and out["noise"]["pruned"] == 0.0
+
+    noisy = _Timed(monkeypatch, {"original": lambda n: 200.0, "pruned": lambda n: (100.0, 140.0, 120.0)[n % 3]})
+    out = measure.time_models({"original": "original", "pruned": "pruned"}, {}, settings, reference="original")
+    assert noisy.rounds("pruned") == 9 and out["noise"]["pruned"] > settings.noise_goal  # noisy: up to the cap
+
+    fast = _Timed(monkeypatch, {"original": lambda n: 1.0, "pruned": lambda n: 0.5})
+    measure.time_models({"original": "original", "pruned": "pruned"}, {}, settings, reference="original")
+    assert ("original", 1, 30) in fast.calls and ("pruned", 1, 50) in fast.calls  # fast models: warmed, many runs
 
 
 def synthetic(seed: int = 0):

@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # run as `python tools/bench_calibration.py`: the checkout's root, for `tools.*` and onnxprune
+if __package__ in (None, "") and "--child" not in sys.argv:  # run as `python tools/bench_calibration.py`: the
+    # checkout's root, for `tools.*` and onnxprune; never in a child, which imports onnxprune from PYTHONPATH (the
+    # code it measures: with this checkout first on sys.path, "before" would run this checkout's code)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CACHE = ROOT / ".cache" / "bench_calibration"
 
@@ -89,6 +91,7 @@ def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str
     import onnx
     import onnxruntime as ort
 
+    import onnxprune
     from onnxprune.evaluate.data import load_data
     from onnxprune.io.model_io import load_model
     from onnxprune.pipeline.prune import RunSettings, prune_model
@@ -133,7 +136,7 @@ def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str
     from onnxprune.graph.normalize import normalize
 
     full = len(normalize(model).graph.node) * len(feeds)  # the nodes that run (Constant nodes are folded)
-    return {"wall_s": wall, "floor_s": floor, "passes": counts["node_runs"] / full, "sessions": counts["sessions"],
+    return {"code": str(Path(onnxprune.__file__).resolve().parent.parent), "wall_s": wall, "floor_s": floor, "passes": counts["node_runs"] / full, "sessions": counts["sessions"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": len(feeds),
             "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
@@ -168,7 +171,11 @@ def main() -> None:
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{name} / {label} failed")
-            row = {"model": name, "code": label, **json.loads(out.stdout.strip().splitlines()[-1])}
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            ran = got.pop("code")
+            if Path(ran) != Path(code).resolve():
+                raise SystemExit(f"{label}: the child imported onnxprune from {ran}, not from {code}")
+            row = {"model": name, "code": label, **got}
             rows.append(row)
             print(f"{name:9s} {label:6s} passes {row['passes']:6.2f}  sessions {row['sessions']:4d}  "
                   f"wall {row['wall_s']:7.1f} s  (one pass {row['floor_s']:.2f} s: "

@@ -26,9 +26,12 @@ _DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cud
 def measure_latency(model_or_path: ModelLike, dataset_or_feed: Dataset | dict[str, np.ndarray],
                     providers: Sequence[str] = ("cpu",), warmup: int = 10, runs: int = 100,
                     duration: float | None = None, threads: int | None = None, opt_level: str = "all", *,
-                    batch_sizes: Sequence[int] | None = None, show_progress: bool = False) -> dict:
+                    batch_sizes: Sequence[int] | None = None, show_progress: bool = False,
+                    check: bool = True) -> dict:
     """Time `session.run` on the first batch: `warmup` untimed runs, then `runs` timed ones (or as fit
     in `duration` seconds), per provider and per batch size (the batch is cut or its samples repeated).
+    `check=False` skips the one untimed run that turns a batch the model refuses into an InputError (for a
+    session and feed already checked: repeated calls on a slow model would pay a run each).
 
     On CUDA/TensorRT a second row times I/O binding with inputs and outputs resident on the device and a
     synchronisation after each run, so host copies are not counted; the plain row includes them.
@@ -37,14 +40,14 @@ def measure_latency(model_or_path: ModelLike, dataset_or_feed: Dataset | dict[st
     for provider in providers:
         session = open_session(model_or_path, provider, threads, opt_level)
         rows += time_models({"model": session}, dataset_or_feed, batch_sizes, warmup, runs, duration,
-                             show_progress)["model"]
+                             show_progress, check)["model"]
     return {"warmup": warmup, "runs": None if duration else runs, "duration_s": duration, "threads": threads,
             "opt_level": opt_level, "results": rows}
 
 
 def time_models(sessions: dict[str, Any], dataset_or_feed: Dataset | dict[str, np.ndarray],
                  batch_sizes: Sequence[int] | None, warmup: int, runs: int, duration: float | None,
-                 show_progress: bool) -> dict[str, list[dict]]:
+                 show_progress: bool, check: bool = True) -> dict[str, list[dict]]:
     """Latency rows per model. Several models are timed in ABBA segments (A B B A), so that drift in the
     machine's speed during the measurement (other load, clock frequency) weighs on each model alike."""
     feed = next(dataset_or_feed.batches()) if isinstance(dataset_or_feed, Dataset) else dataset_or_feed
@@ -61,7 +64,8 @@ def time_models(sessions: dict[str, Any], dataset_or_feed: Dataset | dict[str, n
             with progress(label, None if duration else runs * len(roles), enabled=show_progress) as advance:
                 for role in roles:
                     try:  # one checked run first: a batch size the model does not accept is an input error
-                        calls[role][i][1]()
+                        if check:
+                            calls[role][i][1]()
                     except Exception as exc:
                         raise InputError(f"onnxruntime failed to run {role} at batch size {size} ({mode}): "
                                          f"{first_line(exc)}") from None

@@ -8,7 +8,12 @@ design, not from long runs:
   * each round gives a median per model, and a model's time is the minimum of its round medians (the least
     disturbed round);
   * comparisons are made as ratios to a reference timed in the same rounds, and the ratio's spread over the
-    rounds gives the measurement noise the closed loop allows for.
+    rounds gives the measurement noise the closed loop allows for;
+  * a round spends about `seconds` on each model, but at least one run, and only models under a third of that
+    get a warm-up run first (a longer run warms its own caches); when the ratios are still noisier than
+    `noise_goal` after `rounds` rounds, rounds are added up to `max_rounds`. Before, every round ran each model
+    at least 5 times (a checked run, a warm-up and 3 timed runs), so a latency table of a model that runs
+    0.5-2 s at a serving batch (YOLOv8n, ViT-B/16 at batch 8) took 1.5 hours on one thread.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ class LatencySettings:
     provider: str = "cpu"
     batch: int = 1
     threads: int = 1
-    rounds: int = 5           # interleaved rounds per comparison
-    seconds: float = 0.03     # time per model per round (runs = seconds / latency, 3..50 runs)
+    rounds: int = 5           # interleaved rounds per comparison (at least)
+    seconds: float = 0.03     # time per model per round (runs = seconds / latency, 1..50 runs)
     seed: int = 0
+    max_rounds: int = 9       # rounds are added while a ratio's noise exceeds noise_goal, up to this many
+    noise_goal: float = 0.01
 
     def check(self) -> None:
         """A provider this onnxruntime lacks is an InputError (one line, with an install hint)."""
@@ -97,23 +104,41 @@ def time_models(models: dict[str, Any], feed: dict[str, np.ndarray], settings: L
     keys = list(sessions)
     medians: dict[str, list[float]] = {k: [] for k in keys}
     runs: dict[str, int] = {}
-    for k in keys:  # a first call sizes the runs and warms the session up
-        first = measure_latency(sessions[k], feeds[k], warmup=1, runs=2)["results"][0]["p50_ms"]
-        runs[k] = int(min(50, max(3, settings.seconds * 1e3 / max(first, 1e-3))))
-    for r in range(settings.rounds):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            row = measure_latency(sessions[k], feeds[k], warmup=1, runs=runs[k])["results"][0]
+    for k in keys:  # a first call checks the feed, warms the session up and sizes the runs
+        first = measure_latency(sessions[k], feeds[k], warmup=0, runs=1)["results"][0]["p50_ms"]
+        runs[k] = round_runs(first, settings.seconds)
+    rounds = 0
+    while True:
+        for k in keys if rounds % 2 == 0 else keys[::-1]:
+            warmup = 1 if runs[k] >= 3 else 0  # a model too slow for 3 runs in a round warms its own caches
+            row = measure_latency(sessions[k], feeds[k], warmup=warmup, runs=runs[k], check=False)["results"][0]
             medians[k].append(row["p50_ms"])
+        rounds += 1
+        if rounds < settings.rounds:
+            continue
+        ratios, noise = _ratios(medians, reference) if reference is not None else ({}, {})
+        if rounds >= settings.max_rounds or max(noise.values(), default=0.0) <= settings.noise_goal:
+            break
     out: dict[str, Any] = {"ms": {k: float(min(v)) for k, v in medians.items()}, "rounds": medians}
     if reference is not None:
-        ref = np.asarray(medians[reference])
-        ratios, noise = {}, {}
-        for k in keys:
-            per_round = np.asarray(medians[k]) / ref
-            ratios[k] = float(np.median(per_round))
-            # the standard error of the median ratio, from the rounds' median absolute deviation (one disturbed
-            # round does not inflate it)
-            mad = float(np.median(np.abs(per_round - ratios[k])))
-            noise[k] = float(1.4826 * mad / np.sqrt(len(per_round)) / max(ratios[k], 1e-12))
         out["ratio"], out["noise"] = ratios, noise
     return out
+
+
+def round_runs(first_ms: float, seconds: float) -> int:
+    """Timed runs per model per round: about `seconds` of them, 1 to 50."""
+    return int(min(50, max(1, seconds * 1e3 / max(first_ms, 1e-3))))
+
+
+def _ratios(medians: dict[str, list[float]], reference: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Each model's time as a ratio to the reference's (the median of the per-round ratios) and its noise: the
+    standard error of that median, from the rounds' median absolute deviation (one disturbed round does not
+    inflate it), relative to the ratio."""
+    ref = np.asarray(medians[reference])
+    ratios, noise = {}, {}
+    for k, values in medians.items():
+        per_round = np.asarray(values) / ref
+        ratios[k] = float(np.median(per_round))
+        mad = float(np.median(np.abs(per_round - ratios[k])))
+        noise[k] = float(1.4826 * mad / np.sqrt(len(per_round)) / max(ratios[k], 1e-12))
+    return ratios, noise
