@@ -27,3 +27,23 @@ def test_fluctuation_is_variance_times_squared_weight_norm():
     np.testing.assert_allclose(got, want / want.mean(), rtol=1e-6)
     result = prune_model(m, Recipe(ratio=0.5, criterion="fluctuation", recover="bias"), RunSettings(calibration=feeds))
     assert init_shape(result.model, "w2") == (6, 5)
+
+
+def test_convolution_sums_in_float32_match_float64():
+    """Channel sums of NCHW float32 activations (summed along the contiguous spatial axis in float32, then in
+    float64) equal float64 sums, zeros counted exactly, on every channel axis position but the last."""
+    from onnxprune.pipeline.activations import TensorStats
+    from onnxprune.pipeline.statistics import _add_spatial_sums
+
+    rng = np.random.default_rng(0)
+    for shape, axis in (((5, 7, 33, 31), 1), ((3, 4, 9, 6, 5), 2), ((70, 3, 200), 1)):
+        raw = np.maximum(rng.standard_normal(shape).astype(np.float32) * 3 + 0.5, 0)  # many exact zeros
+        c = shape[axis]
+        got = TensorStats(np.zeros(c), np.zeros(c), np.zeros(c), value_sum=np.zeros(c))
+        _add_spatial_sums(got, raw, axis)
+        _add_spatial_sums(got, raw, axis)  # accumulates
+        x = np.moveaxis(raw.astype(np.float64), axis, -1).reshape(-1, c)
+        np.testing.assert_allclose(got.abs_sum, 2 * np.abs(x).sum(0), rtol=1e-6)
+        np.testing.assert_allclose(got.value_sum, 2 * x.sum(0), rtol=1e-6)
+        np.testing.assert_allclose(got.sq_sum, 2 * (x * x).sum(0), rtol=1e-6)
+        np.testing.assert_array_equal(got.zeros, 2 * (x == 0).sum(0))

@@ -97,6 +97,25 @@ def grams(n, noise, seed=0, d=12):
     return parts, theta0
 
 
+def test_coarse_to_fine_strength_is_the_full_sweeps():
+    """select_alpha tries 6-8 of the 10 strengths and picks the one the held-out errors of all 10 pick, from
+    clean and plentiful rows (the smallest strengths) to few and noisy ones (large strengths)."""
+    from onnxprune.pipeline.recover.ridge import ALPHAS
+
+    picked = set()
+    for seed in range(4):
+        for n, noise in ((4000, 0.01), (400, 1.0), (60, 2.0), (14, 2.0), (4000, 20.0), (30, 50.0)):
+            (fit, held), theta0 = grams(n, noise, seed=seed)
+            chosen, errors = select_alpha(fit, held, theta0, intercept=False)
+            full = [held.error(solve(fit.a, fit.b, theta0, a, False)) for a in ALPHAS]
+            lowest = min(full)
+            want = ALPHAS[max(i for i, e in enumerate(full) if e <= lowest + 1e-9 * abs(lowest))]
+            assert chosen == want, (n, noise, chosen, want)
+            assert 6 <= len(errors) <= 8 and min(errors) == pytest.approx(lowest, rel=1e-6)
+            picked.add(chosen)
+    assert len(picked) >= 3  # the cases span the grid
+
+
 def test_lambda_is_larger_when_calibration_is_tiny_or_noisy():
     (fit, held), theta0 = grams(4000, 0.01)
     clean, _ = select_alpha(fit, held, theta0, intercept=False)

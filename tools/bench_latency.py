@@ -211,7 +211,8 @@ def bench(name: str, batch: int, target: float, samples: int, rounds: int, match
     match = [{"target_macs": t[1], "measured_ratio": t[3]} for t in tries]
 
     final = lat_measure.time_models({"original": prep.model, "latency": lat.model, "macs": mac.model}, feed,
-                                    LatencySettings(batch=batch, threads=1, rounds=rounds, seconds=0.05),
+                                    LatencySettings(batch=batch, threads=1, rounds=rounds, seconds=0.05,
+                                                    max_rounds=2 * rounds, noise_goal=0.005),
                                     reference="original")
     ref_out = run_batches(model, data)
     row = {"model": name, "batch": batch, "target": target, "allocate": allocate, "groups": len(prep.analysis.prunable),

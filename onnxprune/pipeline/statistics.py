@@ -130,6 +130,10 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
         raw = np.asarray(raw)
         keep = token_rows(feed, raw.shape) if axis.axis == raw.ndim - 1 else None
         if keep is None and name not in grams and raw.dtype.kind == "f" and raw.ndim:
+            if raw.dtype == np.float32 and raw.flags.c_contiguous and 0 < axis.axis < raw.ndim - 1:
+                _add_spatial_sums(entry, raw, axis.axis)
+                entry.count += raw.size // max(raw.shape[axis.axis], 1)
+                continue
             # a convolution's activations: summed in place over every axis but the channels' (float64
             # accumulators), without a float64 copy moved to channels-last
             others = tuple(i for i in range(raw.ndim) if i != axis.axis)
@@ -160,6 +164,23 @@ def _accumulate(stats: ActivationStats, feed, values, axes, grams, rng, n_batche
                 entry.gram = (0.0 if entry.gram is None else entry.gram) + x.T @ x
                 entry.total = (0.0 if entry.total is None else entry.total) + x.sum(axis=0)
                 entry.gram_rows += len(x)
+
+
+def _add_spatial_sums(entry: TensorStats, raw: np.ndarray, axis: int) -> None:
+    """`_add_sums` of a float32 activation whose channel axis has positions after it (NCHW and the like),
+    without a float64 copy: each (leading index, channel)'s positions are summed in float32 along the
+    contiguous last axis (numpy sums a contiguous axis pairwise: a relative error of about log2(H*W) float32
+    roundings), and those partial sums are added up in float64. Twice as fast as float64 chunks: a quarter
+    of the memory traffic."""
+    c = raw.shape[axis]
+    x = raw.reshape(int(np.prod(raw.shape[:axis])), c, -1)
+    rows = max(1, (1 << 22) // max(x[:1].size, 1))
+    for start in range(0, len(x), rows):  # a few million values at a time: the float32 temporaries stay small
+        chunk = x[start:start + rows]
+        entry.abs_sum += np.abs(chunk).sum(axis=-1).sum(axis=0, dtype=np.float64)
+        entry.value_sum += chunk.sum(axis=-1).sum(axis=0, dtype=np.float64)
+        entry.sq_sum += np.square(chunk).sum(axis=-1).sum(axis=0, dtype=np.float64)
+        entry.zeros += (chunk == 0).sum(axis=(0, 2))
 
 
 def _add_sums(entry: TensorStats, x: np.ndarray, axes) -> None:
