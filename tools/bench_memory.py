@@ -5,14 +5,16 @@ The model is made once by tools/llama_export.py (random weights; 16 layers, hidd
 and 4 key/value heads, vocabulary 32000: 3.36 GB of float32) and cached under .cache/llama3g/. Runs:
 
   prune     `onnxprune prune model.onnx --ratio 0.3` (no data: l1 scores)
-  data      `onnxprune prune model.onnx --ratio 0.3 --data calib.npz --recover lstsq` on 4 sequences of 32
-            tokens (hybrid scores with 5,504-wide Gram matrices, least-squares refits)
+  data      `onnxprune prune model.onnx --ratio 0.3 --data calib.npz --recover lstsq` on `--tokens` (default 4
+            sequences of 32 tokens; hybrid scores with 5,504-wide Gram matrices, least-squares refits)
+  pass      one plain onnxruntime pass of the model over the same `--tokens`, a sequence per run (the floor any
+            data-aware prune stands on: it runs the model about three times)
   onnx-ir   `onnx_ir.load` + `onnx_ir.save` of the same model (what a switch of representation would cost)
   graphsurgeon  `onnx_graphsurgeon.import_onnx(onnx.load(...))` (its documented way in)
 
 Peak RSS is the child's maximum resident set (resource.getrusage of a fresh grandchild).
 
-    python tools/bench_memory.py [--runs prune,data,onnx-ir,graphsurgeon] [--code DIR]
+    python tools/bench_memory.py [--runs prune,data,pass,onnx-ir,graphsurgeon] [--tokens 32x512] [--code DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ print(done.stderr[-1500:], file=sys.stderr)
 print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, wall)
 """
 
+_PASS = """
+import sys, numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+ids = np.load(sys.argv[2])["input_ids"]
+for row in ids:
+    session.run(None, {"input_ids": row[None], "attention_mask": np.ones_like(row[None])})
+"""
+
 _ONNX_IR = """
 import sys, onnx_ir as ir
 model = ir.load(sys.argv[1])
@@ -61,10 +71,12 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "stderr": done.stderr.strip().splitlines()[-1:] if int(rc) else []}
 
 
-def calibration(path: Path) -> Path:
+def calibration(path: Path, tokens: str = "4x32") -> Path:
+    """Random token ids, `tokens` = SEQUENCESxLENGTH."""
     import numpy as np
 
-    ids = np.random.default_rng(0).integers(0, 32000, (4, 32)).astype(np.int64)
+    sequences, length = (int(n) for n in tokens.lower().split("x"))
+    ids = np.random.default_rng(0).integers(0, 32000, (sequences, length)).astype(np.int64)
     np.savez(path, input_ids=ids, attention_mask=np.ones_like(ids))
     return path
 
@@ -73,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="prune,data,onnx-ir,graphsurgeon")
     parser.add_argument("--code", default=str(ROOT), help="checkout of onnxprune to run (PYTHONPATH)")
+    parser.add_argument("--tokens", default="4x32", help="calibration of the data and pass runs: SEQUENCESxLENGTH")
     args = parser.parse_args()
     if not MODEL.exists():
         subprocess.run([sys.executable, str(ROOT / "tools" / "llama_export.py"), "-o", str(MODEL)], check=True)
@@ -96,11 +109,15 @@ def main() -> None:
                 rows[run] = measure(cli, env)
                 rows[run]["output_gib"] = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**30
             elif run == "data":
-                rows[run] = measure(cli + ["--data", str(calibration(Path(tmp) / "calib.npz")), "--recover", "lstsq",
+                rows[run] = measure(cli + ["--data", str(calibration(Path(tmp) / "calib.npz", args.tokens)),
+                                           "--recover", "lstsq",
                                            "--json", str(Path(tmp) / "report.json")], env)
                 if rows[run]["rc"] == 0:
                     report = json.loads((Path(tmp) / "report.json").read_text())
                     rows[run]["passes"] = report["stats"].get("passes")
+            elif run == "pass":
+                rows[run] = measure([sys.executable, "-c", _PASS, str(MODEL),
+                                     str(calibration(Path(tmp) / "calib.npz", args.tokens))])
             elif run == "onnx-ir":
                 rows[run] = measure([sys.executable, "-c", _ONNX_IR, str(MODEL), str(Path(tmp) / "ir.onnx")])
             elif run == "graphsurgeon":
@@ -114,6 +131,7 @@ def main() -> None:
             for f in Path(tmp).iterdir():
                 if f.is_file() and f.suffix != ".npz":
                     f.unlink()
+    rows["tokens"] = args.tokens
     print(json.dumps(rows, indent=1))
 
 
