@@ -148,11 +148,14 @@ def recipe_from_options(params: dict) -> tuple[Recipe, dict]:
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Most memory calibration keeps (e.g. 8G, 512M); past it, activations spill to disk beside "
                    "the output. [default: a quarter of the machine's memory]")
+@click.option("--linalg-device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where least-squares refits and refit scores factorise their Gram matrices: auto is a CUDA GPU "
+                   "through torch when both are there (matrices from 1,024 wide), else numpy on the CPU.")
 @tracking_option
 @creates_output_folders(output="-o", json_path="--json")
 def prune(model: str, output: str | None, overwrite: bool, max_drop: float | None, eval_data: str | None,
           dry_run: bool, json_path: str | None, show_all: bool, mlflow_uri: str | None, strict: bool,
-          memory_budget: str | None, latency_cache: str | None, **params) -> None:
+          memory_budget: str | None, latency_cache: str | None, linalg_device: str, **params) -> None:
     """Prune MODEL structurally: remove RATIO of the channels of every prunable group."""
     out_path = Path(output) if output else default_output(model)
     if not dry_run:
@@ -165,6 +168,9 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
 
         require_mlflow()  # before any work: a missing extra is an install hint, not a lost run
     budget = parse_bytes(memory_budget)
+    from onnxprune.runtime.linalg import resolve
+
+    resolve(linalg_device)  # a device that is not there fails before any work
     recipe, given = recipe_from_options(params)
     train_device = params.pop("finetune_device")
     if recipe.finetune != "none":  # a device that is not there fails before the prune, not after it
@@ -215,7 +221,7 @@ def prune(model: str, output: str | None, overwrite: bool, max_drop: float | Non
         prep.workspace = Workspace(near=out_path.parent, one_file=not keeps_data_files(prep.model))  # sliced weights are written beside the output
     run = RunSettings(calibration=calib, input_shapes=input_shapes, strict=strict, memory_budget=budget,
                       reuse=Reuse(prepared=prep), latency_cache=latency_cache, eval_data=held,
-                      train_device=train_device)
+                      train_device=train_device, linalg_device=linalg_device)
     if max_drop is not None:
         result = prune_within_drop(original, max_drop, held, recipe, run)
     else:

@@ -34,6 +34,7 @@ from onnxprune.pipeline.recover import recover as run_recovery
 from onnxprune.pipeline.risks import data_free_warnings
 from onnxprune.pipeline.score import DATA_CRITERIA, score_groups
 from onnxprune.pipeline.sensitivity import SensitivityResult, sensitivity
+from onnxprune.runtime import linalg
 from onnxprune.runtime.stages import format_bytes
 from onnxprune.pipeline.finetune import finetune
 from onnxprune.pipeline.statistics import criterion_stats
@@ -79,6 +80,7 @@ class RunSettings:
     latency_cache: str | None = None  # folder of measured latency tables (latency/table.py; default ~/.cache)
     eval_data: object = None          # held-out Dataset re-training (recipe.finetune) is judged on
     train_device: str = "auto"        # torch device re-training runs on (auto: CUDA when torch sees a GPU)
+    linalg_device: str = "auto"       # where refits factorise (runtime/linalg.py; auto: a CUDA GPU when there)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         data = self.calibration
@@ -172,6 +174,11 @@ def prune_model(model: onnx.ModelProto, recipe: Recipe | None = None, run: RunSe
     run = run or RunSettings()
     if not isinstance(recipe, (Recipe, type(None))):
         raise TypeError(f"expected a Recipe, got {type(recipe).__name__}")
+    with linalg.using(run.linalg_device):  # where refits and refit scores factorise their Gram matrices
+        return _prune_model(model, recipe, run)
+
+
+def _prune_model(model: onnx.ModelProto, recipe: Recipe | None, run: RunSettings) -> PruneResult:
     feeds = run.feeds()
     recipe = (recipe or Recipe()).resolved(has_data=bool(feeds))
     if recipe.mode == "unstructured":

@@ -30,6 +30,7 @@ from onnxprune.graph.groups import ChannelGroup, Member
 from onnxprune.graph.ir import GraphView
 from onnxprune.pipeline.activations import ActivationStats, per_channel
 from onnxprune.train.taylor import gradient_stats
+from onnxprune.runtime import linalg
 
 Criterion = Callable[[ChannelGroup, GraphView, Callable[[int], int], np.random.Generator], np.ndarray]
 CRITERIA: dict[str, Criterion] = {}
@@ -199,7 +200,7 @@ def _refit_losses(group, m, axis, cov: np.ndarray, data, root: int, ridge: float
                              for s in axis.segments if data.find(s.space) == root]) for u in range(n_units)]
     damped = cov.copy()  # the ridge added in place: no identity matrix beside it (5,504 wide: 242 MB each)
     damped[np.diag_indices_from(damped)] += ridge * max(np.trace(cov) / len(cov), 1e-12)
-    q = np.linalg.inv(damped)
+    q = linalg.inv(damped)
     del damped
     # q and w shrink to the inputs still in: `local` maps an axis position to its row in them
     local = np.arange(len(cov))

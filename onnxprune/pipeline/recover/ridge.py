@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from onnxprune.runtime import linalg
+
 # lambda = alpha * mean(diag(A)); inf keeps W0 and refits the bias only
 
 ALPHAS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
@@ -50,7 +52,7 @@ def solve(a: np.ndarray, b: np.ndarray, theta0: np.ndarray, alpha: float, interc
     lhs = a + np.diag(reg)
     rhs = b + reg[:, None] * theta0
     try:
-        return np.linalg.solve(lhs, rhs)
+        return linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
@@ -77,7 +79,7 @@ class RidgePath:
             ac = a[:nw, :nw] - np.outer(self.sx, self.sx) / self.n
         else:
             ac = a
-        e, self.v = np.linalg.eigh(ac)
+        e, self.v = linalg.eigh(ac)
         self.e = np.maximum(e, 0.0)
 
     def thetas(self, b: np.ndarray, theta0: np.ndarray, alphas: Sequence[float]) -> list[np.ndarray]:
