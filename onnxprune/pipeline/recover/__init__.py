@@ -21,7 +21,8 @@ left in the stream, which the LayerNorm after the sum would otherwise pass on. R
 positions (attention mask 0 in the feed) are left out of every fit. Only the Gram matrices
 A = X^T X and B = X^T Y are accumulated, in float64, so memory does not grow with the calibration set;
 lambda is chosen on a held-out quarter of the calibration samples (scaled by the mean diagonal of A), and the
-final fit uses all samples; the alphas share one eigendecomposition (`solve_path`). Layers that read the same
+final fit uses all samples; the alphas share one eigendecomposition (`RidgePath`, searched coarse to fine:
+`select_alpha`; on a CUDA GPU with --linalg-device, runtime/linalg.py). Layers that read the same
 tensor are fit from one capture of it, and each capture runs only the nodes it needs. For a Conv the rows
 of X are im2col patches of its input (subsampled positions, fixed seed); all output channels share A, so one
 solve per layer and lambda.
