@@ -35,6 +35,22 @@ def _driver_visible() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
 
 
+def cuda_device(torch, device: str, option: str) -> str:
+    """`device` ('cuda' or 'cuda:N', lower case) when torch sees that GPU, else an InputError naming `option`
+    (--linalg-device, --finetune-device) and what torch sees."""
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise InputError(f"{option} {device}: torch {torch.__version__} ({build}) sees no CUDA GPU; "
+                         f"use {option} cpu")
+    try:
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+    except ValueError:
+        raise InputError(f"{option} {device!r}: expected cuda or cuda:N") from None
+    if index >= torch.cuda.device_count():
+        raise InputError(f"{option} {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def resolve(device: str | None) -> str | None:
     """The torch device the factorisations run on, or None for numpy on the CPU: `auto` is CUDA when torch is
     installed and sees a GPU; `cuda` (or `cuda:N`) without one is an InputError saying what is missing."""
@@ -52,39 +68,25 @@ def resolve(device: str | None) -> str | None:
             raise InputError(f"--linalg-device {device} needs torch with CUDA: pip install 'onnxprune[train]'")
         import torch
 
-        if not torch.cuda.is_available():
-            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise InputError(f"--linalg-device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU; "
-                             "use --linalg-device cpu")
-        try:
-            index = int(name.split(":", 1)[1]) if ":" in name else 0
-        except ValueError:
-            raise InputError(f"--linalg-device {device!r}: expected cuda or cuda:N") from None
-        if index >= torch.cuda.device_count():
-            raise InputError(f"--linalg-device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-        return name
+        return cuda_device(torch, name, "--linalg-device")
     raise InputError(f"--linalg-device {device!r}: expected one of {', '.join(DEVICES)} (or cuda:N)")
 
 
 @contextlib.contextmanager
-def using(device: str | None) -> Iterator[str | None]:
-    """Run the enclosed factorisations on `device` (a --linalg-device value); yields the torch device or None."""
-    token = _device.set(resolve(device))
-    try:
-        yield _device.get()
-    finally:
-        _device.reset(token)
-
-
-@contextlib.contextmanager
-def on_torch(device: str) -> Iterator[None]:
-    """The enclosed factorisations through torch on `device` as given ('cpu' included, for tests of the torch
-    path on a machine without a GPU)."""
+def on_torch(device: str | None) -> Iterator[str | None]:
+    """The enclosed factorisations through torch on `device` as given (None: numpy; 'cpu' is torch's CPU
+    device, for tests of the torch path on a machine without a GPU); yields it."""
     token = _device.set(device)
     try:
-        yield
+        yield device
     finally:
         _device.reset(token)
+
+
+def using(device: str | None):
+    """Run the enclosed factorisations where `device` (a --linalg-device value) says; yields the torch device
+    or None (numpy)."""
+    return on_torch(resolve(device))
 
 
 def current() -> str | None:

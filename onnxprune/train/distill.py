@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from onnxprune.errors import InputError
+from onnxprune.runtime.linalg import DEVICES, cuda_device
 from onnxprune.train import require_torch
 
 _CACHE = re.compile(r"^(present|past_key_values)[._]")  # key/value cache outputs are state, not predictions
@@ -120,9 +121,6 @@ def train_steps(params: Sequence, batch_loss: Callable[[int], object], batches: 
     return losses
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
 def resolve_device(device: str) -> str:
     """The torch device re-training runs on: `auto` is CUDA when torch sees a GPU, else the CPU; `cuda` (or
     `cuda:N`) without one is an InputError naming what torch sees. The teacher stays in onnxruntime."""
@@ -133,14 +131,7 @@ def resolve_device(device: str) -> str:
     if name == "cpu":
         return "cpu"
     if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise InputError(f"--finetune-device {device}: torch {torch.__version__} ({build}) sees no CUDA GPU; "
-                             "use --finetune-device cpu")
-        index = int(name.split(":", 1)[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise InputError(f"--finetune-device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-        return name
+        return cuda_device(torch, name, "--finetune-device")
     raise InputError(f"--finetune-device {device!r}: expected one of {', '.join(DEVICES)} (or cuda:N)")
 
 
