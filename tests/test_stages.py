@@ -77,6 +77,67 @@ def test_the_frontier_keeps_copies_in_pages_of_their_own(cnn_feeds, monkeypatch)
     assert isinstance(_memory_owner(copied), mmap.mmap) and np.array_equal(copied, view)
 
 
+def test_dropped_frontier_pages_are_refilled_unless_a_caller_still_holds_them(monkeypatch):
+    """A dropped frontier tensor's pages are refilled by a later put of a fitting size instead of mapping fresh
+    ones (runtime.stages.FrontierStore._spare_pages), but never while a caller still holds the array or a view
+    of it; spare pages never take the store past the highest its live maps reached."""
+    from onnxprune.runtime import stages
+
+    monkeypatch.setattr(stages, "MAPPED_BYTES", 1024)
+    store = FrontierStore(budget=1 << 30)
+    first = np.arange(512.0)  # 4 KiB
+    store.put("a", 0, first)
+    held = store.get("a", 0)[:10]  # a caller keeps a view
+    a_pages = _memory_owner(held)
+    store.drop("a")
+    store.put("b", 0, np.full(512, 7.0))
+    b = store.get("b", 0)
+    assert _memory_owner(b) is not a_pages and store.reused == 0
+    np.testing.assert_array_equal(held, first[:10])  # the held view still reads what it read
+    b_pages = _memory_owner(b)
+    del b
+    store.drop("b")  # nobody holds it: its pages wait to be refilled
+    store.put("c", 0, np.full(400, 3.0))  # smaller, under twice: fits b's pages
+    c = store.get("c", 0)
+    assert _memory_owner(c) is b_pages and store.reused == c.nbytes
+    np.testing.assert_array_equal(c, np.full(400, 3.0))
+    store.put("d", 0, np.full(100, 1.0))  # far smaller than anything spare: fresh pages
+    assert store.reused == c.nbytes
+    assert store._mapped + store._spare_bytes <= store._peak_mapped
+    store.close()
+    assert not store._spare and store.in_memory == 0
+
+
+def test_a_staged_run_refills_frontier_pages_and_gives_the_same_values(cnn_feeds, monkeypatch):
+    from onnxprune.runtime import stages
+
+    monkeypatch.setattr(stages, "MAPPED_BYTES", 1024)
+    model, feeds = cnn_feeds
+    prep = prepare(model)
+    names = _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name]
+    run = StagedRun(prep.model, feeds, [[n] for n in names])
+    probe = Probe(prep.model, names)
+    want = [probe.run(f) for f in feeds]
+    for name in names:
+        for b, got in enumerate(run.step()):
+            np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    assert run.store.reused > 0
+    assert run.store._mapped + run.store._spare_bytes <= run.store._peak_mapped
+    run.close()
+
+
+def test_staged_sessions_plan_no_memory_pattern(cnn_feeds):
+    """onnxruntime's memory pattern maps fresh pages on a session's first two runs; a stage runs once a batch,
+    so its sessions allocate from the shared arena instead (runtime.session.open_session)."""
+    from onnxprune.runtime.session import internal_session, use_shared_arena
+
+    model, _ = cnn_feeds
+    if not use_shared_arena():
+        pytest.fail("this onnxruntime cannot register a shared CPU arena")
+    assert internal_session(model, shared_arena=True).get_session_options().enable_mem_pattern is False
+    assert internal_session(model).get_session_options().enable_mem_pattern is True
+
+
 def _memory_owner(array: np.ndarray):
     """What holds an array's memory: the end of its chain of bases (through a memoryview)."""
     owner = array

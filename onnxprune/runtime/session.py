@@ -126,6 +126,11 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
         options.add_session_config_entry("session.disable_prepacking", "1")
     if shared_arena and name == "CPUExecutionProvider" and use_shared_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
+        # onnxruntime's memory pattern plans one block for all of a run's tensors, but only from the third run of
+        # a session: runs one and two each map and fault in fresh pages (1.3 GiB a run for a ResNet-50 stage at
+        # batch 32, 2-4x the run's time), and a stage runs only as many times as there are batches. Without it
+        # every tensor comes from the shared arena, whose pages earlier stages have already faulted in.
+        options.enable_mem_pattern = False
     chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         if isinstance(model, onnx.ModelProto) and not is_lazy(model) and _weight_bytes(model) >= _INLINE_LIMIT:
@@ -174,7 +179,9 @@ def use_shared_arena() -> bool:
     session maps and faults in fresh pages for its activations; one arena for all of them is mapped once (it
     stays at the largest stage's working set, and hands free regions back after each stage's last batch): a
     ResNet-50 staged run is twice as fast. Regions grow by what is asked (not by powers of two). Outputs kept
-    for later stages are copied out of it (runtime.stages.kept_copy), so the arena holds one batch's work.
+    for later stages are copied out of it (runtime.stages.kept_copy), so the arena holds one batch's work. Such
+    sessions plan no memory pattern (see `open_session`): a pattern's block is mapped afresh on a session's first
+    two runs, and a stage's session runs once a batch.
     """
     global _shared_arena
     if _shared_arena is None:

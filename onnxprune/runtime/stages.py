@@ -19,6 +19,7 @@ import contextlib
 import mmap
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,11 @@ class FrontierStore:
         self.in_memory = 0
         self.peak_in_memory = 0
         self.spilled = 0  # bytes ever written to disk
+        self.reused = 0  # bytes kept in pages a dropped tensor left (see `_spare_pages`)
         self._files = 0
+        self._maps: dict[tuple[str, int], mmap.mmap] = {}  # the pages of each mapped in-memory value
+        self._spare: list[mmap.mmap] = []  # pages of dropped tensors, oldest first, to refill
+        self._spare_bytes = self._mapped = self._peak_mapped = 0
 
     def put(self, name: str, batch: int, value: np.ndarray) -> None:
         """Keep `value` (a copy: see `kept_copy`), or spill it past the budget."""
@@ -82,7 +87,12 @@ class FrontierStore:
         if self.in_memory + value.nbytes > self.budget and value.nbytes:
             value = self._spill(name, batch, value)
         else:
-            value = kept_copy(value)
+            pages = self._spare_pages(value.nbytes) if value.nbytes >= MAPPED_BYTES else None
+            value = kept_copy(value, pages)
+            if value.nbytes >= MAPPED_BYTES:
+                self._maps[name, batch] = pages = _pages(value)
+                self._mapped += len(pages)
+                self._trim()
             self.in_memory += value.nbytes
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
         self._values.setdefault(name, {})[batch] = value
@@ -92,12 +102,42 @@ class FrontierStore:
         return np.load(value) if isinstance(value, Path) else value
 
     def drop(self, name: str) -> None:
-        for value in self._values.pop(name, {}).values():
+        """Forget `name`; its pages are kept for reuse (`_spare_pages`) when nothing outside the store holds it."""
+        batches = self._values.pop(name, {})
+        for batch in list(batches):
+            value = batches.pop(batch)
             if isinstance(value, Path):
                 with contextlib.suppress(OSError):  # already gone with its folder
                     os.unlink(value)
-            else:
-                self.in_memory -= value.nbytes
+                continue
+            self.in_memory -= value.nbytes
+            pages = self._maps.pop((name, batch), None)
+            if pages is not None:
+                self._mapped -= len(pages)
+                held = weakref.ref(_root(value))  # every view of the array keeps its root alive
+                del value
+                if held() is None:  # no caller holds the array or a view of it: the pages are free to refill
+                    self._spare.append(pages)
+                    self._spare_bytes += len(pages)
+
+    def _spare_pages(self, size: int) -> mmap.mmap | None:
+        """Pages a dropped tensor left, of at least `size` bytes (the smallest such), to refill instead of faulting
+        in fresh zeroed ones: frontier tensors come and go in a few sizes, and mapping a fresh 100 MB costs
+        more than copying into it. Spare pages never take the store's resident bytes past the highest the live
+        frontier reached (`_trim`), so reuse does not raise the store's peak."""
+        fits = [k for k, pages in enumerate(self._spare) if size <= len(pages) < 2 * size]
+        if not fits:
+            return None
+        pages = self._spare.pop(min(fits, key=lambda k: len(self._spare[k])))
+        self._spare_bytes -= len(pages)
+        self.reused += size
+        return pages
+
+    def _trim(self) -> None:
+        """Unmap the oldest spare pages while live and spare maps together exceed the live maps' peak."""
+        self._peak_mapped = max(self._peak_mapped, self._mapped)
+        while self._spare and self._mapped + self._spare_bytes > self._peak_mapped:
+            self._spare_bytes -= len(self._spare.pop(0))  # the oldest go first
 
     def _spill(self, name: str, batch: int, value: np.ndarray) -> Path:
         if self._folder is None:
@@ -112,6 +152,8 @@ class FrontierStore:
     def close(self) -> None:
         for name in list(self._values):
             self.drop(name)
+        self._spare.clear()
+        self._spare_bytes = 0
         if self._folder is not None:
             import shutil
 
@@ -123,9 +165,10 @@ MAPPED_BYTES = 1 << 20  # frontier arrays from this size on get pages of their o
 _PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # not shared memory (POSIX)
 
 
-def kept_copy(value: np.ndarray) -> np.ndarray:
-    """`value` copied for the frontier: from MAPPED_BYTES on into an anonymous memory map of its own, which goes
-    back to the system whole when the array is dropped; smaller arrays copied only when they borrow memory.
+def kept_copy(value: np.ndarray, pages: mmap.mmap | None = None) -> np.ndarray:
+    """`value` copied for the frontier: from MAPPED_BYTES on into an anonymous memory map of its own (`pages`
+    when given: a spare one of at least its size), which goes back to the system whole when the array is dropped; smaller
+    arrays copied only when they borrow memory.
 
     Frontier arrays live across stages while each batch's short-lived arrays come and go around them. Kept in
     onnxruntime's arena (an output borrows its buffer), a dropped one frees a block the arena only hands back
@@ -134,11 +177,25 @@ def kept_copy(value: np.ndarray) -> np.ndarray:
     return. Either way the process kept about as much again as the frontier had spilled (1.5 GiB above a
     0.9 GiB frontier on SmolLM2 with 262k tokens, tools/trace_stages.py); in maps of their own, 0.25-0.35 GiB."""
     if value.nbytes >= MAPPED_BYTES:
-        pages = mmap.mmap(-1, value.nbytes, **_PRIVATE)
+        pages = pages if pages is not None else mmap.mmap(-1, value.nbytes, **_PRIVATE)
         out = np.frombuffer(pages, dtype=value.dtype, count=value.size).reshape(value.shape)
         out[...] = value
         return out
     return value.copy() if value.base is not None else value
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    """The last array in `array`'s chain of bases: numpy points every view straight at it, so while any view of
+    the memory lives, so does the root."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _pages(array: np.ndarray) -> mmap.mmap:
+    """The memory map under an array `kept_copy` mapped."""
+    owner = _root(array).base
+    return owner.obj if isinstance(owner, memoryview) else owner
 
 
 @dataclass
