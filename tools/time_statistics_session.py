@@ -1,6 +1,9 @@
 """How much slower a statistics run is than a plain run: the model with every tensor a data-aware criterion
 reads (pipeline/activations.consumer_inputs) added as outputs, against the model as it is, in onnxprune's
-internal sessions (with and without the shared CPU arena), over the same batches, twice.
+internal sessions (with and without the shared CPU arena), over the same batches, twice; each run's time and
+the fresh pages it faulted in (minor page faults x page size). A last row opens the statistics session in the
+shared arena the way onnxprune did before it turned onnxruntime's memory pattern off there (the pattern's one
+block is mapped afresh on a session's first two runs; a stage's session runs once a batch).
 
     python tools/time_statistics_session.py .cache/bench_calibration/resnet50.onnx \\
         .cache/bench_calibration/resnet50_calib.npz --batch-size 32
@@ -9,6 +12,8 @@ internal sessions (with and without the shared CPU arena), over the same batches
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -43,19 +48,37 @@ def main() -> None:
         model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
         return model
 
+    def with_pattern(model):  # a shared-arena session with onnxruntime's default memory pattern
+        import onnxruntime as ort
+
+        from onnxprune.io.weights import session_source
+        from onnxprune.runtime.session import use_shared_arena
+
+        use_shared_arena()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        return ort.InferenceSession(session_source(model, options), options, providers=["CPUExecutionProvider"])
+
+    page = os.sysconf("SC_PAGE_SIZE")
     print(f"{len(stats)} statistics tensors, {len(feeds)} batches of {args.batch_size}")
     for label, names, shared in (("plain, own arena", plain, False), ("statistics, own arena", stats, False),
-                                 ("plain, shared arena", plain, True), ("statistics, shared arena", stats, True)):
-        runner = Runner(internal_session(with_outputs(names), shared_arena=shared))
-        times, size = [], 0
+                                 ("plain, shared arena", plain, True), ("statistics, shared arena", stats, True),
+                                 ("statistics, shared, pattern", stats, "pattern")):
+        model = with_outputs(names)
+        runner = Runner(with_pattern(model) if shared == "pattern" else internal_session(model, shared_arena=shared))
+        times, faulted, size = [], [], 0
         for _ in range(2):
             for i, feed in enumerate(feeds):
-                start = time.perf_counter()
-                out = runner.run(feed, names, release=shared and i == len(feeds) - 1)
+                start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                out = runner.run(feed, names, release=bool(shared) and i == len(feeds) - 1)
                 times.append(time.perf_counter() - start)
+                faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * page / 2**30)
                 size = sum(v.nbytes for v in out.values())
                 del out
-        print(f"{label:26s} runs (s): {' '.join(f'{t:.2f}' for t in times)}   outputs {size / 2**20:.0f} MiB a batch")
+        print(f"{label:28s} runs (s): {' '.join(f'{t:.2f}' for t in times)}   fresh pages (GiB): "
+              f"{' '.join(f'{g:.2f}' for g in faulted)}   outputs {size / 2**20:.0f} MiB a batch")
 
 
 if __name__ == "__main__":
