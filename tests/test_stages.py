@@ -126,6 +126,45 @@ def test_a_staged_run_refills_frontier_pages_and_gives_the_same_values(cnn_feeds
     run.close()
 
 
+def test_frontier_outputs_are_written_into_the_store_and_value_dependent_shapes_fall_back(cnn_feeds, monkeypatch):
+    """From a stage's second batch on, onnxruntime writes the outputs the frontier keeps straight into the
+    store's pages (StagedRun._run): the same values as a whole run. An output whose shape depends on the values
+    (NonZero) fails to bind on a batch whose count differs, and that batch runs again the plain way."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.runtime import stages
+
+    monkeypatch.setattr(stages, "MAPPED_BYTES", 8)
+    model, feeds = cnn_feeds
+    prep = prepare(model)
+    names = _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name]
+    run = StagedRun(prep.model, feeds, [[n] for n in names])
+    probe = Probe(prep.model, names)
+    want = [probe.run(f) for f in feeds]
+    for name in names:
+        for b, got in enumerate(run.step()):
+            np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    assert len(feeds) > 1 and run.bound > 0
+    run.close()
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "zero"], ["pos"]), helper.make_node("NonZero", ["pos"], ["nz"]),
+         helper.make_node("Cast", ["nz"], ["nzf"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["nzf"], ["y"], keepdims=0)],
+        "nonzero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    nonzero = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    xs = [np.array([1, -1, 2, -2, 3, -3, -4, -5], np.float32), np.array([1, 1, 1, 1, 1, -1, -1, 1], np.float32)]
+    run = StagedRun(nonzero, [{"x": x} for x in xs], [["nzf"], ["y"]])
+    got = [out["nzf"].copy() for out in run.step()]
+    assert [g.shape for g in got] == [(1, 3), (1, 6)]
+    for x, g, out in zip(xs, got, run.step()):
+        np.testing.assert_array_equal(g[0], np.flatnonzero(x > 0))
+        assert float(out["y"]) == float(np.flatnonzero(x > 0).sum())
+    run.close()
+
+
 def test_staged_sessions_plan_no_memory_pattern(cnn_feeds):
     """onnxruntime's memory pattern maps fresh pages on a session's first two runs; a stage runs once a batch,
     so its sessions allocate from the shared arena instead (runtime.session.open_session)."""

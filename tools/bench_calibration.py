@@ -89,7 +89,7 @@ def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str
 
     Every onnxruntime session the prune creates is counted, whatever code version builds it: the class
     onnxruntime.InferenceSession is replaced by a subclass that reads the node count of the model it is given
-    (bytes or a path; weights are not read) and counts nodes x runs."""
+    (bytes or a path; weights are not read) and counts nodes x runs (`run` and `run_with_iobinding`)."""
     import gc
 
     import onnx
@@ -115,6 +115,10 @@ def child(model_path: str, data_path: str, ratio: float, batch: int, budget: str
         def run(self, *args, **kwargs):
             counts["node_runs"] += self._nodes
             return super().run(*args, **kwargs)
+
+        def run_with_iobinding(self, *args, **kwargs):  # outputs written into given buffers
+            counts["node_runs"] += self._nodes
+            return super().run_with_iobinding(*args, **kwargs)
 
     model = load_model(model_path)
     data = load_data(data_path, model, batch_size=batch)

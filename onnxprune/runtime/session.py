@@ -226,16 +226,40 @@ class Runner:
         self._adapt = feed_adapter(session)
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None, *,
-            release: bool = False) -> dict[str, np.ndarray]:
+            release: bool = False, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The outputs `names` (default all) of one feed; `release` hands the arena's free regions back to the
-        system after this run (the last batch of a stage: the next stage's session has other sizes)."""
+        system after this run (the last batch of a stage: the next stage's session has other sizes). `into`:
+        arrays of the right shape and type that onnxruntime writes those outputs to directly (C-contiguous,
+        kept alive by the caller); only for onnxruntime sessions (`binds`)."""
         wanted = list(names) if names is not None else self.names
+        options = _release_options() if release else None
         try:
-            values = self.session.run(wanted, self._adapt(feed), _release_options() if release else None)
+            if into:
+                return self._run_bound(self._adapt(feed), wanted, into, options)
+            values = self.session.run(wanted, self._adapt(feed), options)
         except Exception as exc:  # noqa: BLE001 - shape or type mismatches surface here as onnxruntime errors
             detail = first_line(exc)
             raise SessionError(f"onnxruntime failed on {self.what}: {detail}", detail) from None
         return dict(zip(wanted, values))
+
+    @property
+    def binds(self) -> bool:
+        """Whether `run` can write outputs into given arrays (onnxruntime sessions, not the reference one)."""
+        return hasattr(self.session, "io_binding")
+
+    def _run_bound(self, feed, wanted, into, options) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in wanted:
+            if name in into:
+                out = into[name]
+                binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+            else:
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding, options)
+        made = binding.get_outputs()  # in binding order; .numpy() borrows onnxruntime's buffer
+        return {name: into[name] if name in into else made[i].numpy() for i, name in enumerate(wanted)}
 
 
 def run_batches(model: ModelLike, feeds, provider: str = "cpu", *, threads: int | None = None,

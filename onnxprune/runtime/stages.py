@@ -86,32 +86,53 @@ class FrontierStore:
         value = np.asarray(value)
         if self.in_memory + value.nbytes > self.budget and value.nbytes:
             value = self._spill(name, batch, value)
-        else:
-            pages = self._spare_pages(value.nbytes) if value.nbytes >= MAPPED_BYTES else None
-            value = kept_copy(value, pages)
-            if value.nbytes >= MAPPED_BYTES:
-                self._maps[name, batch] = pages = _pages(value)
-                self._mapped += len(pages)
-                self._trim()
-            self.in_memory += value.nbytes
-            self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
+            self._values.setdefault(name, {})[batch] = value
+            return
+        pages = self._spare_pages(value.nbytes) if value.nbytes >= MAPPED_BYTES else None
+        value = kept_copy(value, pages)
+        self._keep(name, batch, value, _pages(value) if value.nbytes >= MAPPED_BYTES else None)
+
+    def reserve(self, name: str, batch: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """An array of `shape` and `dtype` kept as `name`'s value for `batch`, for onnxruntime to write into
+        (so the output is never copied); None when it is under MAPPED_BYTES or would not fit in the budget (then
+        `put` the value as computed)."""
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if size < MAPPED_BYTES or self.in_memory + size > self.budget:
+            return None
+        pages = self._spare_pages(size) or mmap.mmap(-1, size, **_PRIVATE)
+        value = np.frombuffer(pages, dtype=dtype, count=size // np.dtype(dtype).itemsize).reshape(shape)
+        self._keep(name, batch, value, pages)
+        return value
+
+    def _keep(self, name: str, batch: int, value: np.ndarray, pages: mmap.mmap | None) -> None:
+        if pages is not None:
+            self._maps[name, batch] = pages
+            self._mapped += len(pages)
+            self._trim()
+        self.in_memory += value.nbytes
+        self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
         self._values.setdefault(name, {})[batch] = value
+
+    def holds(self, name: str, batch: int, value: np.ndarray) -> bool:
+        """Whether `value` is the very array kept as `name` of `batch` (a `reserve`d one once written)."""
+        return self._values.get(name, {}).get(batch) is value
 
     def get(self, name: str, batch: int) -> np.ndarray:
         value = self._values[name][batch]
         return np.load(value) if isinstance(value, Path) else value
 
-    def drop(self, name: str) -> None:
-        """Forget `name`; its pages are kept for reuse (`_spare_pages`) when nothing outside the store holds it."""
-        batches = self._values.pop(name, {})
-        for batch in list(batches):
-            value = batches.pop(batch)
+    def drop(self, name: str, batch: int | None = None) -> None:
+        """Forget `name` (of one `batch`, else of all); its pages are kept for reuse (`_spare_pages`) when
+        nothing outside the store holds it."""
+        batches = self._values.get(name, {})
+        for b in list(batches) if batch is None else [batch] if batch in batches else []:
+            value = batches.pop(b)
             if isinstance(value, Path):
                 with contextlib.suppress(OSError):  # already gone with its folder
                     os.unlink(value)
                 continue
             self.in_memory -= value.nbytes
-            pages = self._maps.pop((name, batch), None)
+            pages = self._maps.pop((name, b), None)
             if pages is not None:
                 self._mapped -= len(pages)
                 held = weakref.ref(_root(value))  # every view of the array keeps its root alive
@@ -119,6 +140,8 @@ class FrontierStore:
                 if held() is None:  # no caller holds the array or a view of it: the pages are free to refill
                     self._spare.append(pages)
                     self._spare_bytes += len(pages)
+        if not batches:
+            self._values.pop(name, None)
 
     def _spare_pages(self, size: int) -> mmap.mmap | None:
         """Pages a dropped tensor left, of at least `size` bytes (the smallest such), to refill instead of faulting
@@ -224,6 +247,7 @@ class StagedRun:
         self._own_store = store is None
         self.label = label
         self.node_runs = 0  # node evaluations over all batches, for the pass count
+        self.bound = 0  # outputs onnxruntime wrote straight into the store's pages
         self.sessions = 0
         nodes = list(model.graph.node)
         self._nodes = nodes
@@ -301,12 +325,16 @@ class StagedRun:
                 self.store.drop(self._key(name))
 
     def _batches(self, stage: _Stage, runner: Runner | None, dropped: set[str]) -> Iterator[dict[str, np.ndarray]]:
+        first = None  # batch 0's input shapes, and the shapes and types of what it made
         for b in range(len(self.feeds)):
             produced = {}
             if runner is not None:
                 runner.what = f"calibration batch {b} of the {self.label}"
-                produced = runner.run({x: self._value(x, b) for x in stage.inputs}, stage.outputs,
-                                      release=b == len(self.feeds) - 1)
+                feed = {x: self._value(x, b) for x in stage.inputs}
+                produced = self._run(runner, stage, feed, b, dropped, first)
+                if first is None:
+                    first = ({x: v.shape for x, v in feed.items()},
+                             {n: (v.shape, v.dtype) for n, v in produced.items()})
                 self.node_runs += len(stage.nodes)
                 size = sum(v.nbytes for v in produced.values())
                 if size > self.store.budget:
@@ -314,9 +342,33 @@ class StagedRun:
                                      f"batch of the {self.label} stage up to {stage.requested[0]!r} makes "
                                      f"{format_bytes(size)}; raise --memory-budget or lower --batch-size")
                 for name, value in produced.items():
-                    if name not in dropped:
+                    if name not in dropped and not self.store.holds(self._key(name), b, value):
                         self.store.put(self._key(name), b, value)
             yield {name: produced[name] if name in produced else self._value(name, b) for name in stage.requested}
+
+    def _run(self, runner: Runner, stage: _Stage, feed, b: int, dropped: set[str], first) -> dict[str, np.ndarray]:
+        """One batch of a stage. From the second batch on, when the inputs have batch 0's shapes, the outputs
+        the frontier keeps are written by onnxruntime straight into the store's pages (`FrontierStore.reserve`),
+        so they are neither allocated in the arena nor copied out of it; should the shapes differ after all
+        (shapes that depend on values), the batch runs again the plain way."""
+        release = b == len(self.feeds) - 1
+        into = {}
+        if first is not None and runner.binds and all(v.shape == first[0][x] for x, v in feed.items()):
+            for name, (shape, dtype) in first[1].items():
+                if name not in dropped and dtype in _NP_TO_ONNX:
+                    kept = self.store.reserve(self._key(name), b, shape, dtype)
+                    if kept is not None:
+                        into[name] = kept
+        if not into:
+            return runner.run(feed, stage.outputs, release=release)
+        try:
+            produced = runner.run(feed, stage.outputs, release=release, into=into)
+            self.bound += len(into)
+            return produced
+        except SessionError:
+            for name in into:
+                self.store.drop(self._key(name), b)
+            return runner.run(feed, stage.outputs, release=release)
 
     def _key(self, name: str) -> str:
         return f"{self.label}\0{name}"
