@@ -34,16 +34,22 @@ def _conv_inputs(model):
     return [n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
 
 
-def test_staged_run_equals_a_whole_run_and_runs_every_node_once(cnn_feeds):
-    model, feeds = cnn_feeds
-    prep = prepare(model)
-    names = _conv_inputs(prep.model) + [prep.model.graph.output[0].name]
-    run = StagedRun(prep.model, feeds, [[n] for n in names])
-    probe = Probe(prep.model, names)
+def _staged_run_checked(model, feeds, names) -> StagedRun:
+    """A StagedRun asked for `names` one at a time, each batch's value checked against a whole run (the run is
+    returned stepped to its end, not closed)."""
+    run = StagedRun(model, feeds, [[n] for n in names])
+    probe = Probe(model, names)
     want = [probe.run(f) for f in feeds]
     for name in names:
         for b, got in enumerate(run.step()):
             np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    return run
+
+
+def test_staged_run_equals_a_whole_run_and_runs_every_node_once(cnn_feeds):
+    model, feeds = cnn_feeds
+    prep = prepare(model)
+    run = _staged_run_checked(prep.model, feeds, _conv_inputs(prep.model) + [prep.model.graph.output[0].name])
     assert run.passes == pytest.approx(1.0)  # the last request needs the whole model: each node ran once
     assert run.store.in_memory == 0  # nothing left on the frontier once no stage reads it
     run.close()
@@ -114,13 +120,7 @@ def test_a_staged_run_refills_frontier_pages_and_gives_the_same_values(cnn_feeds
     monkeypatch.setattr(stages, "MAPPED_BYTES", 1024)
     model, feeds = cnn_feeds
     prep = prepare(model)
-    names = _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name]
-    run = StagedRun(prep.model, feeds, [[n] for n in names])
-    probe = Probe(prep.model, names)
-    want = [probe.run(f) for f in feeds]
-    for name in names:
-        for b, got in enumerate(run.step()):
-            np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    run = _staged_run_checked(prep.model, feeds, _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name])
     assert run.store.reused > 0
     assert run.store._mapped + run.store._spare_bytes <= run.store._peak_mapped
     run.close()
@@ -137,13 +137,7 @@ def test_frontier_outputs_are_written_into_the_store_and_value_dependent_shapes_
     monkeypatch.setattr(stages, "MAPPED_BYTES", 8)
     model, feeds = cnn_feeds
     prep = prepare(model)
-    names = _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name]
-    run = StagedRun(prep.model, feeds, [[n] for n in names])
-    probe = Probe(prep.model, names)
-    want = [probe.run(f) for f in feeds]
-    for name in names:
-        for b, got in enumerate(run.step()):
-            np.testing.assert_allclose(got[name], want[b][name], rtol=1e-4, atol=1e-5)
+    run = _staged_run_checked(prep.model, feeds, _conv_inputs(prep.model)[1:] + [prep.model.graph.output[0].name])
     assert len(feeds) > 1 and run.bound > 0
     run.close()
 
