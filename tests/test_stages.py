@@ -159,6 +159,25 @@ def test_frontier_outputs_are_written_into_the_store_and_value_dependent_shapes_
     run.close()
 
 
+def test_a_runner_writes_into_given_arrays_from_a_non_contiguous_feed():
+    from onnx import TensorProto, helper
+
+    from onnxprune.runtime.session import Runner, internal_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 6])])
+    runner = Runner(internal_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32).T  # a transposed view
+    out = np.full((4, 6), np.nan, np.float32)
+    got = runner.run({"x": x}, ["y", "z"], into={"y": out})
+    assert runner.binds and got["y"] is out
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    np.testing.assert_array_equal(got["z"], -x)
+
+
 def test_staged_sessions_plan_no_memory_pattern(cnn_feeds):
     """onnxruntime's memory pattern maps fresh pages on a session's first two runs; a stage runs once a batch,
     so its sessions allocate from the shared arena instead (runtime.session.open_session)."""

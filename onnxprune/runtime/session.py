@@ -126,10 +126,10 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
         options.add_session_config_entry("session.disable_prepacking", "1")
     if shared_arena and name == "CPUExecutionProvider" and use_shared_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
-        # onnxruntime's memory pattern plans one block for all of a run's tensors, but only from the third run of
-        # a session: runs one and two each map and fault in fresh pages (1.3 GiB a run for a ResNet-50 stage at
-        # batch 32, 2-4x the run's time), and a stage runs only as many times as there are batches. Without it
-        # every tensor comes from the shared arena, whose pages earlier stages have already faulted in.
+        # onnxruntime's memory pattern plans one block for all of a run's tensors after a session's first run,
+        # and maps it afresh on the second and third runs (about 1 GiB each for ResNet-50's statistics at batch
+        # 32, up to 4x the run's time: tools/time_statistics_session.py), while a stage runs once per batch.
+        # Without it every tensor comes from the shared arena, whose pages earlier stages have faulted in.
         options.enable_mem_pattern = False
     chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
@@ -180,8 +180,8 @@ def use_shared_arena() -> bool:
     stays at the largest stage's working set, and hands free regions back after each stage's last batch): a
     ResNet-50 staged run is twice as fast. Regions grow by what is asked (not by powers of two). Outputs kept
     for later stages are copied out of it (runtime.stages.kept_copy), so the arena holds one batch's work. Such
-    sessions plan no memory pattern (see `open_session`): a pattern's block is mapped afresh on a session's first
-    two runs, and a stage's session runs once a batch.
+    sessions plan no memory pattern (see `open_session`): a pattern's block is mapped afresh on a session's second
+    and third runs, and a stage's session runs once a batch.
     """
     global _shared_arena
     if _shared_arena is None:
@@ -249,8 +249,9 @@ class Runner:
 
     def _run_bound(self, feed, wanted, into, options) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        inputs = {name: np.ascontiguousarray(value) for name, value in feed.items()}  # alive through the run:
+        for name, value in inputs.items():  # onnxruntime reads a bound numpy input's memory without a reference
+            binding.bind_cpu_input(name, value)
         for name in wanted:
             if name in into:
                 out = into[name]
