@@ -85,7 +85,7 @@ def test_the_frontier_keeps_copies_in_pages_of_their_own(cnn_feeds, monkeypatch)
 
 def test_dropped_frontier_pages_are_refilled_unless_a_caller_still_holds_them(monkeypatch):
     """A dropped frontier tensor's pages are refilled by a later put of a fitting size instead of mapping fresh
-    ones (runtime.stages.FrontierStore._spare_pages), but never while a caller still holds the array or a view
+    ones (runtime.stages.FrontierStore._pages_for), but never while a caller still holds the array or a view
     of it; spare pages never take the store past the highest its live maps reached."""
     from onnxprune.runtime import stages
 

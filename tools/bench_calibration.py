@@ -60,15 +60,14 @@ def build(name: str) -> tuple[Path, Path]:
         import torch
         import torchvision
 
-        model = CACHE / "resnet50.onnx"
         if not model.exists():
             torch.manual_seed(0)
             net = torchvision.models.resnet50(weights=None).eval()
             torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(model), dynamo=False, opset_version=17,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        images = int(name.split("-")[1]) if "-" in name else 64
-        images = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
+        count = int(name.split("-")[1]) if "-" in name else 64
+        images = np.random.default_rng(0).standard_normal((count, 3, 224, 224)).astype(np.float32)
         np.savez(data, input=images)
     elif name == "minilm":
         from tools.bench_minilm import split_sentences

@@ -3,7 +3,7 @@ reads (pipeline/activations.consumer_inputs) added as outputs, against the model
 internal sessions (with and without the shared CPU arena), over the same batches, twice; each run's time and
 the fresh pages it faulted in (minor page faults x page size). A last row opens the statistics session in the
 shared arena the way onnxprune did before it turned onnxruntime's memory pattern off there (the pattern's one
-block is mapped afresh on a session's first two runs; a stage's session runs once a batch).
+block is mapped afresh on a session's second and third runs; a stage's session runs once a batch).
 
     python tools/time_statistics_session.py .cache/bench_calibration/resnet50.onnx \\
         .cache/bench_calibration/resnet50_calib.npz --batch-size 32
@@ -48,31 +48,18 @@ def main() -> None:
         model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
         return model
 
-    def with_pattern(model):  # a shared-arena session with onnxruntime's default memory pattern
-        import onnxruntime as ort
-
-        from onnxprune.io.weights import session_source
-        from onnxprune.runtime.session import use_shared_arena
-
-        use_shared_arena()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        return ort.InferenceSession(session_source(model, options), options, providers=["CPUExecutionProvider"])
-
     page = os.sysconf("SC_PAGE_SIZE")
     print(f"{len(stats)} statistics tensors, {len(feeds)} batches of {args.batch_size}")
-    for label, names, shared in (("plain, own arena", plain, False), ("statistics, own arena", stats, False),
-                                 ("plain, shared arena", plain, True), ("statistics, shared arena", stats, True),
-                                 ("statistics, shared, pattern", stats, "pattern")):
-        model = with_outputs(names)
-        runner = Runner(with_pattern(model) if shared == "pattern" else internal_session(model, shared_arena=shared))
+    rows = (("plain, own arena", plain, False, None), ("statistics, own arena", stats, False, None),
+            ("plain, shared arena", plain, True, None), ("statistics, shared arena", stats, True, None),
+            ("statistics, shared, pattern", stats, True, True))  # None: as onnxprune opens it
+    for label, names, shared, pattern in rows:
+        runner = Runner(internal_session(with_outputs(names), shared_arena=shared, memory_pattern=pattern))
         times, faulted, size = [], [], 0
         for _ in range(2):
             for i, feed in enumerate(feeds):
                 start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                out = runner.run(feed, names, release=bool(shared) and i == len(feeds) - 1)
+                out = runner.run(feed, names, release=shared and i == len(feeds) - 1)
                 times.append(time.perf_counter() - start)
                 faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * page / 2**30)
                 size = sum(v.nbytes for v in out.values())

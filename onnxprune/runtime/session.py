@@ -92,7 +92,7 @@ def check_providers(providers: Iterable[str]) -> list[str]:
 
 def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = None, opt_level: str = "all", *,
                  prepack: bool = True, spinning: bool = True, fallback: bool = False, quiet: bool = False,
-                 shared_arena: bool = False):
+                 shared_arena: bool = False, memory_pattern: bool | None = None):
     """An InferenceSession on exactly `provider` (CPU as fallback for ops the provider lacks, as onnxruntime does).
 
     A session that starts on anything else than the requested provider (onnxruntime silently falls back when
@@ -100,7 +100,8 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
     onnxruntime cannot load is a SessionError; with `fallback`, one it has no kernel for runs in onnx's
     reference evaluator instead. `spinning=False` lets idle threads sleep; `prepack=False` saves a packed copy
     of every MatMul weight for a session run once; `shared_arena` allocates from the one CPU arena all such
-    sessions of this process share (`use_shared_arena`).
+    sessions of this process share (`use_shared_arena`); `memory_pattern` is onnxruntime's (None: off exactly
+    with the shared arena, see below).
     """
     ort = require_onnxruntime()
     if isinstance(model, (ort.InferenceSession, ReferenceSession)):
@@ -124,13 +125,14 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    if shared_arena and name == "CPUExecutionProvider" and use_shared_arena():
+    shared = shared_arena and name == "CPUExecutionProvider" and use_shared_arena()
+    if shared:
         options.add_session_config_entry("session.use_env_allocators", "1")
-        # onnxruntime's memory pattern plans one block for all of a run's tensors after a session's first run,
-        # and maps it afresh on the second and third runs (about 1 GiB each for ResNet-50's statistics at batch
-        # 32, up to 4x the run's time: tools/time_statistics_session.py), while a stage runs once per batch.
-        # Without it every tensor comes from the shared arena, whose pages earlier stages have faulted in.
-        options.enable_mem_pattern = False
+    # onnxruntime's memory pattern plans one block for all of a run's tensors after a session's first run, and
+    # maps it afresh on the second and third runs (about 1 GiB each for ResNet-50's statistics at batch 32, up to
+    # 4x the run's time: tools/time_statistics_session.py), while a stage runs once per batch. Without it every
+    # tensor of a shared-arena session comes from the arena, whose pages earlier stages have faulted in.
+    options.enable_mem_pattern = not shared if memory_pattern is None else memory_pattern
     chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         if isinstance(model, onnx.ModelProto) and not is_lazy(model) and _weight_bytes(model) >= _INLINE_LIMIT:
@@ -155,9 +157,11 @@ def open_session(model: ModelLike, provider: str = "cpu", threads: int | None = 
     return session
 
 
-def internal_session(model: onnx.ModelProto, prepack: bool = True, shared_arena: bool = False):
+def internal_session(model: onnx.ModelProto, prepack: bool = True, shared_arena: bool = False,
+                     memory_pattern: bool | None = None):
     """A CPU session for onnxprune's own checks and calibration runs (see the module docstring)."""
     return open_session(model, opt_level="extended" if is_half(model) else "all", prepack=prepack, spinning=False,
+                        memory_pattern=memory_pattern,
                         fallback=True, quiet=True, shared_arena=shared_arena)
 
 

@@ -75,7 +75,7 @@ class FrontierStore:
         self.in_memory = 0
         self.peak_in_memory = 0
         self.spilled = 0  # bytes ever written to disk
-        self.reused = 0  # bytes kept in pages a dropped tensor left (see `_spare_pages`)
+        self.reused = 0  # bytes kept in pages a dropped tensor left (see `_pages_for`)
         self._files = 0
         self._maps: dict[tuple[str, int], mmap.mmap] = {}  # the pages of each mapped in-memory value
         self._spare: list[mmap.mmap] = []  # pages of dropped tensors, oldest first, to refill
@@ -88,19 +88,19 @@ class FrontierStore:
             value = self._spill(name, batch, value)
             self._values.setdefault(name, {})[batch] = value
             return
-        pages = self._spare_pages(value.nbytes) if value.nbytes >= MAPPED_BYTES else None
-        value = kept_copy(value, pages)
-        self._keep(name, batch, value, _pages(value) if value.nbytes >= MAPPED_BYTES else None)
+        pages = self._pages_for(value.nbytes) if value.nbytes >= MAPPED_BYTES else None
+        self._keep(name, batch, kept_copy(value, pages), pages)
 
     def reserve(self, name: str, batch: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """An array of `shape` and `dtype` kept as `name`'s value for `batch`, for onnxruntime to write into
         (so the output is never copied); None when it is under MAPPED_BYTES or would not fit in the budget (then
         `put` the value as computed)."""
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        count = int(np.prod(shape, dtype=np.int64))
+        size = count * np.dtype(dtype).itemsize
         if size < MAPPED_BYTES or self.in_memory + size > self.budget:
             return None
-        pages = self._spare_pages(size) or mmap.mmap(-1, size, **_PRIVATE)
-        value = np.frombuffer(pages, dtype=dtype, count=size // np.dtype(dtype).itemsize).reshape(shape)
+        pages = self._pages_for(size)
+        value = np.frombuffer(pages, dtype=dtype, count=count).reshape(shape)
         self._keep(name, batch, value, pages)
         return value
 
@@ -122,10 +122,11 @@ class FrontierStore:
         return np.load(value) if isinstance(value, Path) else value
 
     def drop(self, name: str, batch: int | None = None) -> None:
-        """Forget `name` (of one `batch`, else of all); its pages are kept for reuse (`_spare_pages`) when
+        """Forget `name` (of one `batch`, else of all); its pages are kept for reuse (`_pages_for`) when
         nothing outside the store holds it."""
         batches = self._values.get(name, {})
-        for b in list(batches) if batch is None else [batch] if batch in batches else []:
+        chosen = list(batches) if batch is None else [b for b in (batch,) if b in batches]
+        for b in chosen:
             value = batches.pop(b)
             if isinstance(value, Path):
                 with contextlib.suppress(OSError):  # already gone with its folder
@@ -143,14 +144,15 @@ class FrontierStore:
         if not batches:
             self._values.pop(name, None)
 
-    def _spare_pages(self, size: int) -> mmap.mmap | None:
-        """Pages a dropped tensor left, of at least `size` bytes (the smallest such), to refill instead of faulting
-        in fresh zeroed ones: frontier tensors come and go in a few sizes, and mapping a fresh 100 MB costs
-        more than copying into it. Spare pages never take the store's resident bytes past the highest the live
-        frontier reached (`_trim`), so reuse does not raise the store's peak."""
+    def _pages_for(self, size: int) -> mmap.mmap:
+        """Pages for a value of `size` bytes: those a dropped tensor left, of at least `size` bytes and under twice
+        it (the smallest such), refilled instead of faulting in fresh zeroed ones (frontier tensors come and go
+        in a few sizes, and mapping a fresh 100 MB costs more than copying into it), else a fresh map. Spare
+        pages never take the store's resident bytes past the highest the live frontier reached (`_trim`), so
+        reuse does not raise the store's peak."""
         fits = [k for k, pages in enumerate(self._spare) if size <= len(pages) < 2 * size]
         if not fits:
-            return None
+            return mmap.mmap(-1, size, **_PRIVATE)
         pages = self._spare.pop(min(fits, key=lambda k: len(self._spare[k])))
         self._spare_bytes -= len(pages)
         self.reused += size
@@ -190,8 +192,8 @@ _PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  
 
 def kept_copy(value: np.ndarray, pages: mmap.mmap | None = None) -> np.ndarray:
     """`value` copied for the frontier: from MAPPED_BYTES on into an anonymous memory map of its own (`pages`
-    when given: a spare one of at least its size), which goes back to the system whole when the array is dropped; smaller
-    arrays copied only when they borrow memory.
+    when given: a map of at least its size), which goes back to the system whole when the array is dropped;
+    smaller arrays copied only when they borrow memory.
 
     Frontier arrays live across stages while each batch's short-lived arrays come and go around them. Kept in
     onnxruntime's arena (an output borrows its buffer), a dropped one frees a block the arena only hands back
@@ -213,12 +215,6 @@ def _root(array: np.ndarray) -> np.ndarray:
     while isinstance(array.base, np.ndarray):
         array = array.base
     return array
-
-
-def _pages(array: np.ndarray) -> mmap.mmap:
-    """The memory map under an array `kept_copy` mapped."""
-    owner = _root(array).base
-    return owner.obj if isinstance(owner, memoryview) else owner
 
 
 @dataclass
